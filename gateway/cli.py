@@ -1,0 +1,231 @@
+"""The ``gateway`` command: run, check, schema, route --dry-run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    LogEvent,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogBeginner,
+)
+
+from gateway import __version__
+from gateway.config import ConfigError
+
+DEFAULT_CONFIG = "routes.yaml"
+
+
+def _format(event: LogEvent) -> str | None:
+    level = event.get("log_level", LogLevel.info)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(event.get("log_time", time.time())))
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback()
+    namespace = event.get("log_namespace", "-")
+    return f"{stamp} {level.name:<5} {namespace}: {text}\n"
+
+
+def start_logging(level: str = "info", stream: IO[str] | None = None) -> None:
+    predicate: Any = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    text: Any = FileLogObserver(stream or sys.stderr, _format)
+    observer: Any = FilteringLogObserver(text, [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def print_problems(error: ConfigError) -> None:
+    for problem in error.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    count = len(error.problems)
+    print(f"{count} problem{'s' if count != 1 else ''} found", file=sys.stderr)
+
+
+# --- commands --------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.service import load_checked
+
+    try:
+        config, _ = load_checked(args.config)
+    except ConfigError as exc:
+        print_problems(exc)
+        return 1
+    print(
+        f"{args.config}: ok ({len(config.listeners)} listener(s), "
+        f"{len(config.destinations)} destination(s), {len(config.routes)} route(s))"
+    )
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from gateway.config import json_schema
+
+    json.dump(json_schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from twisted.internet import defer
+    from twisted.internet import reactor as installed_reactor
+
+    from gateway.service import GatewayService
+
+    reactor: Any = installed_reactor
+
+    start_logging(args.log_level)
+    service = GatewayService(args.config, reactor)
+    status = {"code": 0}
+
+    def failed(failure: Any) -> None:
+        if failure.check(ConfigError):
+            print_problems(failure.value)
+        else:
+            print(f"error: cannot start: {failure.getErrorMessage()}", file=sys.stderr)
+        status["code"] = 1
+        reactor.stop()
+
+    def on_hup(signum: int, frame: object) -> None:
+        reactor.callFromThread(service.reload)
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+    def go() -> None:
+        # Registered first, so a SIGTERM during start-up also shuts down cleanly.
+        reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: defer.Deferred.fromCoroutine(service.shutdown())
+        )
+        defer.Deferred.fromCoroutine(service.start()).addErrback(failed)
+
+    reactor.callWhenRunning(go)
+    reactor.run()
+    return status["code"]
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from twisted.internet import defer, task
+
+    from gateway.message import MailMessage
+    from gateway.routing import NoRoute, Router, Trace, TransformFailed
+    from gateway.service import load_checked
+
+    if not args.dry_run:
+        print("error: only --dry-run is supported: routing without sending", file=sys.stderr)
+        return 2
+    try:
+        config, transforms = load_checked(args.config)
+    except ConfigError as exc:
+        print_problems(exc)
+        return 1
+    mail_listeners = [n for n, lc in config.listeners.items() if lc.kind.value == "mail"]
+    listener = args.listener or (mail_listeners[0] if mail_listeners else "")
+    if listener not in config.listeners:
+        print(f"error: no listener '{listener}' in {args.config}", file=sys.stderr)
+        return 1
+    data = sys.stdin.buffer.read().replace(b"\r\n", b"\n")
+    msg = MailMessage.from_bytes(
+        data, sender=args.sender, recipients=args.recipients, listener=listener, client=args.client
+    )
+    router = Router(config, transforms)
+    trace = Trace()
+    result: dict[str, int] = {"code": 0}
+
+    async def go(reactor: object) -> None:
+        try:
+            routed = await router.route(msg, trace)
+        except NoRoute as exc:
+            for step in trace.steps:
+                print(step)
+            print(f"refused: {exc}")
+            result["code"] = 1
+            return
+        except TransformFailed as exc:
+            for step in trace.steps:
+                print(step)
+            print(f"failed: {exc}")
+            result["code"] = 1
+            return
+        for step in trace.steps:
+            print(step)
+        if not routed:
+            print("the transforms dropped the message: nothing would be sent")
+        for item in routed:
+            print()
+            print(f"=== route '{item.route.name}' -> {', '.join(item.destinations)}")
+            out = item.message
+            if isinstance(out, MailMessage):
+                rcpts = ", ".join(f"<{r}>" for r in out.recipients)
+                print(f"envelope: from <{out.sender}> to {rcpts}")
+            to_bytes = getattr(out, "to_bytes", None)
+            if to_bytes is not None:
+                sys.stdout.flush()
+                sys.stdout.buffer.write(to_bytes())
+                sys.stdout.buffer.flush()
+
+    def run(reactor: Any) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(go(reactor))
+
+    try:
+        task.react(run)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            return int(exc.code) if isinstance(exc.code, int) else 1
+    return result["code"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "-c", "--config", default=DEFAULT_CONFIG, help="routes file (default: %(default)s)"
+        )
+        return p
+
+    run = with_config(sub.add_parser("run", help="run the gateway"))
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"])
+    run.set_defaults(func=cmd_run)
+    check = with_config(sub.add_parser("check", help="validate the routes file"))
+    check.set_defaults(func=cmd_check)
+    schema = sub.add_parser("schema", help="print a JSON Schema of the routes file")
+    schema.set_defaults(func=cmd_schema)
+    route = with_config(sub.add_parser("route", help="show how a message read on stdin is routed"))
+    route.add_argument("--dry-run", action="store_true", help="route and transform, send nothing")
+    route.add_argument("--from", dest="sender", default="", help="envelope sender")
+    route.add_argument(
+        "--to",
+        dest="recipients",
+        action="append",
+        required=True,
+        help="envelope recipient (repeat for several)",
+    )
+    route.add_argument(
+        "--listener", help="listener the message arrives on (default: the first mail one)"
+    )
+    route.add_argument("--client", default="127.0.0.1", help="client address for 'client' matches")
+    route.set_defaults(func=cmd_route)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "config") and not Path(args.config).exists():
+        print(f"error: {args.config}: no such file (use -c FILE)", file=sys.stderr)
+        return 1
+    code: int = args.func(args)
+    return code

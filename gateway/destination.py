@@ -1,0 +1,76 @@
+"""What every destination promises: deliver one message and say how it went.
+
+Store-and-forward destinations (mail, news, web hooks) answer with an Outcome:
+delivered, a temporary failure to retry, or a permanent one that cannot
+succeed.  A destination never raises for a delivery problem; an exception
+out of ``deliver`` is a bug and is treated as a temporary failure.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorCore
+
+from gateway.config import DestinationConfig
+from gateway.message import Kind, Message
+
+
+class Status(enum.Enum):
+    DELIVERED = "delivered"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    detail: str = ""
+    # For mail: the recipients that were not delivered (empty when all were, or n/a).
+    failed: tuple[str, ...] = ()
+    # SMTP-style code and enhanced status of the decisive reply, when there is one.
+    code: int = 0
+    enhanced: str = ""
+
+    @classmethod
+    def delivered(cls, detail: str = "") -> Outcome:
+        return cls(Status.DELIVERED, detail)
+
+    @classmethod
+    def temporary(cls, detail: str, **kw: object) -> Outcome:
+        return cls(Status.TEMPORARY, detail, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def permanent(cls, detail: str, **kw: object) -> Outcome:
+        return cls(Status.PERMANENT, detail, **kw)  # type: ignore[arg-type]
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.DELIVERED
+
+
+class Destination(Protocol):
+    name: str
+    kinds: frozenset[Kind]
+
+    async def deliver(self, message: Message) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+def build_destination(config: DestinationConfig, reactor: IReactorCore) -> Destination:
+    """The running destination for one configured destination."""
+    if config.protocol == "maildir":
+        from gateway.protocols.maildir.destination import MaildirDestination
+
+        return MaildirDestination(config, reactor)  # type: ignore[arg-type]
+    if config.protocol == "smtp":
+        from gateway.protocols.smtp.destination import SmtpDestination
+
+        return SmtpDestination(config, reactor)  # type: ignore[arg-type]
+    raise ValueError(f"no destination for protocol '{config.protocol}'")

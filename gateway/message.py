@@ -1,0 +1,255 @@
+"""The protocol-neutral messages that listeners produce and destinations consume.
+
+Values are immutable: a transform returns a new message instead of changing one.
+Mail and news articles keep their header fields as the raw bytes that arrived,
+so a message passes through the gateway unchanged unless a transform edits it.
+Line endings inside the gateway are LF; protocol codecs convert at the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Self
+
+
+class Kind(enum.Enum):
+    """What a message is; routes and destinations are checked against it."""
+
+    MAIL = "mail"
+    ARTICLE = "article"
+    DNS = "dns"
+    HTTP = "http"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+
+
+def new_message_id(now: float | None = None) -> str:
+    """A unique id that sorts by arrival time, like a mail queue id."""
+    stamp = int((time.time() if now is None else now) * 1_000_000)
+    digits = []
+    while stamp:
+        stamp, rest = divmod(stamp, len(_ID_ALPHABET))
+        digits.append(_ID_ALPHABET[rest])
+    return "".join(reversed(digits)) + secrets.token_hex(4).upper()
+
+
+_FIELD_NAME = re.compile(rb"^[!-9;-~]+$")
+
+
+@dataclass(frozen=True)
+class Headers:
+    """An ordered list of header fields, each kept as its raw bytes.
+
+    ``fields`` holds (name, value) pairs where value is everything after the
+    colon, folding included, without the final line ending.  Serialising gives
+    back the bytes that were parsed.
+    """
+
+    fields: tuple[tuple[str, bytes], ...] = ()
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of ``name``, unfolded, decoded as UTF-8 (bad bytes replaced)."""
+        wanted = name.lower()
+        return [_unfold(value) for key, value in self.fields if key.lower() == wanted]
+
+    def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def remove(self, name: str) -> Headers:
+        wanted = name.lower()
+        return Headers(tuple((k, v) for k, v in self.fields if k.lower() != wanted))
+
+    def add(self, name: str, value: str | bytes, *, first: bool = False) -> Headers:
+        new = (name, _field_value(value))
+        if first:
+            return Headers((new, *self.fields))
+        return Headers((*self.fields, new))
+
+    def set(self, name: str, value: str | bytes) -> Headers:
+        """Replace the first field called ``name`` in place (others removed), or append it."""
+        wanted = name.lower()
+        out: list[tuple[str, bytes]] = []
+        done = False
+        for key, raw in self.fields:
+            if key.lower() == wanted:
+                if not done:
+                    out.append((name, _field_value(value)))
+                    done = True
+                continue
+            out.append((key, raw))
+        if not done:
+            out.append((name, _field_value(value)))
+        return Headers(tuple(out))
+
+    def rename(self, old: str, new: str) -> Headers:
+        wanted = old.lower()
+        return Headers(tuple((new if k.lower() == wanted else k, v) for k, v in self.fields))
+
+    def to_bytes(self) -> bytes:
+        return b"".join(name.encode("ascii") + b":" + value + b"\n" for name, value in self.fields)
+
+
+def _field_value(value: str | bytes) -> bytes:
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    if b"\n" in raw.replace(b"\n ", b"").replace(b"\n\t", b""):
+        raise ValueError("a header value may only contain line breaks followed by white space")
+    return b" " + raw.lstrip(b" ") if raw else b""
+
+
+def _unfold(value: bytes) -> str:
+    return value.replace(b"\r", b"").replace(b"\n", b"").strip().decode("utf-8", "replace")
+
+
+def parse_rfc5322(data: bytes) -> tuple[Headers, bytes]:
+    """Split an RFC 5322 message (LF line endings) into header fields and body.
+
+    A line that is neither a header field nor a continuation ends the header,
+    as in Postfix: it and everything after it become the body.
+    """
+    fields: list[tuple[str, bytes]] = []
+    pos = 0
+    length = len(data)
+    while pos < length:
+        end = data.find(b"\n", pos)
+        line_end = length if end < 0 else end
+        line = data[pos:line_end]
+        if line in (b"", b"\r"):
+            return Headers(tuple(fields)), data[line_end + 1 :] if end >= 0 else b""
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + b"\n" + line)
+        else:
+            colon = line.find(b":")
+            name_bytes = line[:colon].rstrip(b" \t") if colon > 0 else b""
+            if colon <= 0 or not _FIELD_NAME.match(name_bytes):
+                return Headers(tuple(fields)), data[pos:]
+            fields.append((name_bytes.decode("ascii"), line[colon + 1 :].rstrip(b"\r")))
+        if end < 0:
+            break
+        pos = end + 1
+    return Headers(tuple(fields)), b""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """What every message has: an id and where it came from."""
+
+    kind: ClassVar[Kind]
+    id: str = field(default_factory=new_message_id)
+    listener: str = ""
+    client: str = ""
+    received: float = field(default_factory=time.time)
+
+    def evolve(self, **changes: object) -> Self:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Rfc5322Message(Message):
+    headers: Headers = Headers()
+    body: bytes = b""
+
+    def to_bytes(self) -> bytes:
+        """Header and body with LF line endings, as stored and as written to a Maildir."""
+        return self.headers.to_bytes() + b"\n" + self.body
+
+    def replace_body(self, body: bytes) -> Self:
+        return replace(self, body=body)
+
+    def replace_headers(self, headers: Headers) -> Self:
+        return replace(self, headers=headers)
+
+    @property
+    def message_id(self) -> str | None:
+        return self.headers.get("Message-ID")
+
+    @property
+    def size(self) -> int:
+        return len(self.headers.to_bytes()) + 1 + len(self.body)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailMessage(_Rfc5322Message):
+    """An Internet mail message with its SMTP envelope."""
+
+    kind: ClassVar[Kind] = Kind.MAIL
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, *, sender: str, recipients: Sequence[str], **meta: Any
+    ) -> Self:
+        headers, body = parse_rfc5322(data)
+        return cls(headers=headers, body=body, sender=sender, recipients=tuple(recipients), **meta)
+
+    def with_recipients(self, recipients: Iterable[str]) -> Self:
+        return replace(self, recipients=tuple(recipients))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Article(_Rfc5322Message):
+    """A netnews article (RFC 5536)."""
+
+    kind: ClassVar[Kind] = Kind.ARTICLE
+
+    @classmethod
+    def from_bytes(cls, data: bytes, **meta: Any) -> Self:
+        headers, body = parse_rfc5322(data)
+        return cls(headers=headers, body=body, **meta)
+
+    @property
+    def newsgroups(self) -> tuple[str, ...]:
+        value = self.headers.get("Newsgroups") or ""
+        return tuple(g.strip() for g in value.split(",") if g.strip())
+
+
+@dataclass(frozen=True, kw_only=True)
+class DnsQuery(Message):
+    """A DNS message in wire format; parsed only where a route needs more than the question."""
+
+    kind: ClassVar[Kind] = Kind.DNS
+    wire: bytes = b""
+    qname: str = ""
+    qtype: int = 0
+    qclass: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpRequest(Message):
+    """An HTTP request: method, target, header fields and body."""
+
+    kind: ClassVar[Kind] = Kind.HTTP
+    method: str = "GET"
+    target: str = "/"
+    host: str = ""
+    http_headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+
+def local_hostname() -> str:
+    """The name used in Received and HELO when the configuration names none."""
+    import socket
+
+    name = socket.getfqdn()
+    return name if "." in name else f"{os.uname().nodename}.localdomain"

@@ -1,0 +1,202 @@
+"""Transforms: plain functions registered by name, built in or loaded from plugins.
+
+A plugin is a Python module in one of the ``plugins:`` folders, or an installed
+package exposing the ``gateway.plugins`` entry point group.  It marks functions
+with ``@transform("name")``; nothing else is required of it::
+
+    from gateway.plugins import transform
+
+    @transform("strip_footer")
+    def strip_footer(msg, options):
+        return msg.replace_body(msg.body.split(b"\\n-- \\n")[0])
+
+A transform gets the message and the route's options (placeholders already
+filled from the match) and returns a message, ``None`` to drop it, a list to
+fan out, or a Deferred or coroutine of one of those.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import sys
+import types
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from gateway.message import Kind, Message
+
+__all__ = ["PluginError", "TransformSpec", "Transforms", "load_transforms", "transform"]
+
+log = Logger(namespace="gateway.plugins")
+
+TransformResult = Message | None | list[Message]
+TransformFunc = Callable[[Any, Mapping[str, Any]], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_MARK = "__gateway_transform__"
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """A registered transform.
+
+    ``accepts`` is the set of kinds it takes (empty: any); ``produces`` is the
+    kind it turns them into (None: the kind it was given).
+    """
+
+    name: str
+    func: TransformFunc
+    accepts: frozenset[Kind]
+    produces: Kind | None
+    origin: str
+
+    def output_kind(self, kind: Kind) -> Kind:
+        return self.produces if self.produces is not None else kind
+
+
+def transform(
+    name: str, *, accepts: Iterable[Kind | str] = (), produces: Kind | str | None = None
+) -> Callable[[F], F]:
+    """Register the decorated function as the transform ``name``."""
+
+    def mark(func: F) -> F:
+        spec = TransformSpec(
+            name=name,
+            func=func,
+            accepts=frozenset(Kind(k) for k in accepts),
+            produces=Kind(produces) if produces is not None else None,
+            origin=f"{func.__module__}.{func.__qualname__}",
+        )
+        setattr(func, _MARK, spec)
+        return func
+
+    return mark
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded; the message says which and why."""
+
+
+class Transforms:
+    """The transforms available to the router, by name."""
+
+    def __init__(self, specs: Iterable[TransformSpec] = ()) -> None:
+        self._specs: dict[str, TransformSpec] = {}
+        for spec in specs:
+            self.add(spec)
+
+    def add(self, spec: TransformSpec) -> None:
+        existing = self._specs.get(spec.name)
+        if existing is not None and existing.func is not spec.func:
+            raise PluginError(
+                f"transform '{spec.name}' is defined twice:"
+                f" in {existing.origin} and in {spec.origin}"
+            )
+        self._specs[spec.name] = spec
+
+    def add_module(self, module: types.ModuleType) -> int:
+        count = 0
+        for value in vars(module).values():
+            spec = getattr(value, _MARK, None)
+            if isinstance(spec, TransformSpec):
+                self.add(spec)
+                count += 1
+        return count
+
+    def get(self, name: str) -> TransformSpec | None:
+        return self._specs.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+
+async def call_transform(
+    spec: TransformSpec, message: Message, options: Mapping[str, Any]
+) -> list[Message]:
+    """Run one transform and normalise what it returns to a list of messages.
+
+    Exceptions propagate: the caller fails the one message and logs the route.
+    """
+    result: Any = spec.func(message, options)
+    if isinstance(result, Deferred) or inspect.isawaitable(result):
+        result = await _await(result)
+    if result is None:
+        return []
+    if isinstance(result, Message):
+        return [result]
+    if isinstance(result, (list, tuple)) and all(isinstance(m, Message) for m in result):
+        return list(result)
+    raise TypeError(
+        f"transform '{spec.name}' returned {type(result).__name__}; expected a message, None,"
+        " a list of messages, or a Deferred/coroutine of one of those"
+    )
+
+
+async def _await(value: Awaitable[Any]) -> Any:
+    return await value
+
+
+def _load_file(path: Path, index: int) -> types.ModuleType:
+    name = f"gateway_plugin_{index}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"cannot load plugin {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise PluginError(f"plugin {path} failed to load: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def load_transforms(folders: Iterable[str | Path] = (), *, entry_points: bool = True) -> Transforms:
+    """The built-in transforms plus those of every plugin module and entry point.
+
+    Plugin folders are read afresh on every call, so a reload picks up edits.
+    """
+    from gateway import transforms as builtin
+
+    registry = Transforms()
+    for module in builtin.modules():
+        registry.add_module(module)
+    index = 0
+    for folder in folders:
+        path = Path(folder)
+        if not path.is_dir():
+            raise PluginError(f"plugin folder {path} does not exist")
+        for file in sorted(path.glob("*.py")):
+            if file.name.startswith("_"):
+                continue
+            index += 1
+            registry.add_module(_load_file(file, index))
+    if entry_points:
+        for ep in importlib.metadata.entry_points(group="gateway.plugins"):
+            try:
+                loaded = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin entry point '{ep.name}' ({ep.value}) failed to load: {exc}"
+                ) from exc
+            if isinstance(loaded, types.ModuleType):
+                registry.add_module(loaded)
+            elif isinstance(getattr(loaded, _MARK, None), TransformSpec):
+                registry.add(getattr(loaded, _MARK))
+            else:
+                raise PluginError(
+                    f"plugin entry point '{ep.name}' ({ep.value}) is neither a module nor a"
+                    " function marked with @transform"
+                )
+    return registry

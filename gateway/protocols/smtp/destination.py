@@ -1,0 +1,64 @@
+"""The SMTP destination: relays mail through a pool of client connections.
+
+Replies map to outcomes the way an MTA reads them: 2xx delivered, 4xx (and no
+reply at all) temporary, 5xx permanent.  Recipients are judged one by one, so
+an outcome names the recipients that still need delivering.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IReactorCore
+
+from gateway.config import SmtpDestinationConfig
+from gateway.destination import Outcome
+from gateway.message import Kind, MailMessage, Message
+from gateway.protocols.smtp.client import RecipientResult, SmtpClientPool
+
+
+def _describe(result: RecipientResult) -> str:
+    if result.code == 0:
+        return str(result.text)
+    status = f" {result.status}" if result.status else ""
+    return f"{result.code}{status} {result.text}"
+
+
+class SmtpDestination:
+    kinds = frozenset({Kind.MAIL})
+
+    def __init__(self, config: SmtpDestinationConfig, reactor: IReactorCore) -> None:
+        self.config = config
+        self.name = config.name
+        self.pool = SmtpClientPool(
+            reactor,
+            clientFromString(reactor, config.connect),  # type: ignore[no-untyped-call]
+            helo=config.helo,
+            max_connections=config.max_connections,
+            tls=config.tls,
+            tls_verify=config.tls_verify,
+            ca_file=config.ca,
+            connect_timeout=config.connect_timeout,
+            command_timeout=config.timeout,
+        )
+
+    async def deliver(self, message: Message) -> Outcome:
+        if not isinstance(message, MailMessage):
+            return Outcome.permanent(f"SMTP takes mail, not {message.kind}")
+        if not message.recipients:
+            return Outcome.delivered("no recipients left")
+        results = await self.pool.send(message.sender, message.recipients, message.to_bytes())
+        temporary = [r for r in results if r.temporary]
+        permanent = [r for r in results if r.permanent]
+        if not temporary and not permanent:
+            return Outcome.delivered(_describe(results[0]))
+        worst = temporary[0] if temporary else permanent[0]
+        failed = tuple(r.recipient for r in temporary + permanent)
+        detail = f"{self.config.connect} said {_describe(worst)}"
+        if len(failed) < len(results):
+            detail += f" (for {', '.join(failed)}; the other recipients were delivered)"
+        if temporary:
+            return Outcome.temporary(detail, failed=failed, code=worst.code, enhanced=worst.status)
+        return Outcome.permanent(detail, failed=failed, code=worst.code, enhanced=worst.status)
+
+    async def close(self) -> None:
+        await self.pool.close()

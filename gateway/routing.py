@@ -1,0 +1,272 @@
+"""The router: which routes a message takes, and the transforms applied on the way.
+
+Routes are tried in file order and the first that matches wins, unless it says
+``continue: true``, in which case later routes may match as well (fan-out).
+Mail is routed per recipient, like an MTA does: recipients that take the same
+route with the same named groups travel together as one copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.logger import Logger
+
+from gateway.config import (
+    Config,
+    DestinationConfig,
+    Problem,
+    Route,
+    client_allowed,
+    interpolate,
+    suggest,
+)
+from gateway.message import Kind, MailMessage, Message
+from gateway.plugins import Transforms, call_transform
+
+log = Logger(namespace="gateway.routing")
+
+
+class NoRoute(Exception):
+    """No route takes this message (or these recipients)."""
+
+    def __init__(self, message: str, recipients: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.recipients = recipients
+
+
+class TransformFailed(Exception):
+    """A transform raised or returned nonsense; only this message fails."""
+
+    def __init__(self, route: str, transform: str, error: BaseException) -> None:
+        super().__init__(
+            f"transform '{transform}' of route '{route}' failed: {type(error).__name__}: {error}"
+        )
+        self.route = route
+        self.transform = transform
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One message ready for its destinations, as a route left it."""
+
+    route: Route
+    message: Message
+    destinations: tuple[str, ...]
+
+
+@dataclass
+class Trace:
+    """What happened while routing, for ``gateway route --dry-run``."""
+
+    steps: list[str] = field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        self.steps.append(text)
+
+
+def _search_groups(pattern: Any, value: str, groups: dict[str, str]) -> bool:
+    found = pattern.compiled.search(value)
+    if found is None:
+        return False
+    groups.update({k: v for k, v in found.groupdict().items() if v is not None})
+    return True
+
+
+class Router:
+    """Routes of one configuration, indexed by listener; immutable once built."""
+
+    def __init__(self, config: Config, transforms: Transforms) -> None:
+        self.config = config
+        self.transforms = transforms
+        by_listener: dict[str, list[Route]] = {name: [] for name in config.listeners}
+        for route in config.routes:
+            for name in route.from_:
+                by_listener.setdefault(name, []).append(route)
+        self._routes = {name: tuple(routes) for name, routes in by_listener.items()}
+
+    def routes_for(self, listener: str) -> tuple[Route, ...]:
+        return self._routes.get(listener, ())
+
+    # --- matching -------------------------------------------------------------
+
+    def _match(
+        self, route: Route, msg: Message, rcpt: str | None, *, headers: bool = True
+    ) -> dict[str, str] | None:
+        m = route.match
+        if m.client and not client_allowed(m.client, msg.client):
+            return None
+        groups: dict[str, str] = {}
+        if isinstance(msg, MailMessage):
+            if m.sender is not None and not _search_groups(m.sender, msg.sender, groups):
+                return None
+            if m.rcpt is not None and not _search_groups(m.rcpt, rcpt or "", groups):
+                return None
+        if headers and m.header:
+            fields = getattr(msg, "headers", None)
+            if fields is None:
+                return None
+            for name, pattern in m.header.items():
+                if not any(_search_groups(pattern, v, groups) for v in fields.get_all(name)):
+                    return None
+        return groups
+
+    def _walk(
+        self, msg: Message, rcpt: str | None, *, headers: bool = True
+    ) -> list[tuple[Route, dict[str, str]]]:
+        found = []
+        for route in self.routes_for(msg.listener):
+            groups = self._match(route, msg, rcpt, headers=headers)
+            if groups is None:
+                continue
+            found.append((route, groups))
+            if not route.continue_:
+                break
+        return found
+
+    def accepts_recipient(self, listener: str, sender: str, rcpt: str, client: str) -> bool:
+        """Whether some route could take this recipient (before the header is known).
+
+        Used at RCPT time so the gateway never accepts mail it has nowhere to send:
+        it is not an open relay.
+        """
+        probe = MailMessage(listener=listener, client=client, sender=sender, recipients=(rcpt,))
+        return bool(self._walk(probe, rcpt, headers=False))
+
+    def match(self, msg: Message) -> list[tuple[Route, dict[str, str], tuple[str, ...]]]:
+        """The routes ``msg`` takes: (route, named groups, recipients) in route order.
+
+        Raises NoRoute naming the recipients no route takes.
+        """
+        if isinstance(msg, MailMessage):
+            grouped: dict[tuple[int, tuple[tuple[str, str], ...]], list[str]] = {}
+            routes: dict[int, Route] = {}
+            unrouted = []
+            for rcpt in msg.recipients:
+                walked = self._walk(msg, rcpt)
+                if not walked:
+                    unrouted.append(rcpt)
+                for route, groups in walked:
+                    key = (id(route), tuple(sorted(groups.items())))
+                    routes[id(route)] = route
+                    grouped.setdefault(key, []).append(rcpt)
+            if unrouted:
+                raise NoRoute(f"no route takes recipient(s) {', '.join(unrouted)}", tuple(unrouted))
+            order = {id(r): i for i, r in enumerate(self.routes_for(msg.listener))}
+            return [
+                (routes[rid], dict(groups), tuple(rcpts))
+                for (rid, groups), rcpts in sorted(grouped.items(), key=lambda kv: order[kv[0][0]])
+            ]
+        walked = self._walk(msg, None)
+        if not walked:
+            raise NoRoute(f"no route takes this {msg.kind} message from '{msg.listener}'")
+        return [(route, groups, ()) for route, groups in walked]
+
+    # --- transforming -----------------------------------------------------------
+
+    async def route(self, msg: Message, trace: Trace | None = None) -> list[Routed]:
+        """Match, then run each matching route's transforms; raise NoRoute or TransformFailed."""
+        out: list[Routed] = []
+        for route, groups, rcpts in self.match(msg):
+            current: Message = msg
+            if isinstance(msg, MailMessage) and rcpts != msg.recipients:
+                current = msg.with_recipients(rcpts)
+            options = interpolate(route.options, groups)
+            if trace is not None:
+                detail = f" for {', '.join(rcpts)}" if rcpts else ""
+                trace.add(f"route '{route.name}' matches{detail}; named groups {groups or '{}'}")
+            messages = [current]
+            for name in route.transforms:
+                messages = await self._apply(route, name, messages, options)
+                if trace is not None:
+                    trace.add(f"  transform '{name}' -> {len(messages)} message(s)")
+            for result in messages:
+                out.append(Routed(route, result, route.to))
+        return out
+
+    async def _apply(
+        self, route: Route, name: str, messages: list[Message], options: Mapping[str, Any]
+    ) -> list[Message]:
+        spec = self.transforms.get(name)
+        if spec is None:
+            # The configuration was checked against the loaded transforms; this is a
+            # plugin that vanished on reload.
+            raise TransformFailed(route.name, name, LookupError("no such transform"))
+        results: list[Message] = []
+        for message in messages:
+            if spec.accepts and message.kind not in spec.accepts:
+                raise TransformFailed(
+                    route.name, name, TypeError(f"it does not take {message.kind} messages")
+                )
+            try:
+                results.extend(await call_transform(spec, message, options))
+            except Exception as exc:
+                log.failure(
+                    "transform {transform} of route {route} failed on message {msgid}",
+                    transform=name,
+                    route=route.name,
+                    msgid=message.id,
+                )
+                raise TransformFailed(route.name, name, exc) from exc
+        return results
+
+
+# --- static checks ------------------------------------------------------------------
+
+
+def check_routes(config: Config, transforms: Transforms) -> list[Problem]:
+    """Transform names exist, and each route's message kinds can reach its destinations."""
+    problems: list[Problem] = []
+    for route in config.routes:
+        label = f"route '{route.name}'"
+        where = route.where.get("transforms", route.where.get("", None))
+        kinds = {config.listeners[n].kind for n in route.from_ if n in config.listeners}
+        specs = []
+        for name in route.transforms:
+            spec = transforms.get(name)
+            if spec is None:
+                problems.append(
+                    Problem(
+                        where,
+                        f"{label}: unknown transform '{name}'{suggest(name, transforms.names())}"
+                        " (built in or from a plugin)",
+                    )
+                )
+            else:
+                specs.append(spec)
+        if len(specs) != len(route.transforms):
+            continue
+        for start in sorted(kinds, key=str):
+            kind: Kind = start
+            broken = False
+            for spec in specs:
+                if spec.accepts and kind not in spec.accepts:
+                    takes = ", ".join(sorted(str(k) for k in spec.accepts))
+                    problems.append(
+                        Problem(
+                            where,
+                            f"{label}: transform '{spec.name}' takes {takes} messages"
+                            f" but gets {kind}",
+                        )
+                    )
+                    broken = True
+                    break
+                kind = spec.output_kind(kind)
+            if broken:
+                continue
+            for dest_name in route.to:
+                dest: DestinationConfig | None = config.destinations.get(dest_name)
+                if dest is not None and kind not in dest.kinds:
+                    takes = " or ".join(sorted(str(k) for k in dest.kinds))
+                    problems.append(
+                        Problem(
+                            route.where.get("to", where),
+                            f"{label}: destination '{dest_name}' ({dest.protocol}) takes {takes}"
+                            f" messages but this route delivers {kind}; add a transform that"
+                            f" converts {kind} to {takes}",
+                        )
+                    )
+    return problems

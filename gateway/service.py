@@ -1,0 +1,393 @@
+"""The running gateway: listeners, router and destinations built from one configuration.
+
+``GatewayService`` owns the current ``Runtime`` (router plus destinations).  A
+reload builds a new runtime and swaps it in one assignment; messages already
+being handled keep the runtime they started with, and a retired runtime closes
+its destinations once its last message is done.  Listeners whose settings did
+not change keep their sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from gateway.config import Config, ConfigError, ListenerConfig, Problem, load
+from gateway.destination import Destination, Outcome, Status, build_destination
+from gateway.message import MailMessage, Message
+from gateway.plugins import PluginError, Transforms, load_transforms
+from gateway.routing import NoRoute, Router, TransformFailed, check_routes
+
+log = Logger(namespace="gateway.service")
+
+
+def load_checked(path: str | Path) -> tuple[Config, Transforms]:
+    """Parse the file, load its plugins and check the routes against them.
+
+    Raises ConfigError with every problem found; plugin load failures are
+    reported the same way.
+    """
+    config = load(path)
+    try:
+        transforms = load_transforms(config.plugins)
+    except PluginError as exc:
+        raise ConfigError([Problem(None, str(exc))]) from None
+    problems = check_routes(config, transforms)
+    if problems:
+        raise ConfigError(problems)
+    return config, transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What a listener should answer once a message has been handled."""
+
+    status: Status
+    detail: str
+    code: int = 0
+    enhanced: str = ""
+    no_route: tuple[str, ...] = ()
+
+
+class Runtime:
+    """One configuration in force: its router and its destinations."""
+
+    def __init__(
+        self, config: Config, transforms: Transforms, destinations: dict[str, Destination]
+    ) -> None:
+        self.config = config
+        self.router = Router(config, transforms)
+        self.destinations = destinations
+        self.inflight = 0
+        self.retired = False
+        self._idle: list[Deferred[None]] = []
+
+    def enter(self) -> None:
+        self.inflight += 1
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        if self.inflight == 0:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+
+class ListenerService(Service):
+    """The sockets of one listener; the protocol factory comes from the protocol module."""
+
+    def __init__(
+        self, config: ListenerConfig, gateway: GatewayService, reactor: Any
+    ) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.reactor = reactor
+        self.ports: list[Any] = []
+        self.factory: Any = None
+        self.setName(config.name)  # type: ignore[no-untyped-call]
+
+    def build_factory(self) -> Any:
+        if self.config.protocol == "smtp":
+            from gateway.protocols.smtp.listener import build_factory
+
+            return build_factory(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
+        raise ValueError(f"no listener for protocol '{self.config.protocol}'")
+
+    async def listen(self) -> None:
+        self.factory = self.build_factory()
+        try:
+            for description in self.config.listen:
+                endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
+                port = await endpoint.listen(self.factory)
+                self.ports.append(port)
+                log.info(
+                    "listener {listener} ({protocol}) accepting on {endpoint}",
+                    listener=self.config.name,
+                    protocol=self.config.protocol,
+                    endpoint=description,
+                )
+        except Exception:
+            await self.close()
+            raise
+
+    def reconfigure(self, config: ListenerConfig) -> None:
+        """New settings on the same sockets: later connections use them."""
+        self.config = config
+        if hasattr(self.factory, "reconfigure"):
+            self.factory.reconfigure(config)
+
+    async def close(self) -> None:
+        ports, self.ports = self.ports, []
+        for port in ports:
+            stopped: Any = port.stopListening()
+            if stopped is not None:
+                await stopped
+
+    async def drain(self, timeout: float) -> None:
+        if hasattr(self.factory, "drain"):
+            await self.factory.drain(timeout)
+
+
+def _same_sockets(a: ListenerConfig, b: ListenerConfig) -> bool:
+    return a.protocol == b.protocol and a.listen == b.listen
+
+
+class GatewayService(MultiService):
+    """Listeners, destinations and the router of one configuration file."""
+
+    def __init__(self, path: str | Path, reactor: Any) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.path = Path(path)
+        self.reactor = reactor
+        self.runtime: Runtime | None = None
+        self.listeners: dict[str, ListenerService] = {}
+        self.ready = False
+        self.stopping = False
+        self._reloading: Deferred[bool] | None = None
+        self.on_ready: list[Callable[[], None]] = []
+
+    # --- start and stop -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the file and open every listener; raise on any failure."""
+        config, transforms = load_checked(self.path)
+        self.runtime = Runtime(config, transforms, self._destinations(config, {}))
+        for name, lconf in config.listeners.items():
+            service = ListenerService(lconf, self, self.reactor)
+            await service.listen()
+            service.setServiceParent(self)  # type: ignore[no-untyped-call]
+            self.listeners[name] = service
+        self.ready = True
+        log.info(
+            "gateway ready: {listeners} listener(s), {destinations} destination(s),"
+            " {routes} route(s)",
+            listeners=len(config.listeners),
+            destinations=len(config.destinations),
+            routes=len(config.routes),
+        )
+        for callback in self.on_ready:
+            callback()
+
+    def _destinations(self, config: Config, old: dict[str, Destination]) -> dict[str, Destination]:
+        built: dict[str, Destination] = {}
+        previous = self.runtime.config.destinations if self.runtime else {}
+        for name, dconf in config.destinations.items():
+            if name in old and previous.get(name) == dconf:
+                built[name] = old[name]  # unchanged: keep its connections
+            else:
+                built[name] = build_destination(dconf, self.reactor)
+        return built
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let work in flight finish (bounded), close everything."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.ready = False
+        runtime = self.runtime
+        timeout = runtime.config.shutdown_timeout if runtime else 0.0
+        log.info(
+            "shutting down: no new connections; waiting up to {timeout}s for work in flight",
+            timeout=timeout,
+        )
+        for service in self.listeners.values():
+            await service.close()
+        if runtime is not None:
+            await self._bounded(runtime.when_idle(), timeout, "messages in flight")
+        for service in self.listeners.values():
+            await service.drain(0)
+        if runtime is not None:
+            for dest in runtime.destinations.values():
+                await dest.close()
+        log.info("gateway stopped")
+
+    async def _bounded(self, d: Deferred[None], timeout: float, what: str) -> None:
+        timer = self.reactor.callLater(timeout, d.cancel)
+        try:
+            await d
+        except defer.CancelledError:
+            log.warn("gave up waiting for {what} after {timeout}s", what=what, timeout=timeout)
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    # --- reload ---------------------------------------------------------------------
+
+    def reload(self) -> Deferred[bool]:
+        """Re-read the file; keep the running routes if it is invalid. Fires True on success."""
+        if self._reloading is not None:
+            # A reload while one is running: let it finish, then read the file again.
+            return self._reloading.addCallback(lambda _: self.reload())
+        d = Deferred.fromCoroutine(self._reload())
+        self._reloading = d
+
+        def done(result: bool) -> bool:
+            self._reloading = None
+            return result
+
+        return d.addBoth(done)
+
+    async def _reload(self) -> bool:
+        if self.stopping or self.runtime is None:
+            return False
+        try:
+            config, transforms = load_checked(self.path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error(
+                    "reload refused, the running routes stay in force: {problem}",
+                    problem=str(problem),
+                )
+            return False
+        old = self.runtime
+        try:
+            destinations = self._destinations(config, old.destinations)
+        except Exception:
+            log.failure("reload refused: building the destinations failed")
+            return False
+        new_services: dict[str, ListenerService] = {}
+        opened: list[ListenerService] = []
+        # Close listeners that are gone or whose sockets change first, so a changed
+        # listener can bind its port again.
+        for name, service in list(self.listeners.items()):
+            lconf = config.listeners.get(name)
+            if lconf is None or not _same_sockets(service.config, lconf):
+                await service.close()
+                await service.disownServiceParent()  # type: ignore[no-untyped-call]
+                del self.listeners[name]
+                log.info("listener {listener} closed", listener=name)
+        try:
+            for name, lconf in config.listeners.items():
+                existing = self.listeners.get(name)
+                if existing is not None:
+                    if existing.config != lconf:
+                        existing.reconfigure(lconf)
+                    new_services[name] = existing
+                    continue
+                service = ListenerService(lconf, self, self.reactor)
+                await service.listen()
+                opened.append(service)
+                new_services[name] = service
+        except Exception as exc:
+            log.error(
+                "reload: a listener failed to open ({error}); the others are in force",
+                error=str(exc),
+            )
+        for service in opened:
+            service.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.listeners = new_services
+        self.runtime = Runtime(config, transforms, destinations)
+        old.retired = True
+        self._retire(old, destinations)
+        log.info("configuration reloaded: {routes} route(s)", routes=len(config.routes))
+        return True
+
+    def _retire(self, old: Runtime, kept: dict[str, Destination]) -> None:
+        stale = [d for d in old.destinations.values() if all(d is not k for k in kept.values())]
+
+        def close(_: object) -> None:
+            for dest in stale:
+                Deferred.fromCoroutine(dest.close())
+
+        old.when_idle().addCallback(close)
+
+    # --- handling messages --------------------------------------------------------------
+
+    def current(self) -> Runtime:
+        if self.runtime is None:
+            raise RuntimeError("the gateway has not started")
+        return self.runtime
+
+    async def submit(self, message: Message) -> Verdict:
+        """Route ``message`` and deliver every copy; the verdict decides the listener's reply.
+
+        Until the durable spool exists the sender waits for every destination, so
+        success means every copy was delivered.
+        """
+        runtime = self.current()
+        runtime.enter()
+        try:
+            return await self._submit(runtime, message)
+        finally:
+            runtime.leave()
+
+    async def _submit(self, runtime: Runtime, message: Message) -> Verdict:
+        msgid = getattr(message, "message_id", None) or ""
+        try:
+            routed = await runtime.router.route(message)
+        except NoRoute as exc:
+            log.info("message {id} refused: {reason}", id=message.id, reason=str(exc))
+            return Verdict(Status.PERMANENT, str(exc), 550, "5.1.1", exc.recipients)
+        except TransformFailed as exc:
+            return Verdict(Status.TEMPORARY, str(exc), 451, "4.3.0")
+        if not routed:
+            log.info("message {id} dropped by the transforms of its route(s)", id=message.id)
+            return Verdict(Status.DELIVERED, "dropped by a transform")
+        jobs = []
+        labels = []
+        for item in routed:
+            for dest_name in item.destinations:
+                dest = runtime.destinations[dest_name]
+                labels.append((item, dest_name))
+                jobs.append(Deferred.fromCoroutine(self._deliver_one(dest, item.message)))
+        results = await defer.gatherResults(jobs)
+        temporary = []
+        permanent = []
+        for (item, dest_name), outcome in zip(labels, results, strict=True):
+            recipients = (
+                ",".join(item.message.recipients) if isinstance(item.message, MailMessage) else ""
+            )
+            log.info(
+                "id={id} msgid={msgid} route={route} destination={destination} to={to} "
+                "outcome={outcome} detail={detail}",
+                id=message.id,
+                msgid=msgid,
+                route=item.route.name,
+                destination=dest_name,
+                to=recipients,
+                outcome=str(outcome.status),
+                detail=outcome.detail,
+            )
+            if outcome.status is Status.TEMPORARY:
+                temporary.append((dest_name, outcome))
+            elif outcome.status is Status.PERMANENT:
+                permanent.append((dest_name, outcome))
+        if temporary:
+            name, outcome = temporary[0]
+            return Verdict(
+                Status.TEMPORARY, f"destination '{name}': {outcome.detail}", 451, "4.4.0"
+            )
+        if permanent:
+            name, outcome = permanent[0]
+            enhanced = outcome.enhanced if outcome.enhanced.startswith("5.") else "5.0.0"
+            return Verdict(
+                Status.PERMANENT, f"destination '{name}': {outcome.detail}", 554, enhanced
+            )
+        return Verdict(Status.DELIVERED, f"delivered to {len(results)} destination(s)")
+
+    async def _deliver_one(self, dest: Destination, message: Message) -> Outcome:
+        try:
+            return await dest.deliver(message)
+        except Exception as exc:
+            log.failure(
+                "destination {destination} raised while delivering {id}",
+                destination=dest.name,
+                id=message.id,
+            )
+            return Outcome.temporary(f"internal error in destination '{dest.name}': {exc}")

@@ -1,0 +1,12 @@
+"""Transforms that ship with the gateway; each module registers its own with @transform."""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+_MODULES = ("gateway.transforms.headers",)
+
+
+def modules() -> list[types.ModuleType]:
+    return [importlib.import_module(name) for name in _MODULES]

@@ -1,0 +1,249 @@
+"""routes.yaml parsing: typed values, and errors that point at the line and suggest names."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.config import (
+    ConfigError,
+    Duration,
+    Network,
+    Size,
+    SmtpDestinationConfig,
+    SmtpListenerConfig,
+    interpolate,
+    json_schema,
+    parse,
+)
+
+GOOD = textwrap.dedent(
+    r"""
+    version: 1
+    plugins: [plugins]
+    listeners:
+      mail-in:
+        protocol: smtp
+        listen: tcp:2525:interface=127.0.0.1
+        max_size: 2MiB
+        idle_timeout: 5m
+        allow: [127.0.0.0/8, "::1"]
+    destinations:
+      box:
+        protocol: maildir
+        path: var/mail
+      relay:
+        protocol: smtp
+        connect: tcp:127.0.0.1:2526
+        timeout: 90s
+    routes:
+      - name: lists
+        from: mail-in
+        match: {rcpt: '^(?P<list>[a-z]+)@lists\.test$', header: {X-Priority: '^1'}}
+        options: {tag: '[{list}]'}
+        to: box
+      - from: [mail-in]
+        match: {sender: '@example\.test$'}
+        continue: true
+        to: [box, relay]
+    """
+)
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(textwrap.dedent(text), "routes.yaml", Path("/etc/gateway"))
+    return [str(p) for p in info.value.problems]
+
+
+def test_good_file_becomes_typed_frozen_values() -> None:
+    config = parse(GOOD, "routes.yaml", Path("/srv"))
+    listener = config.listeners["mail-in"]
+    assert isinstance(listener, SmtpListenerConfig)
+    assert listener.max_size == 2 * 1024 * 1024
+    assert listener.idle_timeout == 300.0
+    assert "127.1.2.3" in listener.allow[0]
+    assert "::1" in listener.allow[1]
+    assert listener.listen == ("tcp:2525:interface=127.0.0.1",)
+    relay = config.destinations["relay"]
+    assert isinstance(relay, SmtpDestinationConfig)
+    assert relay.timeout == 90.0
+    assert config.destinations["box"].path == "/srv/var/mail"  # type: ignore[attr-defined]
+    assert config.plugins == ("/srv/plugins",)
+    first, second = config.routes
+    assert first.name == "lists" and first.to == ("box",)
+    assert first.match.rcpt is not None and first.match.rcpt.groups == {"list"}
+    assert second.name == "#2" and second.continue_ and second.to == ("box", "relay")
+    with pytest.raises(AttributeError):
+        first.name = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        first.options["tag"] = "y"  # type: ignore[index]
+
+
+def test_misspelt_destination_points_at_line_and_suggests() -> None:
+    found = problems(
+        """
+        version: 1
+        listeners:
+          in: {protocol: smtp, listen: "tcp:2525"}
+        destinations:
+          news: {protocol: maildir, path: x}
+        routes:
+          - from: in
+            to: nwes
+        """
+    )
+    assert found == ["routes.yaml:9:9: route 1: unknown destination 'nwes'; did you mean 'news'?"]
+
+
+def test_unknown_keys_are_errors_with_suggestions() -> None:
+    found = problems(
+        """
+        version: 1
+        listeners:
+          in: {protocol: smtp, listen: "tcp:2525", max_sise: 1k}
+        routes: []
+        colour: blue
+        """
+    )
+    assert (
+        "routes.yaml:4:44: listener 'in': unknown key 'max_sise'; did you mean 'max_size'?" in found
+    )
+    assert any(p.startswith("routes.yaml:6:1: top level: unknown key 'colour'") for p in found)
+
+
+def test_bad_values_name_what_was_expected() -> None:
+    found = problems(
+        """
+        version: 2
+        listeners:
+          in: {protocol: smtp, listen: "tcp:nope", max_size: 10 parsecs, idle_timeout: 5 fortnights}
+          out: {protocol: smtpp, listen: "tcp:1"}
+        destinations:
+          d: {protocol: smtp, connect: "tcp:127.0.0.1:25", tls: maybe}
+        routes:
+          - {from: in, to: d, match: {rcpt: '(unclosed'}}
+        """
+    )
+    text = "\n".join(found)
+    assert "routes.yaml:2:10: top level: 'version': expected one of 1, got 2" in text
+    assert "invalid endpoint 'tcp:nope'" in text
+    assert "expected a size such as" in text
+    assert "unknown unit 'fortnights'" in text
+    assert "unknown protocol 'smtpp' (known: smtp); did you mean 'smtp'?" in text
+    assert "expected one of 'none', 'may', 'require', got 'maybe'; did you mean 'may'?" in text
+    assert "invalid regular expression '(unclosed'" in text
+
+
+def test_placeholder_must_be_a_named_group() -> None:
+    found = problems(
+        r"""
+        version: 1
+        listeners: {in: {protocol: smtp, listen: "tcp:2525"}}
+        destinations: {d: {protocol: maildir, path: x}}
+        routes:
+          - from: in
+            match: {rcpt: '^(?P<user>.+)@x$'}
+            options: {tag: '{usr}'}
+            to: d
+        """
+    )
+    assert len(found) == 1
+    assert "option placeholder '{usr}'" in found[0] and "did you mean 'user'?" in found[0]
+
+
+def test_match_keys_must_fit_the_listener_kind() -> None:
+    # Only mail listeners exist yet, so check a key that is unknown to Match itself.
+    found = problems(
+        """
+        version: 1
+        listeners: {in: {protocol: smtp, listen: "tcp:2525"}}
+        destinations: {d: {protocol: maildir, path: x}}
+        routes:
+          - {from: in, to: d, match: {qname: example.test}}
+        """
+    )
+    assert found == ["routes.yaml:6:31: route 1: 'match': unknown key 'qname'"]
+
+
+def test_broken_listener_does_not_cascade_into_unknown_reference() -> None:
+    found = problems(
+        """
+        version: 1
+        listeners: {in: {protocol: smtp, listen: "tcp:2525", max_size: lots}}
+        destinations: {d: {protocol: maildir, path: x}}
+        routes:
+          - {from: in, to: d}
+        """
+    )
+    assert len(found) == 1 and "max_size" in found[0]
+
+
+def test_yaml_syntax_error_has_location() -> None:
+    found = problems("version: 1\nlisteners: {in: [\n")
+    assert found[0].startswith("routes.yaml:3:1: not valid YAML")
+
+
+def test_duplicate_keys_are_errors() -> None:
+    found = problems(
+        """
+        version: 1
+        destinations:
+          d: {protocol: maildir, path: x}
+          d: {protocol: maildir, path: y}
+        """
+    )
+    assert found == ["routes.yaml:5:3: destinations: 'd' appears twice"]
+
+
+def test_empty_file() -> None:
+    assert problems("") == ["routes.yaml:1:1: the file is empty; expected 'version: 1'"]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("512", 512), ("1k", 1024), ("10KiB", 10240), ("10MB", 10_000_000), ("1.5GiB", 1610612736)],
+)
+def test_sizes(text: str, value: int) -> None:
+    assert Size.parse(text) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("2s", 2.0), ("250ms", 0.25), ("5m", 300.0), ("1h30m", 5400.0), ("5d", 432000.0), ("7", 7.0)],
+)
+def test_durations(text: str, value: float) -> None:
+    assert Duration.parse(text) == value
+
+
+@given(st.text(max_size=20))
+def test_size_and_duration_parsers_only_raise_value_error(text: str) -> None:
+    for parser in (Size.parse, Duration.parse, Network.parse):
+        try:
+            parser(text)
+        except ValueError:
+            pass
+
+
+def test_interpolate_fills_groups_recursively() -> None:
+    options = {"a": "{x}-{y}", "b": ["{x}"], "c": 3, "d": "{missing}", "e": "{bad"}
+    out = interpolate(options, {"x": "1", "y": "2"})
+    assert out["a"] == "1-2" and out["b"] == ("1",) and out["c"] == 3
+    assert out["d"] == "" and out["e"] == "{bad"
+
+
+def test_json_schema_describes_the_file() -> None:
+    schema = json_schema()
+    json.dumps(schema)
+    assert schema["required"] == ["version"]
+    assert schema["additionalProperties"] is False
+    listener = schema["properties"]["listeners"]["additionalProperties"]["oneOf"][0]
+    assert listener["properties"]["protocol"] == {"enum": ["smtp"]}
+    assert "max_size" in listener["properties"]
+    route = schema["properties"]["routes"]["anyOf"][1]["items"]
+    assert {"from", "to", "continue", "match"} <= set(route["properties"])
