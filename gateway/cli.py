@@ -15,6 +15,7 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     LogEvent,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -23,6 +24,8 @@ from twisted.logger import (
 
 from gateway import __version__
 from gateway.config import ConfigError
+
+log = Logger(namespace="gateway.cli")
 
 DEFAULT_CONFIG = "routes.yaml"
 
@@ -81,11 +84,17 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from twisted.internet import defer
     from twisted.internet import reactor as installed_reactor
+    from twisted.internet.error import CannotListenError
 
-    from gateway.service import GatewayService
+    from gateway.service import GatewayService, load_checked
 
     reactor: Any = installed_reactor
 
+    try:
+        loaded = load_checked(args.config)
+    except ConfigError as exc:
+        print_problems(exc)
+        return 1
     start_logging(args.log_level)
     service = GatewayService(args.config, reactor)
     status = {"code": 0}
@@ -93,8 +102,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     def failed(failure: Any) -> None:
         if failure.check(ConfigError):
             print_problems(failure.value)
-        else:
+        elif failure.check(OSError, CannotListenError):
             print(f"error: cannot start: {failure.getErrorMessage()}", file=sys.stderr)
+        else:
+            log.failure("cannot start", failure)
         status["code"] = 1
         reactor.stop()
 
@@ -108,7 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: defer.Deferred.fromCoroutine(service.shutdown())
         )
-        defer.Deferred.fromCoroutine(service.start()).addErrback(failed)
+        defer.Deferred.fromCoroutine(service.start(loaded)).addErrback(failed)
 
     reactor.callWhenRunning(go)
     reactor.run()

@@ -561,7 +561,8 @@ class _Reader:
         for key, (key_node, value_node) in given.items():
             f = known.get(key)
             if f is None:
-                self.fail(key_node, f"{what}: unknown key '{key}'{suggest(key, [str(k) for k in known])}")
+                hint = suggest(key, [str(k) for k in known])
+                self.fail(key_node, f"{what}: unknown key '{key}'{hint}")
                 ok = False
                 continue
             value = self.convert(value_node, hints[f.name], f"{what}: '{key}'")

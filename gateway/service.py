@@ -18,8 +18,8 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gateway.config import Config, ConfigError, ListenerConfig, Problem, load
 from gateway.destination import Destination, Outcome, Status, build_destination
@@ -92,9 +92,7 @@ class Runtime:
 class ListenerService(Service):
     """The sockets of one listener; the protocol factory comes from the protocol module."""
 
-    def __init__(
-        self, config: ListenerConfig, gateway: GatewayService, reactor: Any
-    ) -> None:
+    def __init__(self, config: ListenerConfig, gateway: GatewayService, reactor: Any) -> None:
         self.config = config
         self.gateway = gateway
         self.reactor = reactor
@@ -113,7 +111,7 @@ class ListenerService(Service):
         self.factory = self.build_factory()
         try:
             for description in self.config.listen:
-                endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
+                endpoint = serverFromString(self.reactor, str(description))  # type: ignore[no-untyped-call]
                 port = await endpoint.listen(self.factory)
                 self.ports.append(port)
                 log.info(
@@ -161,13 +159,48 @@ class GatewayService(MultiService):
         self.stopping = False
         self._reloading: Deferred[bool] | None = None
         self.on_ready: list[Callable[[], None]] = []
+        self.admin_port: Any = None
+        self.admin_endpoint: str | None = None
 
     # --- start and stop -----------------------------------------------------------
 
-    async def start(self) -> None:
-        """Load the file and open every listener; raise on any failure."""
-        config, transforms = load_checked(self.path)
+    def readiness_problems(self) -> list[str]:
+        """Why the gateway is not ready to take traffic; empty when it is."""
+        problems = []
+        if self.stopping:
+            problems.append("shutting down")
+        elif not self.ready:
+            problems.append("starting")
+        for name, service in self.listeners.items():
+            if not service.ports:
+                problems.append(f"listener {name} has no open socket")
+        return problems
+
+    async def _open_admin(self, endpoint: str | None) -> None:
+        if endpoint == self.admin_endpoint and (self.admin_port is not None or endpoint is None):
+            return
+        if self.admin_port is not None:
+            await self.admin_port.stopListening()
+            self.admin_port = None
+        self.admin_endpoint = endpoint
+        if endpoint is not None:
+            from gateway.admin import admin_site
+
+            ep = serverFromString(self.reactor, str(endpoint))  # type: ignore[no-untyped-call]
+            self.admin_port = await ep.listen(admin_site(self))
+            log.info("admin site (/healthz, /readyz) on {endpoint}", endpoint=endpoint)
+
+    async def start(self, loaded: tuple[Config, Transforms] | None = None) -> None:
+        """Load the file (unless given) and open every listener; raise on any failure."""
+        config, transforms = loaded if loaded is not None else load_checked(self.path)
+        if config.spool is not None:
+            log.warn(
+                "spool {path}: the durable spool is not implemented yet; the listeners answer"
+                " only after every destination has taken the message",
+                path=config.spool,
+            )
         self.runtime = Runtime(config, transforms, self._destinations(config, {}))
+        await self._open_admin(config.admin)
         for name, lconf in config.listeners.items():
             service = ListenerService(lconf, self, self.reactor)
             await service.listen()
@@ -208,13 +241,21 @@ class GatewayService(MultiService):
         )
         for service in self.listeners.values():
             await service.close()
+        await self._open_admin(None)
+        deadline = self.reactor.seconds() + timeout
         if runtime is not None:
             await self._bounded(runtime.when_idle(), timeout, "messages in flight")
+        # Sessions between messages get a moment to say QUIT, then a 421.
         for service in self.listeners.values():
-            await service.drain(0)
+            await service.drain(min(1.0, max(0.0, deadline - self.reactor.seconds())))
         if runtime is not None:
             for dest in runtime.destinations.values():
-                await dest.close()
+                remaining = max(0.0, deadline - self.reactor.seconds())
+                await self._bounded(
+                    Deferred.fromCoroutine(dest.close()),
+                    remaining,
+                    f"destination {dest.name} to close",
+                )
         log.info("gateway stopped")
 
     async def _bounded(self, d: Deferred[None], timeout: float, what: str) -> None:
@@ -237,11 +278,15 @@ class GatewayService(MultiService):
         d = Deferred.fromCoroutine(self._reload())
         self._reloading = d
 
+        def failed(failure: Failure) -> bool:
+            log.failure("reload failed", failure)
+            return False
+
         def done(result: bool) -> bool:
             self._reloading = None
             return result
 
-        return d.addBoth(done)
+        return d.addErrback(failed).addCallback(done)
 
     async def _reload(self) -> bool:
         if self.stopping or self.runtime is None:
@@ -269,7 +314,7 @@ class GatewayService(MultiService):
             lconf = config.listeners.get(name)
             if lconf is None or not _same_sockets(service.config, lconf):
                 await service.close()
-                await service.disownServiceParent()  # type: ignore[no-untyped-call]
+                service.disownServiceParent()  # type: ignore[no-untyped-call]
                 del self.listeners[name]
                 log.info("listener {listener} closed", listener=name)
         try:
@@ -292,6 +337,14 @@ class GatewayService(MultiService):
         for service in opened:
             service.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.listeners = new_services
+        try:
+            await self._open_admin(config.admin)
+        except Exception as exc:
+            log.error(
+                "reload: the admin site failed to open on {endpoint}: {error}",
+                endpoint=config.admin,
+                error=str(exc),
+            )
         self.runtime = Runtime(config, transforms, destinations)
         old.retired = True
         self._retire(old, destinations)

@@ -16,11 +16,11 @@ from gateway.message import Kind, MailMessage, Message
 from gateway.protocols.smtp.client import RecipientResult, SmtpClientPool
 
 
-def _describe(result: RecipientResult) -> str:
+def _describe(server: str, result: RecipientResult) -> str:
     if result.code == 0:
-        return str(result.text)
+        return f"{server}: {result.text}"
     status = f" {result.status}" if result.status else ""
-    return f"{result.code}{status} {result.text}"
+    return f"{server} answered {result.code}{status} {result.text}"
 
 
 class SmtpDestination:
@@ -31,7 +31,7 @@ class SmtpDestination:
         self.name = config.name
         self.pool = SmtpClientPool(
             reactor,
-            clientFromString(reactor, config.connect),  # type: ignore[no-untyped-call]
+            clientFromString(reactor, str(config.connect)),  # type: ignore[no-untyped-call]
             helo=config.helo,
             max_connections=config.max_connections,
             tls=config.tls,
@@ -50,10 +50,10 @@ class SmtpDestination:
         temporary = [r for r in results if r.temporary]
         permanent = [r for r in results if r.permanent]
         if not temporary and not permanent:
-            return Outcome.delivered(_describe(results[0]))
+            return Outcome.delivered(_describe(self.config.connect, results[0]))
         worst = temporary[0] if temporary else permanent[0]
         failed = tuple(r.recipient for r in temporary + permanent)
-        detail = f"{self.config.connect} said {_describe(worst)}"
+        detail = _describe(self.config.connect, worst)
         if len(failed) < len(results):
             detail += f" (for {', '.join(failed)}; the other recipients were delivered)"
         if temporary:

@@ -11,6 +11,7 @@ import email.utils
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from twisted.internet import task
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
@@ -64,6 +65,9 @@ class SmtpListener:
     def on_sender(
         self, session: SmtpSession, sender: str, params: Mapping[str, str | None]
     ) -> Reply | None:
+        if self.gateway.stopping:
+            # A 421 from the handler ends the session once it is sent.
+            return Reply(421, "4.3.2", f"{self.config.hostname} Service shutting down")
         return None
 
     def on_recipient(
@@ -114,12 +118,26 @@ class ListenerFactory(SmtpServerFactory):
         self.max_recipients = config.max_recipients
         self.idle_timeout = config.idle_timeout
 
+    async def drain(self, timeout: float) -> None:
+        """Close idle sessions now; give busy ones ``timeout`` seconds to finish their message."""
+        reply = Reply(421, "4.3.2", f"{self.hostname} Service shutting down")
+        deadline = self.clock.seconds() + timeout  # type: ignore[attr-defined]
+        while self.connections:
+            for protocol in list(self.connections):
+                if not protocol.busy:
+                    protocol.close_with(reply)
+            if not self.connections or self.clock.seconds() >= deadline:  # type: ignore[attr-defined]
+                break
+            await task.deferLater(self.reactor, 0.1, lambda: None)
+        for protocol in list(self.connections):
+            protocol.close_with(reply)
+
 
 def build_factory(
     config: SmtpListenerConfig, gateway: GatewayService, reactor: IReactorCore
 ) -> ListenerFactory:
     listener = SmtpListener(config, gateway)
-    reactor_time: IReactorTime = reactor  # type: ignore[assignment]
+    reactor_time: IReactorTime = reactor
     factory = ListenerFactory(
         listener,
         reactor=reactor_time,

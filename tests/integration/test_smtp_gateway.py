@@ -1,0 +1,588 @@
+"""The gateway as a real process: swaks in, Maildir and smtp-sink out.
+
+Every test starts its own gateway on free ports of 127.0.0.1 and the real
+peers it needs, and stops them afterwards.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.peers import (
+    GatewayProcess,
+    SmtpSink,
+    SwaksExit,
+    data_reply_code,
+    free_port,
+    rcpt_reply_codes,
+    sendmail_raw,
+    swaks_send,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+PLUGIN = """
+from gateway.plugins import transform
+
+@transform("fragile")
+def fragile(msg, options):
+    if b"explode" in msg.body:
+        raise RuntimeError("this plugin cannot handle explosions")
+    return msg
+"""
+
+
+def config_text(
+    tmp_path: Path,
+    port: int,
+    sink_port: int,
+    *,
+    extra_routes: str = "",
+    max_size: str = "64KiB",
+    allow: str = "[127.0.0.0/8]",
+) -> str:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir(exist_ok=True)
+    (plugins / "fragile.py").write_text(PLUGIN)
+    return f"""
+version: 1
+plugins: [plugins]
+shutdown_timeout: 20s
+listeners:
+  mail-in:
+    protocol: smtp
+    listen: tcp:{port}:interface=127.0.0.1
+    hostname: gw.test
+    max_size: {max_size}
+    allow: {allow}
+destinations:
+  box:
+    protocol: maildir
+    path: mail
+  relay:
+    protocol: smtp
+    connect: tcp:127.0.0.1:{sink_port}
+    tls: none
+    timeout: 30s
+routes:
+  - name: local
+    from: mail-in
+    match: {{rcpt: '^(?P<user>[a-z]+)@local\\.test$'}}
+    transforms: [fragile, tag_subject]
+    options: {{tag: '[{{user}}]'}}
+    to: box
+  - name: both
+    from: mail-in
+    match: {{rcpt: '@both\\.test$'}}
+    to: [box, relay]
+  - name: relay
+    from: mail-in
+    match: {{rcpt: '@relay\\.test$'}}
+    to: relay
+{extra_routes}"""
+
+
+def start_gateway(tmp_path: Path, sink_port: int, **kw: str) -> tuple[GatewayProcess, int]:
+    port = free_port()
+    path = tmp_path / "routes.yaml"
+    path.write_text(config_text(tmp_path, port, sink_port, **kw))
+    # The example plugin lives in the repository's plugins/ folder; copy it next to the config.
+    (tmp_path / "plugins" / "tag_subject.py").write_text(
+        (REPO / "plugins" / "tag_subject.py").read_text()
+    )
+    gw = GatewayProcess(path)
+    gw.start(port)
+    return gw, port
+
+
+def maildir_messages(tmp_path: Path) -> list[email.message.Message]:
+    new = tmp_path / "mail" / "new"
+    if not new.is_dir():
+        return []
+    assert not list((tmp_path / "mail" / "tmp").iterdir()), "a half-written file was left in tmp/"
+    return [
+        email.message_from_bytes(p.read_bytes(), policy=email.policy.compat32)
+        for p in sorted(new.iterdir())
+    ]
+
+
+BODY = "line one\n.starts with a dot\n..two dots\nutf-8: caf\u00e9\n\n-- \nsignature\n"
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> SmtpSink:
+    s = SmtpSink(tmp_path / "sink").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, sink: SmtpSink) -> tuple[GatewayProcess, int]:
+    gw, port = start_gateway(tmp_path, sink.port)
+    yield gw, port
+    gw.stop()
+
+
+def test_mail_reaches_maildir_and_smtp_sink_intact(
+    tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
+) -> None:
+    gw, port = gateway
+    headers = {
+        "Subject": "=?utf-8?q?caf=C3=A9?= report",
+        "Message-Id": "<intact-1@client.test>",
+        "X-Custom": "kept as is",
+    }
+    code, transcript = swaks_send(
+        port,
+        ["ann@both.test", "bob@both.test"],
+        headers=headers,
+        body=BODY,
+    )
+    assert code == SwaksExit.OK, transcript
+    assert data_reply_code(transcript) == 250
+    [at_sink] = sink.wait_for(1)
+    assert at_sink.sender == "sender@client.test"
+    assert sorted(at_sink.recipients) == ["ann@both.test", "bob@both.test"]
+    assert at_sink.headers["Subject"] == "=?utf-8?q?caf=C3=A9?= report"
+    assert at_sink.headers["X-Custom"] == "kept as is"
+    assert at_sink.headers["Message-ID"] == "<intact-1@client.test>"
+    assert "by gw.test (gateway) with ESMTP id" in at_sink.headers["Received"]
+    assert at_sink.body.decode().rstrip("\n") == BODY.rstrip("\n")
+    [boxed] = maildir_messages(tmp_path)
+    assert boxed["Return-Path"] == "<sender@client.test>"
+    assert boxed.get_all("Delivered-To") == ["ann@both.test", "bob@both.test"]
+    assert boxed["Message-ID"] == "<intact-1@client.test>"
+    raw = next((tmp_path / "mail" / "new").iterdir()).read_bytes()
+    assert raw.split(b"\n\n", 1)[1].rstrip(b"\n") == BODY.rstrip("\n").encode()
+    log = gw.log_text()
+    assert "route=both destination=relay to=ann@both.test,bob@both.test outcome=delivered" in log
+    assert "msgid=<intact-1@client.test>" in log
+
+
+def test_example_plugin_tags_the_subject_with_the_named_group(
+    tmp_path: Path, gateway: tuple[GatewayProcess, int]
+) -> None:
+    _, port = gateway
+    code, transcript = swaks_send(port, "carol@local.test", headers={"Subject": "hello"})
+    assert code == SwaksExit.OK, transcript
+    [boxed] = maildir_messages(tmp_path)
+    assert boxed["Subject"] == "[carol] hello"
+
+
+def test_unroutable_recipient_gets_550_and_nothing_is_delivered(
+    tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
+) -> None:
+    _, port = gateway
+    code, transcript = swaks_send(port, "someone@elsewhere.test")
+    assert code == SwaksExit.RCPT_REJECTED, transcript
+    assert rcpt_reply_codes(transcript) == [550]
+    assert "550 5.1.1" in transcript
+    # One good and one bad recipient: only the good one is accepted and delivered.
+    code, transcript = swaks_send(port, ["x@relay.test", "y@nowhere.test"])
+    assert rcpt_reply_codes(transcript) == [250, 550]
+    [msg] = sink.wait_for(1)
+    assert msg.recipients == ["x@relay.test"]
+    time.sleep(0.3)
+    assert len(sink.captured()) == 1
+    assert maildir_messages(tmp_path) == []
+
+
+def test_oversized_message_gets_552(
+    tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
+) -> None:
+    _, port = gateway
+    big = "x" * 70 + "\n"
+    code, transcript = swaks_send(port, "x@relay.test", body=big * 1200)  # ~85 KB > 64 KiB
+    assert code == SwaksExit.MESSAGE_REJECTED
+    assert data_reply_code(transcript) == 552, transcript
+    assert "552 5.3.4" in transcript
+    # SIZE declared up front is refused at MAIL.
+    reply = sendmail_raw(port, b"EHLO c.test\r\nMAIL FROM:<a@b.test> SIZE=1000000\r\nQUIT\r\n")
+    assert b"552 5.3.4" in reply
+    assert b"SIZE 65536" in reply
+    time.sleep(0.3)
+    assert sink.captured() == []
+
+
+def test_malformed_commands_get_500_501_and_the_session_goes_on(
+    sink: SmtpSink, gateway: tuple[GatewayProcess, int]
+) -> None:
+    _, port = gateway
+    reply = sendmail_raw(
+        port,
+        b"EHLO c.test\r\n"
+        b"FROBNICATE\r\n"
+        b"MAIL FROM:<not an address\r\n"
+        b"RCPT TO:<x@relay.test>\r\n"
+        b"MAIL FROM:<a@b.test> BODY=9BIT\r\n"
+        b"\xff\xfe\x00garbage\r\n"
+        b"MAIL FROM:<a@b.test>\r\n"
+        b"RCPT TO:<x@relay.test>\r\n"
+        b"DATA\r\n"
+        b"Subject: after errors\r\n\r\nstill fine\r\n.\r\n"
+        b"QUIT\r\n",
+    )
+    text = reply.decode("latin-1")
+    codes = [line[:3] for line in text.splitlines() if line[3:4] == " "]
+    assert codes == [
+        "220",
+        "250",
+        "500",
+        "501",
+        "503",
+        "501",
+        "500",
+        "250",
+        "250",
+        "354",
+        "250",
+        "221",
+    ], text
+    [msg] = sink.wait_for(1)
+    assert msg.headers["Subject"] == "after errors"
+
+
+def test_failing_plugin_fails_only_its_message(
+    tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
+) -> None:
+    gw, port = gateway
+    code, transcript = swaks_send(port, "dan@local.test", body="please explode now\n")
+    assert data_reply_code(transcript) == 451, transcript
+    assert "451 4.3.0" in transcript
+    log = gw.log_text()
+    assert "transform fragile of route local failed" in log
+    assert "this plugin cannot handle explosions" in log
+    # The listener keeps working, for other messages on the same route and for others.
+    code, transcript = swaks_send(port, "dan@local.test", body="calm\n")
+    assert code == SwaksExit.OK, transcript
+    code, transcript = swaks_send(port, "x@relay.test", body="calm\n")
+    assert code == SwaksExit.OK, transcript
+    assert len(maildir_messages(tmp_path)) == 1
+    assert len(sink.wait_for(1)) == 1
+
+
+def test_upstream_temporary_and_permanent_failures(
+    tmp_path: Path, gateway: tuple[GatewayProcess, int], smtp_sink_factory
+) -> None:
+    soft = smtp_sink_factory(soft_reject=["rcpt"])
+    hard = smtp_sink_factory(hard_reject=["rcpt"])
+    routes = """  - name: soft
+    from: mail-in
+    match: {rcpt: '@soft\\.test$'}
+    to: soft
+  - name: hard
+    from: mail-in
+    match: {rcpt: '@hard\\.test$'}
+    to: hard
+"""
+    dests = f"""  soft: {{protocol: smtp, connect: "tcp:127.0.0.1:{soft.port}", tls: none}}
+  hard: {{protocol: smtp, connect: "tcp:127.0.0.1:{hard.port}", tls: none}}
+"""
+    gw, port = gateway
+    path = tmp_path / "routes.yaml"
+    text = (
+        path.read_text()
+        .replace("routes:\n", "routes:\n" + routes)
+        .replace("destinations:\n", "destinations:\n" + dests)
+    )
+    path.write_text(text)
+    mark = gw.log_mark()
+    gw.hup()
+    gw.wait_for_log("configuration reloaded", since=mark)
+    _, transcript = swaks_send(port, "x@soft.test")
+    assert data_reply_code(transcript) == 451, transcript
+    assert "450 4.3.0" in transcript  # the upstream's answer is passed on in the text
+    _, transcript = swaks_send(port, "x@hard.test")
+    assert data_reply_code(transcript) == 554, transcript
+    assert "5.3.0" in transcript
+
+
+def test_upstream_down_gives_451(tmp_path: Path) -> None:
+    dead = free_port()
+    gw, port = start_gateway(tmp_path, dead)
+    try:
+        _, transcript = swaks_send(port, "x@relay.test")
+        assert data_reply_code(transcript) == 451, transcript
+        assert "connection refused" in transcript
+    finally:
+        gw.stop()
+
+
+def test_client_outside_allow_is_refused_at_connect(tmp_path: Path, sink: SmtpSink) -> None:
+    gw, port = start_gateway(tmp_path, sink.port, allow="[10.0.0.0/8]")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            greeting = s.recv(1024)
+            assert greeting.startswith(b"554 5.7.1"), greeting
+            assert s.recv(1024) == b""  # and the connection is closed
+    finally:
+        gw.stop()
+
+
+def _send_in_background(
+    port: int, to: str, results: list[tuple[int, str]], **kw: object
+) -> threading.Thread:
+    t = threading.Thread(target=lambda: results.append(swaks_send(port, to, **kw)))  # type: ignore[arg-type]
+    t.start()
+    return t
+
+
+def test_sighup_swaps_routes_and_survives_a_broken_file(
+    tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
+) -> None:
+    gw, port = gateway
+    path = tmp_path / "routes.yaml"
+    good = path.read_text()
+    # A route for a new domain, added while mail flows.
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def flow() -> None:
+        while not stop.is_set():
+            results.append(swaks_send(port, "x@relay.test"))
+
+    flowing = threading.Thread(target=flow)
+    flowing.start()
+    try:
+        assert swaks_send(port, "x@new.test")[0] == SwaksExit.RCPT_REJECTED
+        path.write_text(
+            good
+            + "  - name: new\n    from: mail-in\n    match: {rcpt: '@new\\.test$'}\n    to: relay\n"
+        )
+        mark = gw.log_mark()
+        gw.hup()
+        gw.wait_for_log("configuration reloaded", since=mark)
+        code, transcript = swaks_send(port, "x@new.test")
+        assert code == SwaksExit.OK, transcript
+        # A broken file: the running routes stay, the error is logged with its line.
+        path.write_text(good.replace("to: relay\n", "to: relya\n"))
+        mark = gw.log_mark()
+        gw.hup()
+        gw.wait_for_log("reload refused", since=mark)
+        assert "did you mean 'relay'?" in gw.log_text(since=mark)
+        assert "routes.yaml:" in gw.log_text(since=mark)
+        code, transcript = swaks_send(port, "x@new.test")
+        assert code == SwaksExit.OK, transcript
+    finally:
+        stop.set()
+        flowing.join(60)
+    assert results and all(code == SwaksExit.OK for code, _ in results), [
+        t for c, t in results if c
+    ][:1]
+    assert gw.is_running()
+    # Every message that got 250 reached the sink.
+    sink.wait_for(len(results) + 2, timeout=15)
+
+
+def test_sighup_opens_new_listeners_and_closes_removed_ones(
+    tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
+) -> None:
+    gw, port = gateway
+    path = tmp_path / "routes.yaml"
+    second = free_port()
+    text = (
+        path.read_text()
+        .replace(
+            "destinations:\n",
+            f"  second-in:\n    protocol: smtp\n    listen: tcp:{second}:interface=127.0.0.1\n    hostname: second.test\ndestinations:\n",
+        )
+        .replace(
+            "    from: mail-in\n    match: {rcpt: '@relay",
+            "    from: [mail-in, second-in]\n    match: {rcpt: '@relay",
+        )
+    )
+    path.write_text(text)
+    mark = gw.log_mark()
+    gw.hup()
+    gw.wait_for_log("configuration reloaded", since=mark)
+    code, transcript = swaks_send(second, "x@relay.test")
+    assert code == SwaksExit.OK, transcript
+    assert "220 second.test" in transcript
+    # The unchanged listener kept its socket: a connection opened before the reload still works.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as early:
+        assert early.recv(100).startswith(b"220 gw.test")
+        path.write_text(text.replace("hostname: gw.test", "hostname: renamed.test"))
+        mark = gw.log_mark()
+        gw.hup()
+        gw.wait_for_log("configuration reloaded", since=mark)
+        early.sendall(b"EHLO c.test\r\n")
+        assert b"250" in early.recv(1000)
+    _, transcript = swaks_send(port, "x@relay.test")
+    assert "220 renamed.test" in transcript
+    # Remove the second listener: its port closes.
+    path.write_text(
+        path.read_text()
+        .replace("[mail-in, second-in]", "mail-in")
+        .replace(
+            f"  second-in:\n    protocol: smtp\n    listen: tcp:{second}:interface=127.0.0.1\n    hostname: second.test\n",
+            "",
+        )
+    )
+    mark = gw.log_mark()
+    gw.hup()
+    gw.wait_for_log("configuration reloaded", since=mark)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", second), timeout=5)
+
+
+def test_sigterm_lets_the_message_in_flight_finish_and_exits_0(
+    tmp_path: Path, smtp_sink_factory
+) -> None:
+    slow = smtp_sink_factory(extra_args=["-W", "data:3"])  # the upstream takes 3 s to answer DATA
+    gw, port = start_gateway(tmp_path, slow.port)
+    results: list[tuple[int, str]] = []
+    t = _send_in_background(port, "x@relay.test", results)
+    time.sleep(1.5)  # the message is now waiting for the slow upstream's answer to DATA
+    gw.term()
+    # New connections are refused at once while the message in flight completes.
+    time.sleep(0.5)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).recv(10)
+    t.join(30)
+    assert gw.wait(20) == 0
+    [(code, transcript)] = results
+    assert code == SwaksExit.OK, transcript
+    assert data_reply_code(transcript) == 250
+    assert len(slow.wait_for(1)) == 1
+    assert "gateway stopped" in gw.log_text()
+
+
+def test_check_command(tmp_path: Path) -> None:
+    good = REPO / "routes.yaml"
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "-c", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+    bad = tmp_path / "routes.yaml"
+    bad.write_text(good.read_text().replace("to: smarthost", "to: smarthots"))
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "tag_subject.py").write_text(
+        (REPO / "plugins" / "tag_subject.py").read_text()
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    line = next(n for n, text in enumerate(bad.read_text().splitlines(), 1) if "smarthots" in text)
+    assert (
+        f"routes.yaml:{line}:9: route 'relay-partner': unknown destination 'smarthots'; did you mean 'smarthost'?"
+        in out.stderr
+    )
+
+
+def test_route_dry_run_sends_nothing(tmp_path: Path) -> None:
+    message = b"Subject: plans\nFrom: bob@partner.test\n\nhello\n"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "route",
+            "--dry-run",
+            "-c",
+            str(REPO / "routes.yaml"),
+            "--from",
+            "bob@partner.test",
+            "--to",
+            "alice@example.test",
+        ],
+        input=message,
+        capture_output=True,
+        timeout=60,
+    )
+    text = out.stdout.decode()
+    assert out.returncode == 0, out.stderr
+    assert (
+        "route 'local-mailbox' matches for alice@example.test; named groups {'user': 'alice'}"
+        in text
+    )
+    assert "transform 'tag_subject' -> 1 message(s)" in text
+    assert "=== route 'local-mailbox' -> mailbox" in text
+    assert "Subject: [alice] plans" in text
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "route",
+            "--dry-run",
+            "-c",
+            str(REPO / "routes.yaml"),
+            "--to",
+            "x@nowhere.test",
+        ],
+        input=message,
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert b"refused: no route takes recipient(s) x@nowhere.test" in out.stdout
+
+
+def test_schema_command() -> None:
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "schema"], capture_output=True, text=True, timeout=60
+    )
+    schema = json.loads(out.stdout)
+    assert schema["title"] == "gateway routes.yaml"
+    assert "routes" in schema["properties"]
+
+
+def test_invalid_config_at_start_exits_1_with_the_problem(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "version: 1\nlisteners:\n  in: {protocol: smtp, listen: 'tcp:2525', max_size: huge}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "routes.yaml:3:54: listener 'in': 'max_size': expected a size" in out.stderr
+
+
+def test_port_in_use_exits_1(tmp_path: Path, sink: SmtpSink) -> None:
+    gw, _ = start_gateway(tmp_path, sink.port)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "run", "-c", str(tmp_path / "routes.yaml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert out.returncode == 1
+        assert "cannot start" in out.stderr and "Address already in use" in out.stderr
+    finally:
+        gw.stop()
+
+
+def test_sigterm_when_idle_exits_0(tmp_path: Path, sink: SmtpSink) -> None:
+    gw, port = start_gateway(tmp_path, sink.port)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as idle:
+        assert idle.recv(100).startswith(b"220")
+        gw.send_signal(signal.SIGTERM)
+        assert gw.wait(20) == 0
+        data = idle.recv(200)
+        assert data == b"" or data.startswith(b"421")

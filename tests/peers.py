@@ -1,0 +1,926 @@
+"""Start, drive and stop the real peer programs that integration tests talk to.
+
+Everything binds 127.0.0.1, every wait has a deadline, and a peer program that
+is not installed fails the test (CI installs them; a skip would hide that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email
+import email.message
+import email.policy
+import enum
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Literal, Self
+
+import pytest
+
+LOOPBACK = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Which Debian package brings each program the tests run; .ci/run installs them.
+DEBIAN_PACKAGES: dict[str, str] = {
+    "smtp-sink": "postfix",
+    "smtp-source": "postfix",
+    "postfix": "postfix",
+    "postqueue": "postfix",
+    "swaks": "swaks",
+    "innd": "inn2",
+    "ctlinnd": "inn2",
+    "rc.news": "inn2",
+    "unbound": "unbound",
+    "dnsdist": "dnsdist",
+    "nginx": "nginx-light",
+    "dnsperf": "dnsperf",
+    "wrk": "wrk",
+    "h2load": "nghttp2-client",
+    "dig": "dnsutils",
+    "kdig": "knot-dnsutils",
+    "curl": "curl",
+    "openssl": "openssl",
+    "pypy3": "pypy3",
+}
+
+# Daemons live outside an ordinary user's PATH.
+_EXTRA_BIN_DIRS = ("/usr/sbin", "/sbin", "/usr/lib/news/bin")
+
+_POLL = 0.02
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def free_port(kind: Literal["tcp", "udp"] = "tcp") -> int:
+    """Return a port on 127.0.0.1 that was free a moment ago.
+
+    Another process may take it before the caller binds it; the peers below
+    retry with a new port when that happens.
+    """
+    sock_type = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}[kind]
+    with socket.socket(socket.AF_INET, sock_type) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether a TCP connection to host:port succeeds right now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    """Wait until a TCP connection to host:port succeeds, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while not port_accepts(host, port):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"nothing accepted TCP connections on {host}:{port} within {timeout} s"
+            )
+        time.sleep(_POLL)
+
+
+def wait_for_port_closed(host: str, port: int, timeout: float = 10.0) -> None:
+    """Wait until connections to host:port are refused, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while port_accepts(host, port):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{host}:{port} still accepts connections after {timeout} s")
+        time.sleep(_POLL)
+
+
+def pid_listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` itself holds the TCP socket listening on 127.0.0.1:port.
+
+    Unlike a connection test, this is not fooled by another program that took
+    the port first.
+    """
+    wanted = f"0100007F:{port:04X}"
+    inodes = set()
+    with contextlib.suppress(FileNotFoundError), open("/proc/net/tcp") as table:
+        for row in table.readlines()[1:]:
+            fields = row.split()
+            if fields[1] == wanted and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+    return False
+
+
+def require_binary(name: str) -> str:
+    """Return the full path of program `name`, or fail the test naming its package."""
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), *_EXTRA_BIN_DIRS])
+    found = shutil.which(name, path=search)
+    if found is None:
+        package = DEBIAN_PACKAGES.get(name, name)
+        pytest.fail(
+            f"{name} is not installed. Install the Debian package {package!r} "
+            f"(apt-get install --no-install-recommends {package}); .ci/run does this in CI.",
+            pytrace=False,
+        )
+    return found
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no log file {path})"
+    return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
+
+
+def _end_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM, then SIGKILL to the whole process group if it does not exit; reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # Our children run in their own session, so the group id is the pid.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+    return proc.returncode
+
+
+# --------------------------------------------------------------------------- smtp-sink
+
+# smtp-sink appends a random 8-digit hex id to this and creates the file with
+# O_EXCL, retrying on a clash, so names are unique however fast mail arrives.
+SINK_DUMP_TEMPLATE = "%Y%m%d%H%M%S."
+
+# The command names smtp-sink's -f/-r/-q/-Q accept; "." is the end of the data.
+SINK_COMMANDS = frozenset(
+    {"connect", "helo", "ehlo", "lhlo", "mail", "rcpt", "data", ".", "rset", "noop", "vrfy"}
+    | {"quit", "xclient", "xforward", "auth"}
+)
+
+
+def _angle_address(args: str) -> str:
+    """The address in MAIL/RCPT arguments: '<a@b> SIZE=1' -> 'a@b', '<>' -> ''."""
+    args = args.strip()
+    if args.startswith("<"):
+        end = args.find(">")
+        return args[1:end] if end != -1 else args[1:]
+    return args.split(" ", 1)[0]
+
+
+@dataclass(frozen=True)
+class SinkMessage:
+    """One mail transaction as smtp-sink captured it.
+
+    `raw` is the message as the client sent it between DATA and the final dot,
+    with smtp-sink's transformations: dot-unstuffed, CRLF turned into LF, and
+    every CR dropped (also a bare CR inside a line).
+    """
+
+    path: Path
+    sender: str
+    recipients: list[str]
+    raw: bytes
+    mail_args: str
+    rcpt_args: list[str]
+    helo: str | None
+    client_addr: str
+    client_proto: str
+    sink_id: str
+    headers: email.message.Message = field(repr=False)
+    body: bytes = field(repr=False)
+
+    @classmethod
+    def from_dump(cls, path: Path) -> SinkMessage:
+        data = path.read_bytes()
+        pseudo: list[tuple[str, str]] = []
+        pos = 0
+        while True:
+            end = data.find(b"\n", pos)
+            if end == -1:
+                raise ValueError(f"{path}: no Received: line from smtp-sink")
+            line = data[pos:end].decode("utf-8", "replace")
+            pos = end + 1
+            if line.startswith("Received: "):
+                break
+            name, _, value = line.partition(": ")
+            pseudo.append((name, value))
+        # smtp-sink's Received: header is always three lines; the id is in the second.
+        second_end = data.find(b"\n", pos)
+        third_end = data.find(b"\n", second_end + 1)
+        if second_end == -1 or third_end == -1:
+            raise ValueError(f"{path}: truncated Received: line")
+        id_match = re.search(rb" id ([0-9a-f]+);", data[pos:second_end])
+        rest = data[third_end + 1 :]
+        # The LF of the final ".\r\n" is written too: drop it.
+        if not rest.endswith(b"\n"):
+            raise ValueError(f"{path}: capture file does not end with the final dot's LF")
+        raw = rest[:-1]
+        if raw.startswith(b"\n"):
+            body = raw[1:]
+        else:
+            split = raw.find(b"\n\n")
+            body = b"" if split == -1 else raw[split + 2 :]
+        values: dict[str, list[str]] = {}
+        for name, value in pseudo:
+            values.setdefault(name, []).append(value)
+        mail_args = values.get("X-Mail-Args", [""])[0]
+        rcpt_args = values.get("X-Rcpt-Args", [])
+        return cls(
+            path=path,
+            sender=_angle_address(mail_args),
+            recipients=[_angle_address(a) for a in rcpt_args],
+            raw=raw,
+            mail_args=mail_args,
+            rcpt_args=rcpt_args,
+            helo=values.get("X-Helo-Args", [None])[0],
+            client_addr=values.get("X-Client-Addr", [""])[0],
+            client_proto=values.get("X-Client-Proto", [""])[0],
+            sink_id=id_match.group(1).decode() if id_match else "",
+            headers=email.message_from_bytes(raw, policy=email.policy.compat32),
+            body=body,
+        )
+
+
+class SmtpSink:
+    """Postfix's smtp-sink on 127.0.0.1, capturing one file per accepted transaction.
+
+    Failure modes, each a list of SMTP command names (connect, helo, ehlo, mail,
+    rcpt, data, ".", rset, noop, vrfy, quit; "." is the end of the message data):
+
+    * hard_reject (-f): answer 5xx, by default "500 5.3.0 Error: command failed"
+      (hard_reply, -B, changes the text; it must start with 5 and three digits).
+    * soft_reject (-r): answer 4xx, by default "450 4.3.0 Error: command failed"
+      (soft_reply, -b).
+    * close_421 (-Q): answer "421 4.0.0 Server closing connection" and hang up.
+    * disconnect (-q): hang up without answering.
+
+    A rejected RCPT or DATA leaves no capture file. A rejected "." does: smtp-sink
+    writes the file before it answers the dot, so `messages()` returns nothing
+    while "." is refused and `captured()` shows what was refused.
+    Other knobs go in extra_args, e.g. ["-w", "5"] (delay the DATA answer),
+    ["-W", "rcpt:3"] (delay RCPT answers), ["-A", "0"] (550 right after DATA).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        hostname: str = "sink.localdomain",
+        hard_reject: Iterable[str] = (),
+        soft_reject: Iterable[str] = (),
+        close_421: Iterable[str] = (),
+        disconnect: Iterable[str] = (),
+        hard_reply: str | None = None,
+        soft_reply: str | None = None,
+        extra_args: Sequence[str] = (),
+        backlog: int = 256,
+    ) -> None:
+        self.directory = Path(directory)
+        self.dump_dir = self.directory / "mail"
+        self.log_path = self.directory / "smtp-sink.log"
+        self.host = LOOPBACK
+        self._auto_port = port is None
+        self.port = free_port() if port is None else port
+        self.hostname = hostname
+        self.hard_reject = self._commands(hard_reject, "hard_reject")
+        self.soft_reject = self._commands(soft_reject, "soft_reject")
+        self.close_421 = self._commands(close_421, "close_421")
+        self.disconnect = self._commands(disconnect, "disconnect")
+        for reply, first in ((hard_reply, "5"), (soft_reply, "4")):
+            if reply is not None and not re.fullmatch(rf"{first}\d\d( .*)?", reply):
+                raise ValueError(f"smtp-sink needs a {first}xx reply, got {reply!r}")
+        self.hard_reply = hard_reply
+        self.soft_reply = soft_reply
+        self.extra_args = list(extra_args)
+        self.backlog = backlog
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        # Capture files still open when smtp-sink was stopped: never complete.
+        self._incomplete: set[str] = set()
+
+    @staticmethod
+    def _commands(names: Iterable[str], what: str) -> tuple[str, ...]:
+        result = tuple(name.lower() for name in names)
+        unknown = sorted(set(result) - SINK_COMMANDS)
+        if unknown:
+            raise ValueError(
+                f"{what}: smtp-sink knows no command {', '.join(unknown)}; "
+                f"use some of {', '.join(sorted(SINK_COMMANDS))}"
+            )
+        return result
+
+    @property
+    def rejects_end_of_data(self) -> bool:
+        """Whether the client never gets a 250 for its message."""
+        refused = (*self.hard_reject, *self.soft_reject, *self.close_421, *self.disconnect)
+        return "." in refused
+
+    def argv(self) -> list[str]:
+        argv = [require_binary("smtp-sink")]
+        if os.geteuid() == 0:
+            argv += ["-u", "nobody"]
+        argv += ["-c", "-h", self.hostname]
+        for flag, commands in (
+            ("-f", self.hard_reject),
+            ("-r", self.soft_reject),
+            ("-Q", self.close_421),
+            ("-q", self.disconnect),
+        ):
+            if commands:
+                argv += [flag, ",".join(commands)]
+        if self.hard_reply is not None:
+            argv += ["-B", self.hard_reply]
+        if self.soft_reply is not None:
+            argv += ["-b", self.soft_reply]
+        # Relative to the working directory: smtp-sink opens files after it
+        # drops to nobody, who could not walk a 0700 parent such as pytest's.
+        argv += ["-d", SINK_DUMP_TEMPLATE, *self.extra_args]
+        argv += [f"{self.host}:{self.port}", str(self.backlog)]
+        return argv
+
+    def start(self, timeout: float = 10.0) -> Self:
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"smtp-sink is already running on port {self.port}")
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self.dump_dir, nobody.pw_uid, nobody.pw_gid)
+        for _attempt in range(5):
+            self._log = self.log_path.open("ab")
+            self.proc = subprocess.Popen(
+                self.argv(),
+                cwd=self.dump_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + timeout
+            while True:
+                if self.proc.poll() is not None:
+                    self._log.close()
+                    log = _tail(self.log_path)
+                    if self._auto_port and "Address already in use" in log:
+                        self.port = free_port()
+                        break
+                    raise RuntimeError(
+                        f"smtp-sink exited with status {self.proc.returncode} before "
+                        f"listening on {self.host}:{self.port}; its log:\n{log}"
+                    )
+                if pid_listens_on(self.proc.pid, self.port):
+                    return self
+                if time.monotonic() >= deadline:
+                    self.stop()
+                    raise TimeoutError(
+                        f"smtp-sink did not listen on {self.host}:{self.port} within "
+                        f"{timeout} s; its log:\n{_tail(self.log_path)}"
+                    )
+                time.sleep(_POLL)
+        raise RuntimeError(f"smtp-sink found no free port; its log:\n{_tail(self.log_path)}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop smtp-sink and wait until its port refuses connections."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self._incomplete |= self._open_dump_files()
+        _end_process(self.proc, timeout)
+        if self._log is not None:
+            self._log.close()
+        wait_for_port_closed(self.host, self.port, timeout)
+
+    def __enter__(self) -> Self:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _open_dump_files(self) -> set[str]:
+        """Names of capture files smtp-sink is still writing."""
+        if self.proc is None or self.proc.poll() is not None:
+            return set()
+        names = set()
+        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
+        dump_dir = self.dump_dir.resolve()
+        try:
+            fds = list(fd_dir.iterdir())
+        except FileNotFoundError:
+            return set()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                target = Path(os.readlink(fd))
+                if target.parent == dump_dir:
+                    names.add(target.name)
+        return names
+
+    def captured(self) -> list[SinkMessage]:
+        """Every transaction that got as far as the final dot, in order of completion.
+
+        smtp-sink creates the file at MAIL and writes it as data arrives, so a
+        file still open in smtp-sink is skipped. List first, then look at the
+        open files: a file not open by then is complete.
+        """
+        try:
+            entries = list(os.scandir(self.dump_dir))
+        except FileNotFoundError:
+            return []
+        busy = self._open_dump_files() | self._incomplete
+        done: list[tuple[int, str, SinkMessage]] = []
+        for entry in entries:
+            if entry.name in busy or not entry.is_file():
+                continue
+            try:
+                mtime = entry.stat().st_mtime_ns
+                message = SinkMessage.from_dump(Path(entry.path))
+            except FileNotFoundError:
+                continue  # RSET or a lost connection removed it just now
+            done.append((mtime, entry.name, message))
+        done.sort(key=lambda item: (item[0], item[1]))
+        return [message for _, _, message in done]
+
+    def messages(self) -> list[SinkMessage]:
+        """Messages smtp-sink accepted (answered 250 to the final dot)."""
+        return [] if self.rejects_end_of_data else self.captured()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[SinkMessage]:
+        """Wait until at least `count` messages were accepted; return them all."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.messages()
+            if len(found) >= count:
+                return found
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"smtp-sink on port {self.port} has {len(found)} of {count} "
+                    f"messages after {timeout} s; its log:\n{_tail(self.log_path)}"
+                )
+            time.sleep(_POLL)
+
+    def clear(self) -> None:
+        """Forget every complete capture file, so later checks see only new mail."""
+        for message in self.captured():
+            message.path.unlink(missing_ok=True)
+
+
+def smtp_source(
+    port: int,
+    *,
+    sessions: int = 4,
+    messages: int = 50,
+    size: int = 1024,
+    sender: str = "from@a.test",
+    recipient: str = "to@b.test",
+    extra_args: Sequence[str] = (),
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """Send `messages` generated messages over `sessions` parallel sessions."""
+    argv = [
+        require_binary("smtp-source"),
+        "-s", str(sessions), "-m", str(messages), "-l", str(size),
+        "-f", sender, "-t", recipient, *extra_args, f"{LOOPBACK}:{port}",
+    ]  # fmt: skip
+    return subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        check=False,
+    )
+
+
+# --------------------------------------------------------------------------- swaks
+
+
+class SwaksExit(enum.IntEnum):
+    """swaks's exit status (man swaks, EXIT CODES)."""
+
+    OK = 0
+    BAD_OPTIONS = 1
+    CONNECT_FAILED = 2
+    UNKNOWN_CONNECTION_TYPE = 3
+    CONNECTION_CLOSED = 6  # closed unexpectedly after a 2xx/3xx answer
+    PREREQUISITE_MISSING = 10
+    BANNER_ERROR = 21  # the greeting was not 2xx (or could not be read)
+    HELO_REJECTED = 22
+    MAIL_REJECTED = 23
+    RCPT_REJECTED = 24  # no RCPT accepted
+    DATA_REJECTED = 25  # the DATA command itself
+    MESSAGE_REJECTED = 26  # the answer to the final dot
+    QUIT_REJECTED = 27
+    AUTH_FAILED = 28
+    TLS_FAILED = 29
+
+
+_SENT_HINTS = (" ->", " ~>", "**>", "*~>")
+_RECEIVED_HINTS = ("<- ", "<~ ", "<**", "<~*")
+_REPLY_LINE = re.compile(r"(\d{3})([ -]?)(.*)")
+
+
+@dataclass(frozen=True)
+class SmtpExchange:
+    """One command from a swaks transcript and the server's answer to it.
+
+    command is "" for the greeting and "." for the end of the message data.
+    """
+
+    command: str
+    code: int
+    lines: list[str]
+
+    @property
+    def verb(self) -> str:
+        return self.command.split(" ", 1)[0].split(":", 1)[0].upper()
+
+
+def swaks(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run swaks; stdout holds the whole transcript (stderr merged, in order)."""
+    return subprocess.run(
+        [require_binary("swaks"), *args],
+        stdin=subprocess.DEVNULL,  # swaks prompts for anything missing
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        check=False,
+    )
+
+
+def swaks_send(
+    port: int,
+    to: str | Sequence[str],
+    *,
+    sender: str = "sender@client.test",
+    headers: Mapping[str, str] | None = None,
+    body: str | None = None,
+    data: str | bytes | None = None,
+    data_fixup: bool = True,
+    helo: str = "client.test",
+    extra_args: Sequence[str] = (),
+    timeout: float = 30.0,
+) -> tuple[int, str]:
+    """Send one message with swaks to 127.0.0.1:port; return (exit status, transcript).
+
+    headers replace swaks's own (Subject, From, ...) or are added. data is the
+    whole DATA content: swaks adds CRLF and the final dot, but with
+    data_fixup=False it sends data exactly, so data must end with b"\r\n.\r\n".
+    """
+    recipients = to if isinstance(to, str) else ",".join(to)
+    argv = [
+        "--server", f"{LOOPBACK}:{port}",
+        "--to", recipients,
+        "--from", sender,
+        "--helo", helo,
+        "--timeout", f"{max(1, int(timeout))}s",
+    ]  # fmt: skip
+    for name, value in (headers or {}).items():
+        argv += ["--header", f"{name}: {value}"]
+    if body is not None:
+        argv += ["--body", body]
+    with tempfile.TemporaryDirectory(prefix="swaks-") as scratch:
+        if data is not None:
+            data_file = Path(scratch) / "data.eml"
+            data_file.write_bytes(data.encode() if isinstance(data, str) else data)
+            argv += ["--data", f"@{data_file}"]
+            if not data_fixup:
+                argv.append("--no-data-fixup")
+        result = swaks(*argv, *extra_args, timeout=timeout + 10)
+    return result.returncode, result.stdout
+
+
+def smtp_exchanges(transcript: str) -> list[SmtpExchange]:
+    """Pair each command in a swaks transcript with the reply to it."""
+    exchanges: list[SmtpExchange] = []
+    pending: deque[str] = deque()
+    in_data = False
+    reply: list[str] = []
+    for line in transcript.splitlines():
+        hint, text = line[:3], line[4:]
+        if hint in _SENT_HINTS:
+            if in_data:
+                if text == ".":
+                    pending.append(".")
+                    in_data = False
+                continue
+            pending.append(text)
+        elif hint in _RECEIVED_HINTS:
+            match = _REPLY_LINE.fullmatch(text)
+            if match is None:
+                continue
+            reply.append(text)
+            if match.group(2) == "-":
+                continue
+            command = pending.popleft() if pending else ""
+            code = int(match.group(1))
+            exchanges.append(SmtpExchange(command, code, reply))
+            reply = []
+            if code == 354:
+                in_data = True
+    return exchanges
+
+
+def reply_codes(transcript: str, verb: str) -> list[int]:
+    """Reply codes to every command with this verb ("MAIL", "RCPT", "DATA", ".", ...)."""
+    return [x.code for x in smtp_exchanges(transcript) if x.verb == verb.upper()]
+
+
+def rcpt_reply_codes(transcript: str) -> list[int]:
+    """The reply code to each RCPT TO, in order."""
+    return reply_codes(transcript, "RCPT")
+
+
+def data_reply_code(transcript: str) -> int | None:
+    """The last answer of the DATA phase: to the final dot, else to DATA, else None."""
+    for exchange in reversed(smtp_exchanges(transcript)):
+        if exchange.verb in (".", "DATA"):
+            return exchange.code
+    return None
+
+
+# --------------------------------------------------------------------------- raw SMTP
+
+_FINAL_REPLY_LINE = re.compile(rb"^(\d{3})(?: .*)?$")
+
+
+def _final_codes(data: bytes) -> list[int]:
+    """Codes of the complete last lines of replies in `data`."""
+    codes = []
+    for line in data.split(b"\n")[:-1]:
+        match = _FINAL_REPLY_LINE.match(line.rstrip(b"\r"))
+        if match:
+            codes.append(int(match.group(1)))
+    return codes
+
+
+def sendmail_raw(
+    port: int,
+    lines: bytes,
+    *,
+    until: int | None = 221,
+    wait_greeting: bool = True,
+    timeout: float = 10.0,
+    host: str = LOOPBACK,
+) -> bytes:
+    """Speak raw bytes to an SMTP server and return everything it answered.
+
+    Waits for the greeting (unless wait_greeting is false), sends `lines` in
+    one write, then reads until a reply with code `until` is complete or the
+    server closes. With until=None it reads until the server closes or
+    `timeout` passes, and returns what came. Otherwise a timeout raises.
+    """
+    deadline = time.monotonic() + timeout
+    received = b""
+
+    def read_until(done: Callable[[bytes], bool]) -> bool:
+        nonlocal received
+        while not done(received):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                return False
+            except ConnectionResetError:
+                return True
+            if not chunk:
+                return True
+            received += chunk
+        return True
+
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        if wait_greeting and not read_until(lambda data: bool(_final_codes(data))):
+            raise TimeoutError(
+                f"no SMTP greeting from {host}:{port} within {timeout} s; got {received!r}"
+            )
+        greeting_len = len(received)
+        sock.sendall(lines)
+
+        def finished(data: bytes) -> bool:
+            return until is not None and until in _final_codes(data[greeting_len:])
+
+        if not read_until(finished) and until is not None:
+            raise TimeoutError(
+                f"no {until} reply from {host}:{port} within {timeout} s; got {received!r}"
+            )
+    return received
+
+
+# --------------------------------------------------------------------------- the gateway
+
+
+class GatewayProcess:
+    """The gateway as a real process: `python -m gateway run -c CONFIG`.
+
+    Runs in the config's folder with stdout and stderr in one log file.
+    `argv` replaces the command (tests of this class use a stand-in server).
+    """
+
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        argv: Sequence[str] | None = None,
+        cwd: Path | None = None,
+        log_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.cwd = Path(cwd) if cwd is not None else self.config_path.parent
+        self.argv = (
+            list(argv)
+            if argv is not None
+            else [sys.executable, "-m", "gateway", "run", "-c", str(self.config_path)]
+        )
+        self.log_path = Path(log_path) if log_path is not None else self.cwd / "gateway.log"
+        self.env = dict(os.environ if env is None else env)
+        # This checkout's gateway, even when another copy is installed; and
+        # unbuffered output so wait_for_log sees lines as they are printed.
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), self.env.get("PYTHONPATH", "")) if p
+        )
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._log_start = 0
+
+    @property
+    def pid(self) -> int:
+        return self._running_proc().pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _running_proc(self) -> subprocess.Popen[bytes]:
+        if self.proc is None:
+            raise RuntimeError("the gateway process was never started")
+        return self.proc
+
+    def start(self, wait_port: int | Sequence[int], timeout: float = 15.0) -> Self:
+        """Start the process and wait until each TCP port on 127.0.0.1 accepts."""
+        if self.is_running():
+            raise RuntimeError(f"the gateway is already running as pid {self.pid}")
+        ports = [wait_port] if isinstance(wait_port, int) else list(wait_port)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._log is not None:
+            self._log.close()
+        self._log = self.log_path.open("ab")
+        self._log_start = self._log.tell()
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=self.cwd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        for port in ports:
+            while not port_accepts(LOOPBACK, port):
+                if self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(
+                        f"the gateway exited with status {self.proc.returncode} before "
+                        f"listening on {LOOPBACK}:{port}; command {self.argv}; "
+                        f"log {self.log_path}:\n{_tail(self.log_path)}"
+                    )
+                if time.monotonic() >= deadline:
+                    self.stop()
+                    raise TimeoutError(
+                        f"the gateway did not listen on {LOOPBACK}:{port} within "
+                        f"{timeout} s; command {self.argv}; "
+                        f"log {self.log_path}:\n{_tail(self.log_path)}"
+                    )
+                time.sleep(_POLL)
+        return self
+
+    def send_signal(self, signum: int) -> None:
+        proc = self._running_proc()
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"the gateway already exited with status {proc.returncode}; "
+                f"log:\n{_tail(self.log_path)}"
+            )
+        proc.send_signal(signum)
+
+    def hup(self) -> None:
+        self.send_signal(signal.SIGHUP)
+
+    def term(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill9(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        """Wait for the process to exit; its status (negative: killed by that signal)."""
+        proc = self._running_proc()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(
+                f"the gateway (pid {proc.pid}) is still running after {timeout} s; "
+                f"log:\n{_tail(self.log_path)}"
+            ) from None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; the exit status, None if never started."""
+        if self.proc is None:
+            return None
+        status = _end_process(self.proc, timeout)
+        if self._log is not None:
+            self._log.close()
+        return status
+
+    def log_mark(self) -> int:
+        """The log's current length, to pass as `since` to wait_for_log."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_text(self, since: int = 0) -> str:
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as log:
+            log.seek(since)
+            return log.read().decode("utf-8", "replace")
+
+    def wait_for_log(
+        self, substring: str, timeout: float = 10.0, *, since: int | None = None
+    ) -> str:
+        """Wait until `substring` is logged after `since` (default: the last start).
+
+        Returns the log from `since` on. Fails early if the process exits.
+        """
+        start = self._log_start if since is None else since
+        deadline = time.monotonic() + timeout
+        while True:
+            # Look at the exit first: lines written just before exiting still count.
+            exited = self.proc is not None and self.proc.poll() is not None
+            text = self.log_text(start)
+            if substring in text:
+                return text
+            if exited or time.monotonic() >= deadline:
+                why = (
+                    f"the gateway exited with status {self.returncode}"
+                    if exited
+                    else f"{timeout} s passed"
+                )
+                raise TimeoutError(
+                    f"{substring!r} was not logged ({why}); log {self.log_path}:\n"
+                    f"{_tail(self.log_path)}"
+                )
+            time.sleep(_POLL)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
