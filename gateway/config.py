@@ -292,11 +292,23 @@ class SmtpListenerConfig(ListenerConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class DestinationConfig:
-    """Fields every destination has."""
+    """Fields every destination has; the delivery settings apply to spooled messages."""
 
     name: str = field(default="", metadata={"yaml": None})
     protocol: str
     kinds: typing.ClassVar[frozenset[Kind]]
+    concurrency: int = field(default=10, metadata=_doc("deliveries in progress at once"))
+    retry_min: Duration = field(
+        default=Duration(60), metadata=_doc("first retry after a temporary failure")
+    )
+    retry_max: Duration = field(default=Duration(3600), metadata=_doc("longest wait between tries"))
+    max_age: Duration = field(
+        default=Duration(5 * 86400), metadata=_doc("give up (dead letter, bounce) after")
+    )
+    duplicate_window: Duration = field(
+        default=Duration(86400),
+        metadata=_doc("a Message-ID delivered here within this time is not delivered again"),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -390,9 +402,7 @@ class Config:
     version: Literal[1] = field(metadata=_doc("format version of this file"))
     spool: ConfigPath | None = field(
         default=None,
-        metadata=_doc(
-            "the durable queue's folder (not used yet: delivery happens before the reply)"
-        ),
+        metadata=_doc("the durable queue's folder (default: var/spool next to this file)"),
     )
     admin: Endpoint | None = field(default=None, metadata=_doc("endpoint of /healthz, /readyz"))
     plugins: tuple[ConfigPath, ...] = field(default=(), metadata=_doc("folders of plugin modules"))
@@ -704,6 +714,8 @@ def parse(text: str, filename: str = "routes.yaml", base: Path | None = None) ->
     if config is _Invalid:
         raise ConfigError(reader.problems)
     config = dataclasses.replace(config, routes=_check_references(reader, config))
+    if config.spool is None:
+        config = dataclasses.replace(config, spool=ConfigPath(str(reader.base / "var" / "spool")))
     if reader.problems:
         raise ConfigError(reader.problems)
     return typing.cast(Config, config)

@@ -31,8 +31,10 @@ class Status(enum.Enum):
 class Outcome:
     status: Status
     detail: str = ""
-    # For mail: the recipients that were not delivered (empty when all were, or n/a).
+    # For mail, on a temporary outcome: the recipients to try again (empty: all of them).
     failed: tuple[str, ...] = ()
+    # For mail: recipients refused for good as (recipient, code, enhanced status, reason).
+    rejected: tuple[tuple[str, int, str, str], ...] = ()
     # SMTP-style code and enhanced status of the decisive reply, when there is one.
     code: int = 0
     enhanced: str = ""

@@ -22,10 +22,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.config import Config, ConfigError, ListenerConfig, Problem, load
-from gateway.destination import Destination, Outcome, Status, build_destination
-from gateway.message import MailMessage, Message
+from gateway.delivery import DeliveryManager
+from gateway.destination import Destination, Status, build_destination
+from gateway.message import Message, local_hostname
 from gateway.plugins import PluginError, Transforms, load_transforms
 from gateway.routing import NoRoute, Router, TransformFailed, check_routes
+from gateway.spool import SpoolError, SqliteSpool, Stored
 
 log = Logger(namespace="gateway.service")
 
@@ -161,6 +163,8 @@ class GatewayService(MultiService):
         self.on_ready: list[Callable[[], None]] = []
         self.admin_port: Any = None
         self.admin_endpoint: str | None = None
+        self.spool: SqliteSpool | None = None
+        self.delivery: DeliveryManager | None = None
 
     # --- start and stop -----------------------------------------------------------
 
@@ -193,13 +197,19 @@ class GatewayService(MultiService):
     async def start(self, loaded: tuple[Config, Transforms] | None = None) -> None:
         """Load the file (unless given) and open every listener; raise on any failure."""
         config, transforms = loaded if loaded is not None else load_checked(self.path)
-        if config.spool is not None:
-            log.warn(
-                "spool {path}: the durable spool is not implemented yet; the listeners answer"
-                " only after every destination has taken the message",
-                path=config.spool,
-            )
         self.runtime = Runtime(config, transforms, self._destinations(config, {}))
+        spool = SqliteSpool(str(config.spool), self.reactor)
+        await spool.open()
+        self.spool = spool
+        stats = await spool.stats()
+        log.info(
+            "spool {path}: {queued} deliveries queued, {dead} dead letters",
+            path=str(spool.path),
+            queued=stats.queued,
+            dead=stats.dead,
+        )
+        self.delivery = DeliveryManager(spool, self, self.reactor)
+        self.delivery.start()
         await self._open_admin(config.admin)
         for name, lconf in config.listeners.items():
             service = ListenerService(lconf, self, self.reactor)
@@ -248,6 +258,8 @@ class GatewayService(MultiService):
         # Sessions between messages get a moment to say QUIT, then a 421.
         for service in self.listeners.values():
             await service.drain(min(1.0, max(0.0, deadline - self.reactor.seconds())))
+        if self.delivery is not None:
+            await self.delivery.stop(max(0.0, deadline - self.reactor.seconds()))
         if runtime is not None:
             for dest in runtime.destinations.values():
                 remaining = max(0.0, deadline - self.reactor.seconds())
@@ -256,6 +268,8 @@ class GatewayService(MultiService):
                     remaining,
                     f"destination {dest.name} to close",
                 )
+        if self.spool is not None:
+            await self.spool.close()
         log.info("gateway stopped")
 
     async def _bounded(self, d: Deferred[None], timeout: float, what: str) -> None:
@@ -301,6 +315,14 @@ class GatewayService(MultiService):
                 )
             return False
         old = self.runtime
+        if config.spool != old.config.spool:
+            log.warn(
+                "reload: the spool folder changed to {new}; that takes a restart, the"
+                " gateway keeps using {old}",
+                new=config.spool,
+                old=old.config.spool,
+            )
+            config = dataclasses.replace(config, spool=old.config.spool)
         try:
             destinations = self._destinations(config, old.destinations)
         except Exception:
@@ -367,11 +389,16 @@ class GatewayService(MultiService):
             raise RuntimeError("the gateway has not started")
         return self.runtime
 
-    async def submit(self, message: Message) -> Verdict:
-        """Route ``message`` and deliver every copy; the verdict decides the listener's reply.
+    def hostname_for(self, listener: str) -> str:
+        """The name the gateway gives itself on ``listener`` (for Received and bounces)."""
+        config = self.current().config.listeners.get(listener)
+        return str(getattr(config, "hostname", "") or local_hostname())
 
-        Until the durable spool exists the sender waits for every destination, so
-        success means every copy was delivered.
+    async def submit(self, message: Message) -> Verdict:
+        """Route ``message`` and store every copy in the spool.
+
+        The verdict decides the listener's reply: success only once every copy
+        is on disk; the delivery workers take it from there.
         """
         runtime = self.current()
         runtime.enter()
@@ -380,8 +407,9 @@ class GatewayService(MultiService):
         finally:
             runtime.leave()
 
+    accept = submit
+
     async def _submit(self, runtime: Runtime, message: Message) -> Verdict:
-        msgid = getattr(message, "message_id", None) or ""
         try:
             routed = await runtime.router.route(message)
         except NoRoute as exc:
@@ -392,55 +420,26 @@ class GatewayService(MultiService):
         if not routed:
             log.info("message {id} dropped by the transforms of its route(s)", id=message.id)
             return Verdict(Status.DELIVERED, "dropped by a transform")
-        jobs = []
-        labels = []
+        if self.spool is None or self.delivery is None:
+            return Verdict(Status.TEMPORARY, "the spool is not open", 451, "4.3.0")
+        items = [Stored(r.message, r.route.name, r.destinations) for r in routed]
+        try:
+            deliveries = await self.spool.put(items)
+        except SpoolError as exc:
+            log.error("message {id} not accepted: {error}", id=message.id, error=str(exc))
+            return Verdict(Status.TEMPORARY, str(exc), 452, "4.3.1")
+        msgid = getattr(message, "message_id", None) or ""
         for item in routed:
-            for dest_name in item.destinations:
-                dest = runtime.destinations[dest_name]
-                labels.append((item, dest_name))
-                jobs.append(Deferred.fromCoroutine(self._deliver_one(dest, item.message)))
-        results = await defer.gatherResults(jobs)
-        temporary = []
-        permanent = []
-        for (item, dest_name), outcome in zip(labels, results, strict=True):
-            recipients = (
-                ",".join(item.message.recipients) if isinstance(item.message, MailMessage) else ""
-            )
+            recipients = getattr(item.message, "recipients", ())
             log.info(
-                "id={id} msgid={msgid} route={route} destination={destination} to={to} "
-                "outcome={outcome} detail={detail}",
+                "id={id} msgid={msgid} route={route} to={to} outcome=queued destinations={dests}",
                 id=message.id,
                 msgid=msgid,
                 route=item.route.name,
-                destination=dest_name,
-                to=recipients,
-                outcome=str(outcome.status),
-                detail=outcome.detail,
+                to=",".join(recipients),
+                dests=",".join(item.destinations),
             )
-            if outcome.status is Status.TEMPORARY:
-                temporary.append((dest_name, outcome))
-            elif outcome.status is Status.PERMANENT:
-                permanent.append((dest_name, outcome))
-        if temporary:
-            name, outcome = temporary[0]
-            return Verdict(
-                Status.TEMPORARY, f"destination '{name}': {outcome.detail}", 451, "4.4.0"
-            )
-        if permanent:
-            name, outcome = permanent[0]
-            enhanced = outcome.enhanced if outcome.enhanced.startswith("5.") else "5.0.0"
-            return Verdict(
-                Status.PERMANENT, f"destination '{name}': {outcome.detail}", 554, enhanced
-            )
-        return Verdict(Status.DELIVERED, f"delivered to {len(results)} destination(s)")
-
-    async def _deliver_one(self, dest: Destination, message: Message) -> Outcome:
-        try:
-            return await dest.deliver(message)
-        except Exception as exc:
-            log.failure(
-                "destination {destination} raised while delivering {id}",
-                destination=dest.name,
-                id=message.id,
-            )
-            return Outcome.temporary(f"internal error in destination '{dest.name}': {exc}")
+        payload_ids = list(dict.fromkeys(d.message_id for d in deliveries))
+        messages = {pid: item.message for pid, item in zip(payload_ids, items, strict=True)}
+        self.delivery.offer(deliveries, messages)
+        return Verdict(Status.DELIVERED, f"queued as {message.id}")

@@ -74,6 +74,8 @@ destinations:
     connect: tcp:127.0.0.1:{sink_port}
     tls: none
     timeout: 30s
+    retry_min: 1s
+    retry_max: 4s
 routes:
   - name: local
     from: mail-in
@@ -114,6 +116,19 @@ def maildir_messages(tmp_path: Path) -> list[email.message.Message]:
         email.message_from_bytes(p.read_bytes(), policy=email.policy.compat32)
         for p in sorted(new.iterdir())
     ]
+
+
+def wait_maildir(tmp_path: Path, count: int, timeout: float = 10.0) -> list[email.message.Message]:
+    """The Maildir's messages once there are ``count`` of them (delivery runs after the 250)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = maildir_messages(tmp_path)
+        if len(found) >= count or time.monotonic() > deadline:
+            assert len(found) == count, (
+                f"expected {count} message(s) in the Maildir, found {len(found)}"
+            )
+            return found
+        time.sleep(0.05)
 
 
 BODY = "line one\n.starts with a dot\n..two dots\nutf-8: caf\u00e9\n\n-- \nsignature\n"
@@ -158,14 +173,17 @@ def test_mail_reaches_maildir_and_smtp_sink_intact(
     assert at_sink.headers["Message-ID"] == "<intact-1@client.test>"
     assert "by gw.test (gateway) with ESMTP id" in at_sink.headers["Received"]
     assert at_sink.body.decode().rstrip("\n") == BODY.rstrip("\n")
-    [boxed] = maildir_messages(tmp_path)
+    [boxed] = wait_maildir(tmp_path, 1)
     assert boxed["Return-Path"] == "<sender@client.test>"
     assert boxed.get_all("Delivered-To") == ["ann@both.test", "bob@both.test"]
     assert boxed["Message-ID"] == "<intact-1@client.test>"
     raw = next((tmp_path / "mail" / "new").iterdir()).read_bytes()
     assert raw.split(b"\n\n", 1)[1].rstrip(b"\n") == BODY.rstrip("\n").encode()
     log = gw.log_text()
-    assert "route=both destination=relay to=ann@both.test,bob@both.test outcome=delivered" in log
+    assert (
+        "route=both destination=relay to=ann@both.test,bob@both.test attempt=1 outcome=delivered"
+        in log
+    )
     assert "msgid=<intact-1@client.test>" in log
 
 
@@ -175,7 +193,7 @@ def test_example_plugin_tags_the_subject_with_the_named_group(
     _, port = gateway
     code, transcript = swaks_send(port, "carol@local.test", headers={"Subject": "hello"})
     assert code == SwaksExit.OK, transcript
-    [boxed] = maildir_messages(tmp_path)
+    [boxed] = wait_maildir(tmp_path, 1)
     assert boxed["Subject"] == "[carol] hello"
 
 
@@ -267,11 +285,11 @@ def test_failing_plugin_fails_only_its_message(
     assert code == SwaksExit.OK, transcript
     code, transcript = swaks_send(port, "x@relay.test", body="calm\n")
     assert code == SwaksExit.OK, transcript
-    assert len(maildir_messages(tmp_path)) == 1
+    assert len(wait_maildir(tmp_path, 1)) == 1
     assert len(sink.wait_for(1)) == 1
 
 
-def test_upstream_temporary_and_permanent_failures(
+def test_upstream_soft_failure_is_retried_and_hard_failure_bounces_once(
     tmp_path: Path, gateway: tuple[GatewayProcess, int], smtp_sink_factory
 ) -> None:
     soft = smtp_sink_factory(soft_reject=["rcpt"])
@@ -284,8 +302,12 @@ def test_upstream_temporary_and_permanent_failures(
     from: mail-in
     match: {rcpt: '@hard\\.test$'}
     to: hard
+  - name: bounces-home
+    from: mail-in
+    match: {rcpt: '@client\\.test$'}
+    to: box
 """
-    dests = f"""  soft: {{protocol: smtp, connect: "tcp:127.0.0.1:{soft.port}", tls: none}}
+    dests = f"""  soft: {{protocol: smtp, connect: "tcp:127.0.0.1:{soft.port}", tls: none, retry_min: 1s, retry_max: 1s}}
   hard: {{protocol: smtp, connect: "tcp:127.0.0.1:{hard.port}", tls: none}}
 """
     gw, port = gateway
@@ -299,21 +321,66 @@ def test_upstream_temporary_and_permanent_failures(
     mark = gw.log_mark()
     gw.hup()
     gw.wait_for_log("configuration reloaded", since=mark)
-    _, transcript = swaks_send(port, "x@soft.test")
-    assert data_reply_code(transcript) == 451, transcript
-    assert "450 4.3.0" in transcript  # the upstream's answer is passed on in the text
-    _, transcript = swaks_send(port, "x@hard.test")
-    assert data_reply_code(transcript) == 554, transcript
-    assert "5.3.0" in transcript
+    # Accepted once on disk; the upstream's 450 means "later", so it is tried again.
+    code, transcript = swaks_send(
+        port, "x@soft.test", headers={"Message-Id": "<soft-1@client.test>"}
+    )
+    assert code == SwaksExit.OK, transcript
+    gw.wait_for_log("destination=soft to=x@soft.test attempt=3 outcome=temporary", timeout=15)
+    assert "450 4.3.0" in gw.log_text()
+    # The upstream's 550 means "never": a dead letter and exactly one bounce to the sender.
+    code, transcript = swaks_send(
+        port, "x@hard.test", headers={"Message-Id": "<hard-1@client.test>", "Subject": "doomed"}
+    )
+    assert code == SwaksExit.OK, transcript
+    gw.wait_for_log("destination=hard outcome=dead", timeout=15)
+    gw.wait_for_log("destination=box to=sender@client.test attempt=1 outcome=delivered", timeout=15)
+    [dsn] = wait_maildir(tmp_path, 1)
+    time.sleep(1)
+    assert len(maildir_messages(tmp_path)) == 1  # exactly one bounce
+    assert dsn["Return-Path"] == "<>"
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    parts = dsn.get_payload()
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
+    status = parts[1].as_string()
+    assert "Final-Recipient: rfc822; x@hard.test" in status
+    assert "Action: failed" in status and "Status: 5.3.0" in status
+    assert "Diagnostic-Code: smtp; 500" in status
+    assert "Subject: doomed" in parts[2].as_string()
 
 
-def test_upstream_down_gives_451(tmp_path: Path) -> None:
-    dead = free_port()
-    gw, port = start_gateway(tmp_path, dead)
+def test_outage_messages_queue_and_are_delivered_when_upstream_returns(tmp_path: Path) -> None:
+    down = free_port()
+    gw, port = start_gateway(tmp_path, down)
     try:
-        _, transcript = swaks_send(port, "x@relay.test")
-        assert data_reply_code(transcript) == 451, transcript
-        assert "connection refused" in transcript
+        for n in range(3):
+            code, transcript = swaks_send(
+                port, f"x{n}@relay.test", headers={"Message-Id": f"<outage-{n}@client.test>"}
+            )
+            assert code == SwaksExit.OK, transcript
+        gw.wait_for_log("to=x0@relay.test attempt=3 outcome=temporary", timeout=20)
+        assert "connection refused" in gw.log_text()
+        with SmtpSink(tmp_path / "late-sink", port=down).start() as sink:
+            got = sink.wait_for(3, timeout=20)
+            assert sorted(m.recipients[0] for m in got) == [
+                "x0@relay.test",
+                "x1@relay.test",
+                "x2@relay.test",
+            ]
+        # The tries followed the back-off: 1 s, then 2 s, then 4 s (capped), each +-20 %.
+        times = [
+            time.mktime(time.strptime(line[:19], "%Y-%m-%dT%H:%M:%S"))
+            for line in gw.log_text().splitlines()
+            if "to=x0@relay.test attempt=" in line
+        ]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert len(gaps) >= 3
+        assert 0 <= gaps[0] <= 2 and 1 <= gaps[1] <= 4 and 2 <= gaps[2] <= 6, gaps
     finally:
         gw.stop()
 

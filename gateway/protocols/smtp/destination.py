@@ -56,9 +56,20 @@ class SmtpDestination:
         detail = _describe(self.config.connect, worst)
         if len(failed) < len(results):
             detail += f" (for {', '.join(failed)}; the other recipients were delivered)"
+        rejected = tuple(
+            (r.recipient, r.code, r.status, _describe(self.config.connect, r)) for r in permanent
+        )
         if temporary:
-            return Outcome.temporary(detail, failed=failed, code=worst.code, enhanced=worst.status)
-        return Outcome.permanent(detail, failed=failed, code=worst.code, enhanced=worst.status)
+            return Outcome.temporary(
+                detail,
+                failed=tuple(r.recipient for r in temporary),
+                rejected=rejected,
+                code=worst.code,
+                enhanced=worst.status,
+            )
+        return Outcome.permanent(
+            detail, failed=failed, rejected=rejected, code=worst.code, enhanced=worst.status
+        )
 
     async def close(self) -> None:
         await self.pool.close()

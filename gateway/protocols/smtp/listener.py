@@ -102,7 +102,8 @@ class SmtpListener:
         if verdict.status is Status.DELIVERED:
             return Reply(250, "2.0.0", f"Ok: queued as {qid}")
         if verdict.status is Status.TEMPORARY:
-            return Reply(451, verdict.enhanced or "4.3.0", f"Try again later: {verdict.detail}")
+            code = verdict.code if 400 <= verdict.code < 500 else 451
+            return Reply(code, verdict.enhanced or "4.3.0", f"Try again later: {verdict.detail}")
         return Reply(verdict.code or 554, verdict.enhanced or "5.0.0", verdict.detail)
 
 

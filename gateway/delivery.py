@@ -1,0 +1,329 @@
+"""Delivery workers: take spooled messages to their destinations, retry, give up.
+
+Each destination has its own concurrency limit and its own queue in the spool,
+so a destination that is down or slow never holds up the others.  A temporary
+failure is retried with exponential back-off and jitter until the
+destination's ``max_age``; then, or at once on a permanent failure, the
+delivery becomes a dead letter and mail is bounced to its sender.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from gateway.bounce import Failure as RecipientFailure
+from gateway.bounce import make_bounce
+from gateway.config import DestinationConfig
+from gateway.destination import Outcome, Status
+from gateway.message import MailMessage, Message
+from gateway.spool import Delivery, SpoolBackend
+
+if TYPE_CHECKING:
+    from gateway.service import GatewayService
+
+log = Logger(namespace="gateway.delivery")
+
+
+def backoff(config: DestinationConfig, attempts: int, rng: random.Random) -> float:
+    """Seconds to wait after the ``attempts``-th failed try: doubling, capped, +-20% jitter."""
+    base = min(float(config.retry_max), float(config.retry_min) * 2.0 ** max(0, attempts - 1))
+    return base * rng.uniform(0.8, 1.2)
+
+
+@dataclass
+class Counters:
+    """What the workers did since start; the admin site exports these."""
+
+    delivered: int = 0
+    deferred: int = 0
+    dead: int = 0
+    duplicates: int = 0
+    bounces: int = 0
+    by_destination: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def count(self, destination: str, outcome: str) -> None:
+        key = (destination, outcome)
+        self.by_destination[key] = self.by_destination.get(key, 0) + 1
+
+
+class DeliveryManager:
+    """Runs the deliveries of every destination from one spool."""
+
+    def __init__(
+        self,
+        spool: SpoolBackend,
+        gateway: GatewayService,
+        reactor: Any,
+        *,
+        poll_interval: float = 1.0,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.gateway = gateway
+        self.reactor = reactor
+        self.poll_interval = poll_interval
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.active: dict[str, set[str]] = {}  # destination -> delivery ids being tried
+        self.counters = Counters()
+        self._loop: task.LoopingCall | None = None
+        self._polling: set[str] = set()
+        self._repoll: set[str] = set()
+        self._running: set[Deferred[None]] = set()
+        self.stopping = False
+
+    # --- life cycle ---
+
+    def start(self) -> None:
+        self._loop = task.LoopingCall(self.poll_all)
+        self._loop.clock = self.reactor
+        self._loop.start(self.poll_interval, now=True)
+
+    async def stop(self, timeout: float) -> None:
+        """No new tries; wait up to ``timeout`` for those in progress."""
+        self.stopping = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if not self._running:
+            return
+        waiting = defer.DeferredList(list(self._running), consumeErrors=True)
+        timer = self.reactor.callLater(timeout, waiting.cancel)
+        try:
+            await waiting
+        except defer.CancelledError:
+            log.warn(
+                "{count} deliveries still running at shutdown; they will be tried again",
+                count=len(self._running),
+            )
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    # --- scheduling ---
+
+    def _config(self, destination: str) -> DestinationConfig | None:
+        return self.gateway.current().config.destinations.get(destination)
+
+    def _free(self, destination: str) -> int:
+        config = self._config(destination)
+        limit = config.concurrency if config is not None else 1
+        return limit - len(self.active.get(destination, ()))
+
+    def offer(self, deliveries: list[Delivery], messages: dict[str, Message]) -> None:
+        """Start just-stored deliveries at once when their destination has room."""
+        for delivery in deliveries:
+            if self.stopping or self._free(delivery.destination) <= 0:
+                continue  # the poll picks it up when a slot frees
+            self._start(delivery, messages.get(delivery.message_id))
+
+    def poll_all(self) -> None:
+        if self.stopping:
+            return
+        for destination in self.gateway.current().config.destinations:
+            self.kick(destination)
+
+    def kick(self, destination: str) -> None:
+        """Look for due deliveries of ``destination`` (coalesced)."""
+        if self.stopping:
+            return
+        if destination in self._polling:
+            self._repoll.add(destination)
+            return
+        free = self._free(destination)
+        if free <= 0:
+            return
+        self._polling.add(destination)
+        Deferred.fromCoroutine(self._poll(destination, free)).addErrback(
+            lambda f: log.failure(
+                "polling the spool for {destination} failed", f, destination=destination
+            )
+        )
+
+    async def _poll(self, destination: str, free: int) -> None:
+        try:
+            exclude = frozenset(self.active.get(destination, ()))
+            due = await self.spool.due(destination, self.clock(), free, exclude)
+            for delivery in due:
+                if self.stopping or self._free(destination) <= 0:
+                    break
+                if delivery.id not in self.active.get(destination, ()):
+                    self._start(delivery, None)
+        finally:
+            self._polling.discard(destination)
+        if destination in self._repoll:
+            self._repoll.discard(destination)
+            self.kick(destination)
+
+    def _start(self, delivery: Delivery, message: Message | None) -> None:
+        active = self.active.setdefault(delivery.destination, set())
+        if delivery.id in active:
+            return
+        active.add(delivery.id)
+        d = Deferred.fromCoroutine(self._attempt(delivery, message))
+        self._running.add(d)
+
+        def done(_: object) -> None:
+            self._running.discard(d)
+            active.discard(delivery.id)
+            self.kick(delivery.destination)
+
+        d.addErrback(lambda f: log.failure("delivery {id} crashed", f, id=delivery.id))
+        d.addBoth(done)
+
+    # --- one try ---
+
+    async def _attempt(self, delivery: Delivery, message: Message | None) -> None:
+        now = self.clock()
+        config = self._config(delivery.destination)
+        runtime = self.gateway.current()
+        destination = runtime.destinations.get(delivery.destination)
+        if config is None or destination is None:
+            await self.spool.defer(
+                delivery,
+                now + 3600,
+                f"destination '{delivery.destination}' is not configured",
+                delivery.recipients,
+            )
+            return
+        try:
+            if message is None:
+                message = await self.spool.load(delivery)
+            if delivery.msgid and await self.spool.seen(
+                delivery.destination, delivery.msgid, now - config.duplicate_window
+            ):
+                log.info(
+                    "id={id} msgid={msgid} route={route} destination={destination}"
+                    " outcome=duplicate detail=already delivered within {window}s",
+                    id=delivery.id,
+                    msgid=delivery.msgid,
+                    route=delivery.route,
+                    destination=delivery.destination,
+                    window=config.duplicate_window,
+                )
+                self.counters.duplicates += 1
+                self.counters.count(delivery.destination, "duplicate")
+                await self.spool.delivered(delivery, "duplicate", None)
+                return
+            try:
+                outcome = await destination.deliver(message)
+            except Exception as exc:
+                log.failure(
+                    "destination {destination} raised delivering {id}",
+                    destination=delivery.destination,
+                    id=delivery.id,
+                )
+                outcome = Outcome.temporary(f"internal error in destination: {exc}")
+        except Exception as exc:
+            log.failure(
+                "delivery {id} failed before reaching {destination}",
+                id=delivery.id,
+                destination=delivery.destination,
+            )
+            outcome = Outcome.temporary(f"internal error: {exc}")
+        await self._settle(delivery, message, config, outcome, now)
+
+    async def _settle(
+        self,
+        delivery: Delivery,
+        message: Message | None,
+        config: DestinationConfig,
+        outcome: Outcome,
+        now: float,
+    ) -> None:
+        log.info(
+            "id={id} msgid={msgid} route={route} destination={destination} to={to}"
+            " attempt={attempt} outcome={outcome} detail={detail}",
+            id=delivery.id,
+            msgid=delivery.msgid,
+            route=delivery.route,
+            destination=delivery.destination,
+            to=",".join(delivery.recipients),
+            attempt=delivery.attempts + 1,
+            outcome=str(outcome.status),
+            detail=outcome.detail,
+        )
+        self.counters.count(delivery.destination, str(outcome.status))
+        if outcome.status is Status.DELIVERED:
+            self.counters.delivered += 1
+            await self.spool.delivered(delivery, outcome.detail, now - config.duplicate_window)
+            return
+        failures = [RecipientFailure(*rejected) for rejected in outcome.rejected]
+        if outcome.status is Status.PERMANENT:
+            if not failures:
+                failures = [
+                    RecipientFailure(r, outcome.code, outcome.enhanced or "5.0.0", outcome.detail)
+                    for r in delivery.recipients
+                ]
+            await self._dead(delivery, message, outcome.detail, failures)
+            return
+        remaining = outcome.failed or delivery.recipients
+        if failures:
+            await self._bounce(delivery, message, failures)
+        age = now - delivery.created
+        if age >= config.max_age:
+            expired = [
+                RecipientFailure(
+                    r,
+                    outcome.code,
+                    "4.4.7",
+                    f"gave up after {age / 3600:.1f} hours: {outcome.detail}",
+                )
+                for r in remaining
+            ]
+            await self._dead(delivery, message, f"too old ({age:.0f}s): {outcome.detail}", expired)
+            return
+        self.counters.deferred += 1
+        wait = backoff(config, delivery.attempts + 1, self.rng)
+        await self.spool.defer(delivery, now + wait, outcome.detail, tuple(remaining))
+
+    async def _dead(
+        self,
+        delivery: Delivery,
+        message: Message | None,
+        reason: str,
+        failures: list[RecipientFailure],
+    ) -> None:
+        self.counters.dead += 1
+        log.warn(
+            "id={id} msgid={msgid} route={route} destination={destination}"
+            " outcome=dead detail={detail}",
+            id=delivery.id,
+            msgid=delivery.msgid,
+            route=delivery.route,
+            destination=delivery.destination,
+            detail=reason,
+        )
+        await self.spool.kill(delivery, reason)
+        await self._bounce(delivery, message, failures)
+
+    async def _bounce(
+        self, delivery: Delivery, message: Message | None, failures: list[RecipientFailure]
+    ) -> None:
+        if not isinstance(message, MailMessage) or not message.sender or not failures:
+            return  # no bounces for news, for bounces (empty sender), or when nothing failed
+        bounce = make_bounce(message, failures, self.gateway.hostname_for(message.listener))
+        verdict = await self.gateway.accept(bounce)
+        if verdict.status is Status.DELIVERED:
+            self.counters.bounces += 1
+            log.info(
+                "id={id} bounce {bounce} queued for {sender}",
+                id=delivery.id,
+                bounce=bounce.id,
+                sender=message.sender,
+            )
+        else:
+            log.warn(
+                "id={id} the bounce to {sender} could not be queued: {why}",
+                id=delivery.id,
+                sender=message.sender,
+                why=verdict.detail,
+            )

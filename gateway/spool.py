@@ -1,0 +1,598 @@
+"""The durable spool: messages owed to destinations, kept on disk until delivered.
+
+A listener stores a message here and only then says yes to its sender.  The
+embedded backend is SQLite in WAL mode with ``synchronous=FULL``: one writer
+thread runs every change, and changes that arrive while a commit is in
+progress are committed together in the next one (group commit), so many
+concurrent arrivals share one disk flush instead of paying one each.
+
+``SpoolBackend`` is the interface the rest of the gateway uses.  Another
+backend (on a broker shared by several gateway nodes) implements the same
+methods; nothing outside this module touches SQL.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from gateway.message import Article, Kind, MailMessage, Message, new_message_id
+
+log = Logger(namespace="gateway.spool")
+
+T = TypeVar("T")
+
+QUEUED = "queued"
+DEAD = "dead"
+
+
+class SpoolError(Exception):
+    """The spool cannot keep a message (disk full, unwritable); the sender should retry."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One stored message owed to one destination."""
+
+    id: str
+    message_id: str  # the stored payload, shared by the deliveries of one routed message
+    route: str
+    destination: str
+    recipients: tuple[str, ...]  # for mail: the recipients still to deliver
+    msgid: str  # the RFC 5322 Message-ID, "" if none (for duplicates and listings)
+    created: float
+    attempts: int = 0
+    next_try: float = 0.0
+    last_error: str = ""
+    state: str = QUEUED
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What put() needs: a routed message, its route and its destinations."""
+
+    message: Message
+    route: str
+    destinations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Stats:
+    queued: int
+    dead: int
+    oldest: float | None  # arrival time of the oldest queued delivery
+
+
+class SpoolBackend(Protocol):
+    """What the gateway needs from a spool.  Every method returns once the change is durable.
+
+    Deliveries are claimed by a node before it tries them, so that several nodes
+    sharing one backend never try the same delivery at once; the embedded
+    backend has one node and claims in memory.
+    """
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def put(self, items: Sequence[Stored]) -> list[Delivery]:
+        """Store messages and their deliveries; raise SpoolError if it cannot."""
+        ...
+
+    async def due(
+        self, destination: str, now: float, limit: int, exclude: frozenset[str]
+    ) -> list[Delivery]:
+        """Queued deliveries to ``destination`` whose next try is due, oldest first."""
+        ...
+
+    async def load(self, delivery: Delivery) -> Message:
+        """The message of a delivery, with the delivery's remaining recipients."""
+        ...
+
+    async def delivered(self, delivery: Delivery, note: str, forget_before: float | None) -> None:
+        """Forget a delivery (and its message when no delivery needs it any more).
+
+        With ``forget_before``, also remember the delivery's Message-ID for the
+        duplicate check, and forget those remembered before that time.
+        """
+        ...
+
+    async def defer(
+        self, delivery: Delivery, next_try: float, error: str, recipients: tuple[str, ...]
+    ) -> None:
+        """Record a failed try; try again at ``next_try`` for ``recipients``."""
+        ...
+
+    async def kill(self, delivery: Delivery, error: str) -> None:
+        """Move a delivery to the dead-letter queue."""
+        ...
+
+    async def seen(self, destination: str, msgid: str, since: float) -> bool:
+        """Whether ``msgid`` was delivered to ``destination`` after ``since``."""
+        ...
+
+    async def entries(self, state: str) -> list[Delivery]: ...
+
+    async def history(self, delivery_id: str) -> list[tuple[float, str]]: ...
+
+    async def retry(self, delivery_ids: Sequence[str] | None) -> int:
+        """Make deliveries (all when None, dead ones included) due now; the number changed."""
+        ...
+
+    async def drop(self, delivery_id: str) -> bool: ...
+
+    async def stats(self) -> Stats: ...
+
+
+# --- message serialisation -----------------------------------------------------
+
+
+def encode_message(message: Message) -> bytes:
+    """A stored message: one JSON line of metadata, then the message bytes."""
+    meta: dict[str, Any] = {
+        "kind": message.kind.value,
+        "id": message.id,
+        "listener": message.listener,
+        "client": message.client,
+        "received": message.received,
+    }
+    if isinstance(message, MailMessage):
+        meta["sender"] = message.sender
+        meta["recipients"] = list(message.recipients)
+        body = message.to_bytes()
+    elif isinstance(message, Article):
+        body = message.to_bytes()
+    else:
+        raise SpoolError(f"{message.kind} messages are not stored in the spool")
+    return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + body
+
+
+def decode_message(data: bytes) -> Message:
+    line, _, body = data.partition(b"\n")
+    meta = json.loads(line)
+    common = {k: meta[k] for k in ("id", "listener", "client", "received")}
+    kind = Kind(meta["kind"])
+    if kind is Kind.MAIL:
+        return MailMessage.from_bytes(
+            body, sender=meta["sender"], recipients=meta["recipients"], **common
+        )
+    if kind is Kind.ARTICLE:
+        return Article.from_bytes(body, **common)
+    raise SpoolError(f"cannot read a stored {kind} message")
+
+
+# --- the embedded backend ---------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    route TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    recipients TEXT NOT NULL,
+    msgid TEXT NOT NULL,
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_try);
+CREATE INDEX IF NOT EXISTS deliveries_message ON deliveries (message_id);
+CREATE TABLE IF NOT EXISTS history (
+    delivery_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    event TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_delivery ON history (delivery_id);
+CREATE TABLE IF NOT EXISTS delivered (
+    destination TEXT NOT NULL,
+    msgid TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (destination, msgid)
+);
+CREATE INDEX IF NOT EXISTS delivered_at ON delivered (at);
+"""
+
+_COLUMNS = (
+    "id, message_id, route, destination, recipients, msgid, created, attempts, next_try,"
+    " last_error, state"
+)
+
+
+def _row(row: Sequence[Any]) -> Delivery:
+    return Delivery(
+        id=row[0],
+        message_id=row[1],
+        route=row[2],
+        destination=row[3],
+        recipients=tuple(json.loads(row[4])),
+        msgid=row[5],
+        created=row[6],
+        attempts=row[7],
+        next_try=row[8],
+        last_error=row[9],
+        state=row[10],
+    )
+
+
+class _Job:
+    __slots__ = ("deferred", "error", "func", "result", "write")
+
+    def __init__(self, func: Callable[[sqlite3.Connection], Any], write: bool) -> None:
+        self.func = func
+        self.write = write
+        self.deferred: Deferred[Any] = Deferred()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _as_spool_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError | OSError):
+        text = str(exc)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            text = "disk full"
+        return SpoolError(f"the spool cannot store the message: {text}")
+    return exc
+
+
+class SqliteSpool:
+    """The embedded spool: one SQLite file in WAL mode, one writer thread, group commit."""
+
+    def __init__(self, directory: str | Path, reactor: Any = None) -> None:
+        """With a reactor, changes run on the writer thread; without one (the ``gateway
+        queue`` command, tests) they run at once in the caller's thread."""
+        self.directory = Path(directory)
+        self.path = self.directory / "spool.sqlite"
+        self.reactor = reactor
+        self._inline: sqlite3.Connection | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._opened: Deferred[None] | None = None
+        self.commits = 0  # how many disk flushes; the group-commit ratio is jobs/commits
+        self.writes = 0
+
+    # --- the writer thread ---
+
+    def _connect(self) -> sqlite3.Connection:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout=10000")  # the queue command may write at the same time
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=OFF")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _run(self, db: sqlite3.Connection) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            batch = [job]
+            # Everything that queued up while the last commit was flushing goes
+            # into this transaction: that is the group commit.
+            while len(batch) < 512:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._jobs.put(None)
+                    break
+                batch.append(more)
+            self._execute(db, batch)
+            for done in batch:
+                self.reactor.callFromThread(self._fire, done)
+        db.close()
+
+    def _execute(self, db: sqlite3.Connection, batch: list[_Job]) -> None:
+        writes = [j for j in batch if j.write]
+        for j in batch:
+            if not j.write:
+                try:
+                    j.result = j.func(db)
+                except BaseException as exc:
+                    j.error = _as_spool_error(exc)
+        if not writes:
+            return
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            for j in writes:
+                j.error = _as_spool_error(exc)
+            return
+        for j in writes:
+            db.execute("SAVEPOINT job")
+            try:
+                j.result = j.func(db)
+                db.execute("RELEASE job")
+            except BaseException as exc:
+                # One bad change fails alone; the rest of the group still commits.
+                db.execute("ROLLBACK TO job")
+                db.execute("RELEASE job")
+                j.error = _as_spool_error(exc)
+        try:
+            db.execute("COMMIT")
+            self.commits += 1
+            self.writes += len(writes)
+        except BaseException as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            for j in writes:
+                j.error = _as_spool_error(exc)
+                j.result = None
+
+    @staticmethod
+    def _fire(job: _Job) -> None:
+        if job.error is not None:
+            job.deferred.errback(job.error)
+        else:
+            job.deferred.callback(job.result)
+
+    def _submit(self, func: Callable[[sqlite3.Connection], T], write: bool = True) -> Deferred[T]:
+        job = _Job(func, write)
+        if self._inline is not None:
+            self._execute(self._inline, [job])
+            self._fire(job)
+            return job.deferred
+        if self._thread is None:
+            raise SpoolError("the spool is not open")
+        self._jobs.put(job)
+        return job.deferred
+
+    # --- SpoolBackend ---
+
+    async def open(self) -> None:
+        try:
+            db = self._connect()
+        except (sqlite3.Error, OSError) as exc:
+            raise SpoolError(f"cannot open the spool {self.path}: {exc}") from None
+        if self.reactor is None:
+            self._inline = db
+            return
+        self._thread = threading.Thread(
+            target=self._run, args=(db,), name="spool-writer", daemon=True
+        )
+        self._thread.start()
+
+    async def close(self) -> None:
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._jobs.put(None)
+        await Deferred.fromCoroutine(_join(self.reactor, thread))
+
+    async def put(self, items: Sequence[Stored]) -> list[Delivery]:
+        now = time.time()
+        rows: list[Delivery] = []
+        payloads: list[tuple[str, bytes]] = []
+        for item in items:
+            payload_id = new_message_id(now)
+            payloads.append((payload_id, encode_message(item.message)))
+            recipients = item.message.recipients if isinstance(item.message, MailMessage) else ()
+            msgid = getattr(item.message, "message_id", None) or ""
+            for destination in item.destinations:
+                rows.append(
+                    Delivery(
+                        id=new_message_id(now),
+                        message_id=payload_id,
+                        route=item.route,
+                        destination=destination,
+                        recipients=tuple(recipients),
+                        msgid=msgid,
+                        created=item.message.received,
+                        next_try=now,
+                    )
+                )
+
+        def store(db: sqlite3.Connection) -> list[Delivery]:
+            db.executemany("INSERT INTO messages (id, data) VALUES (?, ?)", payloads)
+            db.executemany(
+                f"INSERT INTO deliveries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        d.id,
+                        d.message_id,
+                        d.route,
+                        d.destination,
+                        json.dumps(d.recipients),
+                        d.msgid,
+                        d.created,
+                        0,
+                        d.next_try,
+                        "",
+                        QUEUED,
+                    )
+                    for d in rows
+                ],
+            )
+            db.executemany(
+                "INSERT INTO history (delivery_id, at, event) VALUES (?, ?, ?)",
+                [(d.id, now, f"accepted by route {d.route}") for d in rows],
+            )
+            return rows
+
+        return await self._submit(store)
+
+    async def due(
+        self, destination: str, now: float, limit: int, exclude: frozenset[str]
+    ) -> list[Delivery]:
+        def query(db: sqlite3.Connection) -> list[Delivery]:
+            cur = db.execute(
+                f"SELECT {_COLUMNS} FROM deliveries WHERE destination = ? AND state = ?"
+                " AND next_try <= ? ORDER BY next_try LIMIT ?",
+                (destination, QUEUED, now, limit + len(exclude)),
+            )
+            return [d for d in map(_row, cur.fetchall()) if d.id not in exclude][:limit]
+
+        return await self._submit(query, write=False)
+
+    async def load(self, delivery: Delivery) -> Message:
+        def query(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute(
+                "SELECT data FROM messages WHERE id = ?", (delivery.message_id,)
+            ).fetchone()
+            return None if row is None else bytes(row[0])
+
+        data = await self._submit(query, write=False)
+        if data is None:
+            raise SpoolError(f"message {delivery.message_id} of delivery {delivery.id} is missing")
+        message = decode_message(data)
+        if isinstance(message, MailMessage):
+            message = message.with_recipients(delivery.recipients)
+        return message
+
+    async def delivered(self, delivery: Delivery, note: str, forget_before: float | None) -> None:
+        now = time.time()
+
+        def change(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM deliveries WHERE id = ?", (delivery.id,))
+            db.execute("DELETE FROM history WHERE delivery_id = ?", (delivery.id,))
+            _forget_unused_message(db, delivery.message_id)
+            if delivery.msgid and forget_before is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO delivered (destination, msgid, at) VALUES (?, ?, ?)",
+                    (delivery.destination, delivery.msgid, now),
+                )
+                db.execute("DELETE FROM delivered WHERE at < ?", (forget_before,))
+
+        await self._submit(change)
+
+    async def defer(
+        self, delivery: Delivery, next_try: float, error: str, recipients: tuple[str, ...]
+    ) -> None:
+        now = time.time()
+
+        def change(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, next_try = ?, last_error = ?,"
+                " recipients = ? WHERE id = ? AND state = ?",
+                (next_try, error, json.dumps(recipients), delivery.id, QUEUED),
+            )
+            db.execute(
+                "INSERT INTO history (delivery_id, at, event) VALUES (?, ?, ?)",
+                (delivery.id, now, f"deferred: {error}"),
+            )
+
+        await self._submit(change)
+
+    async def kill(self, delivery: Delivery, error: str) -> None:
+        now = time.time()
+
+        def change(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, state = ?"
+                " WHERE id = ?",
+                (error, DEAD, delivery.id),
+            )
+            db.execute(
+                "INSERT INTO history (delivery_id, at, event) VALUES (?, ?, ?)",
+                (delivery.id, now, f"dead letter: {error}"),
+            )
+
+        await self._submit(change)
+
+    async def seen(self, destination: str, msgid: str, since: float) -> bool:
+        def query(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM delivered WHERE destination = ? AND msgid = ? AND at >= ?",
+                (destination, msgid, since),
+            ).fetchone()
+            return row is not None
+
+        return await self._submit(query, write=False)
+
+    async def entries(self, state: str) -> list[Delivery]:
+        def query(db: sqlite3.Connection) -> list[Delivery]:
+            cur = db.execute(
+                f"SELECT {_COLUMNS} FROM deliveries WHERE state = ? ORDER BY created", (state,)
+            )
+            return list(map(_row, cur.fetchall()))
+
+        return await self._submit(query, write=False)
+
+    async def history(self, delivery_id: str) -> list[tuple[float, str]]:
+        def query(db: sqlite3.Connection) -> list[tuple[float, str]]:
+            cur = db.execute(
+                "SELECT at, event FROM history WHERE delivery_id = ? ORDER BY at, rowid",
+                (delivery_id,),
+            )
+            return [(float(a), str(e)) for a, e in cur.fetchall()]
+
+        return await self._submit(query, write=False)
+
+    async def retry(self, delivery_ids: Sequence[str] | None) -> int:
+        now = time.time()
+
+        def change(db: sqlite3.Connection) -> int:
+            if delivery_ids is None:
+                cur = db.execute("UPDATE deliveries SET next_try = ?, state = ?", (now, QUEUED))
+            else:
+                cur = db.executemany(
+                    "UPDATE deliveries SET next_try = ?, state = ? WHERE id = ?",
+                    [(now, QUEUED, i) for i in delivery_ids],
+                )
+            return int(cur.rowcount)
+
+        return await self._submit(change)
+
+    async def drop(self, delivery_id: str) -> bool:
+        def change(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT message_id FROM deliveries WHERE id = ?", (delivery_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
+            db.execute("DELETE FROM history WHERE delivery_id = ?", (delivery_id,))
+            _forget_unused_message(db, row[0])
+            return True
+
+        return await self._submit(change)
+
+    async def stats(self) -> Stats:
+        def query(db: sqlite3.Connection) -> Stats:
+            queued, oldest = db.execute(
+                "SELECT COUNT(*), MIN(created) FROM deliveries WHERE state = ?", (QUEUED,)
+            ).fetchone()
+            (dead,) = db.execute(
+                "SELECT COUNT(*) FROM deliveries WHERE state = ?", (DEAD,)
+            ).fetchone()
+            return Stats(int(queued), int(dead), oldest)
+
+        return await self._submit(query, write=False)
+
+
+def _forget_unused_message(db: sqlite3.Connection, message_id: str) -> None:
+    db.execute(
+        "DELETE FROM messages WHERE id = ? AND NOT EXISTS"
+        " (SELECT 1 FROM deliveries WHERE message_id = ?)",
+        (message_id, message_id),
+    )
+
+
+async def _join(reactor: Any, thread: threading.Thread) -> None:
+    from twisted.internet import threads
+
+    await threads.deferToThreadPool(reactor, reactor.getThreadPool(), thread.join, 30)
