@@ -7,6 +7,7 @@ peers it needs, and stops them afterwards.
 from __future__ import annotations
 
 import email
+import itertools
 import email.policy
 import signal
 import socket
@@ -378,7 +379,7 @@ def test_outage_messages_queue_and_are_delivered_when_upstream_returns(tmp_path:
             for line in gw.log_text().splitlines()
             if "to=x0@relay.test attempt=" in line
         ]
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert len(gaps) >= 3
         assert 0 <= gaps[0] <= 2 and 1 <= gaps[1] <= 4 and 2 <= gaps[2] <= 6, gaps
     finally:
