@@ -7,8 +7,8 @@ peers it needs, and stops them afterwards.
 from __future__ import annotations
 
 import email
-import itertools
 import email.policy
+import itertools
 import signal
 import socket
 import subprocess
