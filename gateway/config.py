@@ -760,6 +760,14 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
                 )
             else:
                 kinds.add(listener.kind)
+        if not route.to:
+            reader.problems.append(
+                Problem(route.where.get("to", here), f"{label}: 'to' names no destination")
+            )
+        if not route.from_:
+            reader.problems.append(
+                Problem(route.where.get("from_", here), f"{label}: 'from' names no listener")
+            )
         for name in route.to:
             if name not in reader.declared["destinations"]:
                 reader.problems.append(

@@ -247,3 +247,18 @@ def test_json_schema_describes_the_file() -> None:
     assert "max_size" in listener["properties"]
     route = schema["properties"]["routes"]["anyOf"][1]["items"]
     assert {"from", "to", "continue", "match"} <= set(route["properties"])
+
+
+def test_route_needs_a_destination_and_a_listener() -> None:
+    found = problems(
+        """
+        version: 1
+        listeners: {in: {protocol: smtp, listen: "tcp:2525"}}
+        routes:
+          - {from: [], to: []}
+        """
+    )
+    assert sorted(found) == [
+        "routes.yaml:5:12: route 1: 'from' names no listener",
+        "routes.yaml:5:20: route 1: 'to' names no destination",
+    ]

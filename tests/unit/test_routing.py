@@ -331,3 +331,36 @@ def test_non_header_line_starts_the_body() -> None:
     )
     assert len(msg.headers) == 1
     assert msg.body == b"this is not a header\nmore\n"
+
+
+def test_plugins_load_from_entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+    import sys
+
+    (tmp_path / "ep_plugin_mod.py").write_text(
+        "from gateway.plugins import transform\n"
+        "@transform('from_entry_point')\n"
+        "def fep(msg, options):\n"
+        "    return msg\n"
+        "@transform('single_function')\n"
+        "def single(msg, options):\n"
+        "    return msg\n"
+        "not_a_transform = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    points = importlib.metadata.EntryPoints(
+        [
+            importlib.metadata.EntryPoint("mod", "ep_plugin_mod", "gateway.plugins"),
+            importlib.metadata.EntryPoint("fn", "ep_plugin_mod:single", "gateway.plugins"),
+        ]
+    )
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: points.select(group=group))
+    t = load_transforms()
+    assert "from_entry_point" in t and "single_function" in t
+    bad = importlib.metadata.EntryPoints(
+        [importlib.metadata.EntryPoint("bad", "ep_plugin_mod:not_a_transform", "gateway.plugins")]
+    )
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: bad.select(group=group))
+    with pytest.raises(PluginError, match="neither a module nor a function marked with @transform"):
+        load_transforms()
+    sys.modules.pop("ep_plugin_mod", None)
