@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import re
 import string
@@ -226,6 +227,28 @@ def client_allowed(networks: tuple[Network, ...], address: str) -> bool:
     return not networks or any(address in n for n in networks)
 
 
+class HostPort(str):
+    """``HOST:PORT`` or ``[IPv6]:PORT`` (port 53 when left out)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        value = text.strip()
+        m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", value)
+        if not m:
+            raise ValueError(f"expected HOST:PORT such as 127.0.0.1:53 or [::1]:53, got '{text}'")
+        host = m.group(1) or m.group(3)
+        port = int(m.group(2) or m.group(4) or 53)
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} in '{text}' is out of range")
+        obj = cls(value)
+        obj.host = host
+        obj.port = port
+        return obj
+
+
 class ConfigPath(str):
     """A file or folder; relative paths are taken from the configuration file's folder."""
 
@@ -248,6 +271,105 @@ class Pattern(str):
     @property
     def groups(self) -> set[str]:
         return set(self.compiled.groupindex)
+
+
+class QName(str):
+    """A DNS name to match: ``www.example.test`` (that name), ``*.example.test`` (names below it).
+
+    Stored lower-case with a trailing dot, as the DNS listener compares them.
+    """
+
+    @classmethod
+    def parse(cls, text: str) -> QName:
+        name = text.strip().lower()
+        if name in ("*", "*."):
+            return cls("*.")
+        body = name[2:] if name.startswith("*.") else name
+        if not body.endswith("."):
+            body += "."
+        labels = body[:-1].split(".")
+        if body == "." or any(not label for label in labels):
+            raise ValueError(
+                f"expected a DNS name such as www.example.test or *.example.test, got '{text}'"
+            )
+        if len(body) > 254 or any(len(label) > 63 for label in labels):
+            raise ValueError(
+                f"'{text}' is too long for a DNS name (labels up to 63, names up to 253)"
+            )
+        if "*" in body:
+            raise ValueError(f"'{text}': a wildcard '*' may only be the whole first label")
+        return cls(("*." if name.startswith("*.") else "") + body)
+
+    @property
+    def wildcard(self) -> bool:
+        return self.startswith("*.")
+
+    @property
+    def base(self) -> str:
+        """The name itself, or for ``*.suffix`` the suffix."""
+        return self[2:] if self.wildcard else str(self)
+
+
+class RRType(int):
+    """A DNS record type by name (A, AAAA, MX ...) or number."""
+
+    @classmethod
+    def parse(cls, text: str) -> RRType:
+        import dns.rdatatype
+
+        try:
+            return cls(int(dns.rdatatype.from_text(text.strip().upper())))
+        except Exception:
+            raise ValueError(f"unknown DNS record type '{text}' (e.g. A, AAAA, MX, TXT)") from None
+
+
+class RRClass(int):
+    """A DNS class by name (IN, CH) or number."""
+
+    @classmethod
+    def parse(cls, text: str) -> RRClass:
+        import dns.rdataclass
+
+        try:
+            return cls(int(dns.rdataclass.from_text(text.strip().upper())))
+        except Exception:
+            raise ValueError(f"unknown DNS class '{text}' (e.g. IN, CH)") from None
+
+
+class Record(str):
+    """A DNS record in zone-file form: ``www.example.test. 300 IN A 192.0.2.1``."""
+
+    @classmethod
+    def parse(cls, text: str) -> Record:
+        import dns.exception
+        import dns.rrset
+
+        try:
+            _parse_record(text)
+        except (dns.exception.DNSException, ValueError) as exc:
+            raise ValueError(
+                "expected a record such as 'www.example.test. 300 IN A 192.0.2.1',"
+                f" got '{text}': {exc}"
+            ) from None
+        return cls(text.strip())
+
+
+def _parse_record(text: str) -> Any:
+    import dns.rrset
+
+    parts = text.split()
+    if len(parts) < 4:
+        raise ValueError("a record needs a name, a TTL, a class (optional), a type and data")
+    name, ttl = parts[0], parts[1]
+    if not ttl.isdigit():
+        raise ValueError(f"the TTL '{ttl}' is not a number")
+    rest = parts[2:]
+    rdclass = "IN"
+    if rest[0].upper() in ("IN", "CH", "HS"):
+        rdclass, rest = rest[0].upper(), rest[1:]
+    if len(rest) < 2:
+        raise ValueError("a record needs a type and data after the TTL")
+    return dns.rrset.from_text(name, int(ttl), rdclass, rest[0], " ".join(rest[1:]))
 
 
 # --- the schema ----------------------------------------------------------------
@@ -291,12 +413,64 @@ class SmtpListenerConfig(ListenerConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DestinationConfig:
-    """Fields every destination has; the delivery settings apply to spooled messages."""
+class DnsListenerConfig(ListenerConfig):
+    """A DNS server over UDP and TCP (RFC 1035, RFC 7766) whose queries are routed."""
+
+    kind: typing.ClassVar[Kind] = Kind.DNS
+    protocol: Literal["dns"] = "dns"
+    tcp_idle_timeout: Duration = field(
+        default=Duration(10), metadata=_doc("close idle TCP connections after")
+    )
+    max_tcp_connections: int = field(default=1000, metadata=_doc("TCP clients at once"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DohListenerConfig(ListenerConfig):
+    """DNS over HTTPS (RFC 8484) and the JSON form, answered through the DNS routes."""
+
+    kind: typing.ClassVar[Kind] = Kind.DNS
+    protocol: Literal["doh"] = "doh"
+    path: str = field(default="/dns-query", metadata=_doc("URL path of the endpoint"))
+    max_size: Size = field(default=Size(65535), metadata=_doc("largest query accepted (413)"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseDestinationConfig:
+    """Fields every destination has."""
 
     name: str = field(default="", metadata={"yaml": None})
     protocol: str
     kinds: typing.ClassVar[frozenset[Kind]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DnsDestinationConfig(BaseDestinationConfig):
+    """Forwards DNS queries to DNS servers: UDP first, TCP when the answer is truncated."""
+
+    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.DNS})
+    protocol: Literal["dns"] = "dns"
+    servers: tuple[HostPort, ...] = field(metadata=_doc("servers tried in order: 127.0.0.1:53"))
+    timeout: Duration = field(default=Duration(2), metadata=_doc("per server and query"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DohDestinationConfig(BaseDestinationConfig):
+    """Sends DNS queries as DNS-over-HTTPS requests (RFC 8484)."""
+
+    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.DNS})
+    protocol: Literal["doh"] = "doh"
+    url: str = field(metadata=_doc("e.g. https://dns.example/dns-query"))
+    method: Literal["POST", "GET"] = "POST"
+    ca: ConfigPath | None = field(default=None, metadata=_doc("CA file to verify the server"))
+    verify: bool = field(default=True, metadata=_doc("verify the server's certificate"))
+    connections: int = field(default=4, metadata=_doc("keep-alive connections in the pool"))
+    timeout: Duration = field(default=Duration(5), metadata=_doc("per query"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DestinationConfig(BaseDestinationConfig):
+    """A store-and-forward destination: the delivery settings apply to spooled messages."""
+
     concurrency: int = field(default=10, metadata=_doc("deliveries in progress at once"))
     retry_min: Duration = field(
         default=Duration(60), metadata=_doc("first retry after a temporary failure")
@@ -338,10 +512,16 @@ class SmtpDestinationConfig(DestinationConfig):
     timeout: Duration = field(default=Duration(300), metadata=_doc("wait for each reply"))
 
 
-LISTENER_TYPES: dict[str, type[ListenerConfig]] = {"smtp": SmtpListenerConfig}
-DESTINATION_TYPES: dict[str, type[DestinationConfig]] = {
+LISTENER_TYPES: dict[str, type[ListenerConfig]] = {
+    "smtp": SmtpListenerConfig,
+    "dns": DnsListenerConfig,
+    "doh": DohListenerConfig,
+}
+DESTINATION_TYPES: dict[str, type[BaseDestinationConfig]] = {
     "maildir": MaildirDestinationConfig,
     "smtp": SmtpDestinationConfig,
+    "dns": DnsDestinationConfig,
+    "doh": DohDestinationConfig,
 }
 
 
@@ -356,6 +536,17 @@ class Match:
         metadata=_doc("header name to regex; every one must match a field of that name"),
     )
     client: tuple[Network, ...] = field(default=(), metadata=_doc("client networks"))
+    qname: tuple[QName, ...] = field(
+        default=(), metadata=_doc("DNS names: www.example.test, or *.example.test for names below")
+    )
+    qname_regex: Pattern | None = field(default=None, metadata=_doc("DNS name (regex)"))
+    qname_file: ConfigPath | None = field(
+        default=None,
+        metadata=_doc("a file of DNS names, one a line (# comments); re-read on reload"),
+    )
+    qtype: tuple[RRType, ...] = field(default=(), metadata=_doc("record types: A, AAAA ..."))
+    qclass: RRClass | None = field(default=None, metadata=_doc("DNS class, e.g. IN"))
+    file_names: tuple[QName, ...] = field(default=(), compare=True, metadata={"yaml": None})
 
     def group_names(self) -> set[str]:
         names: set[str] = set()
@@ -369,7 +560,7 @@ class Match:
 MATCH_KEYS: dict[Kind, frozenset[str]] = {
     Kind.MAIL: frozenset({"rcpt", "sender", "header", "client"}),
     Kind.ARTICLE: frozenset({"header", "client"}),
-    Kind.DNS: frozenset({"client"}),
+    Kind.DNS: frozenset({"client", "qname", "qname_regex", "qname_file", "qtype", "qclass"}),
     Kind.HTTP: frozenset({"header", "client"}),
 }
 
@@ -380,7 +571,19 @@ class Route:
 
     name: str = field(default="", metadata=_doc("shown in logs; defaults to the route's number"))
     from_: tuple[str, ...] = field(metadata=_yaml("from", "listener name(s)"))
-    to: tuple[str, ...] = field(metadata=_doc("destination name(s); each gets a copy"))
+    to: tuple[str, ...] = field(default=(), metadata=_doc("destination name(s); each gets a copy"))
+    answer: tuple[Record, ...] = field(
+        default=(), metadata=_doc("DNS: answer with these records instead of forwarding")
+    )
+    action: Literal["refuse", "nxdomain"] | None = field(
+        default=None, metadata=_doc("DNS: answer REFUSED or NXDOMAIN")
+    )
+    cache: bool = field(default=True, metadata=_doc("DNS: cache the answers of this route"))
+    cache_entries: int = field(default=10000, metadata=_doc("DNS: cache size (LRU)"))
+    serve_stale: Duration = field(
+        default=Duration(0),
+        metadata=_doc("DNS: serve expired answers this long when every upstream fails"),
+    )
     match: Match = field(default_factory=Match)
     transforms: tuple[str, ...] = field(default=(), metadata=_doc("applied in order"))
     options: Mapping[str, Any] = field(
@@ -412,7 +615,7 @@ class Config:
     listeners: Mapping[str, ListenerConfig] = field(
         default_factory=lambda: types.MappingProxyType({})
     )
-    destinations: Mapping[str, DestinationConfig] = field(
+    destinations: Mapping[str, BaseDestinationConfig] = field(
         default_factory=lambda: types.MappingProxyType({})
     )
     routes: tuple[Route, ...] = ()
@@ -437,6 +640,7 @@ class _Reader:
         # Names declared in the file, valid or not, so one broken entry does not
         # also make every reference to it an error.
         self.declared: dict[str, set[str]] = {"listeners": set(), "destinations": set()}
+        self._loader = _Constructor()
 
     def loc(self, node: yaml.Node) -> Location:
         mark = node.start_mark
@@ -448,7 +652,7 @@ class _Reader:
     def scalar(self, node: yaml.Node) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             return _Invalid
-        return yaml.SafeLoader("").construct_object(node)
+        return self._loader.construct_scalar_value(node)
 
     def convert(self, node: yaml.Node, hint: Any, what: str) -> Any:
         """Convert ``node`` to ``hint``; on error record a problem and return _Invalid."""
@@ -474,7 +678,7 @@ class _Reader:
                 return _Invalid
             return value
         if hint is Any:
-            return _freeze(yaml.SafeLoader("").construct_document(node))
+            return _freeze(self._loader.construct_plain(node))
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             return self.dataclass(node, hint, what)
         return self.leaf(node, hint, what)
@@ -501,7 +705,10 @@ class _Reader:
                 if value is None or not str(value).strip():
                     raise ValueError("expected a file or folder name")
                 return ConfigPath(str((self.base / str(value)).resolve()))
-            if hint in (Size, Duration, Endpoint, ClientEndpoint, Network, Pattern):
+            if hint in (
+                Size, Duration, Endpoint, ClientEndpoint, Network, Pattern,
+                QName, RRType, RRClass, Record, HostPort,
+            ):  # fmt: skip
                 if value is None:
                     raise ValueError("expected a value, got nothing")
                 if (
@@ -563,7 +770,7 @@ class _Reader:
             self.fail(node, f"{what}: expected a mapping, got a {_node_kind(node)}")
             return _Invalid
         given = self.fields_of(node, what)
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         known = {yaml_name(f): f for f in dataclasses.fields(cls) if yaml_name(f) is not None}
         values: dict[str, Any] = dict(extra or {})
         where: dict[str, Location] = {"": self.loc(node)}
@@ -591,6 +798,26 @@ class _Reader:
         if "where" in {f.name for f in dataclasses.fields(cls)}:
             values["where"] = types.MappingProxyType(where)
         return cls(**values)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+class _Constructor:
+    """PyYAML's safe constructor, made once and reused for every value of a file."""
+
+    def __init__(self) -> None:
+        self._loader = yaml.SafeLoader("")
+
+    def construct_scalar_value(self, node: yaml.ScalarNode) -> Any:
+        return self._loader.construct_object(node, deep=True)
+
+    def construct_plain(self, node: yaml.Node) -> Any:
+        value = self._loader.construct_object(node, deep=True)
+        self._loader.constructed_objects.clear()
+        return value
 
 
 class _InvalidType:
@@ -675,7 +902,7 @@ def parse(text: str, filename: str = "routes.yaml", base: Path | None = None) ->
     """Parse and check a configuration text; raise ConfigError listing every problem found."""
     reader = _Reader(filename, base if base is not None else Path(filename).resolve().parent)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Location(filename, mark.line + 1, mark.column + 1) if mark else None
@@ -760,10 +987,22 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
                 )
             else:
                 kinds.add(listener.kind)
-        if not route.to:
-            reader.problems.append(
-                Problem(route.where.get("to", here), f"{label}: 'to' names no destination")
-            )
+        if Kind.DNS in kinds:
+            route = _check_dns_route(reader, route, label, kinds)
+            routes[-1] = route
+        else:
+            for key in ("answer", "action"):
+                if kinds and getattr(route, key):
+                    reader.problems.append(
+                        Problem(
+                            route.where.get(key, here),
+                            f"{label}: '{key}' applies only to routes from DNS listeners",
+                        )
+                    )
+            if not (route.to or route.answer or route.action):
+                reader.problems.append(
+                    Problem(route.where.get("to", here), f"{label}: 'to' names no destination")
+                )
         if not route.from_:
             reader.problems.append(
                 Problem(route.where.get("from_", here), f"{label}: 'from' names no listener")
@@ -778,7 +1017,9 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
                     )
                 )
         used = {
-            f.name for f in dataclasses.fields(Match) if getattr(route.match, f.name) not in _UNSET
+            f.name
+            for f in dataclasses.fields(Match)
+            if yaml_name(f) is not None and getattr(route.match, f.name) not in _UNSET
         }
         for kind in kinds:
             wrong = sorted(used - MATCH_KEYS[kind])
@@ -813,6 +1054,61 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
 
 
 _UNSET: tuple[Any, ...] = (None, (), types.MappingProxyType({}))
+
+
+def _check_dns_route(reader: _Reader, route: Route, label: str, kinds: set[Kind]) -> Route:
+    """DNS routes: one action, no transforms, and the names of a qname_file loaded."""
+    here = route.where[""]
+    if len(kinds) > 1:
+        reader.problems.append(
+            Problem(
+                route.where.get("from_", here),
+                f"{label}: a route takes either DNS listeners or others, not both",
+            )
+        )
+    chosen = [k for k in ("to", "answer", "action") if getattr(route, k)]
+    if len(chosen) != 1:
+        reader.problems.append(
+            Problem(
+                here,
+                f"{label}: a DNS route needs exactly one of 'to' (forward), 'answer' (local"
+                f" records) or 'action' (refuse, nxdomain); it has {', '.join(chosen) or 'none'}",
+            )
+        )
+    if route.transforms:
+        reader.problems.append(
+            Problem(
+                route.where.get("transforms", here),
+                f"{label}: transforms do not apply to DNS routes",
+            )
+        )
+    if route.match.qname_file is None:
+        return route
+    names, problems = read_name_file(route.match.qname_file)
+    reader.problems.extend(problems)
+    return dataclasses.replace(route, match=dataclasses.replace(route.match, file_names=names))
+
+
+def read_name_file(path: str) -> tuple[tuple[QName, ...], list[Problem]]:
+    """DNS names from a block-list style file: one a line, ``#`` starts a comment.
+
+    A hosts-file line (``0.0.0.0 ads.example``) is taken by its last field.
+    """
+    problems: list[Problem] = []
+    names: list[QName] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        return (), [Problem(None, f"cannot read the name file {path}: {exc}")]
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            names.append(QName.parse(text.split()[-1]))
+        except ValueError as exc:
+            problems.append(Problem(Location(path, number, 1), str(exc)))
+    return tuple(names), problems
 
 
 def _placeholders(value: Any) -> set[str]:
@@ -895,6 +1191,11 @@ def json_schema() -> dict[str, Any]:
             },
             Network: {"type": "string", "description": "IP network, e.g. 127.0.0.0/8"},
             Pattern: {"type": "string", "format": "regex"},
+            QName: {"type": "string", "description": "DNS name, or *.suffix"},
+            RRType: {"type": ["string", "integer"], "description": "record type, e.g. A"},
+            RRClass: {"type": ["string", "integer"], "description": "DNS class, e.g. IN"},
+            Record: {"type": "string", "description": "zone-file record line"},
+            HostPort: {"type": "string", "description": "HOST:PORT"},
         }
         return dict(simple[hint])
 

@@ -111,7 +111,8 @@ class DeliveryManager:
     # --- scheduling ---
 
     def _config(self, destination: str) -> DestinationConfig | None:
-        return self.gateway.current().config.destinations.get(destination)
+        config = self.gateway.current().config.destinations.get(destination)
+        return config if isinstance(config, DestinationConfig) else None
 
     def _free(self, destination: str) -> int:
         config = self._config(destination)

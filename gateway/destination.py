@@ -14,7 +14,7 @@ from typing import Protocol
 
 from twisted.internet.interfaces import IReactorCore
 
-from gateway.config import DestinationConfig
+from gateway.config import BaseDestinationConfig
 from gateway.message import Kind, Message
 
 
@@ -65,7 +65,7 @@ class Destination(Protocol):
     async def close(self) -> None: ...
 
 
-def build_destination(config: DestinationConfig, reactor: IReactorCore) -> Destination:
+def build_destination(config: BaseDestinationConfig, reactor: IReactorCore) -> Destination:
     """The running destination for one configured destination."""
     if config.protocol == "maildir":
         from gateway.protocols.maildir.destination import MaildirDestination

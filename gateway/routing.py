@@ -15,8 +15,8 @@ from typing import Any
 from twisted.logger import Logger
 
 from gateway.config import (
+    BaseDestinationConfig,
     Config,
-    DestinationConfig,
     Problem,
     Route,
     client_allowed,
@@ -258,7 +258,7 @@ def check_routes(config: Config, transforms: Transforms) -> list[Problem]:
             if broken:
                 continue
             for dest_name in route.to:
-                dest: DestinationConfig | None = config.destinations.get(dest_name)
+                dest: BaseDestinationConfig | None = config.destinations.get(dest_name)
                 if dest is not None and kind not in dest.kinds:
                     takes = " or ".join(sorted(str(k) for k in dest.kinds))
                     problems.append(
@@ -270,3 +270,72 @@ def check_routes(config: Config, transforms: Transforms) -> list[Problem]:
                         )
                     )
     return problems
+
+
+# --- DNS routes --------------------------------------------------------------------
+
+
+class DnsRoutes:
+    """The DNS routes of one listener, indexed by name so lookups stay fast with thousands.
+
+    Exact names and ``*.suffix`` names go into hash tables keyed by name; a query
+    looks up its own name and each of its parent names, so the cost grows with
+    the number of labels in the query, not with the number of routes.  Routes
+    with no name condition (or only a regex) are checked in order as well.  Of
+    all candidates, the first in file order whose other conditions hold wins.
+    """
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self.routes = routes
+        self._exact: dict[str, list[int]] = {}
+        self._below: dict[str, list[int]] = {}
+        self._always: list[int] = []
+        for index, route in enumerate(routes):
+            names = route.match.qname + route.match.file_names
+            if not names:
+                self._always.append(index)
+                continue
+            for name in names:
+                table = self._below if name.wildcard else self._exact
+                bucket = table.setdefault(name.base, [])
+                if not bucket or bucket[-1] != index:
+                    bucket.append(index)
+
+    def candidates(self, qname: str) -> list[int]:
+        found: list[int] = []
+        exact = self._exact.get(qname)
+        if exact:
+            found.extend(exact)
+        if self._below:
+            # Parent names of "a.b.example.test.": "b.example.test.", "example.test.", "test.", "."
+            pos = qname.find(".")
+            while 0 <= pos < len(qname) - 1:
+                parent = qname[pos + 1 :]
+                below = self._below.get(parent)
+                if below:
+                    found.extend(below)
+                pos = qname.find(".", pos + 1)
+            root = self._below.get(".")
+            if root and qname != ".":
+                found.extend(root)
+        if self._always:
+            found.extend(self._always)
+        if len(found) > 1:
+            found = sorted(set(found))
+        return found
+
+    def select(self, qname: str, qtype: int, qclass: int, client: str) -> Route | None:
+        """The route for a query: ``qname`` lower-case with a trailing dot."""
+        for index in self.candidates(qname):
+            route = self.routes[index]
+            m = route.match
+            if m.qtype and qtype not in m.qtype:
+                continue
+            if m.qclass is not None and qclass != m.qclass:
+                continue
+            if m.qname_regex is not None and m.qname_regex.compiled.search(qname) is None:
+                continue
+            if m.client and not client_allowed(m.client, client):
+                continue
+            return route
+        return None

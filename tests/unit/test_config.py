@@ -135,7 +135,7 @@ def test_bad_values_name_what_was_expected() -> None:
     assert "invalid endpoint 'tcp:nope'" in text
     assert "expected a size such as" in text
     assert "unknown unit 'fortnights'" in text
-    assert "unknown protocol 'smtpp' (known: smtp); did you mean 'smtp'?" in text
+    assert "unknown protocol 'smtpp' (known: dns, doh, smtp); did you mean 'smtp'?" in text
     assert "expected one of 'none', 'may', 'require', got 'maybe'; did you mean 'may'?" in text
     assert "invalid regular expression '(unclosed'" in text
 
@@ -158,7 +158,6 @@ def test_placeholder_must_be_a_named_group() -> None:
 
 
 def test_match_keys_must_fit_the_listener_kind() -> None:
-    # Only mail listeners exist yet, so check a key that is unknown to Match itself.
     found = problems(
         """
         version: 1
@@ -168,7 +167,10 @@ def test_match_keys_must_fit_the_listener_kind() -> None:
           - {from: in, to: d, match: {qname: example.test}}
         """
     )
-    assert found == ["routes.yaml:6:31: route 1: 'match': unknown key 'qname'"]
+    assert found == [
+        "routes.yaml:6:30: route 1: match key(s) qname do not apply to mail messages"
+        " (use client, header, rcpt, sender)"
+    ]
 
 
 def test_broken_listener_does_not_cascade_into_unknown_reference() -> None:
