@@ -1,4 +1,4 @@
-"""The ``gateway`` command: run, check, schema, route --dry-run."""
+"""The ``gateway`` command: run, check, schema, route --dry-run, queue."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ DEFAULT_CONFIG = "routes.yaml"
 
 def _format(event: LogEvent) -> str | None:
     level = event.get("log_level", LogLevel.info)
+    if event.get("log_namespace") == "log_legacy" and level < LogLevel.warn:
+        return None  # Twisted's "port starting on ..." chatter; our own lines say it better
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(event.get("log_time", time.time())))
     text = formatEvent(event)
     failure = event.get("log_failure")
@@ -197,6 +199,12 @@ def cmd_route(args: argparse.Namespace) -> int:
     return result["code"]
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    from gateway.queue_cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
@@ -230,6 +238,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     route.add_argument("--client", default="127.0.0.1", help="client address for 'client' matches")
     route.set_defaults(func=cmd_route)
+    queue = with_config(
+        sub.add_parser("queue", help="list, show, retry or drop the spooled deliveries")
+    )
+    queue.set_defaults(func=cmd_queue)
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True, metavar="SUBCOMMAND")
+
+    def queue_command(name: str, text: str, json_output: bool) -> argparse.ArgumentParser:
+        p = queue_sub.add_parser(name, help=text, description=text)
+        # -c also after the subcommand; SUPPRESS keeps one given before it.
+        p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="routes file")
+        if json_output:
+            p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        return p
+
+    queue_command("list", "the deliveries waiting in the queue", True)
+    queue_command("dead", "the dead letters (deliveries given up on)", True)
+    show = queue_command("show", "one delivery: its fields, history and message header", True)
+    show.add_argument("id", metavar="ID")
+    retry = queue_command("retry", "make deliveries due now, reviving dead letters", False)
+    retry.add_argument("ids", nargs="*", metavar="ID")
+    retry.add_argument("--all", action="store_true", help="every delivery, dead ones included")
+    drop = queue_command("drop", "delete deliveries from the spool for good", False)
+    drop.add_argument("ids", nargs="+", metavar="ID")
     return parser
 
 

@@ -75,4 +75,12 @@ def build_destination(config: BaseDestinationConfig, reactor: IReactorCore) -> D
         from gateway.protocols.smtp.destination import SmtpDestination
 
         return SmtpDestination(config, reactor)  # type: ignore[arg-type]
+    if config.protocol == "dns":
+        from gateway.protocols.dns.destination import DnsDestination
+
+        return DnsDestination(config, reactor)  # type: ignore[arg-type]
+    if config.protocol == "doh":
+        from gateway.protocols.dns.destination import DohDestination
+
+        return DohDestination(config, reactor)  # type: ignore[arg-type]
     raise ValueError(f"no destination for protocol '{config.protocol}'")

@@ -27,7 +27,7 @@ from gateway.destination import Destination, Status, build_destination
 from gateway.message import Message, local_hostname
 from gateway.plugins import PluginError, Transforms, load_transforms
 from gateway.routing import NoRoute, Router, TransformFailed, check_routes
-from gateway.spool import SpoolError, SqliteSpool, Stored
+from gateway.spool import QUEUED, SpoolError, SqliteSpool, Stored
 
 log = Logger(namespace="gateway.service")
 
@@ -103,18 +103,30 @@ class ListenerService(Service):
         self.setName(config.name)  # type: ignore[no-untyped-call]
 
     def build_factory(self) -> Any:
+        """The protocol's factory, or an object with ``listen_on(description)``."""
         if self.config.protocol == "smtp":
             from gateway.protocols.smtp.listener import build_factory
 
             return build_factory(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
+        if self.config.protocol == "dns":
+            from gateway.protocols.dns.listener import DnsSockets
+
+            return DnsSockets(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
+        if self.config.protocol == "doh":
+            from gateway.protocols.dns.listener import DohSockets
+
+            return DohSockets(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
         raise ValueError(f"no listener for protocol '{self.config.protocol}'")
 
     async def listen(self) -> None:
         self.factory = self.build_factory()
         try:
             for description in self.config.listen:
-                endpoint = serverFromString(self.reactor, str(description))  # type: ignore[no-untyped-call]
-                port = await endpoint.listen(self.factory)
+                if hasattr(self.factory, "listen_on"):
+                    port = await self.factory.listen_on(str(description))
+                else:
+                    endpoint = serverFromString(self.reactor, str(description))  # type: ignore[no-untyped-call]
+                    port = await endpoint.listen(self.factory)
                 self.ports.append(port)
                 log.info(
                     "listener {listener} ({protocol}) accepting on {endpoint}",
@@ -145,6 +157,8 @@ class ListenerService(Service):
 
 
 def _same_sockets(a: ListenerConfig, b: ListenerConfig) -> bool:
+    if a.protocol == "doh":
+        return a == b  # the web site is built with its path and limits
     return a.protocol == b.protocol and a.listen == b.listen
 
 
@@ -208,6 +222,11 @@ class GatewayService(MultiService):
             queued=stats.queued,
             dead=stats.dead,
         )
+        if stats.queued:
+            # A restart often follows a fix (an upstream back, a corrected route):
+            # what waited for its next try is tried again now, not after its back-off.
+            queued = await spool.entries(QUEUED)
+            await spool.retry([d.id for d in queued])
         self.delivery = DeliveryManager(spool, self, self.reactor)
         self.delivery.start()
         await self._open_admin(config.admin)

@@ -1,0 +1,66 @@
+"""DNS destinations: forward queries to DNS servers or to a DNS-over-HTTPS server.
+
+These are request/response destinations: the listener waits for ``resolve``.
+They take no stored messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.config import DnsDestinationConfig, DohDestinationConfig
+from gateway.destination import Outcome
+from gateway.message import Kind, Message
+from gateway.protocols.dns.client import DnsUpstream
+from gateway.protocols.dns.wire import Question
+
+
+class DnsDestination:
+    kinds = frozenset({Kind.DNS})
+
+    def __init__(self, config: DnsDestinationConfig, reactor: Any) -> None:
+        self.config = config
+        self.name = config.name
+        self.upstream = DnsUpstream(
+            reactor, [(s.host, s.port) for s in config.servers], float(config.timeout)
+        )
+
+    async def resolve(self, data: bytes, question: Question) -> bytes:
+        return await self.upstream.resolve(data, question)
+
+    async def deliver(self, message: Message) -> Outcome:
+        return Outcome.permanent("a DNS destination answers queries; it takes no stored messages")
+
+    async def close(self) -> None:
+        self.upstream.close()
+
+
+class DohDestination:
+    kinds = frozenset({Kind.DNS})
+
+    def __init__(self, config: DohDestinationConfig, reactor: Any) -> None:
+        from gateway.protocols.dns.doh_client import DohUpstream
+
+        self.config = config
+        self.name = config.name
+        self.upstream = DohUpstream(
+            reactor,
+            config.url,
+            method=config.method,
+            ca_file=config.ca,
+            verify=config.verify,
+            connections=config.connections,
+            timeout=float(config.timeout),
+        )
+
+    async def resolve(self, data: bytes, question: Question) -> bytes:
+        answer: bytes = await self.upstream.resolve(data, question)
+        return answer
+
+    async def deliver(self, message: Message) -> Outcome:
+        return Outcome.permanent("a DoH destination answers queries; it takes no stored messages")
+
+    async def close(self) -> None:
+        closing: Any = self.upstream.close()
+        if closing is not None:
+            await closing

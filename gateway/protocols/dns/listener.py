@@ -1,0 +1,265 @@
+"""The DNS listener: the gateway's side of the DNS and DoH servers.
+
+For each query: parse the header and question (a small fast parser, not
+dnspython), pick the route by name, then answer from the route's cache, from
+its local records, with REFUSED/NXDOMAIN, or by asking the route's upstreams
+in order.  Answers that do not fit a UDP client's buffer are truncated with
+TC=1 so the client retries over TCP.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from gateway.config import (
+    DnsListenerConfig,
+    DohListenerConfig,
+    Route,
+    _parse_record,
+    udp_endpoint_args,
+)
+from gateway.protocols.dns.cache import DnsCache
+from gateway.protocols.dns.client import UpstreamError
+from gateway.protocols.dns.server import DnsTcpFactory, DnsUdpProtocol
+from gateway.protocols.dns.wire import (
+    FORMERR,
+    NOTIMP,
+    NXDOMAIN,
+    REFUSED,
+    SERVFAIL,
+    Question,
+    WireError,
+    error_response,
+    parse_query,
+    truncate,
+    with_id,
+)
+from gateway.routing import DnsRoutes
+
+if TYPE_CHECKING:
+    from gateway.service import GatewayService, Runtime
+
+log = Logger(namespace="gateway.dns.listener")
+
+
+class LocalZone:
+    """The records of a route's ``answer:``, answered with AA like a small authoritative zone."""
+
+    def __init__(self, records: tuple[str, ...]) -> None:
+        import dns.rrset
+
+        self.rrsets: dict[tuple[str, int], list[dns.rrset.RRset]] = {}
+        self.names: set[str] = set()
+        for text in records:
+            rrset = _parse_record(text)
+            name = rrset.name.to_text().lower()
+            if not name.endswith("."):
+                name += "."
+            self.names.add(name)
+            self.rrsets.setdefault((name, int(rrset.rdtype)), []).append(rrset)
+
+    def answer(self, data: bytes, question: Question) -> bytes:
+        import dns.flags
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+
+        query = dns.message.from_wire(data)
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        found = self.rrsets.get((question.qname, question.qtype))
+        if found is None and question.qtype != dns.rdatatype.CNAME:
+            found = self.rrsets.get((question.qname, int(dns.rdatatype.CNAME)))
+        if found:
+            response.answer.extend(found)
+        elif question.qname not in self.names:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        wire: bytes = response.to_wire(max_size=65535)
+        return wire
+
+
+class DnsListener:
+    """Answers queries for one configured DNS or DoH listener (the DnsHandler)."""
+
+    def __init__(
+        self, config: DnsListenerConfig | DohListenerConfig, gateway: GatewayService
+    ) -> None:
+        self.config = config
+        self.gateway = gateway
+        self._runtime: Runtime | None = None
+        self._routes: DnsRoutes | None = None
+        # Caches and local zones outlive reloads as long as their route is unchanged.
+        self._caches: dict[str, tuple[Route, DnsCache]] = {}
+        self._zones: dict[str, tuple[Route, LocalZone]] = {}
+        self.queries = 0
+        self.malformed = 0
+
+    def _index(self, runtime: Runtime) -> DnsRoutes:
+        if runtime is not self._runtime or self._routes is None:
+            routes = runtime.router.routes_for(self.config.name)
+            self._routes = DnsRoutes(routes)
+            self._runtime = runtime
+            names = {r.name for r in routes}
+            self._caches = {k: v for k, v in self._caches.items() if k in names}
+            self._zones = {k: v for k, v in self._zones.items() if k in names}
+        return self._routes
+
+    def _cache(self, route: Route) -> DnsCache | None:
+        if not route.cache:
+            return None
+        held = self._caches.get(route.name)
+        if held is None or held[0] != route:
+            cache = DnsCache(
+                route.cache_entries,
+                clock=self.gateway.reactor.seconds,
+                serve_stale=float(route.serve_stale),
+            )
+            held = (route, cache)
+            self._caches[route.name] = held
+        return held[1]
+
+    def _zone(self, route: Route) -> LocalZone:
+        held = self._zones.get(route.name)
+        if held is None or held[0] != route:
+            held = (route, LocalZone(route.answer))
+            self._zones[route.name] = held
+        return held[1]
+
+    # --- DnsHandler ---
+
+    def answer(self, data: bytes, client: tuple[str, int], transport: str) -> Any:
+        self.queries += 1
+        try:
+            question = parse_query(data)
+        except WireError as exc:
+            self.malformed += 1
+            return error_response(data, FORMERR, None) if exc.header_ok else None
+        if question.opcode != 0:
+            return error_response(data, NOTIMP, question)
+        runtime = self.gateway.current()
+        route = self._index(runtime).select(
+            question.qname, question.qtype, question.qclass, client[0]
+        )
+        if route is None:
+            return error_response(data, REFUSED, question)
+        if route.action is not None:
+            return error_response(data, REFUSED if route.action == "refuse" else NXDOMAIN, question)
+        if route.answer:
+            try:
+                return self._fit(self._zone(route).answer(data, question), question, transport)
+            except Exception:
+                log.failure("local answer of route {route} failed", route=route.name)
+                return error_response(data, SERVFAIL, question)
+        cache = self._cache(route)
+        if cache is not None:
+            hit = cache.get(question.key, question.id)
+            if hit is not None:
+                return self._fit(hit, question, transport)
+        return Deferred.fromCoroutine(
+            self._forward(runtime, route, data, question, transport, cache)
+        )
+
+    async def _forward(
+        self,
+        runtime: Runtime,
+        route: Route,
+        data: bytes,
+        question: Question,
+        transport: str,
+        cache: DnsCache | None,
+    ) -> bytes:
+        problems = []
+        for name in route.to:
+            destination: Any = runtime.destinations.get(name)
+            resolve = getattr(destination, "resolve", None)
+            if resolve is None:
+                problems.append(f"{name}: not a DNS destination")
+                continue
+            try:
+                answer: bytes = await resolve(data, question)
+            except UpstreamError as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+            except Exception as exc:
+                log.failure("destination {destination} failed", destination=name)
+                problems.append(f"{name}: internal error {exc}")
+                continue
+            if cache is not None:
+                cache.put(question.key, answer)
+            return self._fit(with_id(answer, question.id), question, transport)
+        if cache is not None:
+            stale = cache.get_stale(question.key, question.id)
+            if stale is not None:
+                log.info(
+                    "route {route}: every upstream failed, serving a stale answer for"
+                    " {qname} ({problems})",
+                    route=route.name,
+                    qname=question.qname,
+                    problems="; ".join(problems),
+                )
+                return self._fit(stale, question, transport)
+        log.warn(
+            "route {route}: SERVFAIL for {qname}: {problems}",
+            route=route.name,
+            qname=question.qname,
+            problems="; ".join(problems),
+        )
+        return error_response(data, SERVFAIL, question)
+
+    @staticmethod
+    def _fit(response: bytes, question: Question, transport: str) -> bytes:
+        if transport == "udp" and len(response) > question.udp_size:
+            return truncate(response, question.udp_size)
+        return response
+
+
+class DnsSockets:
+    """The sockets of a DNS listener: UDP and TCP endpoints share one DnsListener."""
+
+    def __init__(self, config: DnsListenerConfig, gateway: GatewayService, reactor: Any) -> None:
+        self.handler = DnsListener(config, gateway)
+        self.reactor = reactor
+        self.tcp = DnsTcpFactory(
+            self.handler,
+            reactor,
+            idle_timeout=float(config.tcp_idle_timeout),
+            max_connections=config.max_tcp_connections,
+        )
+
+    async def listen_on(self, description: str) -> Any:
+        if description.lower().startswith("udp:"):
+            port, interface = udp_endpoint_args(description)
+            return self.reactor.listenUDP(port, DnsUdpProtocol(self.handler), interface=interface)
+        endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
+        return await endpoint.listen(self.tcp)
+
+    def reconfigure(self, config: DnsListenerConfig) -> None:
+        self.handler.config = config
+        self.tcp.idle_timeout = float(config.tcp_idle_timeout)
+        self.tcp.max_connections = config.max_tcp_connections
+
+    async def drain(self, timeout: float) -> None:
+        for protocol in list(self.tcp.connections):
+            protocol._transport.loseConnection()
+
+
+class DohSockets:
+    """The sockets of a DoH listener."""
+
+    def __init__(self, config: DohListenerConfig, gateway: GatewayService, reactor: Any) -> None:
+        from gateway.protocols.dns.doh_server import doh_site
+
+        self.handler = DnsListener(config, gateway)
+        self.reactor = reactor
+        self.site = doh_site(self.handler, path=config.path, max_size=config.max_size)
+
+    async def listen_on(self, description: str) -> Any:
+        endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
+        return await endpoint.listen(self.site)
+
+    def reconfigure(self, config: DohListenerConfig) -> None:
+        self.handler.config = config

@@ -1,0 +1,181 @@
+"""Twisted shells of the DNS listener: UDP datagrams and TCP streams (RFC 1035, RFC 7766).
+
+The protocols only move bytes: each query goes to a handler that returns the
+response (or a Deferred of it, or None to stay silent).  Over TCP several
+queries may be in flight on one connection and are answered as they complete.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger(namespace="gateway.dns.server")
+
+Answer = bytes | None | Deferred[bytes | None]
+
+
+class DnsHandler(TypingProtocol):
+    def answer(self, data: bytes, client: tuple[str, int], transport: str) -> Answer:
+        """The response to ``data`` from ``client`` over "udp", "tcp" or "doh"."""
+        ...
+
+
+class DnsUdpProtocol(DatagramProtocol):
+    """One UDP socket: a datagram in, at most one datagram out."""
+
+    noisy = False
+
+    def __init__(self, handler: DnsHandler) -> None:
+        self.handler = handler
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        try:
+            result = self.handler.answer(datagram, addr, "udp")
+        except Exception:
+            log.failure("DNS handler failed on a UDP query from {client}", client=addr)
+            return
+        if isinstance(result, Deferred):
+            result.addCallback(self._send, addr)
+            result.addErrback(self._failed, addr)
+        elif result:
+            self._send(result, addr)
+
+    def _send(self, response: bytes | None, addr: Any) -> None:
+        transport: Any = self.transport
+        if response and transport is not None:
+            try:
+                transport.write(response, addr)
+            except OSError as exc:
+                log.debug("cannot answer {client}: {error}", client=addr, error=exc)
+
+    def _failed(self, failure: Failure, addr: Any) -> None:
+        log.failure("DNS handler failed on a UDP query from {client}", failure, client=addr)
+
+
+class DnsTcpProtocol(Protocol):
+    """One TCP connection: 2-octet length-prefixed messages, pipelined (RFC 7766)."""
+
+    max_pending = 64  # queries in flight before we stop reading from this client
+
+    def __init__(self, factory: DnsTcpFactory) -> None:
+        self.factory = factory
+        self._buffer = bytearray()
+        self._pending = 0
+        self._paused = False
+        self._timer: Any = None
+        self._open = False
+        self._peer: tuple[str, int] = ("", 0)
+
+    @property
+    def _transport(self) -> Any:
+        return self.transport
+
+    def connectionMade(self) -> None:
+        if len(self.factory.connections) >= self.factory.max_connections:
+            log.warn(
+                "too many DNS TCP clients ({count}); refusing {peer}",
+                count=len(self.factory.connections),
+                peer=self._transport.getPeer(),
+            )
+            self._transport.loseConnection()
+            return
+        self._open = True
+        self.factory.connections.add(self)
+        peer = self._transport.getPeer()
+        self._peer = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._open:
+            return
+        self._buffer += data
+        while len(self._buffer) >= 2:
+            (length,) = struct.unpack_from("!H", self._buffer)
+            if len(self._buffer) < 2 + length:
+                break
+            message = bytes(self._buffer[2 : 2 + length])
+            del self._buffer[: 2 + length]
+            if length == 0:
+                continue
+            self._query(message)
+        if self._pending == 0:
+            self._arm()
+
+    def _query(self, message: bytes) -> None:
+        try:
+            result = self.factory.handler.answer(message, self._peer, "tcp")
+        except Exception:
+            log.failure("DNS handler failed on a TCP query from {client}", client=self._peer)
+            return
+        if isinstance(result, Deferred):
+            self._pending += 1
+            self._cancel_timer()
+            if self._pending >= self.max_pending and not self._paused:
+                self._paused = True
+                self._transport.pauseProducing()
+            result.addCallback(self._send)
+            result.addErrback(self._failed)
+            result.addBoth(self._done)
+        elif result:
+            self._send(result)
+
+    def _send(self, response: bytes | None) -> None:
+        if response and self._open:
+            self._transport.write(struct.pack("!H", len(response)) + response)
+
+    def _failed(self, failure: Failure) -> None:
+        log.failure("DNS handler failed on a TCP query from {client}", failure, client=self._peer)
+
+    def _done(self, _: object) -> None:
+        self._pending -= 1
+        if self._paused and self._pending < self.max_pending // 2 and self._open:
+            self._paused = False
+            self._transport.resumeProducing()
+        if self._pending == 0:
+            self._arm()
+
+    def _arm(self) -> None:
+        if not self._open:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.factory.idle_timeout)
+        else:
+            self._timer = self.factory.reactor.callLater(self.factory.idle_timeout, self._idle)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        if self._open and self._pending == 0:
+            self._transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._open = False
+        self._cancel_timer()
+        self.factory.connections.discard(self)
+
+
+class DnsTcpFactory(Factory):
+    noisy = False
+
+    def __init__(
+        self, handler: DnsHandler, reactor: Any, *, idle_timeout: float, max_connections: int
+    ) -> None:
+        self.handler = handler
+        self.reactor = reactor
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.connections: set[DnsTcpProtocol] = set()
+
+    def buildProtocol(self, addr: Any) -> DnsTcpProtocol:
+        return DnsTcpProtocol(self)

@@ -1,0 +1,306 @@
+"""The DNS listener as a real process: dig and kdig in, unbound upstream.
+
+Each test starts unbound (offline, local zones only) and a gateway on free
+ports of 127.0.0.1, and stops them afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import time
+from pathlib import Path
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from tests.peers import GatewayProcess, Unbound, dig, free_udp_tcp_port, kdig
+
+
+def start_gateway(
+    tmp_path: Path, routes: str, destinations: str, **extra: str
+) -> tuple[GatewayProcess, int]:
+    port = free_udp_tcp_port()
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        f"""
+version: 1
+listeners:
+  dns-in:
+    protocol: dns
+    listen: ["udp:{port}:interface=127.0.0.1", "tcp:{port}:interface=127.0.0.1"]
+destinations:
+{destinations}
+routes:
+{routes}
+"""
+    )
+    gw = GatewayProcess(path)
+    gw.start(port)
+    return gw, port
+
+
+def ask(
+    port: int,
+    name: str,
+    rdtype: str = "A",
+    *,
+    tcp: bool = False,
+    source: str = "127.0.0.1",
+    **kw: object,
+) -> dns.message.Message:
+    query = dns.message.make_query(name, rdtype, **kw)  # type: ignore[arg-type]
+    if tcp:
+        return dns.query.tcp(query, "127.0.0.1", port=port, timeout=5, source=source)
+    return dns.query.udp(
+        query, "127.0.0.1", port=port, timeout=5, source=source, ignore_trailing=True
+    )
+
+
+@pytest.fixture
+def forwarding(tmp_path: Path, unbound: Unbound) -> tuple[GatewayProcess, int, Unbound]:
+    gw, port = start_gateway(
+        tmp_path,
+        "  - {name: fwd, from: dns-in, to: inside}",
+        f'  inside: {{protocol: dns, servers: ["127.0.0.1:{unbound.port}"], timeout: 1s}}',
+    )
+    yield gw, port, unbound
+    gw.stop()
+
+
+def test_dig_over_udp_and_tcp(forwarding: tuple[GatewayProcess, int, Unbound]) -> None:
+    _, port, _ = forwarding
+    out = dig("@127.0.0.1", "-p", str(port), "www.example.test", "+short")
+    assert out.stdout.strip() == "192.0.2.10", out.stdout + out.stderr
+    out = dig("@127.0.0.1", "-p", str(port), "www.example.test", "+tcp", "+short")
+    assert out.stdout.strip() == "192.0.2.10", out.stdout + out.stderr
+    answer = ask(port, "www.example.test", id=4242)
+    assert answer.id == 4242 and answer.rcode() == dns.rcode.NOERROR
+    assert answer.flags & dns.flags.RD and answer.flags & dns.flags.QR
+
+
+def test_pipelined_tcp_queries_on_one_connection(
+    forwarding: tuple[GatewayProcess, int, Unbound],
+) -> None:
+    _, port, _ = forwarding
+    out = kdig(
+        "@127.0.0.1",
+        "-p",
+        str(port),
+        "+tcp",
+        "+keepopen",
+        "+short",
+        "www.example.test",
+        "loopback.example.test",
+        "whoami.test",
+        "TXT",
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.split()
+    assert "192.0.2.10" in lines and "127.0.0.1" in lines and '"unbound-1"' in lines
+    # Several queries written at once on one raw connection: every one answered, IDs kept.
+    queries = [
+        dns.message.make_query(n, "A")
+        for n in ("www.example.test", "loopback.example.test", "alias.example.test")
+    ]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"".join(struct.pack("!H", len(w)) + w for w in (q.to_wire() for q in queries)))
+        answers = {}
+        buffer = b""
+        while len(answers) < 3:
+            buffer += s.recv(65535)
+            while len(buffer) >= 2 and len(buffer) >= 2 + struct.unpack("!H", buffer[:2])[0]:
+                length = struct.unpack("!H", buffer[:2])[0]
+                message = dns.message.from_wire(buffer[2 : 2 + length])
+                buffer = buffer[2 + length :]
+                answers[message.id] = message
+    assert set(answers) == {q.id for q in queries}
+
+
+def test_large_answer_truncated_for_small_udp_buffer_and_whole_over_tcp(
+    forwarding: tuple[GatewayProcess, int, Unbound],
+) -> None:
+    _, port, _ = forwarding
+    small = ask(port, "big.example.test", use_edns=False)
+    assert small.flags & dns.flags.TC and not small.answer
+    assert small.question[0].name.to_text() == "big.example.test."
+    out = dig("@127.0.0.1", "-p", str(port), "big.example.test", "+noedns", "+ignore")
+    assert " tc " in out.stdout or "flags: qr tc" in out.stdout
+    whole = ask(port, "big.example.test", tcp=True)
+    assert len(whole.answer[0]) == 100
+    # A client with a big buffer gets all of it over UDP: the gateway itself fell back
+    # to TCP upstream, since unbound truncates 100 records over UDP.
+    roomy = ask(port, "big.example.test", use_edns=0, payload=65000)
+    assert not roomy.flags & dns.flags.TC and len(roomy.answer[0]) == 100
+
+
+def test_cache_answers_without_asking_upstream_and_counts_ttl_down(
+    forwarding: tuple[GatewayProcess, int, Unbound],
+) -> None:
+    _, port, unbound = forwarding
+    before = unbound.query_count()
+    first = ask(port, "www.example.test")
+    assert unbound.query_count() == before + 1
+    time.sleep(2.1)
+    second = ask(port, "www.example.test")
+    assert unbound.query_count() == before + 1, "the second query reached unbound"
+    assert second.answer[0].ttl <= first.answer[0].ttl - 2
+    # NXDOMAIN is cached too (RFC 2308), for the SOA's minimum.
+    missing = ask(port, "nothing-here.example.test")
+    assert missing.rcode() == dns.rcode.NXDOMAIN and missing.authority
+    count = unbound.query_count()
+    again = ask(port, "nothing-here.example.test")
+    assert again.rcode() == dns.rcode.NXDOMAIN
+    assert unbound.query_count() == count
+    # The DO bit is part of the key: a DNSSEC-OK query is a separate entry.
+    ask(port, "www.example.test", want_dnssec=True)
+    assert unbound.query_count() == count + 1
+
+
+def test_split_horizon_by_client_network(tmp_path: Path, unbound: Unbound, unbound_factory) -> None:  # type: ignore[no-untyped-def]
+    other = unbound_factory(records=["www.example.test. 300 IN A 192.0.2.99"])
+    gw, port = start_gateway(
+        tmp_path,
+        "  - {name: lab, from: dns-in, match: {client: [127.0.0.2/32], qname: ['*.test']}, to: lab}\n"
+        "  - {name: main, from: dns-in, to: main}",
+        f'  main: {{protocol: dns, servers: ["127.0.0.1:{unbound.port}"]}}\n'
+        f'  lab: {{protocol: dns, servers: ["127.0.0.1:{other.port}"]}}',
+    )
+    try:
+        assert ask(port, "whoami.test", "TXT").answer[0].to_text().endswith('"unbound-1"')
+        assert (
+            ask(port, "whoami.test", "TXT", source="127.0.0.2")
+            .answer[0]
+            .to_text()
+            .endswith('"unbound-2"')
+        )
+        assert (
+            ask(port, "www.example.test", source="127.0.0.2").answer[0][0].address == "192.0.2.99"
+        )
+        assert ask(port, "www.example.test").answer[0][0].address == "192.0.2.10"
+    finally:
+        gw.stop()
+
+
+def test_dead_upstream_gives_servfail_in_time_and_next_server_is_tried(
+    tmp_path: Path, unbound: Unbound
+) -> None:
+    dead = free_udp_tcp_port()
+    gw, port = start_gateway(
+        tmp_path,
+        "  - {name: only-dead, from: dns-in, match: {qname: 'whoami.test'}, to: dead}\n"
+        "  - {name: failover, from: dns-in, to: both}",
+        f'  dead: {{protocol: dns, servers: ["127.0.0.1:{dead}"], timeout: 500ms}}\n'
+        f'  both: {{protocol: dns, servers: ["127.0.0.1:{dead}", "127.0.0.1:{unbound.port}"], timeout: 500ms}}',
+    )
+    try:
+        started = time.monotonic()
+        answer = ask(port, "whoami.test", "TXT")
+        assert answer.rcode() == dns.rcode.SERVFAIL
+        assert time.monotonic() - started < 2.0
+        assert ask(port, "www.example.test").answer[0][0].address == "192.0.2.10"
+        assert "SERVFAIL for whoami.test." in gw.log_text()
+    finally:
+        gw.stop()
+
+
+def test_serve_stale_when_every_upstream_fails(tmp_path: Path, unbound_factory) -> None:  # type: ignore[no-untyped-def]
+    upstream = unbound_factory(records=["short.example.test. 1 IN A 192.0.2.55"])
+    gw, port = start_gateway(
+        tmp_path,
+        "  - {name: fwd, from: dns-in, to: inside, serve_stale: 1h}",
+        f'  inside: {{protocol: dns, servers: ["127.0.0.1:{upstream.port}"], timeout: 500ms}}',
+    )
+    try:
+        assert ask(port, "short.example.test").answer[0][0].address == "192.0.2.55"
+        upstream.stop()
+        time.sleep(1.5)
+        stale = ask(port, "short.example.test")
+        assert stale.rcode() == dns.rcode.NOERROR
+        assert stale.answer[0][0].address == "192.0.2.55"
+        assert stale.answer[0].ttl == 30  # RFC 8767's recommended stale TTL
+        assert "serving a stale answer" in gw.log_text()
+    finally:
+        gw.stop()
+
+
+def test_local_answers_and_block_list(tmp_path: Path, unbound: Unbound) -> None:
+    (tmp_path / "block.txt").write_text("# blocked\nads.example.test\n*.tracker.test\n")
+    gw, port = start_gateway(
+        tmp_path,
+        "  - {name: block, from: dns-in, match: {qname_file: block.txt}, action: nxdomain}\n"
+        "  - {name: refuse-any, from: dns-in, match: {qtype: [ANY]}, action: refuse}\n"
+        "  - {name: local, from: dns-in, match: {qname: ['printer.lan.test']}, answer: ['printer.lan.test. 60 IN A 192.0.2.200', 'printer.lan.test. 60 IN TXT \"hp\"']}\n"
+        "  - {name: fwd, from: dns-in, to: inside}",
+        f'  inside: {{protocol: dns, servers: ["127.0.0.1:{unbound.port}"]}}',
+    )
+    try:
+        assert ask(port, "ads.example.test").rcode() == dns.rcode.NXDOMAIN
+        assert ask(port, "a.b.tracker.test").rcode() == dns.rcode.NXDOMAIN
+        assert ask(port, "www.example.test", "ANY").rcode() == dns.rcode.REFUSED
+        local = ask(port, "printer.lan.test")
+        assert local.flags & dns.flags.AA and local.answer[0][0].address == "192.0.2.200"
+        nodata = ask(port, "printer.lan.test", "AAAA")
+        assert nodata.rcode() == dns.rcode.NOERROR and not nodata.answer
+        # The block list is re-read on SIGHUP.
+        (tmp_path / "block.txt").write_text("www.example.test\n")
+        mark = gw.log_mark()
+        gw.hup()
+        gw.wait_for_log("configuration reloaded", since=mark)
+        assert ask(port, "www.example.test").rcode() == dns.rcode.NXDOMAIN
+        assert ask(port, "loopback.example.test").answer[0][0].address == "127.0.0.1"
+    finally:
+        gw.stop()
+
+
+def test_bad_input_never_breaks_the_listener(
+    forwarding: tuple[GatewayProcess, int, Unbound],
+) -> None:
+    gw, port, _ = forwarding
+    good = dns.message.make_query("www.example.test", "A").to_wire()
+    header = good[:12]
+    loop = bytearray(header)
+    loop[4:6] = b"\x00\x01"
+    loop += b"\xc0\x0c\x00\x01\x00\x01"  # a compression pointer to itself
+    cases = [
+        b"",
+        b"\x00",
+        header[:7],
+        bytes(loop),
+        header[:4] + b"\x00\x00" + header[6:],  # QDCOUNT 0
+        header[:4] + b"\x00\x05" + header[6:] + good[12:],  # QDCOUNT 5, one question
+        good[:-3],  # cut in the question
+        bytes(random.Random(7).getrandbits(8) for _ in range(300)),
+        b"\x80" * 12,  # a response, not a query
+    ]
+    rng = random.Random(1)
+    cases += [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 80))) for _ in range(200)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        formerr = 0
+        for case in cases[:9]:
+            s.sendto(case, ("127.0.0.1", port))
+            try:
+                data = s.recv(65535)
+            except TimeoutError:
+                continue
+            assert data[:2] == case[:2], "the answer must carry the query's ID"
+            if data[3] & 0x0F == dns.rcode.FORMERR:
+                formerr += 1
+        for case in cases[9:]:
+            s.sendto(case, ("127.0.0.1", port))
+        s.settimeout(1.0)
+        try:
+            while True:
+                s.recv(65535)
+        except TimeoutError:
+            pass
+    assert formerr >= 4
+    assert ask(port, "www.example.test").answer[0][0].address == "192.0.2.10"
+    log = gw.log_text()
+    assert "Traceback" not in log, log[-3000:]
