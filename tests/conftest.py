@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.peers import GatewayProcess, SmtpSink
+from tests.peers import Dnsdist, GatewayProcess, SmtpSink, Unbound
 
 
 @pytest.fixture
@@ -79,3 +79,81 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
     yield make
     for process in reversed(processes):
         process.stop()
+
+
+# The `unbound` fixture's data. 192.0.2.0/24 is this machine's own range:
+# answers in it are data only, never connect to them; loopback.example.test
+# is the name to resolve and then connect to.
+UNBOUND_RECORDS: tuple[str, ...] = (
+    "www.example.test. 300 IN A 192.0.2.10",
+    "loopback.example.test. 300 IN A 127.0.0.1",
+    "alias.example.test. 300 IN CNAME www.example.test.",
+    # 100 A records: TC=1 over UDP (even with EDNS 1232), whole over TCP.
+    *(f"big.example.test. 300 IN A 192.0.2.{i}" for i in range(1, 101)),
+)
+
+
+@pytest.fixture
+def unbound(tmp_path: Path) -> Iterator[Unbound]:
+    """unbound on a free port of 127.0.0.1 serving example.test (UNBOUND_RECORDS).
+
+    whoami.test TXT is "unbound-1"; names outside example.test are REFUSED.
+    """
+    with Unbound(tmp_path / "unbound", records=UNBOUND_RECORDS, whoami="unbound-1") as server:
+        yield server
+
+
+UnboundFactory = Callable[..., Unbound]
+
+
+@pytest.fixture
+def unbound_factory(tmp_path: Path) -> Iterator[UnboundFactory]:
+    """Start more unbound instances, each with Unbound's options (records=, zones=, ...).
+
+    The n-th gets folder tmp_path/unbound-{n+1} and, unless whoami= is given,
+    whoami "unbound-{n+1}", so it differs from the `unbound` fixture's
+    "unbound-1". Every instance is stopped after the test.
+    """
+    servers: list[Unbound] = []
+
+    def start(**options: Any) -> Unbound:
+        name = f"unbound-{len(servers) + 2}"
+        options.setdefault("whoami", name)
+        server = Unbound(tmp_path / name, **options)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    _stop_all(servers)
+
+
+DnsdistFactory = Callable[..., Dnsdist]
+
+
+@pytest.fixture
+def dnsdist_factory(tmp_path: Path) -> Iterator[DnsdistFactory]:
+    """Start dnsdist instances: upstreams=[unbound.port, ...] and Dnsdist's other options.
+
+    Each gets its own folder, ports and certificate and is stopped after the test.
+    """
+    instances: list[Dnsdist] = []
+
+    def start(**options: Any) -> Dnsdist:
+        instance = Dnsdist(tmp_path / f"dnsdist-{len(instances) + 1}", **options)
+        instances.append(instance)
+        return instance.start()
+
+    yield start
+    _stop_all(instances)
+
+
+def _stop_all(peers: Sequence[Unbound | Dnsdist]) -> None:
+    """Stop every peer, newest first, even if one fails; then raise the first error."""
+    errors = []
+    for peer in reversed(peers):
+        try:
+            peer.stop()
+        except Exception as exc:  # stop the others regardless
+            errors.append(exc)
+    if errors:
+        raise errors[0]

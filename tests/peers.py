@@ -6,6 +6,7 @@ is not installed fails the test (CI installs them; a skip would hide that).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email
 import email.message
@@ -17,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal, Self
 
+import dns.exception
+import dns.message
+import dns.query
 import pytest
 
 LOOPBACK = "127.0.0.1"
@@ -44,6 +49,7 @@ DEBIAN_PACKAGES: dict[str, str] = {
     "ctlinnd": "inn2",
     "rc.news": "inn2",
     "unbound": "unbound",
+    "unbound-checkconf": "unbound",
     "dnsdist": "dnsdist",
     "nginx": "nginx-light",
     "dnsperf": "dnsperf",
@@ -924,3 +930,634 @@ class GatewayProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# --------------------------------------------------------------------------- DNS peers
+
+# Names under this suffix are the fixtures' own probes (readiness checks and
+# dnsdist's health checks); Unbound.query_count leaves them out.
+PROBE_SUFFIX = "peers.invalid."
+READY_PROBE_NAME = f"ready.{PROBE_SUFFIX}"
+HEALTH_PROBE_NAME = f"dnsdist-health.{PROBE_SUFFIX}"
+
+_PROBE_TIMEOUT = 0.2
+
+
+def free_udp_tcp_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago for both TCP and UDP (DNS needs both)."""
+    for _attempt in range(100):
+        port = free_port("tcp")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("found no port on 127.0.0.1 free for both TCP and UDP in 100 tries")
+
+
+def _absolute_name(name: str) -> str:
+    return name if name.endswith(".") else f"{name}."
+
+
+def _run_tool(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        check=False,
+    )
+
+
+_CERTS: dict[Path, tuple[Path, Path]] = {}
+
+
+def make_tls_cert(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost, 127.0.0.1 and ::1: (cert.pem, key.pem) in directory.
+
+    The certificate is its own CA: clients pass cert.pem as the CA file. Made
+    once per directory; later calls return the same files.
+    """
+    directory = Path(directory).resolve()
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    if _CERTS.get(directory) == (cert, key) and cert.exists() and key.exists():
+        return cert, key
+    if not (cert.exists() and key.exists()):
+        directory.mkdir(parents=True, exist_ok=True)
+        cert_tmp, key_tmp = directory / "cert.pem.tmp", directory / "key.pem.tmp"
+        argv = [
+            require_binary("openssl"), "req", "-x509",
+            "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "3650",
+            "-keyout", str(key_tmp), "-out", str(cert_tmp),
+            "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
+        ]  # fmt: skip
+        result = _run_tool(argv, timeout=30)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"openssl could not make a test certificate (status {result.returncode}):\n"
+                f"{result.stderr}"
+            )
+        # The key first: a cert.pem that exists always has its key next to it.
+        os.replace(key_tmp, key)
+        os.replace(cert_tmp, cert)
+    _CERTS[directory] = (cert, key)
+    return cert, key
+
+
+def dns_probe(port: int, name: str = READY_PROBE_NAME, timeout: float = _PROBE_TIMEOUT) -> bool:
+    """Whether a DNS server on 127.0.0.1:port answers a UDP query for `name` (any rcode)."""
+    query = dns.message.make_query(name, "A")
+    try:
+        dns.query.udp(query, LOOPBACK, timeout=timeout, port=port)
+    except (dns.exception.DNSException, OSError):
+        return False
+    return True
+
+
+def tls_accepts(port: int, cafile: Path, timeout: float = 1.0) -> bool:
+    """Whether a TLS handshake with 127.0.0.1:port succeeds, verifying against cafile."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    try:
+        with (
+            socket.create_connection((LOOPBACK, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=LOOPBACK),
+        ):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def _unbound_quote(value: str) -> str:
+    """A string as unbound.conf reads it: in double quotes, or single ones if it holds a double."""
+    if '"' not in value:
+        return f'"{value}"'
+    if "'" not in value:
+        return f"'{value}'"
+    raise ValueError(f"unbound.conf cannot quote a value with both kinds of quotes: {value!r}")
+
+
+def _has_soa(records: Iterable[str], zone: str) -> bool:
+    for record in records:
+        fields = record.split()
+        if (
+            fields
+            and _absolute_name(fields[0]).lower() == zone.lower()
+            and "SOA" in (f.upper() for f in fields[1:4])
+        ):
+            return True
+    return False
+
+
+# unbound's log line for each query it parsed, with log-queries and
+# log-tag-queryreply: "[1795624162] unbound[18130:0] query: 127.0.0.1 www.example.test. A IN".
+# It is written (and flushed) before the answer is sent.
+_UNBOUND_QUERY_LINE = re.compile(
+    r"^\[\d+\] unbound\[\d+:[0-9a-f]+\] query: "
+    r"(?P<client>[0-9A-Fa-f.:]+) (?P<name>\S+) (?P<type>\S+) (?P<cls>\S+)$",
+    re.MULTILINE,
+)
+
+
+@dataclass(frozen=True)
+class LoggedQuery:
+    """One query as unbound logged it: client address, name (absolute, as unbound prints it), type, class."""
+
+    client: str
+    name: str
+    rdtype: str
+    rdclass: str
+
+    @property
+    def is_probe(self) -> bool:
+        return self.name.lower().endswith(f".{PROBE_SUFFIX}")
+
+
+class Unbound:
+    """unbound on 127.0.0.1 as an offline upstream that answers only from its own data.
+
+    Each zone is a static local zone (with a SOA unless `records` gives one),
+    `records` are its local-data lines ("www.example.test. 300 IN A 192.0.2.10"),
+    every other name is REFUSED (names under test. and invalid. outside the
+    zones get NXDOMAIN: unbound's built-in zones). With `whoami`, the TXT record
+    whoami.test. holds it, to tell instances apart. extra_config goes at the
+    end of the server: clause. Every query unbound parses is logged, so
+    query_count() tells how many reached it.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        port: int | None = None,
+        records: Sequence[str] = (),
+        zones: Sequence[str] = ("example.test.",),
+        whoami: str | None = None,
+        extra_config: str = "",
+    ) -> None:
+        self.directory = Path(directory).resolve()
+        self.config_path = self.directory / "unbound.conf"
+        self.log_path = self.directory / "unbound.log"
+        self.stderr_path = self.directory / "unbound.stderr"
+        self.host = LOOPBACK
+        self._auto_port = port is None
+        self.port = free_udp_tcp_port() if port is None else port
+        self.zones = tuple(_absolute_name(zone) for zone in zones)
+        if "." in self.zones:
+            raise ValueError("the root zone is always refused; give unbound zones below it")
+        if whoami is not None and any(c in whoami for c in "\"'\\"):
+            raise ValueError(f"whoami must hold no quotes or backslashes, got {whoami!r}")
+        self.records = tuple(records)
+        self.whoami = whoami
+        self.extra_config = extra_config
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+
+    def config_text(self) -> str:
+        zones = list(dict.fromkeys(self.zones))
+        records = list(self.records)
+        if self.whoami is not None:
+            if "whoami.test." not in zones:
+                zones.append("whoami.test.")
+            records.append(f'whoami.test. 300 IN TXT "{self.whoami}"')
+        lines = [
+            "server:",
+            f"    interface: {self.host}@{self.port}",
+            "    num-threads: 1",
+            # A second server on the same port must fail, not share the queries.
+            "    so-reuseport: no",
+            '    chroot: ""',
+            '    username: ""',
+            f"    directory: {_unbound_quote(str(self.directory))}",
+            f"    pidfile: {_unbound_quote(str(self.directory / 'unbound.pid'))}",
+            "    use-syslog: no",
+            f"    logfile: {_unbound_quote(str(self.log_path))}",
+            "    log-time-ascii: no",
+            "    verbosity: 1",
+            "    log-queries: yes",
+            # Query lines say "query:" instead of "info:", so counting them is exact.
+            "    log-tag-queryreply: yes",
+            # No validator, so no trust anchor to fetch from outside.
+            '    module-config: "iterator"',
+            # Nothing is ever looked up outside this machine.
+            '    local-zone: "." refuse',
+        ]
+        for zone in zones:
+            lines.append(f"    local-zone: {_unbound_quote(zone)} static")
+            if not _has_soa(records, zone):
+                # Real zones have one, and NXDOMAIN answers carry it.
+                soa = f"{zone} 3600 IN SOA ns.{zone} hostmaster.{zone} 1 3600 900 604800 300"
+                lines.append(f"    local-data: {_unbound_quote(soa)}")
+        lines += [f"    local-data: {_unbound_quote(record)}" for record in records]
+        lines += [f"    {line}" for line in self.extra_config.splitlines()]
+        lines += ["remote-control:", "    control-enable: no", ""]
+        return "\n".join(lines)
+
+    def _check_config(self) -> None:
+        result = _run_tool([require_binary("unbound-checkconf"), str(self.config_path)], 30)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"unbound-checkconf rejects {self.config_path}:\n{result.stdout}{result.stderr}"
+            )
+
+    def _output(self, since: int = 0) -> str:
+        try:
+            with self.stderr_path.open("rb") as out:
+                out.seek(since)
+                return out.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def _failure_report(self) -> str:
+        return (
+            f"its output {self.stderr_path}:\n{_tail(self.stderr_path)}\n"
+            f"its log {self.log_path}:\n{_tail(self.log_path)}"
+        )
+
+    def start(self, timeout: float = 10.0) -> Self:
+        """Start unbound and wait until it answers a query on its port."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"unbound is already running on port {self.port}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(5):
+            self.config_path.write_text(self.config_text())
+            self._check_config()
+            self._stderr = self.stderr_path.open("ab")
+            since = self._stderr.tell()
+            self.proc = subprocess.Popen(
+                [require_binary("unbound"), "-d", "-p", "-c", str(self.config_path)],
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=self._stderr,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + timeout
+            while True:
+                if self.proc.poll() is not None:
+                    self._stderr.close()
+                    # Bind errors come before the log file is open: on stderr.
+                    # UDP says "bind: address already in use", TCP "Address already in use".
+                    clash = "address already in use" in self._output(since).lower()
+                    if self._auto_port and clash:
+                        self.port = free_udp_tcp_port()
+                        break
+                    raise RuntimeError(
+                        f"unbound exited with status {self.proc.returncode} before answering "
+                        f"on {self.host}:{self.port}; {self._failure_report()}"
+                    )
+                if pid_listens_on(self.proc.pid, self.port) and dns_probe(self.port):
+                    return self
+                if time.monotonic() >= deadline:
+                    self.stop()
+                    raise TimeoutError(
+                        f"unbound did not answer on {self.host}:{self.port} within {timeout} s; "
+                        f"{self._failure_report()}"
+                    )
+                time.sleep(_POLL)
+        raise RuntimeError(f"unbound found no free port; {self._failure_report()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop unbound, reap it and wait until its port refuses connections."""
+        if self.proc is None:
+            return
+        _end_process(self.proc, timeout)
+        if self._stderr is not None:
+            self._stderr.close()
+        wait_for_port_closed(self.host, self.port, timeout)
+
+    def __enter__(self) -> Self:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def queries(self, *, include_probes: bool = False) -> list[LoggedQuery]:
+        """Every query unbound logged (over all its runs), oldest first."""
+        text = self.log_text()
+        # A line unbound is writing right now is not a query yet.
+        text = text[: text.rfind("\n") + 1]
+        found = [
+            LoggedQuery(m["client"], m["name"], m["type"], m["cls"])
+            for m in _UNBOUND_QUERY_LINE.finditer(text)
+        ]
+        return found if include_probes else [q for q in found if not q.is_probe]
+
+    def query_count(
+        self, name: str | None = None, rdtype: str | None = None, *, include_probes: bool = False
+    ) -> int:
+        """How many queries reached unbound, optionally only for one name and/or type.
+
+        Probes of the fixtures (names under PROBE_SUFFIX) are left out unless
+        include_probes. unbound logs a query (line-buffered) once it has parsed
+        the question and before it answers, so the count is exact as soon as
+        the client has its answer. Queries it drops unparsed (or FORMERR) are
+        not counted.
+        """
+        wanted_name = None if name is None else _absolute_name(name).lower()
+        wanted_type = None if rdtype is None else rdtype.upper()
+        return sum(
+            1
+            for q in self.queries(include_probes=include_probes)
+            if (wanted_name is None or q.name.lower() == wanted_name)
+            and (wanted_type is None or q.rdtype.upper() == wanted_type)
+        )
+
+
+def _lua_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+_DNSDIST_BIND_ERROR = re.compile(
+    r"binding socket to [0-9.]+:(\d+): Address already in use", re.IGNORECASE
+)
+
+
+class Dnsdist:
+    """dnsdist on 127.0.0.1: a forwarder to unbound instances and a DoH server.
+
+    Plain DNS (UDP and TCP) on dns_port, DoH on https://127.0.0.1:doh_port/dns-query
+    with a self-signed certificate (`cert` is the CA file for clients). With
+    cache, a packet cache answers repeated queries without asking the
+    upstreams. dnsdist answers the fixture's readiness probe itself, and its
+    health checks ask for HEALTH_PROBE_NAME, so neither shows in
+    Unbound.query_count. extra_lua goes at the end of the configuration.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        upstreams: Sequence[int],
+        dns_port: int | None = None,
+        doh_port: int | None = None,
+        cache: bool = False,
+        extra_lua: str = "",
+    ) -> None:
+        if not upstreams:
+            raise ValueError("dnsdist needs at least one upstream port (an Unbound's .port)")
+        self.directory = Path(directory).resolve()
+        self.config_path = self.directory / "dnsdist.conf"
+        self.log_path = self.directory / "dnsdist.log"
+        self.host = LOOPBACK
+        self.upstreams = tuple(int(port) for port in upstreams)
+        self._auto_dns_port = dns_port is None
+        self._auto_doh_port = doh_port is None
+        self.dns_port = free_udp_tcp_port() if dns_port is None else dns_port
+        self.doh_port = free_port() if doh_port is None else doh_port
+        self.cache = cache
+        self.extra_lua = extra_lua
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._cert: tuple[Path, Path] | None = None
+
+    @property
+    def cert(self) -> Path:
+        """The certificate DoH clients verify against (it is its own CA)."""
+        return self._cert_and_key()[0]
+
+    @property
+    def key(self) -> Path:
+        return self._cert_and_key()[1]
+
+    def _cert_and_key(self) -> tuple[Path, Path]:
+        if self._cert is None:
+            self._cert = make_tls_cert(self.directory)
+        return self._cert
+
+    @property
+    def doh_url(self) -> str:
+        return f"https://{self.host}:{self.doh_port}/dns-query"
+
+    def config_text(self) -> str:
+        lines = [
+            # No security-status look-ups to the outside.
+            "setSecurityPollSuffix('')",
+            f"setLocal({_lua_string(f'{self.host}:{self.dns_port}')})",
+            "setACL({'127.0.0.0/8', '::1/128'})",
+            f"addAction(QNameRule({_lua_string(READY_PROBE_NAME)}), RCodeAction(DNSRCode.REFUSED))",
+        ]
+        for port in self.upstreams:
+            lines.append(
+                f"newServer({{address={_lua_string(f'{self.host}:{port}')}, "
+                f"name={_lua_string(f'unbound-{port}')}, "
+                f"checkName={_lua_string(HEALTH_PROBE_NAME)}}})"
+            )
+        lines.append(
+            f"addDOHLocal({_lua_string(f'{self.host}:{self.doh_port}')}, "
+            f"{_lua_string(str(self.cert))}, {_lua_string(str(self.key))}, '/dns-query')"
+        )
+        if self.cache:
+            lines += ["pc = newPacketCache(100000, {})", "getPool(''):setCache(pc)"]
+        lines += [*self.extra_lua.splitlines(), ""]
+        return "\n".join(lines)
+
+    def _check_config(self) -> None:
+        argv = [require_binary("dnsdist"), "--check-config", "-C", str(self.config_path)]
+        result = _run_tool(argv, 30)
+        # A config it cannot read is "OK" too, and dnsdist would then run on
+        # its defaults: port 53 and security polling out to the internet.
+        if result.returncode != 0 or "Unable to read configuration" in result.stdout:
+            raise RuntimeError(
+                f"dnsdist --check-config rejects {self.config_path}:\n"
+                f"{result.stdout}{result.stderr}\nThe configuration:\n{self.config_text()}"
+            )
+
+    def _log_since(self, since: int) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(since)
+                return log.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        return (
+            pid_listens_on(self.proc.pid, self.dns_port)
+            and pid_listens_on(self.proc.pid, self.doh_port)
+            and dns_probe(self.dns_port)
+            and tls_accepts(self.doh_port, self.cert)
+        )
+
+    def start(self, timeout: float = 15.0) -> Self:
+        """Start dnsdist; wait until it answers DNS on dns_port and TLS on doh_port."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"dnsdist is already running on port {self.dns_port}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(5):
+            self.config_path.write_text(self.config_text())
+            self._check_config()
+            self._log = self.log_path.open("ab")
+            since = self._log.tell()
+            argv = [
+                require_binary("dnsdist"), "--supervised", "--disable-syslog",
+                "-C", str(self.config_path),
+            ]  # fmt: skip
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + timeout
+            while True:
+                if self.proc.poll() is not None:
+                    self._log.close()
+                    clash = _DNSDIST_BIND_ERROR.search(self._log_since(since))
+                    if clash and self._retry_with_new_port(int(clash.group(1))):
+                        break
+                    raise RuntimeError(
+                        f"dnsdist exited with status {self.proc.returncode} before serving "
+                        f"DNS on {self.host}:{self.dns_port} and DoH on {self.doh_url}; "
+                        f"its log {self.log_path}:\n{_tail(self.log_path)}"
+                    )
+                if self._ready():
+                    return self
+                if time.monotonic() >= deadline:
+                    self.stop()
+                    raise TimeoutError(
+                        f"dnsdist did not serve DNS on {self.host}:{self.dns_port} and DoH on "
+                        f"{self.doh_url} within {timeout} s; "
+                        f"its log {self.log_path}:\n{_tail(self.log_path)}"
+                    )
+                time.sleep(_POLL)
+        raise RuntimeError(f"dnsdist found no free ports; its log:\n{_tail(self.log_path)}")
+
+    def _retry_with_new_port(self, taken: int) -> bool:
+        """Pick a new port for `taken` if the fixture chose it; False if the caller did."""
+        if taken == self.dns_port and self._auto_dns_port:
+            self.dns_port = free_udp_tcp_port()
+            return True
+        if taken == self.doh_port and self._auto_doh_port:
+            self.doh_port = free_port()
+            return True
+        return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop dnsdist, reap it and wait until its ports refuse connections."""
+        if self.proc is None:
+            return
+        _end_process(self.proc, timeout)
+        if self._log is not None:
+            self._log.close()
+        wait_for_port_closed(self.host, self.dns_port, timeout)
+        wait_for_port_closed(self.host, self.doh_port, timeout)
+
+    def __enter__(self) -> Self:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+# --------------------------------------------------------------------------- DNS clients
+
+
+def dig(*args: str, timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
+    """Run dig (no ~/.digrc; 2 s per try, one try unless args say otherwise).
+
+    Always give it a server: "@127.0.0.1", "-p", str(port).
+    """
+    return _run_tool([require_binary("dig"), "-r", "+time=2", "+tries=1", *args], timeout)
+
+
+def kdig(*args: str, timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
+    """Run kdig (2 s timeout, no retry unless args say otherwise).
+
+    DoH: kdig @127.0.0.1 -p PORT +https +tls-ca=CERT NAME (+https=/path for another path).
+    """
+    return _run_tool([require_binary("kdig"), "+time=2", "+retry=0", *args], timeout)
+
+
+def curl(*args: str, timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
+    """Run curl quietly (errors still on stderr), never through a proxy, bounded by timeout."""
+    argv = [
+        require_binary("curl"), "--silent", "--show-error", "--noproxy", "*",
+        "--max-time", str(max(1, int(timeout) - 1)), *args,
+    ]  # fmt: skip
+    return _run_tool(argv, timeout)
+
+
+@dataclass(frozen=True)
+class DohResponse:
+    """One DoH answer fetched with curl: HTTP status, headers (names in lower case), body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def message(self) -> dns.message.Message:
+        return dns.message.from_wire(self.body)
+
+
+def doh_query(
+    url: str,
+    query: dns.message.Message | bytes,
+    *,
+    cacert: Path,
+    method: Literal["POST", "GET"] = "POST",
+    http_version: Literal["1.1", "2"] = "2",
+    timeout: float = 15.0,
+) -> DohResponse:
+    """Send one DNS query over DoH with curl (RFC 8484 POST or GET ?dns=) and return the answer."""
+    wire = query.to_wire() if isinstance(query, dns.message.Message) else query
+    with tempfile.TemporaryDirectory(prefix="doh-") as scratch:
+        body_path = Path(scratch) / "answer.bin"
+        headers_path = Path(scratch) / "headers.txt"
+        argv = [
+            "--cacert", str(cacert),
+            "--http2" if http_version == "2" else "--http1.1",
+            "-H", "accept: application/dns-message",
+            "--output", str(body_path), "--dump-header", str(headers_path),
+            "--write-out", "%{http_code}",
+        ]  # fmt: skip
+        if method == "POST":
+            query_path = Path(scratch) / "query.bin"
+            query_path.write_bytes(wire)
+            argv += ["-H", "content-type: application/dns-message"]
+            argv += ["--data-binary", f"@{query_path}", url]
+        else:
+            encoded = base64.urlsafe_b64encode(wire).rstrip(b"=").decode()
+            argv.append(f"{url}?dns={encoded}")
+        result = curl(*argv, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"curl could not fetch {url} (status {result.returncode}): {result.stderr.strip()}"
+            )
+        headers: dict[str, str] = {}
+        # Only the last response's headers (a 100 Continue may come first).
+        for line in headers_path.read_text(errors="replace").splitlines():
+            if line.startswith("HTTP/"):
+                headers = {}
+            name, sep, value = line.partition(":")
+            if sep and not line.startswith("HTTP/"):
+                headers[name.strip().lower()] = value.strip()
+        body = body_path.read_bytes() if body_path.exists() else b""
+    return DohResponse(int(result.stdout.strip() or 0), headers, body)
