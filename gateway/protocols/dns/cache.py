@@ -98,6 +98,9 @@ class DnsCache:
             return
         if info.rcode == NOERROR and info.answers:
             ttl, ceiling = info.min_ttl, self._max_ttl
+            if info.negative_ttl is not None:
+                # A CNAME chain ending in NODATA carries an SOA: its end is negative (RFC 2308 §5).
+                ttl = min(ttl, info.negative_ttl)
         elif info.rcode in (NOERROR, NXDOMAIN):
             # NXDOMAIN, or NODATA (NOERROR without answers): RFC 2308 §5 times them by the SOA.
             # Without an SOA, a NOERROR with no answer may be a referral; neither is cached.
@@ -136,7 +139,7 @@ class DnsCache:
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        # Inlined _aged(): this is the cache-hit path, where a call is a noticeable share.
+        # Another hit within the same whole second, the usual case, only swaps the ID.
         elapsed = int(now - entry.inserted)
         if elapsed != entry.aged_at:
             return _aged(entry, now, new_id)

@@ -10,11 +10,15 @@ import struct
 from dataclasses import dataclass
 
 __all__ = [
+    "AA",
     "AAAA",
+    "AD",
     "ANY",
     "AXFR",
+    "CD",
     "CLASS_IN",
     "CNAME",
+    "EDNS_UDP_SIZE",
     "FORMERR",
     "IXFR",
     "MX",
@@ -24,9 +28,13 @@ __all__ = [
     "NXDOMAIN",
     "OPT",
     "PTR",
+    "QR",
+    "RA",
+    "RD",
     "REFUSED",
     "SERVFAIL",
     "SOA",
+    "TC",
     "TXT",
     "A",
     "CacheKey",
@@ -98,7 +106,9 @@ _ID = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 
 # Key for caches: lower-cased qname, qtype, qclass, DO bit.
-CacheKey = tuple[str, int, int, bool]
+# name, type, class, DO bit, and whether the query had EDNS and CD: an answer cached for
+# one kind of query carries that query's OPT record and checking flags (RFC 6891 6.1.1).
+CacheKey = tuple[str, int, int, bool, bool, bool]
 
 
 class WireError(Exception):
@@ -133,7 +143,7 @@ class Question:
 
     @property
     def key(self) -> CacheKey:
-        return (self.qname, self.qtype, self.qclass, self.do)
+        return (self.qname, self.qtype, self.qclass, self.do, self.edns, self.cd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,8 +268,8 @@ def _question_name(data: bytes, size: int) -> tuple[str, int]:
 
 
 # A frozen dataclass's __init__ goes through object.__setattr__ once per field, which costs
-# more than the rest of parse_query; setting the slots through their descriptors is the same
-# thing without the detour, and keeps Question immutable for everyone else.
+# about as much as all the rest of parse_query; setting the slots through their descriptors
+# stores the same values without the detour, and Question stays immutable for everyone else.
 _new_object = object.__new__
 (
     _set_id,
