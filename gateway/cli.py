@@ -89,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from twisted.internet.error import CannotListenError
 
     from gateway.service import GatewayService, load_checked
+    from gateway.spool import SpoolError
 
     reactor: Any = installed_reactor
 
@@ -104,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def failed(failure: Any) -> None:
         if failure.check(ConfigError):
             print_problems(failure.value)
-        elif failure.check(OSError, CannotListenError):
+        elif failure.check(OSError, CannotListenError, SpoolError):
             print(f"error: cannot start: {failure.getErrorMessage()}", file=sys.stderr)
         else:
             log.failure("cannot start", failure)

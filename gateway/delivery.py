@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from gateway.bounce import make_bounce
 from gateway.config import DestinationConfig
 from gateway.destination import Outcome, Status
 from gateway.message import MailMessage, Message
-from gateway.spool import Delivery, SpoolBackend
+from gateway.spool import Delivery, SpoolBackend, SpoolError
 
 if TYPE_CHECKING:
     from gateway.service import GatewayService
@@ -79,6 +79,13 @@ class DeliveryManager:
         self._polling: set[str] = set()
         self._repoll: set[str] = set()
         self._running: set[Deferred[None]] = set()
+        # (destination, Message-ID) of deliveries in progress: a second copy of a
+        # message waits for the first, so the duplicate check can see it.
+        self._msgids: set[tuple[str, str]] = set()
+        # Changes the spool could not take (disk full), by delivery id: the delivery,
+        # what happened and the change. Those deliveries wait until it is recorded.
+        self._unsaved: dict[str, tuple[Delivery, str, Callable[[], Awaitable[None]]]] = {}
+        self._saving = False
         self.stopping = False
 
     # --- life cycle ---
@@ -93,20 +100,27 @@ class DeliveryManager:
         self.stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        if not self._running:
-            return
-        waiting = defer.DeferredList(list(self._running), consumeErrors=True)
-        timer = self.reactor.callLater(timeout, waiting.cancel)
-        try:
-            await waiting
-        except defer.CancelledError:
+        if self._running:
+            waiting = defer.DeferredList(list(self._running), consumeErrors=True)
+            timer = self.reactor.callLater(timeout, waiting.cancel)
+            try:
+                await waiting
+            except defer.CancelledError:
+                log.warn(
+                    "{count} deliveries still running at shutdown; they will be tried again",
+                    count=len(self._running),
+                )
+            finally:
+                if timer.active():
+                    timer.cancel()
+        if self._unsaved and not self._saving:
+            await self._save_unsaved()
+        if self._unsaved:
             log.warn(
-                "{count} deliveries still running at shutdown; they will be tried again",
-                count=len(self._running),
+                "{count} delivery outcomes could not be recorded in the spool; those"
+                " deliveries will be tried again after the restart",
+                count=len(self._unsaved),
             )
-        finally:
-            if timer.active():
-                timer.cancel()
 
     # --- scheduling ---
 
@@ -129,6 +143,10 @@ class DeliveryManager:
     def poll_all(self) -> None:
         if self.stopping:
             return
+        if self._unsaved and not self._saving:
+            Deferred.fromCoroutine(self._save_unsaved()).addErrback(
+                lambda f: log.failure("recording delivery outcomes failed", f)
+            )
         for destination in self.gateway.current().config.destinations:
             self.kick(destination)
 
@@ -151,7 +169,7 @@ class DeliveryManager:
 
     async def _poll(self, destination: str, free: int) -> None:
         try:
-            exclude = frozenset(self.active.get(destination, ()))
+            exclude = frozenset(self.active.get(destination, ())) | frozenset(self._unsaved)
             due = await self.spool.due(destination, self.clock(), free, exclude)
             for delivery in due:
                 if self.stopping or self._free(destination) <= 0:
@@ -166,8 +184,13 @@ class DeliveryManager:
 
     def _start(self, delivery: Delivery, message: Message | None) -> None:
         active = self.active.setdefault(delivery.destination, set())
-        if delivery.id in active:
+        if delivery.id in active or delivery.id in self._unsaved:
             return
+        key = (delivery.destination, delivery.msgid)
+        if delivery.msgid:
+            if key in self._msgids:
+                return  # a copy is on its way there; this one is polled again after it
+            self._msgids.add(key)
         active.add(delivery.id)
         d = Deferred.fromCoroutine(self._attempt(delivery, message))
         self._running.add(d)
@@ -175,10 +198,56 @@ class DeliveryManager:
         def done(_: object) -> None:
             self._running.discard(d)
             active.discard(delivery.id)
+            if delivery.msgid and delivery.id not in self._unsaved:
+                self._msgids.discard(key)
             self.kick(delivery.destination)
 
         d.addErrback(lambda f: log.failure("delivery {id} crashed", f, id=delivery.id))
         d.addBoth(done)
+
+    # --- recording outcomes ---
+
+    async def _record(
+        self, delivery: Delivery, what: str, change: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Make a change to a delivery in the spool, or hold the delivery until it is made.
+
+        A spool that cannot write (disk full) must not make the workers try a
+        delivery again and again: the change is kept in memory, the delivery is
+        left alone, and the change is tried again on every poll.
+        """
+        try:
+            await change()
+        except SpoolError as exc:
+            log.error(
+                "id={id} destination={destination}: the spool cannot record that the delivery"
+                " was {what} ({error}); it is held and recording is tried again every {interval}s",
+                id=delivery.id,
+                destination=delivery.destination,
+                what=what,
+                error=str(exc),
+                interval=self.poll_interval,
+            )
+            self._unsaved[delivery.id] = (delivery, what, change)
+
+    async def _save_unsaved(self) -> None:
+        self._saving = True
+        try:
+            for delivery, what, change in list(self._unsaved.values()):
+                try:
+                    await change()
+                except SpoolError:
+                    return  # still failing: the next poll tries again
+                del self._unsaved[delivery.id]
+                if delivery.msgid:
+                    self._msgids.discard((delivery.destination, delivery.msgid))
+                log.info(
+                    "id={id}: the spool has now recorded that the delivery was {what}",
+                    id=delivery.id,
+                    what=what,
+                )
+        finally:
+            self._saving = False
 
     # --- one try ---
 
@@ -188,11 +257,11 @@ class DeliveryManager:
         runtime = self.gateway.current()
         destination = runtime.destinations.get(delivery.destination)
         if config is None or destination is None:
-            await self.spool.defer(
+            error = f"destination '{delivery.destination}' is not configured"
+            await self._record(
                 delivery,
-                now + 3600,
-                f"destination '{delivery.destination}' is not configured",
-                delivery.recipients,
+                "deferred",
+                lambda: self.spool.defer(delivery, now + 3600, error, delivery.recipients),
             )
             return
         try:
@@ -212,7 +281,11 @@ class DeliveryManager:
                 )
                 self.counters.duplicates += 1
                 self.counters.count(delivery.destination, "duplicate")
-                await self.spool.delivered(delivery, "duplicate", None)
+                await self._record(
+                    delivery,
+                    "a duplicate",
+                    lambda: self.spool.delivered(delivery, "duplicate", None),
+                )
                 return
             try:
                 outcome = await destination.deliver(message)
@@ -255,7 +328,12 @@ class DeliveryManager:
         self.counters.count(delivery.destination, str(outcome.status))
         if outcome.status is Status.DELIVERED:
             self.counters.delivered += 1
-            await self.spool.delivered(delivery, outcome.detail, now - config.duplicate_window)
+            forget_before = now - config.duplicate_window
+            await self._record(
+                delivery,
+                "delivered",
+                lambda: self.spool.delivered(delivery, outcome.detail, forget_before),
+            )
             return
         failures = [RecipientFailure(*rejected) for rejected in outcome.rejected]
         if outcome.status is Status.PERMANENT:
@@ -266,9 +344,14 @@ class DeliveryManager:
                 ]
             await self._dead(delivery, message, outcome.detail, failures)
             return
-        remaining = outcome.failed or delivery.recipients
+        refused = {f.recipient for f in failures}
+        remaining = outcome.failed or tuple(r for r in delivery.recipients if r not in refused)
         if failures:
             await self._bounce(delivery, message, failures)
+        if not remaining:
+            # Every recipient left was refused for good, and bounced just now.
+            await self._dead(delivery, message, outcome.detail, [])
+            return
         age = now - delivery.created
         if age >= config.max_age:
             expired = [
@@ -284,7 +367,11 @@ class DeliveryManager:
             return
         self.counters.deferred += 1
         wait = backoff(config, delivery.attempts + 1, self.rng)
-        await self.spool.defer(delivery, now + wait, outcome.detail, tuple(remaining))
+        await self._record(
+            delivery,
+            "deferred",
+            lambda: self.spool.defer(delivery, now + wait, outcome.detail, tuple(remaining)),
+        )
 
     async def _dead(
         self,
@@ -303,7 +390,7 @@ class DeliveryManager:
             destination=delivery.destination,
             detail=reason,
         )
-        await self.spool.kill(delivery, reason)
+        await self._record(delivery, "a dead letter", lambda: self.spool.kill(delivery, reason))
         await self._bounce(delivery, message, failures)
 
     async def _bounce(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -35,6 +36,9 @@ T = TypeVar("T")
 
 QUEUED = "queued"
 DEAD = "dead"
+
+# Disk space the embedded spool keeps free for recording deliveries (see SqliteSpool).
+RESERVE = 1024 * 1024
 
 
 class SpoolError(Exception):
@@ -123,6 +127,10 @@ class SpoolBackend(Protocol):
         ...
 
     async def entries(self, state: str) -> list[Delivery]: ...
+
+    async def entry(self, delivery_id: str) -> Delivery | None:
+        """The delivery with this id, queued or dead; None if there is none."""
+        ...
 
     async def history(self, delivery_id: str) -> list[tuple[float, str]]: ...
 
@@ -254,12 +262,27 @@ def _as_spool_error(exc: BaseException) -> BaseException:
 class SqliteSpool:
     """The embedded spool: one SQLite file in WAL mode, one writer thread, group commit."""
 
-    def __init__(self, directory: str | Path, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        reactor: Any = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        reserve: int = RESERVE,
+    ) -> None:
         """With a reactor, changes run on the writer thread; without one (the ``gateway
-        queue`` command, tests) they run at once in the caller's thread."""
+        queue`` command, tests) they run at once in the caller's thread.
+
+        ``reserve`` bytes of the disk are kept free: a new message that would eat
+        into them is refused, so that the changes that record deliveries (and so
+        free space again) can still be written when the disk fills up.
+        """
         self.directory = Path(directory)
         self.path = self.directory / "spool.sqlite"
         self.reactor = reactor
+        self.clock = clock
+        self.reserve = reserve
+        self._claimed = 0  # bytes promised to the messages of the transaction being built
         self._inline: sqlite3.Connection | None = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -302,6 +325,7 @@ class SqliteSpool:
         db.close()
 
     def _execute(self, db: sqlite3.Connection, batch: list[_Job]) -> None:
+        self._claimed = 0
         writes = [j for j in batch if j.write]
         for j in batch:
             if not j.write:
@@ -316,18 +340,27 @@ class SqliteSpool:
         except BaseException as exc:
             for j in writes:
                 j.error = _as_spool_error(exc)
+            self._reclaim(db)
             return
+        lost: BaseException | None = None
         for j in writes:
             db.execute("SAVEPOINT job")
             try:
                 j.result = j.func(db)
                 db.execute("RELEASE job")
             except BaseException as exc:
+                j.error = _as_spool_error(exc)
+                if not db.in_transaction:
+                    # SQLite rolled the whole transaction back (a full disk does):
+                    # every change of the group is lost and fails.
+                    lost = exc
+                    break
                 # One bad change fails alone; the rest of the group still commits.
                 db.execute("ROLLBACK TO job")
                 db.execute("RELEASE job")
-                j.error = _as_spool_error(exc)
         try:
+            if lost is not None:
+                raise lost
             db.execute("COMMIT")
             self.commits += 1
             self.writes += len(writes)
@@ -339,6 +372,44 @@ class SqliteSpool:
             for j in writes:
                 j.error = _as_spool_error(exc)
                 j.result = None
+        self._reclaim(db)
+
+    def _free_space(self) -> int:
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    def _check_room(self, db: sqlite3.Connection, size: int) -> None:
+        """Refuse a message that would eat into the space kept for recording deliveries."""
+        # The message is written to the WAL, then copied into the database file by
+        # the next checkpoint; until the WAL is reused both copies take space.
+        # Pages freed by delivered messages are reused before the file grows.
+        need = 2 * size
+        (unused,) = db.execute("PRAGMA freelist_count").fetchone()
+        (page,) = db.execute("PRAGMA page_size").fetchone()
+        free = self._free_space() + int(unused) * int(page) - self._claimed
+        if free - need < self.reserve:
+            raise SpoolError(
+                f"the spool's disk is nearly full ({max(0, free) // 1024} KiB free,"
+                f" {(need + self.reserve) // 1024} KiB needed); free some space on it"
+            )
+        self._claimed += need
+
+    def _reclaim(self, db: sqlite3.Connection) -> None:
+        """When the disk runs low, move the WAL into the database file and truncate it."""
+        if self._free_space() >= 2 * self.reserve:
+            return
+        # Without waiting: a reader in another process (the queue command) only
+        # postpones it to the next commit.
+        db.execute("PRAGMA busy_timeout=0")
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            pass
+        finally:
+            db.execute("PRAGMA busy_timeout=10000")
 
     @staticmethod
     def _fire(job: _Job) -> None:
@@ -384,7 +455,7 @@ class SqliteSpool:
         await Deferred.fromCoroutine(_join(self.reactor, thread))
 
     async def put(self, items: Sequence[Stored]) -> list[Delivery]:
-        now = time.time()
+        now = self.clock()
         rows: list[Delivery] = []
         payloads: list[tuple[str, bytes]] = []
         for item in items:
@@ -407,6 +478,7 @@ class SqliteSpool:
                 )
 
         def store(db: sqlite3.Connection) -> list[Delivery]:
+            self._check_room(db, sum(len(data) for _, data in payloads))
             db.executemany("INSERT INTO messages (id, data) VALUES (?, ?)", payloads)
             db.executemany(
                 f"INSERT INTO deliveries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -464,7 +536,7 @@ class SqliteSpool:
         return message
 
     async def delivered(self, delivery: Delivery, note: str, forget_before: float | None) -> None:
-        now = time.time()
+        now = self.clock()
 
         def change(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM deliveries WHERE id = ?", (delivery.id,))
@@ -482,7 +554,7 @@ class SqliteSpool:
     async def defer(
         self, delivery: Delivery, next_try: float, error: str, recipients: tuple[str, ...]
     ) -> None:
-        now = time.time()
+        now = self.clock()
 
         def change(db: sqlite3.Connection) -> None:
             db.execute(
@@ -498,7 +570,7 @@ class SqliteSpool:
         await self._submit(change)
 
     async def kill(self, delivery: Delivery, error: str) -> None:
-        now = time.time()
+        now = self.clock()
 
         def change(db: sqlite3.Connection) -> None:
             db.execute(
@@ -532,6 +604,15 @@ class SqliteSpool:
 
         return await self._submit(query, write=False)
 
+    async def entry(self, delivery_id: str) -> Delivery | None:
+        def query(db: sqlite3.Connection) -> Delivery | None:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,)
+            ).fetchone()
+            return None if row is None else _row(row)
+
+        return await self._submit(query, write=False)
+
     async def history(self, delivery_id: str) -> list[tuple[float, str]]:
         def query(db: sqlite3.Connection) -> list[tuple[float, str]]:
             cur = db.execute(
@@ -543,7 +624,7 @@ class SqliteSpool:
         return await self._submit(query, write=False)
 
     async def retry(self, delivery_ids: Sequence[str] | None) -> int:
-        now = time.time()
+        now = self.clock()
 
         def change(db: sqlite3.Connection) -> int:
             if delivery_ids is None:

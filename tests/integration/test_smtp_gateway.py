@@ -112,7 +112,6 @@ def maildir_messages(tmp_path: Path) -> list[email.message.Message]:
     new = tmp_path / "mail" / "new"
     if not new.is_dir():
         return []
-    assert not list((tmp_path / "mail" / "tmp").iterdir()), "a half-written file was left in tmp/"
     return [
         email.message_from_bytes(p.read_bytes(), policy=email.policy.compat32)
         for p in sorted(new.iterdir())
@@ -128,6 +127,8 @@ def wait_maildir(tmp_path: Path, count: int, timeout: float = 10.0) -> list[emai
             assert len(found) == count, (
                 f"expected {count} message(s) in the Maildir, found {len(found)}"
             )
+            leftovers = list((tmp_path / "mail" / "tmp").iterdir())
+            assert not leftovers, f"half-written files were left in tmp/: {leftovers}"
             return found
         time.sleep(0.05)
 

@@ -1,0 +1,548 @@
+"""Tests for the delivery workers, in memory: a fake gateway, fake destinations, the spool
+in inline mode and ``twisted.internet.task.Clock`` for time.  No sleeps, no reactor."""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.policy
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from gateway.config import DestinationConfig, Duration
+from gateway.delivery import DeliveryManager, backoff
+from gateway.destination import Outcome, Status
+from gateway.message import Kind, MailMessage, Message
+from gateway.service import Verdict
+from gateway.spool import DEAD, QUEUED, Delivery, SpoolError, SqliteSpool, Stored
+from tests.unit.test_spool import run
+
+START = 1_700_000_000.0
+
+Respond = Callable[[MailMessage], "Outcome | Deferred[Outcome]"]
+
+
+class FakeDestination:
+    """Answers each delivery with ``respond(message)``: an Outcome, or a Deferred the test
+    fires later (a slow destination); raises if ``respond`` raises."""
+
+    kinds = frozenset({Kind.MAIL})
+
+    def __init__(self, name: str, respond: Respond | None = None) -> None:
+        self.name = name
+        self.respond: Respond = respond or (lambda m: Outcome.delivered("250 ok"))
+        self.calls: list[MailMessage] = []
+        self.in_progress = 0
+        self.most_at_once = 0
+
+    async def deliver(self, message: Message) -> Outcome:
+        assert isinstance(message, MailMessage)
+        self.calls.append(message)
+        self.in_progress += 1
+        self.most_at_once = max(self.most_at_once, self.in_progress)
+        try:
+            result = self.respond(message)
+            if isinstance(result, Deferred):
+                result = await result
+            return result
+        finally:
+            self.in_progress -= 1
+
+    async def close(self) -> None:
+        pass
+
+
+class SlowDestination(FakeDestination):
+    """Holds every delivery until the test releases it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, self._hold)
+        self.waiting: list[Deferred[Outcome]] = []
+
+    def _hold(self, message: MailMessage) -> Deferred[Outcome]:
+        d: Deferred[Outcome] = Deferred()
+        self.waiting.append(d)
+        return d
+
+    def release(self, outcome: Outcome | None = None) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(outcome or Outcome.delivered("250 ok"))
+
+
+class FakeGateway:
+    """What DeliveryManager uses of GatewayService: current(), hostname_for(), accept()."""
+
+    def __init__(self) -> None:
+        self.configs: dict[str, DestinationConfig] = {}
+        self.destinations: dict[str, FakeDestination] = {}
+        self.accepted: list[Message] = []
+
+    def add(self, dest: FakeDestination, **settings: Any) -> FakeDestination:
+        values: dict[str, Any] = {
+            "concurrency": 10,
+            "retry_min": Duration(60),
+            "retry_max": Duration(3600),
+            "max_age": Duration(86400),
+            "duplicate_window": Duration(86400),
+        }
+        values.update(settings)
+        self.configs[dest.name] = DestinationConfig(name=dest.name, protocol="fake", **values)
+        self.destinations[dest.name] = dest
+        return dest
+
+    def current(self) -> Any:
+        return SimpleNamespace(
+            config=SimpleNamespace(destinations=self.configs), destinations=self.destinations
+        )
+
+    def hostname_for(self, listener: str) -> str:
+        return "gw.test"
+
+    async def accept(self, message: Message) -> Verdict:
+        self.accepted.append(message)
+        return Verdict(Status.DELIVERED, "queued")
+
+
+class MidRng(random.Random):
+    """Jitter factor exactly 1, so waits are predictable."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return (a + b) / 2
+
+
+class World:
+    """A DeliveryManager on a Clock, with its spool, gateway and helpers."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.spool = SqliteSpool(tmp_path / "spool", clock=self.clock.seconds, reserve=0)
+        run(self.spool.open())
+        self.gateway = FakeGateway()
+        self.manager = DeliveryManager(
+            self.spool,
+            self.gateway,  # type: ignore[arg-type]
+            self.clock,
+            poll_interval=1.0,
+            rng=MidRng(),
+            clock=self.clock.seconds,
+        )
+        self.seq = 0
+
+    def mail(
+        self,
+        *,
+        recipients: tuple[str, ...] = ("rcpt@x.test",),
+        sender: str = "sender@client.test",
+        msgid: str | None = "auto",
+        received: float | None = None,
+    ) -> MailMessage:
+        self.seq += 1
+        header = f"Subject: number {self.seq}\n"
+        if msgid is not None:
+            mid = f"<{self.seq}@client.test>" if msgid == "auto" else msgid
+            header += f"Message-ID: {mid}\n"
+        return MailMessage.from_bytes(
+            f"{header}\nbody\n".encode(),
+            sender=sender,
+            recipients=recipients,
+            listener="in",
+            client="127.0.0.1",
+            received=self.clock.seconds() if received is None else received,
+        )
+
+    def submit(self, message: MailMessage, *destinations: str) -> list[Delivery]:
+        """Spool the message and offer it to the workers, as GatewayService.submit does."""
+        deliveries = run(self.spool.put([Stored(message, "r", destinations)]))
+        self.manager.offer(deliveries, {deliveries[0].message_id: message})
+        return deliveries
+
+    def advance(self, seconds: float, step: float = 1.0) -> None:
+        """Let time pass in poll-sized steps."""
+        while seconds > 0:
+            self.clock.advance(min(step, seconds))
+            seconds -= step
+
+    def queued(self) -> list[Delivery]:
+        return run(self.spool.entries(QUEUED))
+
+    def dead(self) -> list[Delivery]:
+        return run(self.spool.entries(DEAD))
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path)
+    w.manager.start()
+    yield w
+    stopped = Deferred.fromCoroutine(w.manager.stop(0))
+    w.clock.advance(1)  # gives up on anything a test left hanging
+    assert stopped.called
+    run(w.spool.close())
+
+
+def parse(message: Message) -> email.message.Message:
+    assert isinstance(message, MailMessage)
+    return email.message_from_bytes(message.to_bytes(), policy=email.policy.compat32)
+
+
+def dsn_status(bounce: Message) -> str:
+    parts = parse(bounce).get_payload()
+    assert isinstance(parts, list)
+    return str(parts[1].as_string())
+
+
+# --- back-off --------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter_within_20_percent() -> None:
+    config = DestinationConfig(
+        name="a", protocol="fake", retry_min=Duration(60), retry_max=Duration(600)
+    )
+    rng = random.Random(1)
+    for attempts, base in [(0, 60), (1, 60), (2, 120), (3, 240), (4, 480), (5, 600), (30, 600)]:
+        waits = [backoff(config, attempts, rng) for _ in range(200)]
+        assert all(0.8 * base <= w <= 1.2 * base for w in waits), (attempts, min(waits), max(waits))
+        # Jitter spreads the retries of many messages instead of sending them at once.
+        assert max(waits) - min(waits) > 0.2 * base
+        assert backoff(config, attempts, MidRng()) == base
+
+
+def test_temporary_failure_is_retried_on_the_back_off_schedule(world: World) -> None:
+    answers = iter([Outcome.temporary("451 busy")] * 3 + [Outcome.delivered("250 ok")])
+    tries: list[float] = []
+
+    def respond(message: MailMessage) -> Outcome:
+        tries.append(world.clock.seconds())
+        return next(answers)
+
+    world.gateway.add(FakeDestination("a", respond))
+    world.submit(world.mail(), "a")
+    assert tries == [START]
+    [queued] = world.queued()
+    assert queued.attempts == 1 and queued.last_error == "451 busy"
+    assert queued.next_try == START + 60
+    world.advance(60 + 120 + 240 + 5)
+    assert [t - START for t in tries] == [0, 60, 180, 420]
+    assert world.queued() == []
+    assert world.manager.counters.deferred == 3
+    assert world.manager.counters.delivered == 1
+
+
+# --- giving up: dead letters and bounces -------------------------------------------------
+
+
+def test_max_age_makes_a_dead_letter_and_one_bounce_to_the_sender(world: World) -> None:
+    dest = world.gateway.add(
+        FakeDestination("a", lambda m: Outcome.temporary("451 still busy", code=451)),
+        max_age=Duration(3600),
+    )
+    message = world.mail(recipients=("x@far.test",))
+    world.submit(message, "a")
+    assert len(world.queued()) == 1 and world.gateway.accepted == []
+    # Tries at 0, 60, 180, 420, 900, 1860 s; the one at 3780 s is past max_age.
+    world.advance(3770, step=10)
+    assert len(dest.calls) == 6 and world.dead() == []
+    world.advance(20, step=10)
+    assert len(dest.calls) == 7
+    [dead] = world.dead()
+    assert "too old" in dead.last_error
+    assert world.queued() == []
+    calls = len(dest.calls)
+    world.advance(86400, step=600)
+    assert len(dest.calls) == calls  # a dead letter is not tried again
+    [bounce] = world.gateway.accepted
+    assert isinstance(bounce, MailMessage)
+    assert bounce.sender == ""
+    assert bounce.recipients == ("sender@client.test",)
+    parsed = parse(bounce)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "delivery-status"
+    status = dsn_status(bounce)
+    assert "Final-Recipient: rfc822; x@far.test" in status
+    assert "Status: 4.4.7" in status
+    assert world.manager.counters.bounces == 1
+
+
+def test_permanent_failure_is_dead_at_once_with_exactly_one_bounce(world: World) -> None:
+    dest = world.gateway.add(
+        FakeDestination(
+            "a", lambda m: Outcome.permanent("550 5.1.1 no such user", code=550, enhanced="5.1.1")
+        )
+    )
+    world.submit(world.mail(recipients=("nobody@x.test",)), "a")
+    [dead] = world.dead()
+    assert dead.last_error == "550 5.1.1 no such user"
+    assert world.queued() == []
+    world.advance(7200, step=60)
+    assert len(dest.calls) == 1
+    [bounce] = world.gateway.accepted
+    status = dsn_status(bounce)
+    assert "Final-Recipient: rfc822; nobody@x.test" in status
+    assert "Status: 5.1.1" in status
+    assert "Diagnostic-Code: smtp; 550" in status
+
+
+def test_no_bounce_for_a_bounce(world: World) -> None:
+    world.gateway.add(FakeDestination("a", lambda m: Outcome.permanent("550 no", code=550)))
+    world.submit(world.mail(sender=""), "a")
+    assert len(world.dead()) == 1
+    assert world.gateway.accepted == []
+    assert world.manager.counters.bounces == 0
+
+
+def test_partial_failure_retries_only_the_failed_recipients(world: World) -> None:
+    answers = iter(
+        [
+            Outcome.temporary("452 mailbox busy", failed=("b@x.test",)),
+            Outcome.delivered("250 ok"),
+        ]
+    )
+    dest = world.gateway.add(FakeDestination("a", lambda m: next(answers)))
+    world.submit(world.mail(recipients=("a@x.test", "b@x.test", "c@x.test")), "a")
+    [queued] = world.queued()
+    assert queued.recipients == ("b@x.test",)
+    world.advance(61)
+    assert [m.recipients for m in dest.calls] == [
+        ("a@x.test", "b@x.test", "c@x.test"),
+        ("b@x.test",),
+    ]
+    assert world.queued() == [] and world.gateway.accepted == []
+
+
+def test_rejected_recipients_are_bounced_while_the_others_are_retried(world: World) -> None:
+    answers = iter(
+        [
+            Outcome.temporary(
+                "mixed",
+                failed=("b@x.test",),
+                rejected=(("c@x.test", 550, "5.1.1", "550 5.1.1 unknown user"),),
+            ),
+            Outcome.delivered("250 ok"),
+        ]
+    )
+    dest = world.gateway.add(FakeDestination("a", lambda m: next(answers)))
+    world.submit(world.mail(recipients=("a@x.test", "b@x.test", "c@x.test")), "a")
+    [bounce] = world.gateway.accepted
+    status = dsn_status(bounce)
+    assert "Final-Recipient: rfc822; c@x.test" in status
+    assert "b@x.test" not in status and "a@x.test" not in status
+    [queued] = world.queued()
+    assert queued.recipients == ("b@x.test",)
+    world.advance(61)
+    assert dest.calls[-1].recipients == ("b@x.test",)
+    assert world.queued() == []
+    assert len(world.gateway.accepted) == 1
+
+
+def test_rejected_recipients_are_not_retried_when_failed_is_left_empty(world: World) -> None:
+    """``failed`` empty means "all of them" -- all but those refused for good."""
+    answers = iter(
+        [
+            Outcome.temporary("mixed", rejected=(("c@x.test", 550, "5.1.1", "unknown"),)),
+            Outcome.delivered("250 ok"),
+        ]
+    )
+    dest = world.gateway.add(FakeDestination("a", lambda m: next(answers)))
+    world.submit(world.mail(recipients=("a@x.test", "c@x.test")), "a")
+    [queued] = world.queued()
+    assert queued.recipients == ("a@x.test",)
+    world.advance(61)
+    assert dest.calls[-1].recipients == ("a@x.test",)
+    assert len(world.gateway.accepted) == 1
+
+
+def test_every_recipient_rejected_on_a_temporary_outcome_is_dead_with_one_bounce(
+    world: World,
+) -> None:
+    dest = world.gateway.add(
+        FakeDestination(
+            "a", lambda m: Outcome.temporary("x", rejected=(("c@x.test", 550, "5.1.1", "no"),))
+        )
+    )
+    world.submit(world.mail(recipients=("c@x.test",)), "a")
+    assert world.queued() == [] and len(world.dead()) == 1
+    world.advance(3600, step=60)
+    assert len(dest.calls) == 1
+    assert len(world.gateway.accepted) == 1
+
+
+# --- scheduling ----------------------------------------------------------------------
+
+
+def test_concurrency_limit_per_destination_and_a_slow_one_does_not_block_another(
+    world: World,
+) -> None:
+    slow = world.gateway.add(SlowDestination("slow"), concurrency=2)
+    fast = world.gateway.add(FakeDestination("fast"), concurrency=2)
+    for _ in range(5):
+        world.submit(world.mail(), "slow")
+    assert len(slow.waiting) == 2
+    world.advance(5)
+    assert len(slow.waiting) == 2  # the poll does not exceed the limit either
+    assert len(world.manager.active["slow"]) == 2
+    # The slow destination's slots are full; the fast one delivers at once.
+    for _ in range(6):
+        world.submit(world.mail(), "fast")
+    assert len(fast.calls) == 6
+    assert [d.destination for d in world.queued()] == ["slow"] * 5
+    # Free the slow slots: the rest follow, never more than two at a time.
+    for _ in range(3):
+        slow.release()
+        world.advance(1)
+    assert len(slow.calls) == 5
+    assert slow.most_at_once == 2
+    assert world.queued() == []
+
+
+def test_a_destination_that_raises_is_deferred_and_never_jams(world: World) -> None:
+    answers: list[Exception | Outcome] = [RuntimeError("bug in a plugin"), Outcome.delivered()]
+
+    def respond(message: MailMessage) -> Outcome:
+        answer = answers.pop(0) if answers else Outcome.delivered()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    dest = world.gateway.add(FakeDestination("a", respond), concurrency=1)
+    [broken] = world.submit(world.mail(), "a")
+    [queued] = world.queued()
+    assert queued.id == broken.id and queued.attempts == 1
+    assert "bug in a plugin" in queued.last_error
+    assert world.manager.active["a"] == set()
+    world.submit(world.mail(), "a")  # the slot is free again
+    assert len(dest.calls) == 2 and len(world.queued()) == 1
+    world.advance(61)
+    assert world.queued() == []
+
+
+def test_a_destination_missing_from_the_config_is_deferred(world: World) -> None:
+    world.gateway.add(FakeDestination("a"))
+    [d] = world.submit(world.mail(), "gone")
+    [queued] = world.queued()
+    assert queued.id == d.id
+    assert queued.last_error == "destination 'gone' is not configured"
+    assert queued.next_try == START + 3600
+    assert world.manager.active.get("gone", set()) == set()
+
+
+# --- duplicates -----------------------------------------------------------------------
+
+
+def test_a_message_id_delivered_within_the_window_is_not_delivered_again(world: World) -> None:
+    dest = world.gateway.add(FakeDestination("a"), duplicate_window=Duration(3600))
+    other = world.gateway.add(FakeDestination("b"))
+    world.submit(world.mail(msgid="<same@client.test>"), "a")
+    world.advance(10)
+    world.submit(world.mail(msgid="<same@client.test>"), "a")
+    assert len(dest.calls) == 1
+    assert world.queued() == []
+    assert world.manager.counters.duplicates == 1
+    assert world.manager.counters.by_destination[("a", "duplicate")] == 1
+    # Another destination has not had it yet.
+    world.submit(world.mail(msgid="<same@client.test>"), "b")
+    assert len(other.calls) == 1
+    # Once the window has passed it is delivered again.
+    world.advance(3600, step=60)
+    world.submit(world.mail(msgid="<same@client.test>"), "a")
+    assert len(dest.calls) == 2
+    # Messages without a Message-ID are never taken for duplicates.
+    world.submit(world.mail(msgid=None), "a")
+    world.submit(world.mail(msgid=None), "a")
+    assert len(dest.calls) == 4
+
+
+def test_two_copies_of_a_message_queued_at_once_are_delivered_once(world: World) -> None:
+    """A client that resends after a lost reply leaves two copies; with room for both, the
+    second must wait for the first instead of racing past the duplicate check."""
+    slow = world.gateway.add(SlowDestination("a"), concurrency=5)
+    world.submit(world.mail(msgid="<twice@client.test>"), "a")
+    world.submit(world.mail(msgid="<twice@client.test>"), "a")
+    world.advance(3)
+    assert len(slow.waiting) == 1
+    slow.release()
+    world.advance(2)
+    assert len(slow.calls) == 1
+    assert world.queued() == []
+    assert world.manager.counters.duplicates == 1
+
+
+# --- a spool that cannot write --------------------------------------------------------------
+
+
+class FlakySpool:
+    """The real spool, except that its changes fail while ``full`` is set."""
+
+    def __init__(self, spool: SqliteSpool) -> None:
+        self.spool = spool
+        self.full = False
+        self.failed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.spool, name)
+        if name not in ("delivered", "defer", "kill"):
+            return method
+
+        async def change(*args: Any) -> Any:
+            if self.full:
+                self.failed += 1
+                raise SpoolError("the spool cannot store the message: database or disk is full")
+            return await method(*args)
+
+        return change
+
+
+@pytest.mark.parametrize("outcome", [Outcome.delivered("250 ok"), Outcome.temporary("451 busy")])
+def test_an_outcome_the_spool_cannot_record_holds_the_delivery(
+    world: World, outcome: Outcome
+) -> None:
+    """No redelivery storm on a full disk: the delivery waits until its outcome is recorded."""
+    flaky = FlakySpool(world.spool)
+    world.manager.spool = flaky  # type: ignore[assignment]
+    dest = world.gateway.add(FakeDestination("a", lambda m: outcome))
+    flaky.full = True
+    [held] = world.submit(world.mail(), "a")
+    world.submit(world.mail(), "a")
+    assert len(dest.calls) == 2
+    world.advance(30)
+    assert len(dest.calls) == 2  # not tried again while its outcome is unrecorded
+    assert flaky.failed > 2  # the change is tried again
+    flaky.full = False
+    world.advance(1)
+    if outcome.ok:
+        assert world.queued() == []
+    else:
+        assert {d.attempts for d in world.queued()} == {1}
+        assert next(d for d in world.queued() if d.id == held.id).next_try == START + 60
+    assert len(dest.calls) == 2
+
+
+def test_stop_waits_for_deliveries_in_progress(world: World) -> None:
+    slow = world.gateway.add(SlowDestination("a"))
+    world.submit(world.mail(), "a")
+    stopped = Deferred.fromCoroutine(world.manager.stop(30))
+    assert not stopped.called
+    world.submit(world.mail(), "a")  # nothing new starts while stopping
+    assert len(slow.waiting) == 1
+    slow.release()
+    assert stopped.called
+    assert len(world.queued()) == 1
+
+
+def test_stop_gives_up_after_its_timeout(world: World) -> None:
+    world.gateway.add(SlowDestination("a"))
+    world.submit(world.mail(), "a")
+    stopped = Deferred.fromCoroutine(world.manager.stop(5))
+    world.clock.advance(4)
+    assert not stopped.called
+    world.clock.advance(2)
+    assert stopped.called
+    assert len(world.queued()) == 1  # tried again after the restart
