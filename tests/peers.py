@@ -40,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Which Debian package brings each program the tests run; .ci/run installs them.
 DEBIAN_PACKAGES: dict[str, str] = {
+    "ss": "iproute2",
     "smtp-sink": "postfix",
     "smtp-source": "postfix",
     "postfix": "postfix",
