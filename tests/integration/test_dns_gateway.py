@@ -6,9 +6,11 @@ ports of 127.0.0.1, and stops them afterwards.
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +21,17 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.peers import GatewayProcess, Unbound, dig, free_udp_tcp_port, kdig
+from tests.peers import (
+    GatewayProcess,
+    Unbound,
+    curl,
+    dig,
+    doh_query,
+    free_port,
+    free_udp_tcp_port,
+    kdig,
+    make_tls_cert,
+)
 
 
 def start_gateway(
@@ -304,3 +316,132 @@ def test_bad_input_never_breaks_the_listener(
     assert ask(port, "www.example.test").answer[0][0].address == "192.0.2.10"
     log = gw.log_text()
     assert "Traceback" not in log, log[-3000:]
+
+
+def _established(port: int) -> int:
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"( dport = :{port} )"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    return len([line for line in out.stdout.splitlines() if line.strip()])
+
+
+def test_dns_to_web_through_dnsdist_doh_with_a_bounded_pool(
+    tmp_path: Path, unbound: Unbound, dnsdist_factory
+) -> None:  # type: ignore[no-untyped-def]
+    dnsdist = dnsdist_factory(upstreams=[unbound.port])
+    gw, port = start_gateway(
+        tmp_path,
+        "  - {name: web, from: dns-in, to: doh, cache: false}",
+        f"  doh: {{protocol: doh, url: '{dnsdist.doh_url}', ca: '{dnsdist.cert}', connections: 2}}",
+    )
+    try:
+        assert ask(port, "www.example.test").answer[0][0].address == "192.0.2.10"
+        out = dig("@127.0.0.1", "-p", str(port), "whoami.test", "TXT", "+short")
+        assert out.stdout.strip() == '"unbound-1"', out.stdout + out.stderr
+        # Under load the gateway keeps to its pool of two connections to dnsdist.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            queries = [dns.message.make_query(f"n{i}.example.test", "A") for i in range(300)]
+            for q in queries:
+                s.sendto(q.to_wire(), ("127.0.0.1", port))
+            peak = _established(dnsdist.doh_port)
+            answered = 0
+            while answered < len(queries):
+                s.recv(65535)
+                answered += 1
+                if answered % 50 == 0:
+                    peak = max(peak, _established(dnsdist.doh_port))
+        assert answered == 300
+        assert 1 <= peak <= 2, f"{peak} connections to dnsdist"
+    finally:
+        gw.stop()
+
+
+def test_web_to_dns_curl_kdig_and_json(tmp_path: Path, unbound: Unbound) -> None:
+    cert, key = make_tls_cert(tmp_path / "tls")
+    dns_port, doh_port = free_udp_tcp_port(), free_port()
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        f"""
+version: 1
+listeners:
+  doh-in:
+    protocol: doh
+    listen: "ssl:{doh_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+  dns-in:
+    protocol: dns
+    listen: "udp:{dns_port}:interface=127.0.0.1"
+destinations:
+  inside: {{protocol: dns, servers: ["127.0.0.1:{unbound.port}"]}}
+routes:
+  - {{from: [doh-in, dns-in], to: inside}}
+"""
+    )
+    with GatewayProcess(path) as gw:
+        gw.start(doh_port)
+        url = f"https://127.0.0.1:{doh_port}/dns-query"
+        answer = doh_query(url, dns.message.make_query("www.example.test", "A"), cacert=cert)
+        assert answer.status == 200
+        assert answer.message().answer[0][0].address == "192.0.2.10"
+        assert "max-age=" in answer.headers.get("cache-control", "")
+        get = doh_query(
+            url,
+            dns.message.make_query("www.example.test", "A"),
+            cacert=cert,
+            method="GET",
+            http_version="1.1",
+        )
+        assert get.status == 200 and get.message().answer[0][0].address == "192.0.2.10"
+        out = kdig(
+            "@127.0.0.1",
+            "-p",
+            str(doh_port),
+            "+https",
+            f"+tls-ca={cert}",
+            "+short",
+            "loopback.example.test",
+        )
+        assert out.stdout.strip() == "127.0.0.1", out.stdout + out.stderr
+        # curl resolving a host name through the gateway, then fetching from it.
+        out = curl(
+            "--doh-url",
+            url,
+            "--cacert",
+            str(cert),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{remote_ip}",
+            f"https://loopback.example.test:{doh_port}/dns-query?name=www.example.test",
+            "-k",
+        )
+        assert out.stdout.strip() == "127.0.0.1", out.stdout + out.stderr
+        out = curl(
+            "--cacert",
+            str(cert),
+            "-H",
+            "accept: application/dns-json",
+            f"{url}?name=www.example.test&type=A",
+        )
+        body = json.loads(out.stdout)
+        assert body["Status"] == 0 and body["Answer"][0]["data"] == "192.0.2.10"
+        out = curl("--cacert", str(cert), "-o", "/dev/null", "-w", "%{http_code}", f"{url}?dns=!!!")
+        assert out.stdout == "400"
+        out = curl(
+            "--cacert",
+            str(cert),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "content-type: text/plain",
+            "--data-binary",
+            "x",
+            url,
+        )
+        assert out.stdout == "415"
