@@ -61,6 +61,8 @@ DEBIAN_PACKAGES: dict[str, str] = {
     "curl": "curl",
     "openssl": "openssl",
     "pypy3": "pypy3",
+    "systemd-socket-activate": "systemd",
+    "systemd-analyze": "systemd",
 }
 
 # Daemons live outside an ordinary user's PATH.
@@ -1562,3 +1564,179 @@ def doh_query(
                 headers[name.strip().lower()] = value.strip()
         body = body_path.read_bytes() if body_path.exists() else b""
     return DohResponse(int(result.stdout.strip() or 0), headers, body)
+
+
+# --- Postfix as a relay (for STARTTLS and as a real SMTP server) -----------------------
+
+_POSTFIX_MASTER_CF = """\
+# A private Postfix for tests: nothing chrooted, smtpd on loopback only.
+{listen} inet n - n - - smtpd
+pickup     unix  n - n 60    1 pickup
+cleanup    unix  n - n -     0 cleanup
+qmgr       unix  n - n 300   1 qmgr
+tlsmgr     unix  - - n 1000? 1 tlsmgr
+rewrite    unix  - - n -     - trivial-rewrite
+bounce     unix  - - n -     0 bounce
+defer      unix  - - n -     0 bounce
+trace      unix  - - n -     0 bounce
+verify     unix  - - n -     1 verify
+flush      unix  n - n 1000? 0 flush
+proxymap   unix  - - n -     - proxymap
+proxywrite unix  - - n -     1 proxymap
+smtp       unix  - - n -     - smtp
+relay      unix  - - n -     - smtp
+showq      unix  n - n -     - showq
+error      unix  - - n -     - error
+retry      unix  - - n -     - error
+discard    unix  - - n -     - discard
+anvil      unix  - - n -     1 anvil
+scache     unix  - - n -     1 scache
+postlog    unix-dgram n - n - 1 postlogd
+"""
+
+
+class PostfixRelay:
+    """A private Postfix (``postfix -c DIR``) on 127.0.0.1 relaying ``relay_domains`` to a sink.
+
+    The recipe of PEERS.md: its own queue and data folders, relayhost = the
+    sink, logging to a file (there is no syslog). With ``tls=True`` its smtpd
+    offers STARTTLS with a self-signed certificate (``cert``), so a client's
+    TLS shows in the log ("TLS connection established from ...").
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        relay_to: int,
+        relay_domains: str = "relay.test",
+        tls: bool = False,
+    ) -> None:
+        # Postfix's daemons run as user postfix and must reach their queue: pytest's
+        # tmp_path sits below a mode-0700 folder, so the instance lives in a folder of
+        # its own under /tmp (``directory`` is only the parent it is named after).
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.directory = Path(tempfile.mkdtemp(prefix=f"postfix-{Path(directory).name}-"))
+        self.directory.chmod(0o755)
+        self.conf = self.directory / "conf"
+        self.queue = self.directory / "queue"
+        self.data = self.directory / "data"
+        self.logdir = self.directory / "log"
+        self.log_path = self.logdir / "postfix.log"
+        self.relay_to = relay_to
+        self.relay_domains = relay_domains
+        self.tls = tls
+        self.port = 0
+        self.cert: Path | None = None
+        self.started = False
+        self._last_log = ""
+
+    def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [require_binary("postfix"), "-c", str(self.conf), *args],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+            timeout=60, check=False,
+        )  # fmt: skip
+
+    def _write_config(self) -> None:
+        for path in (self.conf, self.queue, self.data, self.logdir):
+            path.mkdir(parents=True, exist_ok=True)
+        user = pwd.getpwnam("postfix")
+        os.chown(self.data, user.pw_uid, user.pw_gid)
+        self.data.chmod(0o700)
+        tls_lines = "smtpd_tls_security_level = none\n"
+        if self.tls:
+            cert, key = make_tls_cert(self.directory / "tls")
+            self.cert = cert
+            # smtpd reads the key as root before dropping privileges; keep it private.
+            tls_lines = (
+                "smtpd_tls_security_level = may\n"
+                f"smtpd_tls_cert_file = {cert}\n"
+                f"smtpd_tls_key_file = {key}\n"
+                "smtpd_tls_loglevel = 1\n"
+            )
+        (self.conf / "main.cf").write_text(
+            f"compatibility_level = 3.6\n"
+            f"queue_directory = {self.queue}\n"
+            f"data_directory = {self.data}\n"
+            f"maillog_file = {self.log_path}\n"
+            f"maillog_file_prefixes = /var, /dev/stdout, {self.logdir}\n"
+            "myhostname = relay.peers.localdomain\n"
+            f"inet_interfaces = {LOOPBACK}\n"
+            "inet_protocols = ipv4\n"
+            "mynetworks = 127.0.0.0/8\n"
+            f"relay_domains = {self.relay_domains}\n"
+            f"relayhost = [{LOOPBACK}]:{self.relay_to}\n"
+            "mydestination =\nalias_maps =\nalias_database =\nlocal_recipient_maps =\n"
+            "smtp_dns_support_level = disabled\nsmtp_host_lookup = native\n"
+            "smtp_tls_security_level = none\n"
+            f"{tls_lines}"
+            "biff = no\nsmtputf8_enable = no\n"
+        )
+        (self.conf / "master.cf").write_text(
+            _POSTFIX_MASTER_CF.format(listen=f"{LOOPBACK}:{self.port}")
+        )
+
+    def _master_pid(self) -> int | None:
+        try:
+            return int((self.queue / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def start(self, timeout: float = 30.0) -> Self:
+        if os.geteuid() != 0:
+            pytest.fail("a private Postfix instance needs root")
+        self.port = free_port()
+        self._write_config()
+        check = self._postfix("check")
+        if check.returncode != 0:
+            pytest.fail(f"postfix check failed:\n{check.stdout}{check.stderr}")
+        started = self._postfix("start")
+        if started.returncode != 0:
+            pytest.fail(
+                f"postfix start failed:\n{started.stdout}{started.stderr}\n{_tail(self.log_path)}"
+            )
+        self.started = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = self._master_pid()
+            if pid is not None and port_accepts(LOOPBACK, self.port):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(
+            f"Postfix did not listen on {LOOPBACK}:{self.port} within {timeout}s:\n{_tail(self.log_path)}"
+        )
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        self._postfix("stop")
+        try:
+            wait_for_port_closed(LOOPBACK, self.port, 15)
+        except TimeoutError:
+            self._postfix("abort")
+        self._last_log = self.log_text()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return self._last_log
+
+    def wait_for_log(self, text: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log_text()
+            if text in log:
+                return log
+            time.sleep(0.1)
+        raise TimeoutError(f"{text!r} did not appear in Postfix's log:\n{_tail(self.log_path)}")
+
+    def __enter__(self) -> Self:
+        return self.start() if not self.started else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
