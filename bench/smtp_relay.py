@@ -43,7 +43,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from typing import IO
+
+from tests.peers import _POSTFIX_MASTER_CF
 
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -282,31 +286,7 @@ class Direct(Relay):
         self.port = sink.port
 
 
-POSTFIX_MASTER_CF = """\
-# A private Postfix for the benchmark: nothing chrooted, smtpd on loopback only.
-{listen} inet n - n - - smtpd
-pickup     unix  n - n 60    1 pickup
-cleanup    unix  n - n -     0 cleanup
-qmgr       unix  n - n 300   1 qmgr
-tlsmgr     unix  - - n 1000? 1 tlsmgr
-rewrite    unix  - - n -     - trivial-rewrite
-bounce     unix  - - n -     0 bounce
-defer      unix  - - n -     0 bounce
-trace      unix  - - n -     0 bounce
-verify     unix  - - n -     1 verify
-flush      unix  n - n 1000? 0 flush
-proxymap   unix  - - n -     - proxymap
-proxywrite unix  - - n -     1 proxymap
-smtp       unix  - - n -     - smtp
-relay      unix  - - n -     - smtp
-showq      unix  n - n -     - showq
-error      unix  - - n -     - error
-retry      unix  - - n -     - error
-discard    unix  - - n -     - discard
-anvil      unix  - - n -     1 anvil
-scache     unix  - - n -     1 scache
-postlog    unix-dgram n - n - 1 postlogd
-"""
+POSTFIX_MASTER_CF = _POSTFIX_MASTER_CF  # the same private-instance layout the tests use
 
 
 class Postfix(Relay):

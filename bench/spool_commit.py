@@ -28,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from twisted.internet import defer, task  # noqa: E402
+from twisted.internet import defer, task
 
-from gateway.message import MailMessage  # noqa: E402
-from gateway.spool import SqliteSpool, Stored  # noqa: E402
+from gateway.message import MailMessage
+from gateway.spool import SqliteSpool, Stored
 
 
 def files(folder: Path, messages: int, size: int, writers: int) -> float:
@@ -80,7 +80,9 @@ def sqlite(folder: Path, messages: int, size: int, writers: int) -> tuple[float,
                 sender="a@b.test",
                 recipients=["x@relay.test"],
             )
-            return sem.run(lambda: defer.Deferred.fromCoroutine(spool.put([Stored(msg, "r", ("d",))])))
+            return sem.run(
+                lambda: defer.Deferred.fromCoroutine(spool.put([Stored(msg, "r", ("d",))]))
+            )
 
         started = time.perf_counter()
         await defer.gatherResults([one(n) for n in range(messages)])
@@ -98,7 +100,9 @@ def sqlite(folder: Path, messages: int, size: int, writers: int) -> tuple[float,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--writers", type=int, default=20)
@@ -106,7 +110,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
         file_rate = files(Path(scratch) / "files", args.messages, args.size, args.writers)
-        print(f"files (write, fsync, rename, fsync folder): {file_rate:8.0f} messages/s", flush=True)
+        print(
+            f"files (write, fsync, rename, fsync folder): {file_rate:8.0f} messages/s", flush=True
+        )
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
         try:
             sqlite(Path(scratch) / "spool", args.messages, args.size, args.writers)
