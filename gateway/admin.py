@@ -1,19 +1,25 @@
-"""The admin site on the ``admin:`` endpoint: /healthz and /readyz.
+"""The admin site on the ``admin:`` endpoint: /metrics, /healthz and /readyz.
 
 /healthz answers 200 while the process runs its event loop; /readyz answers
 200 only once every listener is bound and the configuration is loaded, and 503
-while starting or stopping, so a load balancer or systemd can tell.
+while starting, reloading or stopping, or just after the spool refused a
+message, so a load balancer can tell.  /metrics is for Prometheus.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 if TYPE_CHECKING:
     from gateway.service import GatewayService
+
+log = Logger(namespace="gateway.admin")
 
 
 class _Health(Resource):
@@ -40,12 +46,60 @@ class _Ready(Resource):
         return b"ready\n"
 
 
+class _Metrics(Resource):
+    isLeaf = True
+
+    def __init__(self, gateway: GatewayService) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.gateway = gateway
+
+    def render_GET(self, request: Request) -> int:
+        from gateway.metrics import GatewayMetrics
+
+        if self.gateway.metrics is None:
+            self.gateway.metrics = GatewayMetrics(self.gateway)
+        accept = request.getHeader(b"accept")
+        d = Deferred.fromCoroutine(
+            self.gateway.metrics.render(accept.decode("latin-1") if accept else None)
+        )
+
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def send(page: tuple[bytes, str]) -> None:
+            if gone:
+                return  # the scraper hung up
+            body, content_type = page
+            request.setHeader(b"content-type", content_type.encode())  # type: ignore[no-untyped-call]
+            request.write(body)  # type: ignore[no-untyped-call]
+            request.finish()  # type: ignore[no-untyped-call]
+
+        def failed(failure: Failure) -> None:
+            log.failure("/metrics failed", failure)
+            if gone:
+                return
+            request.setResponseCode(500)
+            request.finish()  # type: ignore[no-untyped-call]
+
+        d.addCallbacks(send, failed)
+        return NOT_DONE_YET
+
+
+class _AdminSite(Site):
+    noisy = False  # no "Starting factory" lines each time it opens
+
+    def log(self, request: Any) -> None:
+        pass  # no access log: health checks and scrapes every few seconds would fill it
+
+
 def admin_site(gateway: GatewayService) -> Site:
     root = Resource()  # type: ignore[no-untyped-call]
     health: Any = _Health()  # type: ignore[no-untyped-call]
     ready: Any = _Ready(gateway)
+    metrics: Any = _Metrics(gateway)
     root.putChild(b"healthz", health)
     root.putChild(b"readyz", ready)
-    site = Site(root)  # type: ignore[no-untyped-call]
+    root.putChild(b"metrics", metrics)
+    site = _AdminSite(root)  # type: ignore[no-untyped-call]
     site.displayTracebacks = False
     return site

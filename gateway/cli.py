@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,22 +32,111 @@ log = Logger(namespace="gateway.cli")
 DEFAULT_CONFIG = "routes.yaml"
 
 
-def _format(event: LogEvent) -> str | None:
+def _text(event: LogEvent) -> str | None:
+    """The event's text and traceback, or None for Twisted chatter not worth a line."""
     level = event.get("log_level", LogLevel.info)
     if event.get("log_namespace") == "log_legacy" and level < LogLevel.warn:
         return None  # Twisted's "port starting on ..." chatter; our own lines say it better
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(event.get("log_time", time.time())))
     text = formatEvent(event)
     failure = event.get("log_failure")
     if failure is not None:
-        text += "\n" + failure.getTraceback()
+        text += "\n" + failure.getTraceback().rstrip("\n")
+    return text
+
+
+def _format(event: LogEvent) -> str | None:
+    """For a terminal or a file: time, level, namespace, text."""
+    text = _text(event)
+    if text is None:
+        return None
+    level = event.get("log_level", LogLevel.info)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(event.get("log_time", time.time())))
     namespace = event.get("log_namespace", "-")
     return f"{stamp} {level.name:<5} {namespace}: {text}\n"
 
 
-def start_logging(level: str = "info", stream: IO[str] | None = None) -> None:
+# sd-daemon(3) priority prefixes; journald strips them and files the line at that priority.
+_PRIORITIES = {
+    LogLevel.critical: "<2>",
+    LogLevel.error: "<3>",
+    LogLevel.warn: "<4>",
+    LogLevel.info: "<6>",
+    LogLevel.debug: "<7>",
+}
+
+
+def _format_journal(event: LogEvent) -> str | None:
+    """For journald: its own timestamps, our priority on every line (tracebacks too)."""
+    text = _text(event)
+    if text is None:
+        return None
+    prefix = _PRIORITIES.get(event.get("log_level", LogLevel.info), "<6>")
+    namespace = event.get("log_namespace", "-")
+    return "".join(f"{prefix}{line}\n" for line in f"{namespace}: {text}".split("\n"))
+
+
+def _format_json(event: LogEvent) -> str | None:
+    """One JSON object per line: time, level, namespace, message and the event's fields."""
+    text = _text(event)
+    if text is None:
+        return None
+    stamp = datetime.datetime.fromtimestamp(event.get("log_time", time.time()), datetime.UTC)
+    record: dict[str, Any] = {
+        "time": stamp.isoformat(timespec="milliseconds"),
+        "level": event.get("log_level", LogLevel.info).name,
+        "namespace": event.get("log_namespace", "-"),
+        "message": text,
+    }
+    for key, value in event.items():
+        if not key.startswith("log_") and key not in record:
+            record[key] = value
+    return json.dumps(record, default=str, ensure_ascii=False) + "\n"
+
+
+def journal_stream(stream: IO[str]) -> bool:
+    """Whether ``stream`` is the journal connection systemd gave us ($JOURNAL_STREAM).
+
+    The variable names the device and inode of that connection; a stream
+    redirected elsewhere (a file, a pipe to another program) does not match.
+    """
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(want) and want == f"{st.st_dev}:{st.st_ino}"
+
+
+LOG_FORMATS = ("auto", "text", "journal", "json")
+
+
+def start_logging(
+    level: str = "info", stream: IO[str] | None = None, log_format: str = "auto"
+) -> None:
+    """Log to ``stream`` (stderr): text on a terminal, sd-daemon priorities for the journal
+    ("auto" picks these), or JSON lines for log shippers."""
+    out = stream or sys.stderr
+    journal = journal_stream(out)
+    formatter: Callable[[LogEvent], str | None]
+    if log_format == "json":
+        if journal:
+
+            def formatter(event: LogEvent) -> str | None:
+                line = _format_json(event)
+                return (
+                    None
+                    if line is None
+                    else _PRIORITIES.get(event.get("log_level", LogLevel.info), "") + line
+                )
+
+        else:
+            formatter = _format_json
+    elif log_format == "journal" or (log_format == "auto" and journal):
+        formatter = _format_journal
+    else:
+        formatter = _format
     predicate: Any = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
-    text: Any = FileLogObserver(stream or sys.stderr, _format)
+    text: Any = FileLogObserver(out, formatter)
     observer: Any = FilteringLogObserver(text, [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
@@ -90,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from gateway.service import GatewayService, load_checked
     from gateway.spool import SpoolError
+    from gateway.systemd import Notifier, SocketActivationError
 
     reactor: Any = installed_reactor
 
@@ -98,17 +190,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_problems(exc)
         return 1
-    start_logging(args.log_level)
+    start_logging(args.log_level, log_format=args.log_format)
     service = GatewayService(args.config, reactor)
+    # Under systemd (Type=notify): READY=1, RELOADING=1, STOPPING=1, STATUS= and watchdog
+    # pings from the reactor; outside systemd it does nothing.
+    notifier = Notifier(reactor, service.status_line)
+    service.on_state.append(notifier.on_state)
     status = {"code": 0}
 
     def failed(failure: Any) -> None:
         if failure.check(ConfigError):
             print_problems(failure.value)
-        elif failure.check(OSError, CannotListenError, SpoolError):
+        elif failure.check(OSError, CannotListenError, SpoolError, SocketActivationError):
             print(f"error: cannot start: {failure.getErrorMessage()}", file=sys.stderr)
         else:
             log.failure("cannot start", failure)
+        notifier.failed(failure.getErrorMessage())
         status["code"] = 1
         reactor.stop()
 
@@ -122,6 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: defer.Deferred.fromCoroutine(service.shutdown())
         )
+        notifier.start()
         defer.Deferred.fromCoroutine(service.start(loaded)).addErrback(failed)
 
     reactor.callWhenRunning(go)
@@ -219,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_config(sub.add_parser("run", help="run the gateway"))
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"])
+    run.add_argument(
+        "--log-format",
+        default="auto",
+        choices=LOG_FORMATS,
+        help="text (time, level, namespace, message), journal (sd-daemon priorities, no"
+        " time), json (one object per line); auto: journal under systemd, else text",
+    )
     run.set_defaults(func=cmd_run)
     check = with_config(sub.add_parser("check", help="validate the routes file"))
     check.set_defaults(func=cmd_check)

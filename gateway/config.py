@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import ipaddress
+import os
 import re
 import string
 import types
@@ -117,7 +118,12 @@ _CLIENT_ENDPOINTS = ("tcp", "tcp6", "ssl", "unix", "tls", "udp")
 
 
 class Endpoint(str):
-    """A Twisted server endpoint string, plus ``udp:PORT[:interface=ADDR]``."""
+    """A Twisted server endpoint string, plus ``udp:PORT[:interface=ADDR]`` for UDP.
+
+    Sockets passed by systemd (socket activation): ``systemd:domain=INET6:index=N``
+    or ``systemd:domain=INET6:name=NAME`` (Twisted's) for TCP, and
+    ``udp:systemd:index=N`` or ``udp:systemd:name=NAME`` (ours) for UDP.
+    """
 
     kinds: typing.ClassVar[tuple[str, ...]] = _SERVER_ENDPOINTS
 
@@ -129,9 +135,15 @@ class Endpoint(str):
                 f"expected an endpoint such as tcp:2525:interface=127.0.0.1, got '{text}'"
                 + suggest(kind, cls.kinds).replace("'; ", "' kind; ")
             )
-        if kind == "udp":
+        if kind == "udp" and text[4:].lower().startswith("systemd:"):
+            if "systemd" not in cls.kinds:
+                raise ValueError(f"a socket passed by systemd only listens, got '{text}'")
+            systemd_endpoint_args(text)
+        elif kind == "udp":
             udp_endpoint_args(text)
-        elif kind != "systemd":
+        elif kind == "systemd":
+            systemd_endpoint_args(text)
+        else:
             cls._check_with_twisted(text)
         return cls(text)
 
@@ -164,6 +176,42 @@ class ClientEndpoint(Endpoint):
             endpoints.clientFromString(MemoryReactor(), text)  # type: ignore[no-untyped-call]
         except Exception as exc:
             raise ValueError(f"invalid endpoint '{text}': {exc}") from None
+
+
+def systemd_endpoint_args(text: str) -> tuple[str | None, int | None, str | None]:
+    """Domain, index and name of ``systemd:domain=INET6:index=N`` (or ``name=NAME``).
+
+    Also of the UDP form ``udp:systemd:index=N`` / ``udp:systemd:name=NAME``, where
+    ``domain=`` may be left out (the socket says it).  Twisted checks nothing of a
+    systemd endpoint until the sockets exist, so ``gateway check`` checks here.
+    """
+    udp = text.lower().startswith("udp:")
+    body = text.split(":", 2 if udp else 1)[-1]
+    form = (
+        "udp:systemd:index=N or udp:systemd:name=NAME"
+        if udp
+        else ("systemd:domain=INET6:index=N or systemd:domain=INET6:name=NAME")
+    )
+    given: dict[str, str] = {}
+    for part in body.split(":") if body else []:
+        key, sep, value = part.partition("=")
+        if not sep or not value or key not in ("domain", "index", "name") or key in given:
+            raise ValueError(f"expected {form}, got '{text}'")
+        given[key] = value
+    if ("index" in given) == ("name" in given):
+        raise ValueError(f"expected {form} (one of index= and name=), got '{text}'")
+    domains = ("INET", "INET6") if udp else ("INET", "INET6", "UNIX")
+    domain = given.get("domain")
+    if (domain is None and not udp) or (domain is not None and domain not in domains):
+        raise ValueError(
+            f"expected domain={' or '.join(domains)} in '{text}' (the socket's address family)"
+        )
+    index = None
+    if "index" in given:
+        if not given["index"].isdigit():
+            raise ValueError(f"index= is the socket's number counting from 0, got '{text}'")
+        index = int(given["index"])
+    return domain, index, given.get("name")
 
 
 def udp_endpoint_args(text: str) -> tuple[int, str]:
@@ -605,7 +653,10 @@ class Config:
     version: Literal[1] = field(metadata=_doc("format version of this file"))
     spool: ConfigPath | None = field(
         default=None,
-        metadata=_doc("the durable queue's folder (default: var/spool next to this file)"),
+        metadata=_doc(
+            "the durable queue's folder (default: var/spool next to this file;"
+            " $STATE_DIRECTORY/spool when systemd sets $STATE_DIRECTORY)"
+        ),
     )
     admin: Endpoint | None = field(default=None, metadata=_doc("endpoint of /healthz, /readyz"))
     plugins: tuple[ConfigPath, ...] = field(default=(), metadata=_doc("folders of plugin modules"))
@@ -942,10 +993,24 @@ def parse(text: str, filename: str = "routes.yaml", base: Path | None = None) ->
         raise ConfigError(reader.problems)
     config = dataclasses.replace(config, routes=_check_references(reader, config))
     if config.spool is None:
-        config = dataclasses.replace(config, spool=ConfigPath(str(reader.base / "var" / "spool")))
+        config = dataclasses.replace(config, spool=ConfigPath(str(default_spool(reader.base))))
     if reader.problems:
         raise ConfigError(reader.problems)
     return typing.cast(Config, config)
+
+
+def default_spool(base: Path, environ: Mapping[str, str] | None = None) -> Path:
+    """Where the spool goes when the file names none.
+
+    Under systemd with ``StateDirectory=`` ($STATE_DIRECTORY, several paths
+    separated by colons), ``spool`` in the first of them; otherwise ``var/spool``
+    next to the file.
+    """
+    env = os.environ if environ is None else environ
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state) / "spool"
+    return base / "var" / "spool"
 
 
 def load(path: str | Path) -> Config:

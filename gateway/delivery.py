@@ -25,6 +25,7 @@ from gateway.config import DestinationConfig
 from gateway.destination import Outcome, Status
 from gateway.message import MailMessage, Message
 from gateway.spool import Delivery, SpoolBackend, SpoolError
+from gateway.stats import Histogram
 
 if TYPE_CHECKING:
     from gateway.service import GatewayService
@@ -48,10 +49,17 @@ class Counters:
     duplicates: int = 0
     bounces: int = 0
     by_destination: dict[tuple[str, str], int] = field(default_factory=dict)
+    durations: dict[str, Histogram] = field(default_factory=dict)  # of deliver(), by destination
 
     def count(self, destination: str, outcome: str) -> None:
         key = (destination, outcome)
         self.by_destination[key] = self.by_destination.get(key, 0) + 1
+
+    def observe(self, destination: str, seconds: float) -> None:
+        histogram = self.durations.get(destination)
+        if histogram is None:
+            histogram = self.durations[destination] = Histogram()
+        histogram.observe(seconds)
 
 
 class DeliveryManager:
@@ -287,6 +295,7 @@ class DeliveryManager:
                     lambda: self.spool.delivered(delivery, "duplicate", None),
                 )
                 return
+            started = self.clock()
             try:
                 outcome = await destination.deliver(message)
             except Exception as exc:
@@ -296,6 +305,7 @@ class DeliveryManager:
                     id=delivery.id,
                 )
                 outcome = Outcome.temporary(f"internal error in destination: {exc}")
+            self.counters.observe(delivery.destination, self.clock() - started)
         except Exception as exc:
             log.failure(
                 "delivery {id} failed before reaching {destination}",

@@ -12,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -28,6 +27,10 @@ from gateway.message import Message, local_hostname
 from gateway.plugins import PluginError, Transforms, load_transforms
 from gateway.routing import NoRoute, Router, TransformFailed, check_routes
 from gateway.spool import QUEUED, SpoolError, SqliteSpool, Stored
+from gateway.systemd import server_endpoint
+
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
 
 log = Logger(namespace="gateway.service")
 
@@ -125,8 +128,9 @@ class ListenerService(Service):
                 if hasattr(self.factory, "listen_on"):
                     port = await self.factory.listen_on(str(description))
                 else:
-                    endpoint = serverFromString(self.reactor, str(description))  # type: ignore[no-untyped-call]
-                    port = await endpoint.listen(self.factory)
+                    port = await server_endpoint(self.reactor, str(description)).listen(
+                        self.factory
+                    )
                 self.ports.append(port)
                 log.info(
                     "listener {listener} ({protocol}) accepting on {endpoint}",
@@ -175,10 +179,25 @@ class GatewayService(MultiService):
         self.stopping = False
         self._reloading: Deferred[bool] | None = None
         self.on_ready: list[Callable[[], None]] = []
+        # Told "ready", "reloading" and "stopping" (systemd's notifications hang here).
+        self.on_state: list[Callable[[str], None]] = []
         self.admin_port: Any = None
         self.admin_endpoint: str | None = None
         self.spool: SqliteSpool | None = None
         self.delivery: DeliveryManager | None = None
+        self.metrics: GatewayMetrics | None = None  # made at the first /metrics request
+        # Counters for /metrics and the status line.
+        self.reloads = 0
+        self.failed_reloads = 0
+        self.last_reload_failed = False
+        self.routed: dict[tuple[str, str], int] = {}  # (route, queued|failed) -> messages
+        self.spool_refusals = 0
+        self.spool_refused_at: float | None = None  # reactor time of the last refusal
+        self.spool_error = ""
+
+    # Seconds /readyz stays false after the spool refused a message (disk full or
+    # unwritable); a message it takes in the meantime makes it ready at once.
+    spool_refusal_window = 10.0
 
     # --- start and stop -----------------------------------------------------------
 
@@ -189,10 +208,55 @@ class GatewayService(MultiService):
             problems.append("shutting down")
         elif not self.ready:
             problems.append("starting")
+        elif self._reloading is not None:
+            problems.append("reloading the configuration")
         for name, service in self.listeners.items():
             if not service.ports:
                 problems.append(f"listener {name} has no open socket")
+        refused = self.spool_refused_at
+        if refused is not None:
+            ago = self.reactor.seconds() - refused
+            if 0 <= ago < self.spool_refusal_window:
+                problems.append(f"the spool refused a message {ago:.0f}s ago: {self.spool_error}")
         return problems
+
+    def _announce(self, state: str) -> None:
+        for callback in self.on_state:
+            try:
+                callback(state)
+            except Exception:
+                log.failure(
+                    "telling {callback} the state {state} failed", callback=callback, state=state
+                )
+
+    def status_line(self) -> str:
+        """One line on what the gateway is doing, for systemd's STATUS=."""
+        if self.stopping:
+            return "stopping: finishing the work in flight"
+        if self.runtime is None:
+            return "starting"
+        if self._reloading is not None:
+            return "reloading the configuration"
+        config = self.runtime.config
+        parts = [
+            f"{len(self.listeners)} listener(s), {len(config.destinations)} destination(s),"
+            f" {len(config.routes)} route(s)"
+        ]
+        accepted = queries = 0
+        for service in self.listeners.values():
+            factory = service.factory
+            accepted += getattr(getattr(factory, "listener", None), "accepted", 0)
+            queries += getattr(getattr(factory, "handler", None), "queries", 0)
+        if accepted:
+            parts.append(f"{accepted} message(s) accepted")
+        if queries:
+            parts.append(f"{queries} DNS quer{'y' if queries == 1 else 'ies'}")
+        if self.delivery is not None:
+            c = self.delivery.counters
+            parts.append(f"{c.delivered} delivered, {c.deferred} deferred, {c.dead} dead")
+        if self.last_reload_failed:
+            parts.append("the last reload failed (see the log); the routes before it stay")
+        return "; ".join(parts)
 
     async def _open_admin(self, endpoint: str | None) -> None:
         if endpoint == self.admin_endpoint and (self.admin_port is not None or endpoint is None):
@@ -204,9 +268,9 @@ class GatewayService(MultiService):
         if endpoint is not None:
             from gateway.admin import admin_site
 
-            ep = serverFromString(self.reactor, str(endpoint))  # type: ignore[no-untyped-call]
+            ep = server_endpoint(self.reactor, str(endpoint))
             self.admin_port = await ep.listen(admin_site(self))
-            log.info("admin site (/healthz, /readyz) on {endpoint}", endpoint=endpoint)
+            log.info("admin site (/metrics, /healthz, /readyz) on {endpoint}", endpoint=endpoint)
 
     async def start(self, loaded: tuple[Config, Transforms] | None = None) -> None:
         """Load the file (unless given) and open every listener; raise on any failure."""
@@ -245,6 +309,7 @@ class GatewayService(MultiService):
         )
         for callback in self.on_ready:
             callback()
+        self._announce("ready")
 
     def _destinations(self, config: Config, old: dict[str, Destination]) -> dict[str, Destination]:
         built: dict[str, Destination] = {}
@@ -262,6 +327,7 @@ class GatewayService(MultiService):
             return
         self.stopping = True
         self.ready = False
+        self._announce("stopping")
         runtime = self.runtime
         timeout = runtime.config.shutdown_timeout if runtime else 0.0
         log.info(
@@ -270,7 +336,7 @@ class GatewayService(MultiService):
         )
         for service in self.listeners.values():
             await service.close()
-        await self._open_admin(None)
+        # The admin site stays open to the end: /readyz says "shutting down" meanwhile.
         deadline = self.reactor.seconds() + timeout
         if runtime is not None:
             await self._bounded(runtime.when_idle(), timeout, "messages in flight")
@@ -289,6 +355,7 @@ class GatewayService(MultiService):
                 )
         if self.spool is not None:
             await self.spool.close()
+        await self._open_admin(None)
         log.info("gateway stopped")
 
     async def _bounded(self, d: Deferred[None], timeout: float, what: str) -> None:
@@ -308,6 +375,9 @@ class GatewayService(MultiService):
         if self._reloading is not None:
             # A reload while one is running: let it finish, then read the file again.
             return self._reloading.addCallback(lambda _: self.reload())
+        if self.stopping or self.runtime is None:
+            return defer.succeed(False)
+        self._announce("reloading")
         d = Deferred.fromCoroutine(self._reload())
         self._reloading = d
 
@@ -317,6 +387,11 @@ class GatewayService(MultiService):
 
         def done(result: bool) -> bool:
             self._reloading = None
+            self.reloads += 1
+            self.failed_reloads += not result
+            self.last_reload_failed = not result
+            if not self.stopping:
+                self._announce("ready")
             return result
 
         return d.addErrback(failed).addCallback(done)
@@ -435,6 +510,7 @@ class GatewayService(MultiService):
             log.info("message {id} refused: {reason}", id=message.id, reason=str(exc))
             return Verdict(Status.PERMANENT, str(exc), 550, "5.1.1", exc.recipients)
         except TransformFailed as exc:
+            self._count_route(exc.route, "failed")
             return Verdict(Status.TEMPORARY, str(exc), 451, "4.3.0")
         if not routed:
             log.info("message {id} dropped by the transforms of its route(s)", id=message.id)
@@ -445,10 +521,15 @@ class GatewayService(MultiService):
         try:
             deliveries = await self.spool.put(items)
         except SpoolError as exc:
+            self.spool_refusals += 1
+            self.spool_refused_at = self.reactor.seconds()
+            self.spool_error = str(exc)
             log.error("message {id} not accepted: {error}", id=message.id, error=str(exc))
             return Verdict(Status.TEMPORARY, str(exc), 452, "4.3.1")
+        self.spool_refused_at = None
         msgid = getattr(message, "message_id", None) or ""
         for item in routed:
+            self._count_route(item.route.name, "queued")
             recipients = getattr(item.message, "recipients", ())
             log.info(
                 "id={id} msgid={msgid} route={route} to={to} outcome=queued destinations={dests}",
@@ -462,3 +543,7 @@ class GatewayService(MultiService):
         messages = {pid: item.message for pid, item in zip(payload_ids, items, strict=True)}
         self.delivery.offer(deliveries, messages)
         return Verdict(Status.DELIVERED, f"queued as {message.id}")
+
+    def _count_route(self, route: str, outcome: str) -> None:
+        key = (route, outcome)
+        self.routed[key] = self.routed.get(key, 0) + 1

@@ -354,7 +354,9 @@ def test_plugins_load_from_entry_points(tmp_path: Path, monkeypatch: pytest.Monk
             importlib.metadata.EntryPoint("fn", "ep_plugin_mod:single", "gateway.plugins"),
         ]
     )
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: points.select(group=group))
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group: points.select(group=group)
+    )
     t = load_transforms()
     assert "from_entry_point" in t and "single_function" in t
     bad = importlib.metadata.EntryPoints(

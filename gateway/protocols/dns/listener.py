@@ -9,10 +9,10 @@ TC=1 so the client retries over TCP.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from gateway.config import (
@@ -20,6 +20,7 @@ from gateway.config import (
     DohListenerConfig,
     Route,
     _parse_record,
+    systemd_endpoint_args,
     udp_endpoint_args,
 )
 from gateway.protocols.dns.cache import DnsCache
@@ -39,6 +40,8 @@ from gateway.protocols.dns.wire import (
     with_id,
 )
 from gateway.routing import DnsRoutes
+from gateway.stats import Histogram
+from gateway.systemd import inherited_datagram_socket, server_endpoint
 
 if TYPE_CHECKING:
     from gateway.service import GatewayService, Runtime
@@ -82,6 +85,17 @@ class LocalZone:
         return wire
 
 
+class RouteCounts:
+    """What one route did with its queries; plain ints, so counting costs an increment."""
+
+    __slots__ = ("cache", "forwarded", "local", "nxdomain", "refused", "servfail", "stale")
+    outcomes = __slots__
+
+    def __init__(self) -> None:
+        self.cache = self.forwarded = self.local = self.nxdomain = 0
+        self.refused = self.servfail = self.stale = 0
+
+
 class DnsListener:
     """Answers queries for one configured DNS or DoH listener (the DnsHandler)."""
 
@@ -95,8 +109,14 @@ class DnsListener:
         # Caches and local zones outlive reloads as long as their route is unchanged.
         self._caches: dict[str, tuple[Route, DnsCache]] = {}
         self._zones: dict[str, tuple[Route, LocalZone]] = {}
+        # For /metrics. Queries that reach no route count here, the rest per route.
         self.queries = 0
         self.malformed = 0
+        self.notimp = 0
+        self.unrouted = 0
+        self.by_route: dict[str, RouteCounts] = {}
+        self.upstream: dict[tuple[str, str], int] = {}  # (destination, answered|failed)
+        self.upstream_duration: dict[str, Histogram] = {}
 
     def _index(self, runtime: Runtime) -> DnsRoutes:
         if runtime is not self._runtime or self._routes is None:
@@ -106,7 +126,16 @@ class DnsListener:
             names = {r.name for r in routes}
             self._caches = {k: v for k, v in self._caches.items() if k in names}
             self._zones = {k: v for k, v in self._zones.items() if k in names}
+            self.by_route = {k: v for k, v in self.by_route.items() if k in names}
         return self._routes
+
+    def _counts(self, name: str) -> RouteCounts:
+        counts = self.by_route[name] = RouteCounts()
+        return counts
+
+    def caches(self) -> dict[str, DnsCache]:
+        """The response cache of each route that has one, by route name."""
+        return {name: cache for name, (_, cache) in self._caches.items()}
 
     def _cache(self, route: Route) -> DnsCache | None:
         if not route.cache:
@@ -139,16 +168,24 @@ class DnsListener:
             self.malformed += 1
             return error_response(data, FORMERR, None) if exc.header_ok else None
         if question.opcode != 0:
+            self.notimp += 1
             return error_response(data, NOTIMP, question)
         runtime = self.gateway.current()
         route = self._index(runtime).select(
             question.qname, question.qtype, question.qclass, client[0]
         )
         if route is None:
+            self.unrouted += 1
             return error_response(data, REFUSED, question)
+        counts = self.by_route.get(route.name) or self._counts(route.name)
         if route.action is not None:
-            return error_response(data, REFUSED if route.action == "refuse" else NXDOMAIN, question)
+            if route.action == "refuse":
+                counts.refused += 1
+                return error_response(data, REFUSED, question)
+            counts.nxdomain += 1
+            return error_response(data, NXDOMAIN, question)
         if route.answer:
+            counts.local += 1
             try:
                 return self._fit(self._zone(route).answer(data, question), question, transport)
             except Exception:
@@ -158,9 +195,10 @@ class DnsListener:
         if cache is not None:
             hit = cache.get(question.key, question.id)
             if hit is not None:
+                counts.cache += 1
                 return self._fit(hit, question, transport)
         return Deferred.fromCoroutine(
-            self._forward(runtime, route, data, question, transport, cache)
+            self._forward(runtime, route, data, question, transport, cache, counts)
         )
 
     async def _forward(
@@ -171,29 +209,37 @@ class DnsListener:
         question: Question,
         transport: str,
         cache: DnsCache | None,
+        counts: RouteCounts,
     ) -> bytes:
         problems = []
+        clock = self.gateway.reactor.seconds
         for name in route.to:
             destination: Any = runtime.destinations.get(name)
             resolve = getattr(destination, "resolve", None)
             if resolve is None:
                 problems.append(f"{name}: not a DNS destination")
                 continue
+            started = clock()
             try:
                 answer: bytes = await resolve(data, question)
             except UpstreamError as exc:
+                self._upstream(name, "failed", clock() - started)
                 problems.append(f"{name}: {exc}")
                 continue
             except Exception as exc:
+                self._upstream(name, "failed", clock() - started)
                 log.failure("destination {destination} failed", destination=name)
                 problems.append(f"{name}: internal error {exc}")
                 continue
+            self._upstream(name, "answered", clock() - started)
             if cache is not None:
                 cache.put(question.key, answer)
+            counts.forwarded += 1
             return self._fit(with_id(answer, question.id), question, transport)
         if cache is not None:
             stale = cache.get_stale(question.key, question.id)
             if stale is not None:
+                counts.stale += 1
                 log.info(
                     "route {route}: every upstream failed, serving a stale answer for"
                     " {qname} ({problems})",
@@ -208,7 +254,16 @@ class DnsListener:
             qname=question.qname,
             problems="; ".join(problems),
         )
+        counts.servfail += 1
         return error_response(data, SERVFAIL, question)
+
+    def _upstream(self, destination: str, outcome: str, seconds: float) -> None:
+        key = (destination, outcome)
+        self.upstream[key] = self.upstream.get(key, 0) + 1
+        histogram = self.upstream_duration.get(destination)
+        if histogram is None:
+            histogram = self.upstream_duration[destination] = Histogram()
+        histogram.observe(seconds)
 
     @staticmethod
     def _fit(response: bytes, question: Question, transport: str) -> bytes:
@@ -231,11 +286,19 @@ class DnsSockets:
         )
 
     async def listen_on(self, description: str) -> Any:
+        if description.lower().startswith("udp:systemd:"):
+            # Socket activation: the UDP socket systemd bound (ListenDatagram=).
+            domain, index, name = systemd_endpoint_args(description)
+            fd, family = inherited_datagram_socket(description, index, name, domain)
+            # Twisted reads an adopted UDP socket until it would block, but does not make
+            # it non-blocking (systemd-socket-activate passes blocking ones): we must.
+            os.set_blocking(fd, False)
+            protocol = DnsUdpProtocol(self.handler)
+            return self.reactor.adoptDatagramPort(fd, family, protocol)
         if description.lower().startswith("udp:"):
             port, interface = udp_endpoint_args(description)
             return self.reactor.listenUDP(port, DnsUdpProtocol(self.handler), interface=interface)
-        endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
-        return await endpoint.listen(self.tcp)
+        return await server_endpoint(self.reactor, description).listen(self.tcp)
 
     def reconfigure(self, config: DnsListenerConfig) -> None:
         self.handler.config = config
@@ -258,8 +321,7 @@ class DohSockets:
         self.site = doh_site(self.handler, path=config.path, max_size=config.max_size)
 
     async def listen_on(self, description: str) -> Any:
-        endpoint = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
-        return await endpoint.listen(self.site)
+        return await server_endpoint(self.reactor, description).listen(self.site)
 
     def reconfigure(self, config: DohListenerConfig) -> None:
         self.handler.config = config

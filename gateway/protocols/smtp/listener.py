@@ -19,6 +19,7 @@ from gateway.config import SmtpListenerConfig, client_allowed
 from gateway.destination import Status
 from gateway.message import MailMessage, new_message_id
 from gateway.protocols.smtp.server import Reply, SmtpServerFactory, SmtpSession
+from gateway.stats import Histogram
 
 if TYPE_CHECKING:
     from gateway.service import GatewayService
@@ -49,6 +50,12 @@ class SmtpListener:
     def __init__(self, config: SmtpListenerConfig, gateway: GatewayService) -> None:
         self.config = config
         self.gateway = gateway
+        # For /metrics: messages by the reply they got, and the time to that reply.
+        self.accepted = 0
+        self.rejected = 0
+        self.tempfail = 0
+        self.recipients_refused = 0
+        self.duration = Histogram()
 
     def on_connect(self, session: SmtpSession) -> Reply | None:
         if self.gateway.stopping:
@@ -76,6 +83,7 @@ class SmtpListener:
         router = self.gateway.current().router
         if router.accepts_recipient(self.config.name, sender, recipient, session.peer_host):
             return None
+        self.recipients_refused += 1
         log.info(
             "listener {listener} refused recipient {rcpt} from {client}: no route",
             listener=self.config.name,
@@ -98,12 +106,18 @@ class SmtpListener:
             listener=self.config.name,
             client=session.peer_host,
         )
+        clock = self.gateway.reactor.seconds
+        started = clock()
         verdict = await self.gateway.submit(message)
+        self.duration.observe(clock() - started)
         if verdict.status is Status.DELIVERED:
+            self.accepted += 1
             return Reply(250, "2.0.0", f"Ok: queued as {qid}")
         if verdict.status is Status.TEMPORARY:
+            self.tempfail += 1
             code = verdict.code if 400 <= verdict.code < 500 else 451
             return Reply(code, verdict.enhanced or "4.3.0", f"Try again later: {verdict.detail}")
+        self.rejected += 1
         return Reply(verdict.code or 554, verdict.enhanced or "5.0.0", verdict.detail)
 
 
