@@ -275,6 +275,9 @@ def check_routes(config: Config, transforms: Transforms) -> list[Problem]:
 # --- DNS routes --------------------------------------------------------------------
 
 
+_CANDIDATE_MEMO_SIZE = 4096
+
+
 class DnsRoutes:
     """The DNS routes of one listener, indexed by name so lookups stay fast with thousands.
 
@@ -290,6 +293,9 @@ class DnsRoutes:
         self._exact: dict[str, list[int]] = {}
         self._below: dict[str, list[int]] = {}
         self._always: list[int] = []
+        # Candidates by query name: traffic repeats names, so most look-ups are one dict hit
+        # whatever the number of routes. Cleared when full, which bounds a flood of new names.
+        self._memo: dict[str, list[int]] = {}
         for index, route in enumerate(routes):
             names = route.match.qname + route.match.file_names
             if not names:
@@ -302,6 +308,15 @@ class DnsRoutes:
                     bucket.append(index)
 
     def candidates(self, qname: str) -> list[int]:
+        """Indexes of the routes whose names match ``qname``, in file order (shared: read only)."""
+        found = self._memo.get(qname)
+        if found is None:
+            if len(self._memo) >= _CANDIDATE_MEMO_SIZE:
+                self._memo.clear()
+            found = self._memo[qname] = self._find(qname)
+        return found
+
+    def _find(self, qname: str) -> list[int]:
         found: list[int] = []
         exact = self._exact.get(qname)
         if exact:
@@ -326,8 +341,9 @@ class DnsRoutes:
 
     def select(self, qname: str, qtype: int, qclass: int, client: str) -> Route | None:
         """The route for a query: ``qname`` lower-case with a trailing dot."""
+        routes = self.routes
         for index in self.candidates(qname):
-            route = self.routes[index]
+            route = routes[index]
             m = route.match
             if m.qtype and qtype not in m.qtype:
                 continue

@@ -9,12 +9,12 @@ anything else is counted and ignored (RFC 5452).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
-import random
+import os
 import secrets
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
@@ -24,13 +24,7 @@ from twisted.internet.protocol import DatagramProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.protocols.dns.wire import (
-    Question,
-    WireError,
-    is_truncated,
-    parse_response_question,
-    with_id,
-)
+from gateway.protocols.dns.wire import Question, WireError, parse_response_question, with_id
 
 log = Logger(namespace="gateway.dns.client")
 
@@ -39,12 +33,37 @@ class UpstreamError(Exception):
     """No upstream answered in time; the message says which and why."""
 
 
-@dataclass
-class _Pending:
-    server: tuple[str, int]
-    question: tuple[str, int, int]
-    deferred: Deferred[bytes]
-    timer: Any
+class _Query:
+    """One query on its way through the servers, and the Deferred that resolve() returned.
+
+    While a UDP attempt is out, its socket's ``pending`` maps the upstream ID to this object.
+    """
+
+    __slots__ = (
+        "data",
+        "deferred",
+        "index",
+        "problems",
+        "qid",
+        "question",
+        "question_wire",
+        "server",
+        "slot",
+        "sock",
+    )
+
+    def __init__(self, data: bytes, question: Question) -> None:
+        self.data = data
+        self.question = question
+        # The question section as sent; an upstream echoes it byte for byte, case included.
+        self.question_wire = data[12 : question.question_end]
+        self.deferred: Deferred[bytes] = Deferred()
+        self.index = 0  # into DnsUpstream.servers
+        self.slot = 0  # the timeout wheel's slot of the UDP attempt out now
+        self.problems: list[str] = []
+        self.server: tuple[str, int] = ("", 0)
+        self.sock: _UdpSocket | None = None
+        self.qid = -1
 
 
 class _UdpSocket(DatagramProtocol):
@@ -52,37 +71,48 @@ class _UdpSocket(DatagramProtocol):
 
     def __init__(self, owner: DnsUpstream) -> None:
         self.owner = owner
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, _Query] = {}
         self.uses = 0
         self.retired = False
         self.port: Any = None
+        self.sendto: Any = None
+        self.serial = 0  # tells this socket in the timeout wheel
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         if len(datagram) < 12:
             self.owner.ignored += 1
             return
-        pending = self.pending.get(int.from_bytes(datagram[:2], "big"))
-        if pending is None or (addr[0], addr[1]) != pending.server:
+        qid = (datagram[0] << 8) | datagram[1]
+        query = self.pending.get(qid)
+        if query is None or (addr[0], addr[1]) != query.server:
             self.owner.ignored += 1
             return
-        try:
-            _, qname, qtype, qclass = parse_response_question(datagram)
-        except WireError:
+        # A response (QR) to one question, the one we sent; the slow path allows an upstream
+        # that changed the name's case.
+        if not (
+            datagram[2] & 0x80
+            and datagram[4:6] == b"\x00\x01"
+            and datagram[12 : query.question.question_end] == query.question_wire
+        ) and not _same_question(datagram, query.question):
             self.owner.ignored += 1
             return
-        if (qname, qtype, qclass) != pending.question:
-            self.owner.ignored += 1
-            return
-        del self.pending[int.from_bytes(datagram[:2], "big")]
-        if pending.timer.active():
-            pending.timer.cancel()
-        pending.deferred.callback(datagram)
-        self._maybe_close()
+        del self.pending[qid]
+        if self.retired and not self.pending:
+            self.owner._close_retired(self)
+        self.owner._answered(query, datagram)
 
-    def _maybe_close(self) -> None:
-        if self.retired and not self.pending and self.port is not None:
+    def close(self) -> None:
+        if self.port is not None:
             self.port.stopListening()
             self.port = None
+
+
+def _same_question(datagram: bytes, question: Question) -> bool:
+    try:
+        _, qname, qtype, qclass = parse_response_question(datagram)
+    except WireError:
+        return False
+    return (qname, qtype, qclass) == (question.qname, question.qtype, question.qclass)
 
 
 class _TcpQuery(Protocol):
@@ -113,8 +143,19 @@ class _TcpQuery(Protocol):
             self.done.errback(UpstreamError("the TCP connection closed before the answer"))
 
 
+# Random octets are taken from the OS this many at a time: query IDs and socket choices need
+# unpredictable values (RFC 5452), and one getrandom() per 2,000 queries costs far less than
+# one per query.
+_RANDOM_BATCH = 4096
+
+
 class DnsUpstream:
-    """A set of DNS servers tried in order, each with a per-query timeout."""
+    """A set of DNS servers tried in order, each with a per-query timeout.
+
+    Timeouts are kept on a wheel of ``tick``-second slots, turned by one timer while queries
+    are out, rather than a reactor timer per query: a query fails between ``timeout`` and
+    ``timeout + tick`` seconds after it was sent.
+    """
 
     def __init__(
         self,
@@ -131,73 +172,151 @@ class DnsUpstream:
         self.pool_size = sockets
         self.rotate_after = rotate_after
         self._pools: dict[int, list[_UdpSocket]] = {}
-        self._rng = random.Random(secrets.randbits(64))
+        self._retired: set[_UdpSocket] = set()
+        self._families = {host: ipaddress.ip_address(host).version for host, _ in self.servers}
+        self._random = b""
+        self._random_at = 0
+        self.tick = min(0.1, timeout / 4) if timeout > 0 else 0.1
+        self._per_tick = 1 / self.tick
+        # Slot -> (socket serial << 16 | query ID) of the attempts that time out in it. Plain
+        # ints, so the wheel keeps no query alive after its answer and the garbage collector
+        # has nothing to walk there.
+        self._wheel: dict[int, list[int]] = {}
+        self._turning: Any = None
+        self._sockets: dict[int, _UdpSocket] = {}
+        self._serial = 0
         self.ignored = 0  # answers that did not match a question we asked
         self.queries = 0
 
-    async def resolve(self, data: bytes, question: Question) -> bytes:
+    def resolve(self, data: bytes, question: Question) -> Deferred[bytes]:
         """The upstream's answer to ``data`` (its ID as the upstream sent it).
 
-        Raises UpstreamError when no server answers.
+        Fails with UpstreamError when no server answers.
         """
-        problems = []
-        for server in self.servers:
-            try:
-                answer = await self._udp(data, question, server)
-                if is_truncated(answer):
-                    answer = await self._tcp(data, question, server)
-                return answer
-            except UpstreamError as exc:
-                problems.append(f"{server[0]}:{server[1]}: {exc}")
-        raise UpstreamError("; ".join(problems) or "no servers configured")
+        query = _Query(data, question)
+        if not self.servers:
+            query.deferred.errback(UpstreamError("no servers configured"))
+        else:
+            self._send(query)
+        return query.deferred
+
+    def _failed(self, query: _Query, problem: str) -> None:
+        """The current server did not answer ``query``: on to the next one, or give up."""
+        host, port = query.server
+        query.problems.append(f"{host}:{port}: {problem}")
+        query.index += 1
+        if query.index < len(self.servers):
+            self._send(query)
+        else:
+            query.deferred.errback(UpstreamError("; ".join(query.problems)))
+
+    def _answered(self, query: _Query, answer: bytes) -> None:
+        if answer[2] & 0x02:  # TC: ask the same server again over TCP
+            tcp = Deferred.fromCoroutine(self._tcp(query.data, query.question, query.server))
+            tcp.addCallbacks(query.deferred.callback, self._tcp_failed, errbackArgs=(query,))
+        else:
+            query.deferred.callback(answer)
+
+    def _tcp_failed(self, failure: Failure, query: _Query) -> None:
+        if isinstance(failure.value, UpstreamError):
+            self._failed(query, str(failure.value))
+        else:
+            query.deferred.errback(failure)
 
     # --- UDP ---
 
-    def _socket(self, host: str) -> _UdpSocket:
-        family = ipaddress.ip_address(host).version
-        pool = self._pools.setdefault(family, [])
-        live = [s for s in pool if not s.retired]
-        if len(live) < self.pool_size:
+    def _random_octets(self, count: int) -> bytes:
+        at = self._random_at
+        if at + count > len(self._random):
+            self._random = os.urandom(_RANDOM_BATCH)
+            at = 0
+        self._random_at = at + count
+        return self._random[at : at + count]
+
+    def _socket(self, host: str, choice: int) -> _UdpSocket:
+        family = self._families.get(host) or ipaddress.ip_address(host).version
+        pool = self._pools.get(family)
+        if pool is None:
+            pool = self._pools[family] = []
+        if len(pool) < self.pool_size:
             sock = _UdpSocket(self)
+            self._serial += 1
+            sock.serial = self._serial
+            self._sockets[sock.serial] = sock
             interface = "::" if family == 6 else "0.0.0.0"
             sock.port = self.reactor.listenUDP(0, sock, interface=interface)
+            # Straight to the socket: Port.write checks the address is an IP address twice
+            # per datagram, and ours always are.
+            raw = getattr(sock.port, "socket", None)
+            sock.sendto = raw.sendto if raw is not None else sock.port.write
             pool.append(sock)
-            live.append(sock)
-        sock = live[self._rng.randrange(len(live))]
+        sock = pool[choice % len(pool)]
         sock.uses += 1
         if sock.uses >= self.rotate_after:
             # A fresh random port from now on; the old socket closes when its queries are done.
             sock.retired = True
             pool.remove(sock)
+            self._retired.add(sock)
         return sock
 
-    def _udp(self, data: bytes, question: Question, server: tuple[str, int]) -> Deferred[bytes]:
+    def _close_retired(self, sock: _UdpSocket) -> None:
+        sock.close()
+        self._retired.discard(sock)
+        self._sockets.pop(sock.serial, None)
+
+    def _send(self, query: _Query) -> None:
+        """One UDP attempt of ``query`` at ``servers[query.index]``."""
         self.queries += 1
+        server = query.server = self.servers[query.index]
+        octets = self._random_octets(3)
         try:
-            sock = self._socket(server[0])
+            sock = self._socket(server[0], octets[2])
         except Exception as exc:
-            return defer.fail(UpstreamError(f"cannot open a UDP socket: {exc}"))
-        qid = secrets.randbits(16)
+            self._failed(query, f"cannot open a UDP socket: {exc}")
+            return
+        qid = (octets[0] << 8) | octets[1]
         while qid in sock.pending:
-            qid = secrets.randbits(16)
-        d: Deferred[bytes] = Deferred()
-
-        def expire() -> None:
-            sock.pending.pop(qid, None)
-            sock._maybe_close()
-            d.errback(UpstreamError(f"no answer within {self.timeout:g}s"))
-
-        timer = self.reactor.callLater(self.timeout, expire)
-        sock.pending[qid] = _Pending(
-            server, (question.qname, question.qtype, question.qclass), d, timer
-        )
+            octets = self._random_octets(2)
+            qid = (octets[0] << 8) | octets[1]
+        data = query.data
         try:
-            sock.port.write(with_id(data, qid), server)
+            sock.sendto(struct.pack(">H", qid) + data[2:], server)
         except OSError as exc:
-            sock.pending.pop(qid, None)
-            timer.cancel()
-            return defer.fail(UpstreamError(f"cannot send: {exc}"))
-        return d
+            # Like Port.write: a refusal left over from an earlier datagram is not this one's.
+            if exc.errno != errno.ECONNREFUSED:
+                if sock.retired and not sock.pending:
+                    self._close_retired(sock)
+                self._failed(query, f"cannot send: {exc}")
+                return
+        sock.pending[qid] = query
+        query.sock = sock
+        query.qid = qid
+        # The first slot that starts after the deadline: never early, at most a tick late.
+        slot = query.slot = int((self.reactor.seconds() + self.timeout) * self._per_tick) + 1
+        bucket = self._wheel.get(slot)
+        if bucket is None:
+            bucket = self._wheel[slot] = []
+        bucket.append(sock.serial << 16 | qid)
+        if self._turning is None:
+            self._turning = self.reactor.callLater(self.tick, self._turn)
+
+    def _turn(self) -> None:
+        """Fail the attempts whose time is up; again in a tick while any are out."""
+        self._turning = None
+        now = int(self.reactor.seconds() * self._per_tick)
+        for slot in sorted(slot for slot in self._wheel if slot <= now):
+            for key in self._wheel.pop(slot):
+                sock = self._sockets.get(key >> 16)
+                query = None if sock is None else sock.pending.get(key & 0xFFFF)
+                # Gone: answered. Another slot: its ID was reused by a later attempt.
+                if sock is None or query is None or query.slot != slot:
+                    continue
+                del sock.pending[key & 0xFFFF]
+                if sock.retired and not sock.pending:
+                    self._close_retired(sock)
+                self._failed(query, f"no answer within {self.timeout:g}s")
+        if self._wheel:
+            self._turning = self.reactor.callLater(self.tick, self._turn)
 
     # --- TCP ---
 
@@ -242,14 +361,17 @@ class DnsUpstream:
         return answer
 
     def close(self) -> None:
-        for pool in self._pools.values():
-            for sock in pool:
-                for pending in sock.pending.values():
-                    if pending.timer.active():
-                        pending.timer.cancel()
-                    pending.deferred.errback(UpstreamError("the gateway is stopping"))
-                sock.pending.clear()
-                if sock.port is not None:
-                    sock.port.stopListening()
-                    sock.port = None
+        if self._turning is not None and self._turning.active():
+            self._turning.cancel()
+        self._turning = None
+        self._wheel.clear()
+        socks = [sock for pool in self._pools.values() for sock in pool] + list(self._retired)
         self._pools.clear()
+        self._retired.clear()
+        self._sockets.clear()
+        for sock in socks:
+            pending = list(sock.pending.values())
+            sock.pending.clear()
+            sock.close()
+            for query in pending:
+                query.deferred.errback(UpstreamError("the gateway is stopping"))

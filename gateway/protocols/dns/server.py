@@ -34,6 +34,17 @@ class DnsUdpProtocol(DatagramProtocol):
 
     def __init__(self, handler: DnsHandler) -> None:
         self.handler = handler
+        self._sendto: Any = None
+
+    def startProtocol(self) -> None:
+        # Answers go straight to the socket: Port.write checks that the address is an IP
+        # address on every datagram, and recvfrom() only ever gives us IP addresses.
+        transport: Any = self.transport
+        raw = getattr(transport, "socket", None)
+        self._sendto = raw.sendto if raw is not None else transport.write
+
+    def stopProtocol(self) -> None:
+        self._sendto = None
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         try:
@@ -41,17 +52,18 @@ class DnsUdpProtocol(DatagramProtocol):
         except Exception:
             log.failure("DNS handler failed on a UDP query from {client}", client=addr)
             return
-        if isinstance(result, Deferred):
-            result.addCallback(self._send, addr)
-            result.addErrback(self._failed, addr)
+        if result.__class__ is bytes:
+            self._send(result, addr)
+        elif isinstance(result, Deferred):
+            result.addCallbacks(self._send, self._failed, callbackArgs=(addr,), errbackArgs=(addr,))
         elif result:
             self._send(result, addr)
 
     def _send(self, response: bytes | None, addr: Any) -> None:
-        transport: Any = self.transport
-        if response and transport is not None:
+        sendto = self._sendto
+        if response and sendto is not None:
             try:
-                transport.write(response, addr)
+                sendto(response, addr)
             except OSError as exc:
                 log.debug("cannot answer {client}: {error}", client=addr, error=exc)
 
@@ -120,8 +132,7 @@ class DnsTcpProtocol(Protocol):
             if self._pending >= self.max_pending and not self._paused:
                 self._paused = True
                 self._transport.pauseProducing()
-            result.addCallback(self._send)
-            result.addErrback(self._failed)
+            result.addCallbacks(self._send, self._failed)
             result.addBoth(self._done)
         elif result:
             self._send(result)

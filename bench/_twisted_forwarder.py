@@ -1,0 +1,27 @@
+"""The minimal twisted.names forwarder bench/dns.py compares the gateway with.
+
+    python bench/_twisted_forwarder.py PORT UPSTREAM_PORT
+
+UDP and TCP on 127.0.0.1:PORT, every query asked of 127.0.0.1:UPSTREAM_PORT
+through ``client.Resolver``: what a Twisted user writes first, with no cache.
+No logging is started, as in a plain script. It needs only Twisted, so it also
+runs on PyPy 3.9.
+"""
+
+import sys
+
+from twisted.internet import reactor
+from twisted.names import client, dns, server
+
+
+def main() -> None:
+    port, upstream = int(sys.argv[1]), int(sys.argv[2])
+    resolver = client.Resolver(servers=[("127.0.0.1", upstream)])
+    factory = server.DNSServerFactory(clients=[resolver])
+    reactor.listenUDP(port, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")
+    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
