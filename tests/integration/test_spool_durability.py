@@ -569,7 +569,9 @@ def test_an_unwritable_spool_gets_452_and_recovers(tmp_path: Path, smtp_sink: Sm
     )
     gw = GatewayProcess(config)
     gw.start(port)
-    files = [str(p) for p in (tmp_path / "var" / "spool").iterdir()]
+    # Not the -shm file: SQLite maps it into memory, and a write to a mapped page of an
+    # immutable file kills the process with SIGBUS, which says nothing about the spool.
+    files = [str(p) for p in (tmp_path / "var" / "spool").iterdir() if not p.name.endswith("-shm")]
     acked: set[int] = set()
     refused: set[int] = set()
 
