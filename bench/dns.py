@@ -577,7 +577,7 @@ def target_lines(
             continue
         ratio = a / b
         verdict = "met" if ratio >= goal else "MISSED"
-        lines.append(f"{what}: {ratio:.2f} (target >= {goal:g}): {verdict}")
+        lines.append(f"{what}: {ratio:.3f} (target >= {goal:g}): {verdict}")
     gw, direct, relay = p99("gateway"), p99("unbound"), p99("relay")
     if gw is not None and direct is not None:
         added = 1e3 * (gw - direct)

@@ -129,6 +129,7 @@ def main() -> int:
         for i in range(count):
             index = i % NAMES
             receive(queries[index], CLIENT)
+            reactor.advance(0)  # the upstream query leaves at the end of the reactor's turn
             for port in ports:
                 if port.sent:
                     data, addr = port.sent.pop()

@@ -51,6 +51,7 @@ class UdpClock(Clock):
 
     def sent(self) -> list[tuple[FakePort, bytes, Any]]:
         """Every datagram sent so far, with its port, and forget them."""
+        self.advance(0)  # queries go out once the reactor has read what is waiting
         out = []
         for port in self.ports:
             out += [(port, data, addr) for data, addr in port.socket.sent]

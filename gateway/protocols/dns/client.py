@@ -185,6 +185,10 @@ class DnsUpstream:
         self._turning: Any = None
         self._sockets: dict[int, _UdpSocket] = {}
         self._serial = 0
+        # Datagrams to send once the reactor has read everything that is waiting: upstream
+        # servers on this machine then wake once per batch rather than once per query.
+        self._outbox: list[tuple[_UdpSocket, bytes, _Query, int]] = []
+        self._flushing: Any = None
         self.ignored = 0  # answers that did not match a question we asked
         self.queries = 0
 
@@ -278,19 +282,12 @@ class DnsUpstream:
         while qid in sock.pending:
             octets = self._random_octets(2)
             qid = (octets[0] << 8) | octets[1]
-        data = query.data
-        try:
-            sock.sendto(struct.pack(">H", qid) + data[2:], server)
-        except OSError as exc:
-            # Like Port.write: a refusal left over from an earlier datagram is not this one's.
-            if exc.errno != errno.ECONNREFUSED:
-                if sock.retired and not sock.pending:
-                    self._close_retired(sock)
-                self._failed(query, f"cannot send: {exc}")
-                return
         sock.pending[qid] = query
         query.sock = sock
         query.qid = qid
+        self._outbox.append((sock, struct.pack(">H", qid) + query.data[2:], query, qid))
+        if self._flushing is None:
+            self._flushing = self.reactor.callLater(0, self._flush)
         # The first slot that starts after the deadline: never early, at most a tick late.
         slot = query.slot = int((self.reactor.seconds() + self.timeout) * self._per_tick) + 1
         bucket = self._wheel.get(slot)
@@ -299,6 +296,21 @@ class DnsUpstream:
         bucket.append(sock.serial << 16 | qid)
         if self._turning is None:
             self._turning = self.reactor.callLater(self.tick, self._turn)
+
+    def _flush(self) -> None:
+        self._flushing = None
+        outbox, self._outbox = self._outbox, []
+        for sock, packet, query, qid in outbox:
+            try:
+                sock.sendto(packet, query.server)
+            except OSError as exc:
+                # Like Port.write: a refusal left over from an earlier datagram is not this one's.
+                if exc.errno == errno.ECONNREFUSED or sock.pending.get(qid) is not query:
+                    continue
+                del sock.pending[qid]
+                if sock.retired and not sock.pending:
+                    self._close_retired(sock)
+                self._failed(query, f"cannot send: {exc}")
 
     def _turn(self) -> None:
         """Fail the attempts whose time is up; again in a tick while any are out."""
@@ -361,9 +373,11 @@ class DnsUpstream:
         return answer
 
     def close(self) -> None:
-        if self._turning is not None and self._turning.active():
-            self._turning.cancel()
-        self._turning = None
+        for call in (self._turning, self._flushing):
+            if call is not None and call.active():
+                call.cancel()
+        self._turning = self._flushing = None
+        self._outbox.clear()
         self._wheel.clear()
         socks = [sock for pool in self._pools.values() for sock in pool] + list(self._retired)
         self._pools.clear()

@@ -35,6 +35,11 @@ class DnsUdpProtocol(DatagramProtocol):
     def __init__(self, handler: DnsHandler) -> None:
         self.handler = handler
         self._sendto: Any = None
+        self._reactor: Any = None
+        # Answers wait here until the reactor has read what is waiting, then go out together:
+        # a client then wakes once per batch of answers rather than once per answer.
+        self._outbox: list[tuple[bytes, Any]] = []
+        self._flushing: Any = None
 
     def startProtocol(self) -> None:
         # Answers go straight to the socket: Port.write checks that the address is an IP
@@ -42,8 +47,13 @@ class DnsUdpProtocol(DatagramProtocol):
         transport: Any = self.transport
         raw = getattr(transport, "socket", None)
         self._sendto = raw.sendto if raw is not None else transport.write
+        self._reactor = getattr(transport, "reactor", None)
 
     def stopProtocol(self) -> None:
+        if self._flushing is not None and self._flushing.active():
+            self._flushing.cancel()
+        self._flushing = None
+        self._outbox.clear()
         self._sendto = None
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
@@ -60,8 +70,21 @@ class DnsUdpProtocol(DatagramProtocol):
             self._send(result, addr)
 
     def _send(self, response: bytes | None, addr: Any) -> None:
+        if not response or self._sendto is None:
+            return
+        self._outbox.append((response, addr))
+        if self._reactor is None:  # a transport without a reactor to wait for: now
+            self._flush()
+        elif self._flushing is None:
+            self._flushing = self._reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = None
+        outbox, self._outbox = self._outbox, []
         sendto = self._sendto
-        if response and sendto is not None:
+        if sendto is None:
+            return
+        for response, addr in outbox:
             try:
                 sendto(response, addr)
             except OSError as exc:
