@@ -297,6 +297,61 @@ class HostPort(str):
         return obj
 
 
+class HttpUrl(str):
+    """An ``http://`` or ``https://`` base URL: ``http://127.0.0.1:8080`` or ``https://app/api``."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> HttpUrl:
+        from urllib.parse import urlsplit
+
+        value = text.strip()
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"invalid URL '{text}': {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"expected a URL such as http://127.0.0.1:8080 or https://app.example, got '{text}'"
+            )
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(f"a base URL has no query, fragment or user name, got '{text}'")
+        obj = cls(value)
+        obj.scheme = parts.scheme
+        obj.host = parts.hostname
+        obj.port = port or (443 if parts.scheme == "https" else 80)
+        obj.path = parts.path.rstrip("/")
+        return obj
+
+
+class WebhookUrl(str):
+    """The URL a web hook is POSTed to: ``http(s)://host[:port]/path[?query]``."""
+
+    @classmethod
+    def parse(cls, text: str) -> WebhookUrl:
+        from urllib.parse import urlsplit
+
+        value = text.strip()
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises for a port out of range)
+        except ValueError as exc:
+            raise ValueError(f"invalid URL '{text}': {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or not value.isascii():
+            raise ValueError(
+                f"expected a URL such as https://hooks.example/mail (ASCII; IDNs and"
+                f" non-ASCII paths encoded), got '{text}'"
+            )
+        if parts.fragment or parts.username or parts.password:
+            raise ValueError(f"a web hook URL has no #fragment or user name, got '{text}'")
+        return cls(value)
+
+
 class ConfigPath(str):
     """A file or folder; relative paths are taken from the configuration file's folder."""
 
@@ -483,6 +538,28 @@ class DohListenerConfig(ListenerConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class HttpListenerConfig(ListenerConfig):
+    """An HTTP/1.1 server (HTTPS on an ssl: endpoint): requests are proxied or become messages."""
+
+    kind: typing.ClassVar[Kind] = Kind.HTTP
+    protocol: Literal["http"] = "http"
+    max_size: Size = field(
+        default=Size(10 * 1024 * 1024), metadata=_doc("largest request body accepted (413)")
+    )
+    max_header_size: Size = field(
+        default=Size(16 * 1024), metadata=_doc("request line and header fields together (431)")
+    )
+    header_timeout: Duration = field(
+        default=Duration(10), metadata=_doc("a client must send a whole request header within")
+    )
+    idle_timeout: Duration = field(
+        default=Duration(60),
+        metadata=_doc("close a connection with no request, or a body that stalls, after"),
+    )
+    max_connections: int = field(default=1000, metadata=_doc("clients connected at once"))
+
+
+@dataclass(frozen=True, kw_only=True)
 class BaseDestinationConfig:
     """Fields every destination has."""
 
@@ -560,16 +637,199 @@ class SmtpDestinationConfig(DestinationConfig):
     timeout: Duration = field(default=Duration(300), metadata=_doc("wait for each reply"))
 
 
+@dataclass(frozen=True, kw_only=True)
+class NntpDestinationConfig(DestinationConfig):
+    """Posts articles to a news server: POST (reader), IHAVE or CHECK/TAKETHIS (transit peer)."""
+
+    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.ARTICLE})
+    protocol: Literal["nntp"] = "nntp"
+    connect: ClientEndpoint = field(
+        metadata=_doc("news server, e.g. tcp:127.0.0.1:119 or ssl:news.example:563 (NNTPS)")
+    )
+    mode: Literal["post", "ihave", "stream"] = field(
+        default="post",
+        metadata=_doc("post: MODE READER + POST; ihave: IHAVE; stream: CHECK + TAKETHIS"),
+    )
+    user: str | None = field(default=None, metadata=_doc("AUTHINFO USER name (RFC 4643)"))
+    password: str | None = field(default=None, metadata=_doc("AUTHINFO PASS password"))
+    max_connections: int = field(default=4, metadata=_doc("connections open at once"))
+    connect_timeout: Duration = field(default=Duration(30), metadata=_doc("wait to connect"))
+    timeout: Duration = field(default=Duration(120), metadata=_doc("wait for each reply"))
+    idle_timeout: Duration = field(
+        default=Duration(30), metadata=_doc("close idle connections after")
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(f"'max_connections' must be 1 or more, not {self.max_connections}")
+        if self.password is not None and self.user is None:
+            raise ValueError("'password' is set but 'user' is not")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NntpListenerConfig(ListenerConfig):
+    """A news server (RFC 3977) that peers feed (IHAVE, CHECK/TAKETHIS) and newsreaders POST to.
+
+    Each article is routed like any message and acknowledged (235, 239, 240)
+    only once it is in the spool.
+    """
+
+    kind: typing.ClassVar[Kind] = Kind.ARTICLE
+    protocol: Literal["nntp"] = "nntp"
+    hostname: str = field(
+        default_factory=local_hostname,
+        metadata=_doc("name in the greeting, and the path identity put into posted articles"),
+    )
+    max_size: Size = field(
+        default=Size(10 * 1024 * 1024), metadata=_doc("largest article accepted (441, 437, 439)")
+    )
+    idle_timeout: Duration = field(default=Duration(300), metadata=_doc("drop idle clients after"))
+    posting: bool = field(
+        default=True, metadata=_doc("accept POST from newsreaders; false answers 440")
+    )
+    users: Mapping[str, str] = field(
+        default_factory=lambda: types.MappingProxyType({}),
+        metadata=_doc("AUTHINFO USER/PASS credentials: user name to password"),
+    )
+    users_file: ConfigPath | None = field(
+        default=None,
+        metadata=_doc("a file of user:password lines (# comments); edits apply at the next login"),
+    )
+    require_auth: bool = field(
+        default=False,
+        metadata=_doc("answer 480 to POST, IHAVE, CHECK and TAKETHIS until AUTHINFO succeeded"),
+    )
+    remember: int = field(
+        default=100_000,
+        metadata=_doc("message-ids of accepted articles kept in memory to refuse them again"),
+    )
+
+    def __post_init__(self) -> None:
+        if self.require_auth and not self.users and self.users_file is None:
+            raise ValueError("require_auth needs 'users' or 'users_file' to authenticate against")
+        if self.remember < 0:
+            raise ValueError(f"'remember' must be 0 or more, not {self.remember}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NntpPollerConfig(ListenerConfig):
+    """Follows newsgroups on a news server (GROUP, OVER, ARTICLE) and routes each new article.
+
+    It opens no socket of its own: it connects out to ``connect``.  A durable
+    high-water mark per server and group, kept in the spool, makes every article
+    go on exactly once, across restarts too.
+    """
+
+    kind: typing.ClassVar[Kind] = Kind.ARTICLE
+    protocol: Literal["nntp-poll"] = "nntp-poll"
+    listen: tuple[Endpoint, ...] = field(default=(), metadata={"yaml": None})
+    allow: tuple[Network, ...] = field(default=(), metadata={"yaml": None})
+    connect: ClientEndpoint = field(
+        metadata=_doc("news server to read from, e.g. tcp:127.0.0.1:119 or ssl:host:563")
+    )
+    groups: tuple[str, ...] = field(metadata=_doc("newsgroups to follow, e.g. [local.test]"))
+    user: str | None = field(default=None, metadata=_doc("AUTHINFO USER name (RFC 4643)"))
+    password: str | None = field(default=None, metadata=_doc("AUTHINFO PASS password"))
+    interval: Duration = field(default=Duration(60), metadata=_doc("time between polls"))
+    batch: int = field(default=100, metadata=_doc("articles fetched per group and poll at most"))
+    start: Literal["new", "oldest"] = field(
+        default="new",
+        metadata=_doc("on first sight of a group: only articles arriving later, or all it holds"),
+    )
+    connect_timeout: Duration = field(default=Duration(30), metadata=_doc("wait to connect"))
+    timeout: Duration = field(default=Duration(120), metadata=_doc("wait for each reply"))
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            raise ValueError("'groups' needs at least one newsgroup")
+        for group in self.groups:
+            if not group or any(c.isspace() or c in ",*?![]" for c in group):
+                raise ValueError(f"{group!r} is not a newsgroup name")
+        if len(set(self.groups)) != len(self.groups):
+            raise ValueError("a group appears twice in 'groups'")
+        if self.batch < 1:
+            raise ValueError(f"'batch' must be 1 or more, not {self.batch}")
+        if self.interval <= 0:
+            raise ValueError("'interval' must be longer than 0s")
+        if self.password is not None and self.user is None:
+            raise ValueError("'password' is set but 'user' is not")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebhookDestinationConfig(DestinationConfig):
+    """POSTs each mail (or article) as JSON to a web hook URL (the mail_to_http conversion)."""
+
+    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.MAIL, Kind.ARTICLE})
+    protocol: Literal["webhook"] = "webhook"
+    url: WebhookUrl = field(metadata=_doc("where to POST, e.g. https://hooks.example/mail"))
+    secret: str | None = field(
+        default=None, metadata=_doc("sign each body with HMAC-SHA256 using this shared secret")
+    )
+    signature_header: str = field(
+        default="X-Hub-Signature-256", metadata=_doc("header that carries sha256=<hex>")
+    )
+    timeout: Duration = field(default=Duration(30), metadata=_doc("per request, connect included"))
+    attachment_limit: Size = field(
+        default=Size(1024 * 1024),
+        metadata=_doc("attachments up to this size are included in base64; all are listed"),
+    )
+    headers: Mapping[str, str] = field(
+        default_factory=lambda: types.MappingProxyType({}),
+        metadata=_doc("extra request header fields, e.g. Authorization"),
+    )
+    ca: ConfigPath | None = field(default=None, metadata=_doc("CA file to verify the server"))
+    verify: bool = field(default=True, metadata=_doc("verify an https server's certificate"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpDestinationConfig(BaseDestinationConfig):
+    """A reverse proxy: each request is streamed to one of the upstream servers, the answer back."""
+
+    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.HTTP})
+    protocol: Literal["http"] = "http"
+    url: tuple[HttpUrl, ...] = field(
+        metadata=_doc("upstream base URL(s), e.g. http://127.0.0.1:8080; a path is put in front")
+    )
+    balance: Literal["round-robin", "least-connections"] = field(
+        default="round-robin", metadata=_doc("how an upstream is chosen for each request")
+    )
+    fail_timeout: Duration = field(
+        default=Duration(10), metadata=_doc("skip an upstream that failed for this long")
+    )
+    connect_timeout: Duration = field(default=Duration(5), metadata=_doc("wait to connect"))
+    timeout: Duration = field(
+        default=Duration(60),
+        metadata=_doc("wait for the response header, and between reads of the body (504)"),
+    )
+    host: Literal["keep", "upstream"] = field(
+        default="keep", metadata=_doc("send the client's Host, or the upstream URL's")
+    )
+    strip_prefix: str = field(
+        default="", metadata=_doc("remove this path prefix before forwarding, e.g. /api")
+    )
+    keepalive: int = field(
+        default=64, metadata=_doc("idle keep-alive connections kept per upstream")
+    )
+    ca: ConfigPath | None = field(default=None, metadata=_doc("CA file to verify https upstreams"))
+    verify: bool = field(default=True, metadata=_doc("verify an https upstream's certificate"))
+
+
 LISTENER_TYPES: dict[str, type[ListenerConfig]] = {
     "smtp": SmtpListenerConfig,
     "dns": DnsListenerConfig,
     "doh": DohListenerConfig,
+    "http": HttpListenerConfig,
+    "nntp-poll": NntpPollerConfig,
+    "nntp": NntpListenerConfig,
 }
 DESTINATION_TYPES: dict[str, type[BaseDestinationConfig]] = {
     "maildir": MaildirDestinationConfig,
     "smtp": SmtpDestinationConfig,
     "dns": DnsDestinationConfig,
     "doh": DohDestinationConfig,
+    "http": HttpDestinationConfig,
+    "nntp": NntpDestinationConfig,
+    "webhook": WebhookDestinationConfig,
 }
 
 
@@ -594,11 +854,20 @@ class Match:
     )
     qtype: tuple[RRType, ...] = field(default=(), metadata=_doc("record types: A, AAAA ..."))
     qclass: RRClass | None = field(default=None, metadata=_doc("DNS class, e.g. IN"))
+    host: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("HTTP: Host names (port ignored), or *.example.test for names below"),
+    )
+    path: Pattern | None = field(
+        default=None, metadata=_doc("HTTP: request path without the query (regex)")
+    )
+    prefix: str | None = field(default=None, metadata=_doc("HTTP: request path prefix, plain text"))
+    method: tuple[str, ...] = field(default=(), metadata=_doc("HTTP: methods, e.g. [GET, HEAD]"))
     file_names: tuple[QName, ...] = field(default=(), compare=True, metadata={"yaml": None})
 
     def group_names(self) -> set[str]:
         names: set[str] = set()
-        for pattern in (self.rcpt, self.sender, *self.header.values()):
+        for pattern in (self.rcpt, self.sender, self.path, *self.header.values()):
             if pattern is not None:
                 names |= pattern.groups
         return names
@@ -609,7 +878,7 @@ MATCH_KEYS: dict[Kind, frozenset[str]] = {
     Kind.MAIL: frozenset({"rcpt", "sender", "header", "client"}),
     Kind.ARTICLE: frozenset({"header", "client"}),
     Kind.DNS: frozenset({"client", "qname", "qname_regex", "qname_file", "qtype", "qclass"}),
-    Kind.HTTP: frozenset({"header", "client"}),
+    Kind.HTTP: frozenset({"header", "client", "host", "path", "prefix", "method"}),
 }
 
 
@@ -758,7 +1027,7 @@ class _Reader:
                 return ConfigPath(str((self.base / str(value)).resolve()))
             if hint in (
                 Size, Duration, Endpoint, ClientEndpoint, Network, Pattern,
-                QName, RRType, RRClass, Record, HostPort,
+                QName, RRType, RRClass, Record, HostPort, HttpUrl, WebhookUrl,
             ):  # fmt: skip
                 if value is None:
                     raise ValueError("expected a value, got nothing")
@@ -848,7 +1117,11 @@ class _Reader:
             return _Invalid
         if "where" in {f.name for f in dataclasses.fields(cls)}:
             values["where"] = types.MappingProxyType(where)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as exc:  # a __post_init__ check across fields
+            self.fail(node, f"{what}: {exc}")
+            return _Invalid
 
 
 @functools.cache
@@ -1081,6 +1354,17 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
                         + suggest(name, reader.declared["destinations"]),
                     )
                 )
+        proxies = [
+            n for n in route.to if isinstance(config.destinations.get(n), HttpDestinationConfig)
+        ]
+        if proxies and (len(route.to) > 1 or route.transforms or route.continue_):
+            reader.problems.append(
+                Problem(
+                    route.where.get("to", here),
+                    f"{label}: destination '{proxies[0]}' is a reverse proxy; a route to it"
+                    " takes no transforms, no other destination and no 'continue'",
+                )
+            )
         used = {
             f.name
             for f in dataclasses.fields(Match)
@@ -1105,7 +1389,12 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
                         route.where.get("options", here),
                         f"{label}: option placeholder '{{{placeholder}}}' is not a named group of"
                         f" the route's match patterns (named groups: {known})"
-                        + suggest(placeholder, groups),
+                        + suggest(placeholder, groups)
+                        + (
+                            f"; a field of a web hook's payload is written {{{{{placeholder}}}}}"
+                            if "http_to_mail" in route.transforms
+                            else ""
+                        ),
                     )
                 )
     names = [r.name for r in routes]
@@ -1261,6 +1550,8 @@ def json_schema() -> dict[str, Any]:
             RRClass: {"type": ["string", "integer"], "description": "DNS class, e.g. IN"},
             Record: {"type": "string", "description": "zone-file record line"},
             HostPort: {"type": "string", "description": "HOST:PORT"},
+            HttpUrl: {"type": "string", "format": "uri"},
+            WebhookUrl: {"type": "string", "format": "uri"},
         }
         return dict(simple[hint])
 

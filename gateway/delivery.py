@@ -358,8 +358,9 @@ class DeliveryManager:
         remaining = outcome.failed or tuple(r for r in delivery.recipients if r not in refused)
         if failures:
             await self._bounce(delivery, message, failures)
-        if not remaining:
+        if not remaining and delivery.recipients:
             # Every recipient left was refused for good, and bounced just now.
+            # (Articles have no recipients: a temporary failure is retried.)
             await self._dead(delivery, message, outcome.detail, [])
             return
         age = now - delivery.created
@@ -377,6 +378,11 @@ class DeliveryManager:
             return
         self.counters.deferred += 1
         wait = backoff(config, delivery.attempts + 1, self.rng)
+        if outcome.retry_after is not None:
+            # The destination said when to come back (HTTP Retry-After): then, but not
+            # sooner than a second (a "0" must not make a busy loop) and never later than
+            # retry_max, so a far-off date cannot park the message.
+            wait = min(max(1.0, outcome.retry_after), float(config.retry_max))
         await self._record(
             delivery,
             "deferred",

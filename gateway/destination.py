@@ -38,6 +38,9 @@ class Outcome:
     # SMTP-style code and enhanced status of the decisive reply, when there is one.
     code: int = 0
     enhanced: str = ""
+    # On a temporary outcome: seconds the destination asked to wait before the next try
+    # (HTTP Retry-After); None leaves the wait to the back-off schedule.
+    retry_after: float | None = None
 
     @classmethod
     def delivered(cls, detail: str = "") -> Outcome:
@@ -83,4 +86,16 @@ def build_destination(config: BaseDestinationConfig, reactor: IReactorCore) -> D
         from gateway.protocols.dns.destination import DohDestination
 
         return DohDestination(config, reactor)  # type: ignore[arg-type]
+    if config.protocol == "nntp":
+        from gateway.protocols.nntp.destination import NntpDestination
+
+        return NntpDestination(config, reactor)  # type: ignore[arg-type]
+    if config.protocol == "webhook":
+        from gateway.protocols.http.webhook import WebhookDestination
+
+        return WebhookDestination(config, reactor)  # type: ignore[arg-type]
+    if config.protocol == "http":
+        from gateway.protocols.http.proxy import HttpProxyDestination
+
+        return HttpProxyDestination(config, reactor)  # type: ignore[arg-type]
     raise ValueError(f"no destination for protocol '{config.protocol}'")

@@ -71,6 +71,7 @@ class GatewayCollector(Collector):
 
     def _listeners(self) -> Iterator[Metric]:
         from gateway.protocols.dns.listener import DnsListener, RouteCounts
+        from gateway.protocols.nntp.listener import ListenerFactory as NntpFactory
         from gateway.protocols.smtp.listener import ListenerFactory
 
         messages = CounterMetricFamily(
@@ -119,7 +120,7 @@ class GatewayCollector(Collector):
         upstream_duration: dict[str, Histogram] = {}
         connections = GaugeMetricFamily(
             "gateway_listener_open_connections",
-            "Open TCP connections of a listener (SMTP sessions, DNS over TCP)",
+            "Open TCP connections of a listener (SMTP and NNTP sessions, DNS over TCP)",
             labels=["listener"],
         )
         for name, service in sorted(self.gateway.listeners.items()):
@@ -130,6 +131,13 @@ class GatewayCollector(Collector):
                     messages.add_metric([name, outcome], getattr(smtp, outcome))
                 recipients.add_metric([name], smtp.recipients_refused)
                 _histogram(duration, [name], smtp.duration)
+                connections.add_metric([name], len(factory.connections))
+                continue
+            if isinstance(factory, NntpFactory):
+                nntp = factory.listener
+                for outcome in ("accepted", "rejected", "tempfail"):
+                    messages.add_metric([name, outcome], getattr(nntp, outcome))
+                _histogram(duration, [name], nntp.duration)
                 connections.add_metric([name], len(factory.connections))
                 continue
             handler = getattr(factory, "handler", None)

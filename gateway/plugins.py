@@ -33,7 +33,7 @@ from twisted.logger import Logger
 
 from gateway.message import Kind, Message
 
-__all__ = ["PluginError", "TransformSpec", "Transforms", "load_transforms", "transform"]
+__all__ = ["PluginError", "Reject", "TransformSpec", "Transforms", "load_transforms", "transform"]
 
 log = Logger(namespace="gateway.plugins")
 
@@ -83,6 +83,25 @@ def transform(
 
 class PluginError(Exception):
     """A plugin could not be loaded; the message says which and why."""
+
+
+class Reject(Exception):
+    """Raised by a transform to refuse a message for good; ``reason`` is what the sender sees.
+
+    Any other exception out of a transform is a temporary failure (the sender
+    may try again); a Reject is permanent. The listener answers with the code
+    of its protocol: ``http_status`` (400 when not given) for HTTP,
+    ``smtp_code`` and ``enhanced`` (550 5.7.1 when not given) for SMTP.
+    """
+
+    def __init__(
+        self, reason: str, *, http_status: int = 0, smtp_code: int = 0, enhanced: str = ""
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.http_status = http_status or 400
+        self.smtp_code = smtp_code or 550
+        self.enhanced = enhanced or "5.7.1"
 
 
 class Transforms:

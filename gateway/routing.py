@@ -23,8 +23,8 @@ from gateway.config import (
     interpolate,
     suggest,
 )
-from gateway.message import Kind, MailMessage, Message
-from gateway.plugins import Transforms, call_transform
+from gateway.message import HttpRequest, Kind, MailMessage, Message
+from gateway.plugins import Reject, Transforms, call_transform
 
 log = Logger(namespace="gateway.routing")
 
@@ -47,6 +47,11 @@ class TransformFailed(Exception):
         self.route = route
         self.transform = transform
         self.error = error
+
+    @property
+    def rejected(self) -> Reject | None:
+        """The Reject the transform raised: the message is refused for good, not retried."""
+        return self.error if isinstance(self.error, Reject) else None
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,14 @@ class Router:
                 return None
             if m.rcpt is not None and not _search_groups(m.rcpt, rcpt or "", groups):
                 return None
+        if isinstance(msg, HttpRequest):
+            http_fields = msg.http_headers
+
+            def values(name: str) -> list[str]:
+                wanted = name.lower()
+                return [v for k, v in http_fields if k.lower() == wanted]
+
+            return http_match(m, msg.method, msg.host, msg.target, values, groups)
         if headers and m.header:
             fields = getattr(msg, "headers", None)
             if fields is None:
@@ -203,6 +216,15 @@ class Router:
                 )
             try:
                 results.extend(await call_transform(spec, message, options))
+            except Reject as exc:
+                log.info(
+                    "transform {transform} of route {route} rejected message {msgid}: {reason}",
+                    transform=name,
+                    route=route.name,
+                    msgid=message.id,
+                    reason=exc.reason,
+                )
+                raise TransformFailed(route.name, name, exc) from exc
             except Exception as exc:
                 log.failure(
                     "transform {transform} of route {route} failed on message {msgid}",
@@ -215,6 +237,12 @@ class Router:
 
 
 # --- static checks ------------------------------------------------------------------
+
+
+def _transform_hint(name: str, transforms: Transforms) -> str:
+    if name.lower().replace("-", "_") in ("mail_to_http", "mail_to_webhook", "news_to_http"):
+        return "; mail becomes a web hook in a destination with 'protocol: webhook'"
+    return suggest(name, transforms.names())
 
 
 def check_routes(config: Config, transforms: Transforms) -> list[Problem]:
@@ -231,7 +259,7 @@ def check_routes(config: Config, transforms: Transforms) -> list[Problem]:
                 problems.append(
                     Problem(
                         where,
-                        f"{label}: unknown transform '{name}'{suggest(name, transforms.names())}"
+                        f"{label}: unknown transform '{name}'{_transform_hint(name, transforms)}"
                         " (built in or from a plugin)",
                     )
                 )
@@ -354,4 +382,132 @@ class DnsRoutes:
             if m.client and not client_allowed(m.client, client):
                 continue
             return route
+        return None
+
+
+# --- HTTP routes --------------------------------------------------------------------
+
+
+def http_host(host: str) -> str:
+    """A Host value as routes compare it: lower case, without the port or a trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
+
+
+def _host_matches(names: tuple[str, ...], host: str) -> bool:
+    for name in names:
+        name = name.lower()
+        if name.startswith("*."):
+            if host.endswith(name[1:]) and len(host) > len(name) - 1:
+                return True
+        elif host == name:
+            return True
+    return False
+
+
+def http_match(
+    m: Any,
+    method: str,
+    host: str,
+    target: str,
+    header_values: Any,
+    groups: dict[str, str],
+) -> dict[str, str] | None:
+    """The named groups if a request meets ``m`` (a Match), else None.
+
+    ``header_values(name)`` gives every value of one header field.  Shared by
+    the listener's fast path and the router, so a route means the same in both.
+    """
+    if m.method and method.upper() not in {x.upper() for x in m.method}:
+        return None
+    if m.host and not _host_matches(m.host, http_host(host)):
+        return None
+    path = target.split("?", 1)[0]
+    if m.prefix is not None and not path.startswith(m.prefix):
+        return None
+    if m.path is not None and not _search_groups(m.path, path, groups):
+        return None
+    for name, pattern in m.header.items():
+        if not any(_search_groups(pattern, v, groups) for v in header_values(name)):
+            return None
+    return groups
+
+
+class HttpRoutes:
+    """The routes of one HTTP listener, indexed so that choosing one stays fast with hundreds.
+
+    A route with a ``prefix`` is filed under it; one with only ``host`` names under
+    each name; the rest are always candidates.  A request looks up its path cut at
+    each distinct prefix length and its host, so the cost grows with the number of
+    distinct prefix lengths, not with the number of routes.  Of the candidates,
+    the first in file order whose every condition holds wins.
+    """
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self.routes = routes
+        self._prefix: dict[str, list[int]] = {}
+        self._hosts: dict[str, list[int]] = {}
+        self._below: dict[str, list[int]] = {}
+        self._always: list[int] = []
+        for index, route in enumerate(routes):
+            m = route.match
+            if m.prefix:
+                self._prefix.setdefault(m.prefix, []).append(index)
+            elif m.host:
+                for name in {h.lower().rstrip(".") for h in m.host}:
+                    if name.startswith("*."):
+                        self._below.setdefault(name[2:], []).append(index)
+                    else:
+                        self._hosts.setdefault(name, []).append(index)
+            else:
+                self._always.append(index)
+        self._lengths = sorted({len(p) for p in self._prefix})
+
+    def candidates(self, host: str, path: str) -> list[int]:
+        """Indexes of routes that may match, in file order."""
+        found: list[int] = []
+        if self._lengths:
+            table = self._prefix
+            size = len(path)
+            for length in self._lengths:
+                if length > size:
+                    break
+                hit = table.get(path[:length])
+                if hit:
+                    found.extend(hit)
+        if self._hosts or self._below:
+            name = http_host(host)
+            hit = self._hosts.get(name)
+            if hit:
+                found.extend(hit)
+            if self._below:
+                pos = name.find(".")
+                while pos >= 0:
+                    hit = self._below.get(name[pos + 1 :])
+                    if hit:
+                        found.extend(hit)
+                    pos = name.find(".", pos + 1)
+        if self._always:
+            found.extend(self._always)
+        if len(found) > 1:
+            found = sorted(set(found))
+        return found
+
+    def select(
+        self, method: str, host: str, target: str, header_values: Any, client: str
+    ) -> tuple[Route, dict[str, str]] | None:
+        """The route for a request and its named groups, or None."""
+        path = target.split("?", 1)[0]
+        routes = self.routes
+        for index in self.candidates(host, path):
+            route = routes[index]
+            m = route.match
+            if m.client and not client_allowed(m.client, client):
+                continue
+            groups = http_match(m, method, host, target, header_values, {})
+            if groups is not None:
+                return route, groups
         return None

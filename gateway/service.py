@@ -10,7 +10,7 @@ not change keep their sockets.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,8 @@ class Verdict:
     code: int = 0
     enhanced: str = ""
     no_route: tuple[str, ...] = ()
+    # For HTTP listeners: the status of a permanent refusal (0: the listener's default).
+    http_status: int = 0
 
 
 class Runtime:
@@ -119,11 +121,31 @@ class ListenerService(Service):
             from gateway.protocols.dns.listener import DohSockets
 
             return DohSockets(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
+        if self.config.protocol == "nntp":
+            from gateway.protocols.nntp.listener import build_factory as build_nntp_factory
+
+            return build_nntp_factory(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
+        if self.config.protocol == "nntp-poll":
+            from gateway.protocols.nntp.poller import NntpPoller
+
+            return NntpPoller(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
+        if self.config.protocol == "http":
+            from gateway.protocols.http.listener import HttpSockets
+
+            return HttpSockets(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
         raise ValueError(f"no listener for protocol '{self.config.protocol}'")
 
     async def listen(self) -> None:
         self.factory = self.build_factory()
         try:
+            if hasattr(self.factory, "start_polling"):
+                # A poller has no socket; its handle stands in for one (stopListening stops it).
+                self.ports.append(await self.factory.start_polling())
+                log.info(
+                    "listener {listener} ({protocol}) started",
+                    listener=self.config.name,
+                    protocol=self.config.protocol,
+                )
             for description in self.config.listen:
                 if hasattr(self.factory, "listen_on"):
                     port = await self.factory.listen_on(str(description))
@@ -488,28 +510,44 @@ class GatewayService(MultiService):
         config = self.current().config.listeners.get(listener)
         return str(getattr(config, "hostname", "") or local_hostname())
 
-    async def submit(self, message: Message) -> Verdict:
+    async def submit(
+        self, message: Message, *, state: Mapping[str, str] | None = None
+    ) -> Verdict:
         """Route ``message`` and store every copy in the spool.
 
         The verdict decides the listener's reply: success only once every copy
-        is on disk; the delivery workers take it from there.
+        is on disk; the delivery workers take it from there.  ``state`` (a
+        poller's high-water mark) is stored in the same spool transaction as
+        the message; when no copy is stored, the caller keeps it itself.
         """
         runtime = self.current()
         runtime.enter()
         try:
-            return await self._submit(runtime, message)
+            return await self._submit(runtime, message, state)
         finally:
             runtime.leave()
 
     accept = submit
 
-    async def _submit(self, runtime: Runtime, message: Message) -> Verdict:
+    async def _submit(
+        self, runtime: Runtime, message: Message, state: Mapping[str, str] | None = None
+    ) -> Verdict:
         try:
             routed = await runtime.router.route(message)
         except NoRoute as exc:
             log.info("message {id} refused: {reason}", id=message.id, reason=str(exc))
             return Verdict(Status.PERMANENT, str(exc), 550, "5.1.1", exc.recipients)
         except TransformFailed as exc:
+            reject = exc.rejected
+            if reject is not None:
+                self._count_route(exc.route, "rejected")
+                return Verdict(
+                    Status.PERMANENT,
+                    reject.reason,
+                    reject.smtp_code,
+                    reject.enhanced,
+                    http_status=reject.http_status,
+                )
             self._count_route(exc.route, "failed")
             return Verdict(Status.TEMPORARY, str(exc), 451, "4.3.0")
         if not routed:
@@ -519,7 +557,7 @@ class GatewayService(MultiService):
             return Verdict(Status.TEMPORARY, "the spool is not open", 451, "4.3.0")
         items = [Stored(r.message, r.route.name, r.destinations) for r in routed]
         try:
-            deliveries = await self.spool.put(items)
+            deliveries = await self.spool.put(items, state)
         except SpoolError as exc:
             self.spool_refusals += 1
             self.spool_refused_at = self.reactor.seconds()

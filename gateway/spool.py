@@ -20,7 +20,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -90,9 +90,21 @@ class SpoolBackend(Protocol):
 
     async def close(self) -> None: ...
 
-    async def put(self, items: Sequence[Stored]) -> list[Delivery]:
-        """Store messages and their deliveries; raise SpoolError if it cannot."""
+    async def put(
+        self, items: Sequence[Stored], state: Mapping[str, str] | None = None
+    ) -> list[Delivery]:
+        """Store messages and their deliveries; raise SpoolError if it cannot.
+
+        ``state`` entries (see set_state) are written in the same transaction, so
+        a poller's high-water mark moves exactly when its article is stored.
+        """
         ...
+
+    async def get_state(self, key: str) -> str | None:
+        """A value a listener keeps across restarts (a poller's high-water mark)."""
+        ...
+
+    async def set_state(self, key: str, value: str) -> None: ...
 
     async def due(
         self, destination: str, now: float, limit: int, exclude: frozenset[str]
@@ -215,6 +227,10 @@ CREATE TABLE IF NOT EXISTS delivered (
     PRIMARY KEY (destination, msgid)
 );
 CREATE INDEX IF NOT EXISTS delivered_at ON delivered (at);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 _COLUMNS = (
@@ -454,7 +470,9 @@ class SqliteSpool:
         self._jobs.put(None)
         await Deferred.fromCoroutine(_join(self.reactor, thread))
 
-    async def put(self, items: Sequence[Stored]) -> list[Delivery]:
+    async def put(
+        self, items: Sequence[Stored], state: Mapping[str, str] | None = None
+    ) -> list[Delivery]:
         now = self.clock()
         rows: list[Delivery] = []
         payloads: list[tuple[str, bytes]] = []
@@ -503,9 +521,26 @@ class SqliteSpool:
                 "INSERT INTO history (delivery_id, at, event) VALUES (?, ?, ?)",
                 [(d.id, now, f"accepted by route {d.route}") for d in rows],
             )
+            if state:
+                db.executemany(
+                    "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", state.items()
+                )
             return rows
 
         return await self._submit(store)
+
+    async def get_state(self, key: str) -> str | None:
+        def query(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._submit(query, write=False)
+
+    async def set_state(self, key: str, value: str) -> None:
+        def change(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+        await self._submit(change)
 
     async def due(
         self, destination: str, now: float, limit: int, exclude: frozenset[str]

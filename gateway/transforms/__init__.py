@@ -5,7 +5,12 @@ from __future__ import annotations
 import importlib
 import types
 
-_MODULES = ("gateway.transforms.headers",)
+_MODULES = (
+    "gateway.transforms.headers",
+    "gateway.transforms.http_mail",
+    "gateway.transforms.mail_to_news",
+    "gateway.transforms.news_to_mail",
+)
 
 
 def modules() -> list[types.ModuleType]:

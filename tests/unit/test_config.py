@@ -135,7 +135,8 @@ def test_bad_values_name_what_was_expected() -> None:
     assert "invalid endpoint 'tcp:nope'" in text
     assert "expected a size such as" in text
     assert "unknown unit 'fortnights'" in text
-    assert "unknown protocol 'smtpp' (known: dns, doh, smtp); did you mean 'smtp'?" in text
+    assert "unknown protocol 'smtpp' (known: " in text
+    assert "did you mean 'smtp'?" in text
     assert "expected one of 'none', 'may', 'require', got 'maybe'; did you mean 'may'?" in text
     assert "invalid regular expression '(unclosed'" in text
 

@@ -366,3 +366,12 @@ def test_plugins_load_from_entry_points(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(PluginError, match="neither a module nor a function marked with @transform"):
         load_transforms()
     sys.modules.pop("ep_plugin_mod", None)
+
+
+def test_check_routes_points_mail_to_http_at_the_webhook_destination() -> None:
+    text = CONFIG.replace("transforms: [tag]", "transforms: [mail_to_http]")
+    config = parse(textwrap.dedent(text), "routes.yaml", Path("/tmp"))
+    problems = [str(p) for p in check_routes(config, registry())]
+    assert len(problems) == 1
+    assert "unknown transform 'mail_to_http'" in problems[0]
+    assert "'protocol: webhook'" in problems[0]

@@ -1,0 +1,1 @@
+"""HTTP: the web hook destination (and the http listener and reverse proxy)."""

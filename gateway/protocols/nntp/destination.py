@@ -1,0 +1,105 @@
+"""The ``nntp`` destination: hands articles to a news server by POST, IHAVE or streaming.
+
+Replies map to outcomes as a news peer reads them: 240, 235 and 239
+delivered; 441, 435 and 438 that say the server already has the Message-ID
+count as delivered too (INN answers a duplicate POST with ``441 435
+Duplicate``); 436, 431, any other 4xx and no reply at all are temporary; 437,
+439, every other 441 and the 5xx are permanent, with the server's text kept
+as the reason.
+"""
+
+from __future__ import annotations
+
+import re
+
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IReactorCore, IStreamClientEndpoint
+
+from gateway.config import NntpDestinationConfig
+from gateway.destination import Outcome
+from gateway.message import Article, Kind, Message
+from gateway.protocols.nntp.client import NntpClientPool, NntpSessionError, Reply
+
+__all__ = ["NntpDestination", "outcome_for"]
+
+_DELIVERED = frozenset({240, 235, 239})
+_DUPLICATE = frozenset({435, 438})
+_DUPLICATE_TEXT = re.compile(r"^435\b|\bduplicate\b|\balready\b", re.IGNORECASE)
+
+
+def _is_duplicate_text(text: str) -> bool:
+    return _DUPLICATE_TEXT.search(text) is not None
+
+
+def outcome_for(reply: Reply, server: str) -> Outcome:
+    """The outcome of the decisive reply to POST, IHAVE, CHECK or TAKETHIS."""
+    said = f"{server} answered {reply}"
+    code = reply.code
+    if code in _DELIVERED:
+        return Outcome.delivered(said)
+    if code in _DUPLICATE:
+        return Outcome.delivered(f"{said} (the server already has this Message-ID)")
+    if code in (441, 439) and _is_duplicate_text(reply.text):
+        # INN says "441 435 Duplicate" to a POST of an article it already has.
+        return Outcome.delivered(f"{said} (the server already has this Message-ID)")
+    if code == 480:
+        return Outcome.temporary(
+            f"{said}: the server wants authentication; set user and password on the destination"
+        )
+    if code == 440:
+        return Outcome.temporary(f"{said}: the server does not allow posting from the gateway")
+    if code in (437, 439, 441) or 500 <= code < 600:
+        return Outcome.permanent(said)
+    if 400 <= code < 500:
+        return Outcome.temporary(said)
+    # 1xx/2xx/3xx we did not ask for: the exchange went wrong, try again later.
+    return Outcome.temporary(f"{said}, which is not an answer to an offered article")
+
+
+class NntpDestination:
+    kinds = frozenset({Kind.ARTICLE})
+
+    def __init__(
+        self,
+        config: NntpDestinationConfig,
+        reactor: IReactorCore,
+        *,
+        endpoint: IStreamClientEndpoint | None = None,
+    ) -> None:
+        """``endpoint`` replaces the one made from ``connect`` (for tests)."""
+        self.config = config
+        self.name = config.name
+        if endpoint is None:
+            endpoint = clientFromString(reactor, str(config.connect))  # type: ignore[no-untyped-call]
+        self.pool = NntpClientPool(
+            reactor,
+            endpoint,
+            mode=config.mode,
+            user=config.user,
+            password=config.password,
+            max_connections=config.max_connections,
+            connect_timeout=config.connect_timeout,
+            command_timeout=config.timeout,
+            idle_timeout=config.idle_timeout,
+            destination=str(config.connect),
+        )
+
+    async def deliver(self, message: Message) -> Outcome:
+        if not isinstance(message, Article):
+            return Outcome.permanent(f"NNTP takes articles, not {message.kind}")
+        msgid = message.message_id or ""
+        if self.config.mode != "post" and not msgid:
+            return Outcome.permanent(
+                f"the article has no Message-ID, which {self.config.mode.upper()} needs"
+                " (mode: post lets the server make one)"
+            )
+        try:
+            reply = await self.pool.send(msgid, message.to_bytes())
+        except NntpSessionError as exc:
+            return Outcome.temporary(exc.text)
+        except ValueError as exc:
+            return Outcome.permanent(str(exc))
+        return outcome_for(reply, self.pool.destination)
+
+    async def close(self) -> None:
+        await self.pool.close()

@@ -1,0 +1,454 @@
+"""The NNTP listener: the gateway's side of the NNTP server.
+
+The protocol code in ``server.py`` parses the conversation; this module makes
+the decisions: who may connect, whose credentials are good, which offered
+articles are wanted, and what to answer once an article is handled.
+
+Answers follow the verdict of ``GatewayService.submit``; success is sent only
+once the article is in the spool:
+
+========  =========  ========================  =================
+command   delivered  temporary failure         permanent refusal
+========  =========  ========================  =================
+POST      240        441 (the poster retries)  441
+IHAVE     235        436                       437
+TAKETHIS  239        400, connection closed    439
+========  =========  ========================  =================
+
+TAKETHIS has only 239 and 439 (RFC 4644), and 439 tells the peer never to
+send the article again.  A temporary failure (spool full, a transform that
+failed) therefore answers 400 and closes the connection: the peer keeps
+every article it has not seen acknowledged and offers it again later.
+
+Duplicates: message-ids of articles this listener accepted are kept in
+memory (the newest ``remember`` of them, lost on restart), so a second offer
+gets 435 (IHAVE) or 438 (CHECK) and a second copy 437 / 439 / 441.  An
+article whose message-id is being handled on another connection makes
+IHAVE and CHECK answer 436 / 431 (try later); a copy that arrives anyway
+waits for the first one's verdict.  Destinations have their own duplicate
+window for what this record forgets.
+
+A relayed article (IHAVE, TAKETHIS) must carry the Message-ID of its
+command and the header fields RFC 5536 requires; one whose Path already
+holds this listener's ``hostname`` is refused as a loop, the others get it
+put in front of Path (RFC 5537 section 3.3).
+
+POST injects the article as RFC 5537 section 3.5 asks: it adds Message-ID
+and Date when missing, puts this listener's path identity with ".POSTED"
+in front of Path, and adds Injection-Date and Injection-Info; an article that
+carries Injection-Date or Injection-Info was injected already and is refused.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hmac
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.logger import Logger
+
+from gateway.config import NntpListenerConfig, client_allowed
+from gateway.destination import Status
+from gateway.message import Article, new_message_id
+from gateway.protocols.nntp.codec import Response, is_message_id
+from gateway.protocols.nntp.server import NntpServerFactory, NntpSession
+from gateway.stats import Histogram
+
+if TYPE_CHECKING:
+    from gateway.service import GatewayService
+
+log = Logger(namespace="gateway.nntp.listener")
+
+# Header fields a relayed article (IHAVE, TAKETHIS) must have (RFC 5536 section 3.1).
+_TRANSIT_REQUIRED = ("From", "Newsgroups", "Subject", "Date", "Path")
+# Header fields a posted article must have; the rest are added by injection.
+_POST_REQUIRED = ("From", "Newsgroups", "Subject")
+_NEWSGROUP = re.compile(r"[A-Za-z0-9+_-]+(?:\.[A-Za-z0-9+_-]+)*\Z")
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
+def read_users_file(path: str | Path) -> dict[str, str]:
+    """``user:password`` lines (``#`` comments, blank lines ignored) as a dict.
+
+    Raises ValueError naming the file and line of a malformed line.
+    """
+    users: dict[str, str] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read the users file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"the users file {path} is not UTF-8 text") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, colon, password = line.partition(":")
+        if not colon or not user or not password or any(c in user for c in " \t"):
+            raise ValueError(
+                f"{path}:{number}: expected 'user:password' (a user name without spaces)"
+            )
+        users[user] = password
+    return users
+
+
+class RecentIds:
+    """The newest ``limit`` message-ids seen, in memory; older ones are forgotten."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(limit, 0)
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, message_id: object) -> bool:
+        return message_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, message_id: str) -> None:
+        self._ids[message_id] = None
+        self._ids.move_to_end(message_id)
+        self.resize(self.limit)
+
+    def resize(self, limit: int) -> None:
+        self.limit = max(limit, 0)
+        while len(self._ids) > self.limit:
+            self._ids.popitem(last=False)
+
+
+class _Answers:
+    """The responses of one command for each outcome."""
+
+    def __init__(self, ok: int, temporary: int, permanent: int, *, with_id: bool) -> None:
+        self.ok = ok
+        self.temporary = temporary
+        self.permanent = permanent
+        self.with_id = with_id  # RFC 4644 responses start with the message-id
+
+    def make(self, code: int, message_id: str, text: str) -> Response:
+        if self.with_id:
+            return Response(code, f"{message_id} {text}".strip())
+        return Response(code, text)
+
+
+_ANSWERS = {
+    "POST": _Answers(240, 441, 441, with_id=False),
+    "IHAVE": _Answers(235, 436, 437, with_id=False),
+    "TAKETHIS": _Answers(239, 400, 439, with_id=True),
+}
+
+
+class NntpListener:
+    """Implements the server's NntpHandler for one configured listener."""
+
+    def __init__(self, config: NntpListenerConfig, gateway: GatewayService) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.users: dict[str, str] = {}
+        self.recent = RecentIds(config.remember)
+        self._users_stamp: tuple[int, int] | None = None
+        # Message-ids being handled now, with who waits for each one's verdict.
+        self._inflight: dict[str, list[Deferred[None]]] = {}
+        # For /metrics: articles by the answer they got, and the time to that answer.
+        self.accepted = 0
+        self.rejected = 0
+        self.tempfail = 0
+        self.duration = Histogram()
+        self.configure(config)
+
+    def configure(self, config: NntpListenerConfig, *, strict: bool = True) -> None:
+        """Take new settings and read the users file again.
+
+        A users file that cannot be read raises ValueError when ``strict`` (at
+        start); on a reload it is logged and the previous users stay in force.
+        """
+        self.config = config
+        self.recent.resize(config.remember)
+        self._users_stamp = None
+        try:
+            self.users = self._load_users()
+        except ValueError as exc:
+            if strict:
+                raise
+            log.error(
+                "listener {listener}: {error}; the previous users stay in force",
+                listener=config.name,
+                error=str(exc),
+            )
+
+    @property
+    def auth_available(self) -> bool:
+        """AUTHINFO is offered when users are configured (a users file may be empty for now)."""
+        return bool(self.users) or self.config.users_file is not None
+
+    def _load_users(self) -> dict[str, str]:
+        users = dict(self.config.users)
+        path = self.config.users_file
+        if path is not None:
+            self._users_stamp = _stamp(path)
+            users.update(read_users_file(path))
+        return users
+
+    def _refresh_users(self) -> None:
+        """Read the users file again when it changed, so that edits need no reload."""
+        path = self.config.users_file
+        if path is None or _stamp(path) == self._users_stamp:
+            return
+        try:
+            self.users = self._load_users()
+        except ValueError as exc:
+            log.error(
+                "listener {listener}: {error}; the previous users stay in force",
+                listener=self.config.name,
+                error=str(exc),
+            )
+
+    # ----------------------------------------------------------------- handler
+
+    def on_connect(self, session: NntpSession) -> Response | None:
+        if self.gateway.stopping:
+            return Response(400, f"{self.config.hostname} service shutting down")
+        if not client_allowed(self.config.allow, session.peer_host):
+            log.info(
+                "listener {listener} refused client {client}: not in allow",
+                listener=self.config.name,
+                client=session.peer_host,
+            )
+            return Response(502, f"Access denied for {session.peer_host}")
+        return None
+
+    def on_auth(self, session: NntpSession, user: str, password: str) -> Response:
+        self._refresh_users()
+        expected = self.users.get(user)
+        # Compare even for an unknown user, so that timing does not tell which users exist.
+        good = hmac.compare_digest(
+            (expected or "\0").encode("utf-8"), password.encode("utf-8", "surrogateescape")
+        )
+        if expected is not None and good:
+            log.info(
+                "listener {listener}: {client} authenticated as {user}",
+                listener=self.config.name,
+                client=session.peer_host,
+                user=user,
+            )
+            return Response(281, "Authentication accepted")
+        log.info(
+            "listener {listener}: authentication of {client} as {user} failed",
+            listener=self.config.name,
+            client=session.peer_host,
+            user=user,
+        )
+        return Response(481, "Authentication failed")
+
+    def on_offer(self, session: NntpSession, command: str, message_id: str) -> Response:
+        ihave = command == "IHAVE"
+        if self.gateway.stopping:
+            if ihave:
+                return Response(436, "Service shutting down, try again later")
+            return Response(431, f"{message_id} service shutting down, try again later")
+        if message_id in self.recent:
+            if ihave:
+                return Response(435, "Duplicate: article already received")
+            return Response(438, f"{message_id} duplicate: article already received")
+        if message_id in self._inflight:
+            if ihave:
+                return Response(436, "Article in progress on another connection, try later")
+            return Response(431, f"{message_id} in progress on another connection, try later")
+        if ihave:
+            return Response(335, "Send it; end with <CR-LF>.<CR-LF>")
+        return Response(238, message_id)
+
+    async def on_article(
+        self, session: NntpSession, command: str, message_id: str, data: bytes
+    ) -> Response:
+        answers = _ANSWERS[command]
+        clock = self.gateway.reactor.seconds
+        started = clock()
+        qid = new_message_id()
+        article = Article.from_bytes(
+            data, id=qid, listener=self.config.name, client=session.peer_host
+        )
+        if command == "POST":
+            problem, article = self._inject(session, article, qid)
+            message_id = article.message_id or ""
+        else:
+            problem, article = self._relay(article, message_id)
+        if problem:
+            self.rejected += 1
+            log.info(
+                "listener {listener} refused {command} {msgid} from {client}: {reason}",
+                listener=self.config.name,
+                command=command,
+                msgid=message_id,
+                client=session.peer_host,
+                reason=problem,
+            )
+            return answers.make(answers.permanent, message_id, problem)
+        while message_id in self._inflight:
+            waiter: Deferred[None] = Deferred()
+            self._inflight[message_id].append(waiter)
+            await waiter
+        if message_id in self.recent:
+            self.rejected += 1
+            return answers.make(
+                answers.permanent, message_id, "Duplicate: article already received"
+            )
+        self._inflight[message_id] = []
+        try:
+            verdict = await self.gateway.submit(article)
+            if verdict.status is Status.DELIVERED:
+                # Before the waiters wake: a copy waiting for this verdict must see it.
+                self.recent.add(message_id)
+        finally:
+            for waiter in self._inflight.pop(message_id, []):
+                waiter.callback(None)
+        self.duration.observe(clock() - started)
+        if verdict.status is Status.DELIVERED:
+            self.accepted += 1
+            text = "Article received" if command != "POST" else f"Article received {message_id}"
+            return answers.make(answers.ok, message_id, text)
+        if verdict.status is Status.TEMPORARY:
+            self.tempfail += 1
+            log.info(
+                "listener {listener}: {command} {msgid} from {client} failed for now: {reason}",
+                listener=self.config.name,
+                command=command,
+                msgid=message_id,
+                client=session.peer_host,
+                reason=verdict.detail,
+            )
+            return answers.make(
+                answers.temporary, message_id, f"Try again later: {verdict.detail}"
+            )
+        self.rejected += 1
+        return answers.make(answers.permanent, message_id, f"Rejected: {verdict.detail}")
+
+    # ----------------------------------------------------------------- article checks
+
+    @staticmethod
+    def _check_newsgroups(article: Article) -> str:
+        value = article.headers.get("Newsgroups") or ""
+        groups = [g.strip() for g in value.split(",")]
+        if not any(groups) or not all(_NEWSGROUP.match(g) for g in groups):
+            return f"Bad Newsgroups header field: {value[:100]!r}"
+        return ""
+
+    def _relay(self, article: Article, message_id: str) -> tuple[str, Article]:
+        """Check a relayed article and put this listener's path identity in front of Path.
+
+        Returns (why it is refused or "", the article).
+        """
+        found = article.message_id
+        if found is None:
+            return "Article has no Message-ID header field", article
+        if found != message_id:
+            return f"Message-ID header field {found[:250]} does not match the command's", article
+        for name in _TRANSIT_REQUIRED:
+            if name not in article.headers:
+                return f"Article has no {name} header field", article
+        problem = self._check_newsgroups(article)
+        if problem:
+            return problem, article
+        path = article.headers.get("Path") or ""
+        identities = {p.strip() for p in path.split("!")}
+        if self.config.hostname in identities:
+            return f"Loop: Path already holds {self.config.hostname}", article
+        headers = article.headers.set("Path", f"{self.config.hostname}!{path}")
+        return "", article.replace_headers(headers)
+
+    def _inject(self, session: NntpSession, article: Article, qid: str) -> tuple[str, Article]:
+        """RFC 5537 injection of a posted article: (why it is refused or "", the article)."""
+        headers = article.headers
+        for name in ("Injection-Info", "Injection-Date"):
+            if name in headers:
+                return f"Article was injected already (it has {name}); relay it with IHAVE", article
+        for name in _POST_REQUIRED:
+            if name not in headers:
+                return f"Article has no {name} header field", article
+        problem = self._check_newsgroups(article)
+        if problem:
+            return problem, article
+        message_id = article.message_id
+        if message_id is None:
+            message_id = f"<{qid.lower()}@{self.config.hostname}>"
+            headers = headers.add("Message-ID", message_id)
+        elif not is_message_id(message_id, strict=True):
+            return f"Bad Message-ID {message_id[:250]!r}: expected <left@right>", article
+        now = self.gateway.reactor.seconds()
+        if "Date" not in headers:
+            headers = headers.add("Date", email.utils.formatdate(now, usegmt=True))
+        path = headers.get("Path")
+        host = session.peer_host or "unknown"
+        prefix = f"{self.config.hostname}!.POSTED.{host}!"
+        if path is None:
+            headers = headers.add("Path", prefix + "not-for-mail", first=True)
+        else:
+            headers = headers.set("Path", prefix + path)
+        headers = headers.add("Injection-Date", email.utils.formatdate(now, usegmt=True))
+        info = f'{self.config.hostname}; posting-host="{host}"'
+        if session.user is not None:
+            info += f'; posting-account="{session.user}"'
+        headers = headers.add("Injection-Info", info)
+        return "", article.replace_headers(headers)
+
+
+class ListenerFactory(NntpServerFactory):
+    """The server factory with the listener's settings, replaceable on reload."""
+
+    listener: NntpListener
+
+    def reconfigure(self, config: NntpListenerConfig) -> None:
+        self.listener.configure(config, strict=False)
+        self.hostname = config.hostname
+        self.max_size = config.max_size
+        self.idle_timeout = config.idle_timeout
+        self.posting = config.posting
+        self.auth_available = self.listener.auth_available
+        self.auth_required = config.require_auth
+
+    async def drain(self, timeout: float) -> None:
+        """Close idle sessions now; give busy ones ``timeout`` seconds to finish their article."""
+        response = Response(400, f"{self.hostname} service shutting down")
+        deadline = self.clock.seconds() + timeout
+        while self.connections:
+            for protocol in list(self.connections):
+                if not protocol.busy:
+                    protocol.close_with(response)
+            if not self.connections or self.clock.seconds() >= deadline:
+                break
+            await task.deferLater(self.reactor, 0.1, lambda: None)
+        for protocol in list(self.connections):
+            protocol.close_with(response)
+
+
+def build_factory(
+    config: NntpListenerConfig, gateway: GatewayService, reactor: IReactorCore
+) -> ListenerFactory:
+    listener = NntpListener(config, gateway)
+    reactor_time: IReactorTime = reactor
+    factory = ListenerFactory(
+        listener,
+        reactor=reactor_time,
+        hostname=config.hostname,
+        max_size=config.max_size,
+        idle_timeout=config.idle_timeout,
+        posting=config.posting,
+        auth_available=listener.auth_available,
+        auth_required=config.require_auth,
+    )
+    factory.listener = listener
+    return factory

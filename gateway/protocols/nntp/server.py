@@ -1,0 +1,424 @@
+"""Twisted NNTP server: a thin shell that moves bytes between a transport and ServerCodec.
+
+Decisions (who may connect, which credentials are good, which articles are
+wanted and what becomes of them) belong to an NntpHandler.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IReactorTime, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from .codec import (
+    ArticleReceived,
+    AuthRequest,
+    OfferRequest,
+    Response,
+    SendResponse,
+    ServerCodec,
+)
+
+__all__ = [
+    "LOCAL_ERROR",
+    "NntpHandler",
+    "NntpServerFactory",
+    "NntpServerProtocol",
+    "NntpSession",
+    "Response",
+]
+
+log = Logger()
+
+_T = TypeVar("_T")
+
+# A handler failed: answer "try again later" in the terms of each command.
+LOCAL_ERROR = {
+    "AUTHINFO": Response(403, "Internal fault while checking the credentials"),
+    "IHAVE": Response(436, "Internal fault, try again later"),
+    "CHECK": Response(431, "Internal fault, try again later"),
+    "POST": Response(441, "Internal fault, posting failed; try again later"),
+    # TAKETHIS has no "try later" code: 400 closes the connection and the
+    # peer keeps every article it has not seen acknowledged.
+    "TAKETHIS": Response(400, "Internal fault, closing the connection"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NntpSession:
+    """What a handler knows about the client it is deciding for."""
+
+    peer_host: str
+    peer_port: int
+    user: str | None
+    tls: bool
+
+
+class NntpHandler(TypingProtocol):
+    """The decisions behind an NNTP listener. Methods may return plain values or awaitables."""
+
+    def on_connect(self, session: NntpSession) -> Response | None:
+        """None accepts the connection; a Response refuses it (sent, then the link closes)."""
+
+    def on_auth(
+        self, session: NntpSession, user: str, password: str
+    ) -> Response | Awaitable[Response]:
+        """281 accepts the credentials, 481 refuses them."""
+
+    def on_offer(
+        self, session: NntpSession, command: str, message_id: str
+    ) -> Response | Awaitable[Response]:
+        """IHAVE: 335, 435 or 436; CHECK: 238, 431 or 438."""
+
+    def on_article(
+        self, session: NntpSession, command: str, message_id: str, data: bytes
+    ) -> Awaitable[Response]:
+        """data is un-stuffed with LF line endings; the response is sent as is."""
+
+
+class _DelayedCall(TypingProtocol):
+    def cancel(self) -> None: ...
+    def active(self) -> bool: ...
+    def reset(self, secondsFromNow: float) -> None: ...
+
+
+class _Clock(TypingProtocol):
+    def seconds(self) -> float: ...
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
+    ) -> _DelayedCall: ...
+
+
+class _Transport(TypingProtocol):
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def getPeer(self) -> object: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+
+
+async def _await(awaitable: Awaitable[_T]) -> _T:
+    return await awaitable
+
+
+def _describe_peer(host: str, port: int) -> str:
+    if not host:
+        return "an unknown peer"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _command_of(request: AuthRequest | OfferRequest | ArticleReceived) -> str:
+    return "AUTHINFO" if isinstance(request, AuthRequest) else request.command
+
+
+class NntpServerProtocol(Protocol):
+    """One NNTP server connection."""
+
+    def __init__(self, factory: NntpServerFactory) -> None:
+        self._factory = factory
+        self._codec = ServerCodec(
+            hostname=factory.hostname,
+            posting=factory.posting,
+            auth_available=factory.auth_available,
+            auth_required=factory.auth_required,
+            max_size=factory.max_size,
+            clock=factory.clock.seconds,
+        )
+        self._open = False  # connected and not closing: the only state in which we write
+        self._waiting = False  # a handler call is outstanding
+        self._pumping = False
+        self._paused = False
+        self._timer: _DelayedCall | None = None
+        self._peer_host = ""
+        self._peer_port = 0
+        self._tls = False
+
+    @property
+    def session(self) -> NntpSession:
+        return NntpSession(
+            peer_host=self._peer_host,
+            peer_port=self._peer_port,
+            user=self._codec.user,
+            tls=self._tls,
+        )
+
+    @property
+    def peer(self) -> str:
+        return _describe_peer(self._peer_host, self._peer_port)
+
+    @property
+    def busy(self) -> bool:
+        """An article is being received or handled."""
+        return self._open and (self._codec.busy or self._waiting)
+
+    def _transport(self) -> _Transport:
+        return cast(_Transport, self.transport)
+
+    def connectionMade(self) -> None:
+        self._open = True
+        address = self._transport().getPeer()
+        if isinstance(address, (IPv4Address, IPv6Address)):
+            self._peer_host, self._peer_port = address.host, address.port
+        self._tls = bool(ISSLTransport.providedBy(self.transport))
+        try:
+            refusal = self._factory.handler.on_connect(self.session)
+        except Exception:
+            log.failure(
+                "NNTP handler on_connect failed for {peer}", peer=self.peer, level=LogLevel.error
+            )
+            refusal = self._codec.abort()
+        if refusal is not None:
+            self._codec.close()
+            self._write(refusal.to_bytes())
+            self._close()
+            return
+        self._write(self._codec.greeting().to_bytes())
+        self._arm_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._open:
+            return
+        self._codec.receive_data(data)
+        if not self._waiting:
+            self._arm_timer()
+        self._pump()
+
+    def close_with(self, response: Response) -> None:
+        """Send ``response`` (a 400, say) and close, whatever the session is doing."""
+        self._write(response.to_bytes())
+        self._close()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._factory.connections.discard(self)
+        if self._codec.busy or self._waiting:
+            log.debug(
+                "NNTP connection from {peer} lost during a transfer: {reason}",
+                peer=self.peer,
+                reason=reason.getErrorMessage(),
+            )
+        self._open = False
+        self._cancel_timer()
+        self._codec.close()
+
+    # ----------------------------------------------------------------- the loop
+
+    def _pump(self) -> None:
+        # Re-entered when a handler's Deferred has already fired inside _call_handler;
+        # the outer loop then picks up the answer, which keeps responses in order.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._open and not self._waiting:
+                event = self._codec.next_event()
+                if event is None:
+                    break
+                if isinstance(event, SendResponse):
+                    self._write(event.to_bytes())
+                    if event.close:
+                        self._close()
+                else:
+                    self._call_handler(event)
+            self._update_flow()
+        except Exception:
+            self._crash()
+        finally:
+            self._pumping = False
+
+    def _crash(self) -> None:
+        log.failure("NNTP server error on the connection from {peer}", peer=self.peer)
+        self._write(self._codec.abort().to_bytes())
+        self._close()
+
+    def _call_handler(self, event: AuthRequest | OfferRequest | ArticleReceived) -> None:
+        handler = self._factory.handler
+        session = self.session
+        result: object
+        try:
+            if isinstance(event, AuthRequest):
+                result = handler.on_auth(session, event.user, event.password)
+            elif isinstance(event, OfferRequest):
+                result = handler.on_offer(session, event.command, event.message_id)
+            else:
+                result = handler.on_article(session, event.command, event.message_id, event.data)
+        except Exception:
+            log.failure(
+                "NNTP handler failed on {command} for {peer}",
+                command=_command_of(event),
+                peer=self.peer,
+                level=LogLevel.error,
+            )
+            self._codec.answer(LOCAL_ERROR[_command_of(event)])
+            return
+        if inspect.isawaitable(result):
+            self._waiting = True
+            deferred: Deferred[Any] = Deferred.fromCoroutine(_await(result))
+            deferred.addCallbacks(
+                self._handler_done,
+                self._handler_failed,
+                callbackArgs=(event,),
+                errbackArgs=(event,),
+            )
+            return
+        self._answer(result, event)
+
+    def _answer(self, result: object, event: AuthRequest | OfferRequest | ArticleReceived) -> None:
+        if isinstance(result, Response):
+            self._codec.answer(result)
+            return
+        log.error(
+            "NNTP handler returned {result!r} for {command}, which is not a Response",
+            result=result,
+            command=_command_of(event),
+        )
+        self._codec.answer(LOCAL_ERROR[_command_of(event)])
+
+    def _handler_done(
+        self, result: object, event: AuthRequest | OfferRequest | ArticleReceived
+    ) -> None:
+        self._waiting = False
+        if not self._open or self._codec.pending is None:
+            return  # the client went away; nothing may be written for it
+        try:
+            self._answer(result, event)
+        except Exception:
+            self._crash()
+            return
+        self._pump()
+
+    def _handler_failed(
+        self, failure: Failure, event: AuthRequest | OfferRequest | ArticleReceived
+    ) -> None:
+        log.failure(
+            "NNTP handler failed on {command} for {peer}",
+            failure=failure,
+            command=_command_of(event),
+            peer=self.peer,
+            level=LogLevel.error,
+        )
+        self._waiting = False
+        if not self._open or self._codec.pending is None:
+            return
+        try:
+            self._codec.answer(LOCAL_ERROR[_command_of(event)])
+        except Exception:
+            self._crash()
+            return
+        self._pump()
+
+    # ----------------------------------------------------------------- transport and time
+
+    def _write(self, data: bytes) -> None:
+        if self._open:
+            self._transport().write(data)
+
+    def _close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self._cancel_timer()
+        self._codec.close()
+        self._transport().loseConnection()
+
+    def _update_flow(self) -> None:
+        """Stop reading and stop the idle clock while the handler, not the client, is slow."""
+        if not self._open:
+            return
+        if self._waiting:
+            self._cancel_timer()
+            if not self._paused:
+                self._paused = True
+                self._transport().pauseProducing()
+        else:
+            if self._paused:
+                self._paused = False
+                self._transport().resumeProducing()
+            if self._timer is None:
+                self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if not self._open:
+            return
+        timeout = self._factory.idle_timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self._factory.clock.callLater(timeout, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if not self._open or self._waiting:
+            return
+        log.info(
+            "NNTP client {peer} sent nothing for {timeout}s; closing the connection",
+            peer=self.peer,
+            timeout=self._factory.idle_timeout,
+        )
+        self._write(self._codec.timeout().to_bytes())
+        self._close()
+
+
+class NntpServerFactory(Factory):
+    """Builds NntpServerProtocol instances that share one handler and one set of limits.
+
+    max_size is the largest article accepted, in octets with LF line endings
+    (0: no limit).  auth_available offers AUTHINFO USER/PASS; auth_required
+    answers 480 to every transfer command until the client authenticated.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        handler: NntpHandler,
+        *,
+        reactor: IReactorTime,
+        hostname: str,
+        max_size: int,
+        idle_timeout: float = 300.0,
+        posting: bool = True,
+        auth_available: bool = False,
+        auth_required: bool = False,
+    ) -> None:
+        if max_size < 0:
+            raise ValueError(f"max_size must be 0 (no limit) or a positive size, not {max_size}")
+        if idle_timeout <= 0:
+            raise ValueError(
+                f"idle_timeout must be a positive number of seconds, not {idle_timeout}"
+            )
+        if not hostname or any(not 33 <= ord(c) <= 126 for c in hostname):
+            raise ValueError(f"hostname must be a non-empty ASCII host name, not {hostname!r}")
+        if auth_required and not auth_available:
+            raise ValueError("require_auth needs at least one user to authenticate")
+        self.handler = handler
+        self.reactor = reactor
+        self.clock = cast(_Clock, reactor)
+        self.hostname = hostname
+        self.max_size = max_size
+        self.idle_timeout = idle_timeout
+        self.posting = posting
+        self.auth_available = auth_available
+        self.auth_required = auth_required
+        # Open connections, so a shutdown can tell idle sessions to go away.
+        self.connections: set[NntpServerProtocol] = set()
+
+    def buildProtocol(self, addr: IAddress | None) -> NntpServerProtocol:
+        protocol = NntpServerProtocol(self)
+        protocol.factory = self
+        self.connections.add(protocol)
+        return protocol

@@ -1,0 +1,439 @@
+"""``http_to_mail``: a web hook (a POST of JSON or a form) becomes a mail.
+
+The listener hands over the request; this transform checks it, reads the
+payload and builds a MIME message from the route's options. The listener
+answers ``202`` with the message's id once the mail is in the spool::
+
+    routes:
+      - name: deploys
+        from: web-in
+        match: {path: '^/hooks/(?P<team>[a-z]+)$'}
+        transforms: [http_to_mail]
+        options:
+          from: 'Deploy bot <deploy@example.test>'
+          to: ['{team}@example.test', ops@example.test]
+          subject: 'Deployed {{repository.name}} ({{@path}})'
+          body_field: message            # or: body: "{{user}} says {{text}}"
+          secret: s3cret                 # check X-Hub-Signature-256: sha256=<hex>
+        to: smarthost
+
+Options:
+
+* ``from`` (required) and ``to`` (required; one address or a list): the
+  header fields and the envelope. ``sender`` sets the envelope sender (default:
+  the address in ``from``). These take the route's named groups (``{team}``)
+  but never fields of the payload, so whoever can POST cannot choose where
+  mail goes.
+* ``subject`` (default ``Web hook {{@path}}``) and ``body``: templates.
+* ``body_field``: the mail's text is this field of the payload. Without
+  ``body`` or ``body_field`` the text is the payload pretty-printed as JSON
+  (a form as a JSON object of its fields).
+* ``secret`` and ``signature_header`` (default ``X-Hub-Signature-256``): the
+  request must carry ``sha256=<hex>``, the HMAC-SHA256 of its raw body under the
+  secret (GitHub's scheme); it is compared in constant time.
+* ``message_id_domain``: the right side of the Message-ID (default: this host's name).
+
+Templates: in routes.yaml, a field of the payload is written in double braces,
+``{{name}}``, and a field inside it with dots: ``{{repository.owner.login}}``,
+``{{commits.0.id}}`` (a number picks an item of a list). Single braces,
+``{team}``, are the route's named groups, filled in first. Text is inserted as
+it is, numbers and true/false as JSON writes them, null as nothing, lists and
+objects as compact JSON. A form field given several times is a list. ``@``
+names are the request's own: ``{{@method}}``, ``{{@path}}``, ``{{@target}}``
+(path and query), ``{{@host}}``, ``{{@client}}`` and ``{{@id}}``. Nothing else
+is evaluated: a template cannot call code. A brace meant literally is written
+``{{{{`` or ``}}}}``. A field the payload lacks refuses the request (400).
+
+What the client gets: a wrong or missing signature 401; a method other than
+POST 405; a content type other than JSON (``application/json`` or
+``*/*+json``), ``application/x-www-form-urlencoded`` or ``multipart/form-data``
+415; a body that does not parse 400 with what is wrong and where. Files
+uploaded in a multipart form become attachments of the mail.
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.parser
+import email.policy
+import email.utils
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from gateway.message import HttpRequest, Kind, MailMessage, local_hostname
+from gateway.plugins import Reject, transform
+from gateway.protocols.http.webhook import signature_matches
+
+__all__ = ["http_to_mail", "render"]
+
+DEFAULT_SIGNATURE_HEADER = "X-Hub-Signature-256"
+DEFAULT_SUBJECT = "Web hook {@path}"
+_MAX_FORM_FIELDS = 1000
+
+# The policy of the mails built here: LF inside the gateway, and only 7-bit bodies on the
+# wire (the email package picks quoted-printable or base64, whichever is shorter).
+_POLICY = email.policy.default.clone(linesep="\n", cte_type="7bit", max_line_length=78)
+
+
+@dataclass
+class Payload:
+    """A parsed web hook: its data for templates, and files for attachments."""
+
+    data: Any
+    source: str  # "JSON" or "form", for messages
+    files: list[tuple[str, str, bytes]] = field(default_factory=list)  # name, type, content
+
+
+# --------------------------------------------------------------------------- templates
+
+
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+def render(template: str, lookup: Any, what: str) -> str:
+    """Fill ``{path}`` placeholders of ``template`` with ``lookup(path, what)``.
+
+    ``{{`` and ``}}`` stand for literal braces. ``what`` names the option in
+    messages. A stray brace raises ValueError (a mistake in routes.yaml).
+    """
+    out: list[str] = []
+    pos = 0
+    for m in _TOKEN.finditer(template):
+        out.append(template[pos : m.start()])
+        pos = m.end()
+        token = m.group(0)
+        if token == "{{":
+            out.append("{")
+        elif token == "}}":
+            out.append("}")
+        elif m.group(1) is not None:
+            name = m.group(1).strip()
+            if not name:
+                raise ValueError(
+                    f"option {what} of http_to_mail has an empty placeholder at position"
+                    f" {m.start()}; write {{{{field}}}} in routes.yaml"
+                )
+            out.append(as_text(lookup(name, what)))
+        else:
+            raise ValueError(
+                f"option {what} of http_to_mail has a lone '{token}' at position {m.start()};"
+                " a payload field is written {{field}} in routes.yaml and a literal brace"
+                " {{{{ or }}}}"
+            )
+    out.append(template[pos:])
+    return "".join(out)
+
+
+def as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def find(data: Any, path: str, source: str, what: str) -> Any:
+    """The field ``path`` (dot-separated names and list indexes) of ``data``, or Reject 400."""
+    node = data
+    walked: list[str] = []
+    for segment in path.split("."):
+        if isinstance(node, Mapping) and segment in node:
+            node = node[segment]
+        elif (
+            isinstance(node, list)
+            and re.fullmatch(r"-?\d+", segment)
+            and -len(node) <= int(segment) < len(node)
+        ):
+            node = node[int(segment)]
+        else:
+            where = f" in '{'.'.join(walked)}'" if walked else ""
+            missing = "list item" if isinstance(node, list) else "field"
+            raise Reject(
+                f"the {what} of this web hook needs '{path}', but the posted {source} has no"
+                f" {missing} '{segment}'{where}",
+                http_status=400,
+            )
+        walked.append(segment)
+    return node
+
+
+# --------------------------------------------------------------------------- the request
+
+
+def _header(request: HttpRequest, name: str) -> str | None:
+    wanted = name.lower()
+    for key, value in request.http_headers:
+        if key.lower() == wanted:
+            return value
+    return None
+
+
+def _media_type(value: str) -> tuple[str, dict[str, str]]:
+    msg = email.message.Message()
+    msg["Content-Type"] = value
+    params = {k.lower(): str(v) for k, v in msg.get_params(failobj=[], header="Content-Type")[1:]}
+    main = value.split(";", 1)[0].strip().lower()
+    return main, params
+
+
+def _parse_json(body: bytes) -> Payload:
+    if not body.strip():
+        raise Reject("the body is empty; expected a JSON document", http_status=400)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Reject(
+            f"the body is not UTF-8 text: byte 0x{body[exc.start]:02x} at offset {exc.start}",
+            http_status=400,
+        ) from None
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        data = json.loads(text.removeprefix("\ufeff"), parse_constant=no_constant)
+    except json.JSONDecodeError as exc:
+        raise Reject(
+            f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            http_status=400,
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise Reject(f"the body is not valid JSON: {exc}", http_status=400) from None
+    return Payload(data, "JSON")
+
+
+def _form_value(values: list[str]) -> str | list[str]:
+    return values[0] if len(values) == 1 else values
+
+
+def _parse_urlencoded(body: bytes) -> Payload:
+    try:
+        text = body.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise Reject(
+            f"the form is not URL-encoded: byte 0x{body[exc.start]:02x} at offset {exc.start}"
+            " must be percent-encoded",
+            http_status=400,
+        ) from None
+    try:
+        pairs = parse_qsl(
+            text,
+            keep_blank_values=True,
+            strict_parsing=False,
+            errors="strict",
+            max_num_fields=_MAX_FORM_FIELDS,
+        )
+    except UnicodeDecodeError:
+        raise Reject(
+            "the form holds a percent-encoded value that is not UTF-8", http_status=400
+        ) from None
+    except ValueError as exc:
+        raise Reject(f"the form cannot be read: {exc}", http_status=400) from None
+    fields: dict[str, list[str]] = {}
+    for key, value in pairs:
+        fields.setdefault(key, []).append(value)
+    return Payload({k: _form_value(v) for k, v in fields.items()}, "form")
+
+
+def _parse_multipart(body: bytes, content_type: str, params: Mapping[str, str]) -> Payload:
+    if not params.get("boundary"):
+        raise Reject(
+            "the multipart/form-data body has no boundary parameter in its Content-Type",
+            http_status=400,
+        )
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    parsed = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    parts = parsed.get_payload() if parsed.is_multipart() else None
+    if not isinstance(parts, list) or not parts:
+        raise Reject(
+            "the multipart/form-data body holds no part with the boundary its Content-Type names",
+            http_status=400,
+        )
+    missing_end = any(type(d).__name__ == "CloseBoundaryNotFoundDefect" for d in parsed.defects)
+    if missing_end:
+        raise Reject(
+            "the multipart/form-data body is cut short: its closing boundary is missing",
+            http_status=400,
+        )
+    if len(parts) > _MAX_FORM_FIELDS:
+        raise Reject(f"the form has more than {_MAX_FORM_FIELDS} fields", http_status=400)
+    fields: dict[str, list[str]] = {}
+    files: list[tuple[str, str, bytes]] = []
+    for number, part in enumerate(parts, start=1):
+        if not isinstance(part, email.message.Message):
+            continue
+        name = part.get_param("name", header="Content-Disposition")
+        if part.get_content_disposition() != "form-data" or not name:
+            raise Reject(
+                f"part {number} of the form has no Content-Disposition: form-data; name=...",
+                http_status=400,
+            )
+        name = email.utils.collapse_rfc2231_value(name)
+        raw = part.get_payload(decode=True)
+        data = raw if isinstance(raw, bytes) else b""
+        filename = part.get_filename()
+        if filename is not None:
+            files.append((filename, part.get_content_type(), data))
+            fields.setdefault(name, []).append(filename)
+            continue
+        charset = part.get_content_charset() or "utf-8"
+        try:
+            fields.setdefault(name, []).append(data.decode(charset))
+        except (LookupError, UnicodeDecodeError):
+            raise Reject(f"form field '{name}' is not {charset} text", http_status=400) from None
+    return Payload({k: _form_value(v) for k, v in fields.items()}, "form", files)
+
+
+def parse_payload(request: HttpRequest) -> Payload:
+    """The request's JSON or form, or Reject with 415 or 400 saying what is wrong."""
+    value = _header(request, "Content-Type")
+    if not value:
+        raise Reject(
+            "the request has no Content-Type; send application/json,"
+            " application/x-www-form-urlencoded or multipart/form-data",
+            http_status=415,
+        )
+    media, params = _media_type(value)
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        charset = params.get("charset", "utf-8").lower()
+        if charset not in ("utf-8", "utf8"):
+            raise Reject(f"JSON must be sent as UTF-8, not {charset}", http_status=415)
+        return _parse_json(request.body)
+    if media == "application/x-www-form-urlencoded":
+        return _parse_urlencoded(request.body)
+    if media == "multipart/form-data":
+        return _parse_multipart(request.body, value, params)
+    raise Reject(
+        f"a web hook takes application/json, application/x-www-form-urlencoded or"
+        f" multipart/form-data, not {media or value!r}",
+        http_status=415,
+    )
+
+
+def check_signature(request: HttpRequest, options: Mapping[str, Any]) -> None:
+    secret = options.get("secret")
+    if not secret:
+        return
+    header = str(options.get("signature_header") or DEFAULT_SIGNATURE_HEADER)
+    given = _header(request, header)
+    if given is None:
+        raise Reject(
+            f"the request has no {header} header; sign the body with the shared secret"
+            " (sha256=<hex of HMAC-SHA256>)",
+            http_status=401,
+        )
+    if not signature_matches(str(secret), request.body, given):
+        raise Reject(f"the {header} signature does not match the body", http_status=401)
+
+
+# --------------------------------------------------------------------------- the mail
+
+
+def _addresses(value: Any, option: str, *, required: bool) -> list[str]:
+    entries: Sequence[Any] = [value] if isinstance(value, str) else (value or ())
+    texts = [str(e).strip() for e in entries if str(e).strip()]
+    if required and not texts:
+        raise ValueError(f"http_to_mail needs the route option '{option}' (an address or a list)")
+    for text in texts:
+        pairs = email.utils.getaddresses([text])
+        if not pairs or any("@" not in addr or "\n" in text for _, addr in pairs):
+            raise ValueError(
+                f"route option '{option}' of http_to_mail: {text!r} is not a mail address"
+            )
+    return texts
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@transform("http_to_mail", accepts=[Kind.HTTP], produces=Kind.MAIL)
+def http_to_mail(request: HttpRequest, options: Mapping[str, Any]) -> MailMessage:
+    """Turn a web hook into a mail (see the module docstring)."""
+    if request.method.upper() != "POST":
+        raise Reject(f"a web hook is sent with POST, not {request.method}", http_status=405)
+    check_signature(request, options)
+    payload = parse_payload(request)
+
+    froms = _addresses(options.get("from"), "from", required=True)
+    if len(froms) != 1:
+        raise ValueError("route option 'from' of http_to_mail must be one address")
+    recipients_text = _addresses(options.get("to"), "to", required=True)
+    parts = urlsplit(request.target)
+    meta = {
+        "@method": request.method,
+        "@path": parts.path,
+        "@target": request.target,
+        "@host": request.host,
+        "@client": request.client,
+        "@id": request.id,
+    }
+
+    def lookup(path: str, what: str) -> Any:
+        if path.startswith("@"):
+            if path not in meta:
+                raise ValueError(
+                    f"option {what} of http_to_mail names '{path}'; the request's own fields are"
+                    f" {', '.join(sorted(meta))}"
+                )
+            return meta[path]
+        return find(payload.data, path, payload.source, what)
+
+    subject = _one_line(render(str(options.get("subject") or DEFAULT_SUBJECT), lookup, "subject"))
+    if options.get("body") is not None:
+        text = render(str(options["body"]), lookup, "body")
+    elif options.get("body_field"):
+        value = lookup(str(options["body_field"]).strip(), "body_field")
+        text = value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
+    else:
+        text = json.dumps(payload.data, indent=2, ensure_ascii=False)
+    if not text.endswith("\n"):
+        text += "\n"
+
+    domain = str(options.get("message_id_domain") or local_hostname())
+    msg = email.message.EmailMessage(policy=_POLICY)
+    msg["Received"] = (
+        f"from {request.client or 'unknown'} by {domain} (gateway) with HTTP id {request.id};"
+        f" {email.utils.formatdate(request.received, localtime=True)}"
+    )
+    msg["From"] = froms[0]
+    msg["To"] = ", ".join(recipients_text)
+    msg["Subject"] = subject
+    msg["Date"] = email.utils.formatdate(request.received, localtime=True)
+    msg["Message-ID"] = f"<{request.id}.webhook@{domain}>"
+    msg.set_content(text, charset="utf-8")
+    for filename, ctype, data in payload.files:
+        maintype, _, subtype = ctype.partition("/")
+        # Bytes are sent base64-encoded whatever their type: uploaded text stays byte for byte.
+        msg.add_attachment(
+            data,
+            maintype=maintype or "application",
+            subtype=subtype or "octet-stream",
+            filename=filename,
+        )
+    try:
+        raw = msg.as_bytes()
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"http_to_mail cannot build the mail: {exc}") from exc
+    sender_option = options.get("sender")
+    sender = (
+        str(sender_option).strip()
+        if sender_option is not None
+        else email.utils.parseaddr(froms[0])[1]
+    )
+    recipients = [addr for _, addr in email.utils.getaddresses(recipients_text)]
+    return MailMessage.from_bytes(
+        raw,
+        sender=sender,
+        recipients=recipients,
+        id=request.id,
+        listener=request.listener,
+        client=request.client,
+        received=request.received,
+    )

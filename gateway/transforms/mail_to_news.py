@@ -1,0 +1,366 @@
+"""The ``mail_to_news`` transform: a mail becomes a netnews article, gated as RFC 5537 3.10 says.
+
+Route options (placeholders from the route's match are already filled in):
+
+``newsgroups`` (required)
+    The group or groups to post to: a string (commas separate several) or a
+    list.  Each name is checked against RFC 5536 3.1.4; a bad or reserved name
+    refuses the mail for good (SMTP 553 5.1.3) with the reason.
+``approved``
+    Posts carry ``Approved:`` with this value, so a moderated group takes them
+    directly.  Without it any ``Approved:`` of the mail is removed and a post to
+    a moderated group goes where the news server sends it: its moderator.
+``gateway``
+    The gateway's name (default: this host's name).  It is the path identity
+    in ``Path:``, the value of the loop-prevention header, and the right-hand
+    side of Message-IDs the gateway has to make.
+``sender``
+    The address in the ``Sender:`` the gateway adds (default
+    ``mail-to-news@<gateway>``).  A ``Sender:`` the mail had becomes
+    ``Original-Sender:``.
+``followup_to``
+    ``Followup-To:`` for the article (checked like ``newsgroups``; ``poster``
+    allowed).  A ``Followup-To:`` of the mail is otherwise removed.
+
+What the transform does to the header:
+
+* Message-ID: kept when it is valid for netnews (RFC 5536 3.1.3, at most 250
+  octets), so the same mail gated twice, or by two gateways, is one article.
+  Otherwise a Message-ID is derived from a hash of the mail's stable content
+  (originator fields, Subject, Date, references, the original Message-ID,
+  body, groups), so a retry of the same mail posts nothing new; the invalid one
+  is kept as ``X-Original-Message-ID:``.
+* ``Newsgroups:`` from the route; ``Path: <gateway>!not-for-mail`` replaces
+  any ``Path:`` from outside.
+* Removed, because a news server must not receive them from a gateway, or
+  they describe another system's handling: ``Approved`` (unless the route sets
+  it), ``Xref``, ``Injection-Info``, ``Injection-Date``, every
+  ``NNTP-Posting-*`` (Host, Date, ...), ``X-Trace``, ``X-Complaints-To``, ``Received``,
+  ``Return-Path``, ``Path``, ``Distribution``, ``Lines``, ``Bcc``,
+  ``Cancel-Key`` and ``Followup-To`` (unless the route sets it).
+* Renamed, so they cannot act as control messages yet stay readable:
+  ``Control`` to ``X-Original-Control``, ``Also-Control`` to
+  ``X-Original-Also-Control``, ``Supersedes`` to ``X-Original-Supersedes``.
+* ``References:`` is made from ``In-Reply-To:`` when the mail has none, and
+  shortened to fit 998 octets (RFC 5537 3.4.4): the first id and the newest
+  ones stay, the oldest after the first go.
+* ``Date:``, the body, ``Content-Transfer-Encoding`` and RFC 2047 encoded
+  words are left as they are.  A news server refuses a Date too far in the
+  past or the future; that refusal is permanent and the dead letter keeps the
+  server's reason.
+* Loop prevention: ``X-Gateway-Loop: <gateway>`` is added; a mail that already
+  carries it with this gateway's name was gated by this gateway before (news
+  to mail to news) and is dropped, which the log records.
+
+Crossposting: name every group in one route's ``newsgroups``.  A mail sent to
+two group addresses at once is routed as two copies with the same Message-ID,
+and a news server keeps only the first of them (the second is a duplicate).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from twisted.logger import Logger
+
+from gateway.message import Article, Headers, Kind, MailMessage, local_hostname
+from gateway.plugins import Reject, transform
+
+__all__ = [
+    "LOOP_HEADER",
+    "gateway_name",
+    "is_valid_message_id",
+    "loop_seen",
+    "mail_to_news",
+    "newsgroup_problem",
+    "shorten_references",
+]
+
+log = Logger(namespace="gateway.transforms.mail_to_news")
+
+LOOP_HEADER = "X-Gateway-Loop"
+MAX_MESSAGE_ID = 250
+MAX_LINE = 998
+
+# RFC 5322 atext; RFC 5536 3.1.3 builds id-left and id-right from it.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+# no-fold-quote and no-fold-literal without '>' (RFC 5536 3.1.3 removes it from both).
+_NO_FOLD_QUOTE = r'"(?:[!#-=?-\[\]-~]|\\[!-=?-~])*"'
+_NO_FOLD_LITERAL = r"\[(?:[!-=?-Z^-~]|\\[!-=?-~])*\]"
+_MSG_ID = re.compile(
+    rf"<(?:{_DOT_ATOM}|{_NO_FOLD_QUOTE})@(?:{_DOT_ATOM}|{_NO_FOLD_LITERAL})>", re.ASCII
+)
+_MSG_ID_ANYWHERE = re.compile(r"<[^<>\s]+>")
+
+_PATH_IDENTITY = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+
+_REMOVE = (
+    "Xref",
+    "Injection-Info",
+    "Injection-Date",
+    "X-Trace",
+    "X-Complaints-To",
+    "Received",
+    "Return-Path",
+    "Path",
+    "Distribution",
+    "Lines",
+    "Bcc",
+    "Cancel-Key",
+    "Newsgroups",
+)
+_RENAME = {
+    "Control": "X-Original-Control",
+    "Also-Control": "X-Original-Also-Control",
+    "Supersedes": "X-Original-Supersedes",
+}
+# The parts of a mail that stay the same when it is sent again (trace fields do not).
+_STABLE_FIELDS = (
+    "From",
+    "Sender",
+    "Reply-To",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+)
+
+
+# --- names and ids --------------------------------------------------------------------
+
+
+def is_valid_message_id(value: str) -> bool:
+    """Whether ``value`` (surrounding white space allowed) is a netnews msg-id (RFC 5536 3.1.3)."""
+    core = value.strip()
+    return len(core.encode("utf-8")) <= MAX_MESSAGE_ID and _MSG_ID.fullmatch(core) is not None
+
+
+def _component_ok(component: str) -> bool:
+    return bool(component) and all(
+        (ch.isascii() and (ch.isalnum() or ch in "+-_")) or (not ch.isascii() and ch.isalnum())
+        for ch in component
+    )
+
+
+def newsgroup_problem(name: str, *, followup: bool = False) -> str | None:
+    """Why ``name`` cannot be a group to post to (RFC 5536 3.1.4 and its reserved names), or None.
+
+    ``followup`` allows ``poster``, which Followup-To may name instead of a group.
+    """
+    if followup and name == "poster":
+        return None
+    if not name:
+        return "the newsgroup name is empty"
+    components = name.split(".")
+    if not all(_component_ok(c) for c in components):
+        return (
+            f"'{name}' is not a valid newsgroup name: components separated by single dots,"
+            " each made of letters, digits, '+', '-' and '_' (RFC 5536 3.1.4)"
+        )
+    first = components[0].lower()
+    if name.lower() in ("control", "junk", "poster", "to", "example") or first in (
+        "control",
+        "to",
+        "example",
+    ):
+        return f"'{name}' is a reserved newsgroup name (RFC 5536 3.1.4) and cannot be posted to"
+    for component in components:
+        if component.lower() in ("all", "ctl"):
+            return f"'{name}' has the reserved component '{component}' (RFC 5536 3.1.4)"
+        if component.isdigit():
+            return (
+                f"'{name}' has the all-digit component '{component}', which news servers"
+                " cannot tell from an article number (RFC 5536 3.1.4)"
+            )
+    return None
+
+
+def _group_list(value: Any, option: str) -> list[str]:
+    items: Iterable[Any]
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)):
+        items = [part for item in value for part in str(item).split(",")]
+    else:
+        raise Reject(
+            f"route option '{option}' must be a group name or a list of them",
+            smtp_code=554,
+            enhanced="5.3.5",
+        )
+    return list(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
+
+
+def _checked_groups(value: Any, option: str, *, followup: bool = False) -> list[str]:
+    groups = _group_list(value, option)
+    if not groups:
+        raise Reject(
+            f"route option '{option}' names no newsgroup (a placeholder matched nothing?)",
+            smtp_code=553,
+            enhanced="5.1.3",
+        )
+    for group in groups:
+        problem = newsgroup_problem(group, followup=followup)
+        if problem is not None:
+            raise Reject(problem, smtp_code=553, enhanced="5.1.3")
+    return groups
+
+
+def gateway_name(options: Mapping[str, Any]) -> str:
+    """The gateway's path identity from the route options, or this host's name."""
+    name = str(options.get("gateway") or local_hostname())
+    if not _PATH_IDENTITY.match(name):
+        raise ValueError(
+            f"route option 'gateway' is {name!r}: it must be a host name (letters, digits,"
+            " dots, '-' and '_') because it goes into Path: and Message-IDs"
+        )
+    return name
+
+
+def loop_seen(headers: Headers, gateway: str) -> bool:
+    """Whether this gateway already gated the message (its name is in a loop header)."""
+    wanted = gateway.lower()
+    return any(v.strip().lower() == wanted for v in headers.get_all(LOOP_HEADER))
+
+
+# --- References -----------------------------------------------------------------------
+
+
+def shorten_references(ids: list[str], limit: int = MAX_LINE) -> list[str]:
+    """The ids whose ``References: `` line fits ``limit`` octets (RFC 5537 3.4.4).
+
+    The first id (the thread's start) and the newest ids stay; the oldest
+    after the first are removed until the line fits.
+    """
+
+    def length(kept: list[str]) -> int:
+        return len("References: ") + len(" ".join(kept).encode("utf-8"))
+
+    kept = list(ids)
+    while len(kept) > 2 and length(kept) > limit:
+        del kept[1]
+    if length(kept) > limit and len(kept) == 2:
+        kept = kept[-1:]
+    return kept if length(kept) <= limit else []
+
+
+def _references(headers: Headers) -> Headers:
+    raw = headers.get("References")
+    if raw is None:
+        reply_to = headers.get("In-Reply-To") or ""
+        ids = [i for i in _MSG_ID_ANYWHERE.findall(reply_to) if is_valid_message_id(i)]
+        if not ids:
+            return headers
+        return headers.set("References", " ".join(shorten_references(ids)))
+    ids = [i for i in _MSG_ID_ANYWHERE.findall(raw) if is_valid_message_id(i)]
+    longest_line = max((len(line) for line in _raw_field(headers, "References")), default=0)
+    if len("References: ") + len(" ".join(ids).encode("utf-8")) <= MAX_LINE and (
+        longest_line <= MAX_LINE and len(ids) == len(raw.split())
+    ):
+        return headers
+    kept = shorten_references(ids)
+    if not kept:
+        return headers.remove("References")
+    return headers.set("References", " ".join(kept))
+
+
+def _raw_field(headers: Headers, name: str) -> list[bytes]:
+    wanted = name.lower()
+    lines: list[bytes] = []
+    for key, value in headers:
+        if key.lower() == wanted:
+            parts = value.split(b"\n")
+            lines.append(key.encode("ascii") + b":" + parts[0])
+            lines.extend(parts[1:])
+    return lines
+
+
+# --- Message-ID -----------------------------------------------------------------------
+
+
+def derived_message_id(msg: MailMessage, groups: list[str], gateway: str) -> str:
+    """A Message-ID made from the mail's stable content: the same mail always gets the same one."""
+    digest = hashlib.sha256()
+    for name in _STABLE_FIELDS:
+        for value in msg.headers.get_all(name):
+            digest.update(name.lower().encode() + b":" + value.encode("utf-8") + b"\n")
+    digest.update(b"newsgroups:" + ",".join(groups).encode("utf-8") + b"\n\n")
+    digest.update(msg.body)
+    token = base64.b32encode(digest.digest()[:20]).decode("ascii").rstrip("=").lower()
+    return f"<{token}.mail2news@{gateway}>"
+
+
+# --- the transform --------------------------------------------------------------------
+
+
+@transform("mail_to_news", accepts=[Kind.MAIL], produces=Kind.ARTICLE)
+def mail_to_news(msg: MailMessage, options: Mapping[str, Any]) -> Article | None:
+    gateway = gateway_name(options)
+    if loop_seen(msg.headers, gateway):
+        log.info(
+            "message {id} not gated to news: it carries {header}: {gateway}, so this gateway"
+            " gated it before",
+            id=msg.id,
+            header=LOOP_HEADER,
+            gateway=gateway,
+        )
+        return None
+    if "newsgroups" not in options:
+        raise Reject(
+            "the route sets no 'newsgroups' option, so the mail has no group to go to",
+            smtp_code=554,
+            enhanced="5.3.5",
+        )
+    groups = _checked_groups(options["newsgroups"], "newsgroups")
+    headers = msg.headers
+    for name in _REMOVE:
+        headers = headers.remove(name)
+    headers = Headers(tuple(f for f in headers if not f[0].lower().startswith("nntp-posting-")))
+    for old, new in _RENAME.items():
+        headers = headers.rename(old, new)
+
+    message_id = headers.get("Message-ID")
+    if message_id is None or not is_valid_message_id(message_id):
+        derived = derived_message_id(msg, groups, gateway)
+        if message_id is not None:
+            headers = headers.rename("Message-ID", "X-Original-Message-ID")
+        headers = headers.add("Message-ID", derived)
+    elif len(headers.get_all("Message-ID")) > 1:
+        headers = headers.set("Message-ID", message_id.strip())
+
+    approved = options.get("approved")
+    headers = headers.remove("Approved")
+    if approved:
+        headers = headers.add("Approved", str(approved))
+    headers = headers.remove("Followup-To")
+    if options.get("followup_to"):
+        headers = headers.add(
+            "Followup-To",
+            ",".join(_checked_groups(options["followup_to"], "followup_to", followup=True)),
+        )
+
+    headers = headers.rename("Original-Sender", "X-Original-Original-Sender")
+    headers = headers.rename("Sender", "Original-Sender")
+    headers = headers.add("Sender", str(options.get("sender") or f"mail-to-news@{gateway}"))
+    headers = _references(headers)
+    headers = headers.add("Newsgroups", ",".join(groups))
+    headers = headers.add("Path", f"{gateway}!not-for-mail", first=True)
+    headers = headers.add(LOOP_HEADER, gateway)
+    return Article(
+        id=msg.id,
+        listener=msg.listener,
+        client=msg.client,
+        received=msg.received,
+        headers=headers,
+        body=msg.body,
+    )

@@ -1,0 +1,191 @@
+"""The ``news_to_mail`` transform: an article becomes a mail (outgoing gateway, RFC 5537 3.10).
+
+Route options (placeholders from the route's match are already filled in):
+
+``to`` (required)
+    The address or addresses for ``To:`` (a string, commas separate several,
+    or a list).
+``from``
+    Replaces ``From:``; the article's own From is kept as
+    ``X-Original-From:``.  Without it the article's From stays.
+``envelope_from``
+    The SMTP envelope sender, where bounces go (default: the address in
+    ``from`` if set, else ``news-to-mail@<gateway>``).
+``envelope_to``
+    The SMTP envelope recipients (default: the addresses in ``to``).
+``list_id``
+    Adds ``List-Id:`` (RFC 2919); a bare id like ``group.lists.example.test``
+    is put in angle brackets.
+``list_post``
+    Adds ``List-Post:`` (RFC 2369); a bare address becomes ``<mailto:...>``.
+``gateway``
+    The gateway's name, as for ``mail_to_news`` (default: this host's name).
+
+Kept: ``Message-ID``, ``Date``, ``References``, ``Subject``, ``Newsgroups`` and
+every other field, the body and its encoding.  Removed, because they describe
+the news system's handling and mean nothing (or something wrong) in mail:
+``Path``, ``Xref``, ``Injection-Info``, ``Injection-Date``,
+every ``NNTP-Posting-*``, ``X-Trace``, ``X-Complaints-To``, ``Approved``,
+``Lines``, and the article's ``To`` and ``Cc`` (replaced by the route's ``to``).
+
+Dropped (the transform returns nothing, and the log says why):
+
+* control messages: a ``Control:`` or ``Also-Control:`` field, a Subject
+  starting with ``cmsg `` (the old form), or a post to ``control`` groups;
+  cancels are control messages too;
+* articles that carry ``X-Gateway-Loop: <gateway>``: this gateway made them
+  from mail, so sending them back out as mail would loop.
+
+``X-Gateway-Loop: <gateway>`` is added, so ``mail_to_news`` of this gateway
+never posts the mail back to news.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from email.utils import getaddresses
+from typing import Any
+
+from twisted.logger import Logger
+
+from gateway.message import Article, Headers, Kind, MailMessage
+from gateway.plugins import Reject, transform
+from gateway.transforms.mail_to_news import LOOP_HEADER, gateway_name, loop_seen
+
+__all__ = ["news_to_mail"]
+
+log = Logger(namespace="gateway.transforms.news_to_mail")
+
+_REMOVE = (
+    "Path",
+    "Xref",
+    "Injection-Info",
+    "Injection-Date",
+    "X-Trace",
+    "X-Complaints-To",
+    "Approved",
+    "Lines",
+    "To",
+    "Cc",
+    "Bcc",
+)
+
+
+def _address_list(value: Any, option: str) -> list[str]:
+    """The bare addresses in an option given as a string or a list of strings."""
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, (list, tuple)):
+        items = [str(v) for v in value]
+    else:
+        raise Reject(
+            f"route option '{option}' must be an address or a list of addresses",
+            smtp_code=554,
+            enhanced="5.3.5",
+        )
+    addresses = [addr for _name, addr in getaddresses(items) if addr and "@" in addr]
+    if not addresses:
+        raise Reject(
+            f"route option '{option}' holds no mail address: {value!r}",
+            smtp_code=554,
+            enhanced="5.3.5",
+        )
+    return addresses
+
+
+def _header_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def control_reason(article: Article) -> str | None:
+    """Why ``article`` is a control message, or None when it is an ordinary article."""
+    headers = article.headers
+    for name in ("Control", "Also-Control"):
+        value = headers.get(name)
+        if value is not None:
+            verb = value.split(None, 1)[0].lower() if value.split() else ""
+            return "a cancel" if verb == "cancel" else f"a control message ({name}: {value})"
+    subject = headers.get("Subject") or ""
+    if subject.lower().startswith("cmsg "):
+        return f"a control message (Subject: {subject})"
+    groups = [g.lower() for g in article.newsgroups]
+    if groups and all(g == "control" or g.startswith("control.") for g in groups):
+        return "a post to the control groups"
+    return None
+
+
+@transform("news_to_mail", accepts=[Kind.ARTICLE], produces=Kind.MAIL)
+def news_to_mail(article: Article, options: Mapping[str, Any]) -> MailMessage | None:
+    gateway = gateway_name(options)
+    msgid = article.message_id or ""
+    if loop_seen(article.headers, gateway):
+        log.info(
+            "article {id} {msgid} not gated to mail: it carries {header}: {gateway}, so it came"
+            " from mail through this gateway",
+            id=article.id,
+            msgid=msgid,
+            header=LOOP_HEADER,
+            gateway=gateway,
+        )
+        return None
+    reason = control_reason(article)
+    if reason is not None:
+        log.info(
+            "article {id} {msgid} not gated to mail: it is {reason}",
+            id=article.id,
+            msgid=msgid,
+            reason=reason,
+        )
+        return None
+    if "to" not in options:
+        raise Reject(
+            "the route sets no 'to' option, so the article has no mail recipient",
+            smtp_code=554,
+            enhanced="5.3.5",
+        )
+    to_text = _header_text(options["to"])
+    recipients = (
+        _address_list(options["envelope_to"], "envelope_to")
+        if options.get("envelope_to")
+        else _address_list(options["to"], "to")
+    )
+    headers = article.headers
+    for name in _REMOVE:
+        headers = headers.remove(name)
+    headers = Headers(tuple(f for f in headers if not f[0].lower().startswith("nntp-posting-")))
+    headers = headers.add("To", to_text)
+    from_option = options.get("from")
+    if from_option:
+        headers = headers.rename("From", "X-Original-From")
+        headers = headers.add("From", _header_text(from_option))
+    if options.get("envelope_from"):
+        envelope_from = _address_list(options["envelope_from"], "envelope_from")[0]
+    elif from_option:
+        envelope_from = _address_list(from_option, "from")[0]
+    else:
+        envelope_from = f"news-to-mail@{gateway}"
+    list_id = options.get("list_id")
+    if list_id:
+        text = str(list_id).strip()
+        headers = headers.set("List-Id", text if text.endswith(">") else f"<{text}>")
+    list_post = options.get("list_post")
+    if list_post:
+        text = str(list_post).strip()
+        if not text.startswith("<") and text.upper() != "NO":
+            text = f"<{text if text.lower().startswith('mailto:') else 'mailto:' + text}>"
+        headers = headers.set("List-Post", text)
+    headers = headers.add(LOOP_HEADER, gateway)
+    return MailMessage(
+        id=article.id,
+        listener=article.listener,
+        client=article.client,
+        received=article.received,
+        headers=headers,
+        body=article.body,
+        sender=envelope_from,
+        recipients=tuple(recipients),
+    )
