@@ -3,13 +3,16 @@
 Routes are tried in file order and the first that matches wins, unless it says
 ``continue: true``, in which case later routes may match as well (fan-out).
 Mail is routed per recipient, like an MTA does: recipients that take the same
-route with the same named groups travel together as one copy.
+route with the same named groups travel together as one copy.  A route with a
+transform registered ``one_copy=True`` (``mail_to_news``) takes all its
+recipients in one copy, their option values joined (a crosspost).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from twisted.logger import Logger
@@ -81,6 +84,46 @@ def _search_groups(pattern: Any, value: str, groups: dict[str, str]) -> bool:
     return True
 
 
+def join_option_values(values: Sequence[Any]) -> Any:
+    """One option value for recipients that travel as one copy, from each one's value.
+
+    Equal values stay as they are; differing strings become their distinct
+    values joined with "," in recipient order ("g1,g2"); lists become their
+    distinct items in order; mappings are joined key by key.
+    """
+    first = values[0]
+    if all(v == first for v in values[1:]):
+        return first
+    if all(isinstance(v, Mapping) for v in values):
+        keys = list(dict.fromkeys(k for v in values for k in v))
+        return MappingProxyType(
+            {k: join_option_values([v[k] for v in values if k in v]) for k in keys}
+        )
+    if all(isinstance(v, (tuple, list)) for v in values):
+        items: list[Any] = []
+        for value in values:
+            items.extend(item for item in value if item not in items)
+        return tuple(items)
+    if all(isinstance(v, str) for v in values):
+        return ",".join(dict.fromkeys(values))
+    # Placeholders only ever change strings, so the shapes agree; keep the first if not.
+    return first
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """Recipients of one route that travel as one copy, and their distinct named groups."""
+
+    route: Route
+    groups: tuple[dict[str, str], ...]
+    recipients: tuple[str, ...]
+    one_copy: str | None  # the transform that asked for one copy, if one did
+
+
+# A route and its named groups, or the route alone when all its recipients go as one copy.
+_CopyKey = tuple[int, tuple[tuple[str, str], ...] | None]
+
+
 class Router:
     """Routes of one configuration, indexed by listener; immutable once built."""
 
@@ -149,13 +192,31 @@ class Router:
         probe = MailMessage(listener=listener, client=client, sender=sender, recipients=(rcpt,))
         return bool(self._walk(probe, rcpt, headers=False))
 
+    def _one_copy(self, route: Route) -> str | None:
+        """The first transform of ``route`` registered with ``one_copy=True``, or None."""
+        for name in route.transforms:
+            spec = self.transforms.get(name)
+            if spec is not None and spec.one_copy:
+                return name
+        return None
+
     def match(self, msg: Message) -> list[tuple[Route, dict[str, str], tuple[str, ...]]]:
         """The routes ``msg`` takes: (route, named groups, recipients) in route order.
 
-        Raises NoRoute naming the recipients no route takes.
+        Mail recipients of a route travel as one copy when their named groups
+        are equal, or always when a transform of the route is registered with
+        ``one_copy=True``; the groups of such a copy are the distinct values of
+        each joined with ",".  Raises NoRoute naming the recipients no route takes.
         """
+        return [
+            (c.route, dict(join_option_values(c.groups)), c.recipients)
+            for c in self._copies(msg)
+        ]
+
+    def _copies(self, msg: Message) -> list[_Copy]:
         if isinstance(msg, MailMessage):
-            grouped: dict[tuple[int, tuple[tuple[str, str], ...]], list[str]] = {}
+            grouped: dict[_CopyKey, list[str]] = {}
+            group_sets: dict[_CopyKey, list[dict[str, str]]] = {}
             routes: dict[int, Route] = {}
             unrouted = []
             for rcpt in msg.recipients:
@@ -163,34 +224,55 @@ class Router:
                 if not walked:
                     unrouted.append(rcpt)
                 for route, groups in walked:
-                    key = (id(route), tuple(sorted(groups.items())))
+                    one = self._one_copy(route) is not None
+                    key: _CopyKey = (id(route), None if one else tuple(sorted(groups.items())))
                     routes[id(route)] = route
                     grouped.setdefault(key, []).append(rcpt)
+                    sets = group_sets.setdefault(key, [])
+                    if groups not in sets:
+                        sets.append(groups)
             if unrouted:
                 raise NoRoute(f"no route takes recipient(s) {', '.join(unrouted)}", tuple(unrouted))
             order = {id(r): i for i, r in enumerate(self.routes_for(msg.listener))}
             return [
-                (routes[rid], dict(groups), tuple(rcpts))
-                for (rid, groups), rcpts in sorted(grouped.items(), key=lambda kv: order[kv[0][0]])
+                _Copy(
+                    routes[key[0]],
+                    tuple(dict(g) for g in group_sets[key]),
+                    tuple(rcpts),
+                    self._one_copy(routes[key[0]]),
+                )
+                for key, rcpts in sorted(grouped.items(), key=lambda kv: order[kv[0][0]])
             ]
         walked = self._walk(msg, None)
         if not walked:
             raise NoRoute(f"no route takes this {msg.kind} message from '{msg.listener}'")
-        return [(route, groups, ()) for route, groups in walked]
+        return [_Copy(route, (groups,), (), None) for route, groups in walked]
 
     # --- transforming -----------------------------------------------------------
 
     async def route(self, msg: Message, trace: Trace | None = None) -> list[Routed]:
         """Match, then run each matching route's transforms; raise NoRoute or TransformFailed."""
         out: list[Routed] = []
-        for route, groups, rcpts in self.match(msg):
+        for copy in self._copies(msg):
+            route, rcpts = copy.route, copy.recipients
             current: Message = msg
             if isinstance(msg, MailMessage) and rcpts != msg.recipients:
                 current = msg.with_recipients(rcpts)
-            options = interpolate(route.options, groups)
+            each = [interpolate(route.options, groups) for groups in copy.groups]
+            options = join_option_values(each)
             if trace is not None:
                 detail = f" for {', '.join(rcpts)}" if rcpts else ""
-                trace.add(f"route '{route.name}' matches{detail}; named groups {groups or '{}'}")
+                if copy.one_copy is not None and len(rcpts) > 1:
+                    detail += f" as one copy (transform '{copy.one_copy}')"
+                named = ", ".join(str(g) for g in copy.groups if g) or "{}"
+                trace.add(f"route '{route.name}' matches{detail}; named groups {named}")
+                joined = [
+                    f"{name} {value!r}"
+                    for name, value in options.items()
+                    if len(each) > 1 and any(o.get(name) != value for o in each)
+                ]
+                if joined:
+                    trace.add(f"  options joined for the one copy: {', '.join(joined)}")
             messages = [current]
             for name in route.transforms:
                 messages = await self._apply(route, name, messages, options)

@@ -1,0 +1,581 @@
+"""The ``http`` destination: a reverse proxy with a keep-alive pool per upstream server.
+
+A request from the listener is written to an upstream connection as soon as
+its head is known; the request body follows as it arrives and the response
+body goes back the same way, each direction with back-pressure (a full socket
+buffer on one side pauses reading on the other), so neither body is ever held
+whole in memory.  Upstreams are chosen round-robin or by fewest requests in
+progress; one that cannot be reached is skipped for ``fail_timeout``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer, endpoints
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.config import HttpDestinationConfig, HttpUrl
+from gateway.destination import Outcome
+from gateway.message import Kind, Message
+from gateway.protocols.http.codec import (
+    END,
+    HOP_BY_HOP,
+    Head,
+    ParseError,
+    ResponseReader,
+    chunk,
+)
+from gateway.protocols.http.server import send_now
+
+if TYPE_CHECKING:
+    from gateway.protocols.http.server import Exchange
+
+log = Logger(namespace="gateway.http.proxy")
+
+# Request header fields the proxy sets itself.
+_REPLACED = HOP_BY_HOP | {b"expect", b"x-forwarded-proto", b"host"}
+
+
+class UpstreamConnection(TwistedProtocol):
+    """One connection to an upstream server; carries one request at a time."""
+
+    transport: Any
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.reader = ResponseReader()
+        self.call: ProxyCall | None = None
+        self.closed = False
+        self.reused = False
+        self.since = 0.0  # last activity, for the timeout sweeper
+
+    def connectionMade(self) -> None:
+        self.upstream.connections += 1
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        call = self.call
+        if call is None:
+            # An idle connection has nothing to say; whatever it is, do not reuse it.
+            self.close()
+            return
+        self.since = self.upstream.clock()
+        self.reader.receive(data)
+        call.upstream_ready()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
+        self.upstream.connections -= 1
+        self.upstream.forget(self)
+        call, self.call = self.call, None
+        if call is not None:
+            self.reader.receive_eof()
+            call.upstream_lost(self, reason)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.upstream.forget(self)
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.upstream.forget(self)
+            self.transport.abortConnection()
+
+    # IPushProducer for the client's connection: a slow client pauses the upstream.
+    def pauseProducing(self) -> None:
+        if not self.closed:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self.closed:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.abort()
+
+
+class Upstream:
+    """One upstream server: its address, its idle connections, its health."""
+
+    def __init__(self, url: HttpUrl, proxy: HttpProxyDestination) -> None:
+        self.url = url
+        self.proxy = proxy
+        self.clock = proxy.clock
+        self.idle: list[UpstreamConnection] = []
+        self.active = 0  # requests in progress
+        self.connections = 0
+        self.failed_until = 0.0
+        self.prefix = url.path.encode()
+        default = 443 if url.scheme == "https" else 80
+        host = url.host if ":" not in url.host else f"[{url.host}]"
+        self.authority = (host if url.port == default else f"{host}:{url.port}").encode()
+        self._factory = Factory.forProtocol(lambda: UpstreamConnection(self))
+        self._factory.noisy = False
+        self.endpoint = self._endpoint(proxy.config, proxy.reactor)
+
+    def _endpoint(self, config: HttpDestinationConfig, reactor: Any) -> Any:
+        url = self.url
+        timeout = float(config.connect_timeout)
+        try:
+            address = ipaddress.ip_address(url.host)
+        except ValueError:
+            address = None
+        if address is None:
+            ep: Any = endpoints.HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
+        elif address.version == 6:
+            ep = endpoints.TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
+                reactor, url.host, url.port, timeout=timeout
+            )
+        else:
+            ep = endpoints.TCP4ClientEndpoint(reactor, url.host, url.port, timeout=timeout)
+        if url.scheme == "https":
+            from twisted.internet import ssl
+
+            if not config.verify:
+                options: Any = ssl.CertificateOptions(verify=False)
+            else:
+                trust = None
+                if config.ca is not None:
+                    with open(config.ca, "rb") as f:
+                        trust = ssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
+                            [ssl.Certificate.loadPEM(f.read())]
+                        )
+                options = ssl.optionsForClientTLS(url.host, trustRoot=trust)
+            ep = endpoints.wrapClientTLS(options, ep)
+        return ep
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.failed_until <= self.clock())
+
+    def connect(self) -> defer.Deferred[UpstreamConnection]:
+        d: defer.Deferred[UpstreamConnection] = self.endpoint.connect(self._factory)
+        return d
+
+    def take_idle(self) -> UpstreamConnection | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if conn.closed:
+            return
+        if len(self.idle) >= self.proxy.config.keepalive or self.proxy.closed:
+            conn.close()
+            return
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def failed(self, why: str) -> None:
+        timeout = float(self.proxy.config.fail_timeout)
+        if self.healthy:
+            log.warn(
+                "upstream {url} of {destination} failed ({why}); skipped for {seconds}s",
+                url=self.url,
+                destination=self.proxy.name,
+                why=why,
+                seconds=timeout,
+            )
+        self.failed_until = self.clock() + timeout
+
+
+class ProxyCall:
+    """One request on its way through the proxy: client exchange <-> upstream connection."""
+
+    def __init__(self, proxy: HttpProxyDestination, exchange: Exchange, route: str) -> None:
+        self.proxy = proxy
+        self.exchange = exchange
+        self.route = route
+        self.conn: UpstreamConnection | None = None
+        self.upstream: Upstream | None = None
+        self.tried: list[Upstream] = []
+        self.sent_body = False  # some of the request body went to an upstream
+        self.request_done = False
+        self.response: Head | None = None
+        self.finished = False
+        self.retried = False
+        self.last_error = ""
+        self.producing = False
+        self._chunked_up = exchange.head.chunked
+        exchange.on_lost = self.client_lost
+
+    # --- choosing an upstream and connecting ------------------------------------------
+
+    def start(self) -> None:
+        upstream = self.proxy.choose(self.tried)
+        if upstream is None:
+            self.fail(502, self.last_error or "no upstream server is left to try")
+            return
+        self.tried.append(upstream)
+        self.upstream = upstream
+        upstream.active += 1
+        conn = upstream.take_idle()
+        if conn is not None:
+            self.attach(conn)
+            return
+        d = upstream.connect()
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, conn: UpstreamConnection) -> None:
+        if self.finished:
+            # The client went away meanwhile: keep the fresh connection for the next one.
+            if self.upstream is not None:
+                self.upstream.active -= 1
+            conn.upstream.release(conn)
+            return
+        self.attach(conn)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        upstream.active -= 1
+        self.last_error = f"cannot connect to {upstream.url}: {failure.getErrorMessage()}"
+        upstream.failed(self.last_error)
+        if self.finished:
+            return
+        self.start()  # the next upstream, if one is left
+
+    def attach(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.call = self
+        conn.since = self.proxy.clock()
+        conn.reader.expect(self.exchange.head.method)
+        self.proxy.busy.add(conn)
+        send_now(conn.transport, self.proxy.request_head(self.exchange, self.upstream))
+        exchange = self.exchange
+        if exchange.body_done:
+            self.request_done = True
+        else:
+            conn.transport.registerProducer(self, True)
+            exchange.read_body(self)
+
+    # --- the request body, client -> upstream ------------------------------------------
+
+    def body_data(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        self.sent_body = True
+        conn.since = self.proxy.clock()
+        send_now(conn.transport, chunk(data) if self._chunked_up else data)
+
+    def body_end(self) -> None:
+        self.request_done = True
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        if self._chunked_up:
+            send_now(conn.transport, b"0\r\n\r\n")
+        conn.transport.unregisterProducer()
+
+    # IPushProducer for the upstream connection: a slow upstream pauses the client.
+    def pauseProducing(self) -> None:
+        self.exchange.pause_body()
+
+    def resumeProducing(self) -> None:
+        self.exchange.resume_body()
+
+    def stopProducing(self) -> None:
+        self.client_lost()
+
+    # --- the response, upstream -> client ------------------------------------------------
+
+    def upstream_ready(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        reader = conn.reader
+        exchange = self.exchange
+        exchange.cork()
+        try:
+            while self.conn is conn:
+                event = reader.next_event()
+                if event is None:
+                    if self.response is not None and not self.producing:
+                        # More of the body to come: a slow client must pause the upstream.
+                        self.producing = True
+                        exchange.producer(conn)
+                    break
+                if event is END:
+                    self._response_done(conn)
+                    return
+                if isinstance(event, Head):
+                    if event.status < 200:
+                        continue  # 100 Continue and friends: the gateway sent its own
+                    self._response_head(event)
+                else:
+                    assert isinstance(event, bytes)
+                    exchange.write(event)
+        except ParseError as exc:
+            exchange.flush()
+            self.upstream_broken(conn, exc.reason)
+            return
+        exchange.flush()
+
+    def _response_head(self, head: Head) -> None:
+        self.response = head
+        exchange = self.exchange
+        drop = _REPLACED_RESPONSE | head.connection_tokens
+        headers = [(n, v) for n, v in head.headers if n.lower() not in drop]
+        length: int | None = head.length if head.length >= 0 else None
+        exchange.start_raw(head.status, head.reason or b"-", headers, length)
+
+    def _response_done(self, conn: UpstreamConnection) -> None:
+        response = self.response
+        reuse = (
+            response is not None
+            and response.keep_alive
+            and self.request_done
+            and conn.reader.idle
+        )
+        self.upstream_release(conn, reuse=reuse)
+        self.finished = True
+        self.exchange.finish()
+
+    def upstream_release(self, conn: UpstreamConnection, *, reuse: bool) -> None:
+        conn.call = None
+        self.proxy.busy.discard(conn)
+        if self.conn is conn:
+            self.conn = None
+            upstream = self.upstream
+            if upstream is not None:
+                upstream.active -= 1
+        if reuse:
+            if not self.request_done:
+                conn.abort()
+            else:
+                if self.producing:
+                    # A slow client may have paused it just as the response ended.
+                    conn.transport.resumeProducing()
+                conn.upstream.release(conn)
+        else:
+            conn.close()
+
+    def upstream_lost(self, conn: UpstreamConnection, reason: Failure) -> None:
+        if self.conn is not conn:
+            return
+        # A close-delimited response ends here.
+        if self.response is not None and self.response.length == -2:
+            try:
+                while True:
+                    event = conn.reader.next_event()
+                    if event is None or event is END:
+                        break
+                    if isinstance(event, bytes):
+                        self.exchange.write(event)
+            except ParseError:
+                pass
+            else:
+                self.upstream_release(conn, reuse=False)
+                self.finished = True
+                self.exchange.finish()
+                return
+        self.upstream_broken(conn, f"connection lost: {reason.getErrorMessage()}")
+
+    def upstream_broken(self, conn: UpstreamConnection, why: str) -> None:
+        """The upstream connection failed or talked nonsense during this call."""
+        stale = conn.reused and self.response is None and not self.sent_body and not self.retried
+        self.upstream_release(conn, reuse=False)
+        if self.finished:
+            return
+        if stale:
+            # A kept-alive connection the server had closed: try once more on a new one.
+            self.retried = True
+            upstream = self.upstream
+            assert upstream is not None
+            self.tried.remove(upstream)
+            self.start()
+            return
+        if self.upstream is not None and self.response is None:
+            self.upstream.failed(why)
+        self.fail(502, f"the upstream server failed: {why}")
+
+    def timed_out(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        self.upstream_release(conn, reuse=False)
+        if self.upstream is not None and self.response is None:
+            self.upstream.failed("no answer in time")
+        self.fail(504, "the upstream server did not answer in time")
+
+    # --- ending -------------------------------------------------------------------------
+
+    def fail(self, status: int, why: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        conn = self.conn
+        if conn is not None:
+            self.upstream_release(conn, reuse=False)
+        exchange = self.exchange
+        if exchange.closed or exchange.responded:
+            return
+        if exchange.started:
+            exchange.abort()
+            return
+        log.info(
+            "route {route}: {status} for {method} {target}: {why}",
+            route=self.route,
+            status=status,
+            method=exchange.head.method.decode("latin-1"),
+            target=exchange.head.target.decode("latin-1")[:200],
+            why=why,
+        )
+        exchange.error(status, f"{status} from the gateway, route '{self.route}': {why}")
+
+    def client_lost(self) -> None:
+        self.finished = True
+        conn = self.conn
+        if conn is not None:
+            self.upstream_release(conn, reuse=False)
+
+
+_REPLACED_RESPONSE = HOP_BY_HOP
+
+
+class HttpProxyDestination:
+    """The running ``http`` destination."""
+
+    kinds = frozenset({Kind.HTTP})
+
+    def __init__(self, config: HttpDestinationConfig, reactor: Any) -> None:
+        self.config = config
+        self.name = config.name
+        self.reactor = reactor
+        self.clock = reactor.seconds
+        self.closed = False
+        self.upstreams = [Upstream(url, self) for url in config.url]
+        self._next = 0
+        self.busy: set[UpstreamConnection] = set()
+        self.timeout = float(config.timeout)
+        self.strip = config.strip_prefix.encode()
+        self.rewrite_host = config.host == "upstream"
+        self._sweeper: LoopingCall | None = None
+
+    # --- what the listener calls -----------------------------------------------------
+
+    def proxy(self, exchange: Exchange, route: str) -> None:
+        """Forward one request; the exchange is answered when the upstream answers."""
+        if self._sweeper is None and not self.closed:
+            self._sweeper = LoopingCall(self._sweep)
+            self._sweeper.clock = self.reactor
+            self._sweeper.start(min(0.5, self.timeout / 4), now=False)
+        ProxyCall(self, exchange, route).start()
+
+    def choose(self, tried: list[Upstream]) -> Upstream | None:
+        upstreams = self.upstreams
+        count = len(upstreams)
+        fresh = [u for u in upstreams if u not in tried] if tried else upstreams
+        if not fresh:
+            return None
+        live = [u for u in fresh if u.healthy]
+        if not live:
+            # Every upstream failed lately; trying one beats refusing outright.
+            live = [min(fresh, key=lambda u: u.failed_until)]
+        if self.config.balance == "least-connections":
+            start = self._next % count
+            self._next += 1
+            order = {id(u): (i - start) % count for i, u in enumerate(upstreams)}
+            return min(live, key=lambda u: (u.active, order[id(u)]))
+        if len(live) == 1:
+            return live[0]
+        for _ in range(count):
+            candidate = upstreams[self._next % count]
+            self._next += 1
+            if candidate in live:
+                return candidate
+        return live[0]
+
+    def request_head(self, exchange: Exchange, upstream: Upstream | None) -> bytes:
+        head = exchange.head
+        assert upstream is not None
+        target = head.target
+        host = head.host
+        if target[:1] != b"/":
+            if target.startswith((b"http://", b"https://")):
+                rest = target.split(b"//", 1)[1]
+                slash = rest.find(b"/")
+                authority, target = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+                host = host or authority
+            elif target == b"*":
+                target = b"*"
+        strip = self.strip
+        if strip and target.startswith(strip):
+            target = target[len(strip) :]
+            if target[:1] != b"/":
+                target = b"/" + target
+        if upstream.prefix and target != b"*":
+            target = upstream.prefix + target
+        drop = _REPLACED | head.connection_tokens
+        lines = [head.method + b" " + target + b" HTTP/1.1"]
+        forwarded_for = b""
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower in drop:
+                continue
+            if lower == b"x-forwarded-for":
+                forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+                continue
+            lines.append(name + b": " + value)
+        client = exchange.client.encode()
+        lines.append(b"Host: " + (upstream.authority if self.rewrite_host or not host else host))
+        lines.append(
+            b"X-Forwarded-For: " + (forwarded_for + b", " + client if forwarded_for else client)
+        )
+        lines.append(b"X-Forwarded-Proto: " + exchange.scheme)
+        node = b'"[' + client + b']"' if b":" in client else client
+        element = b"for=" + node + b";proto=" + exchange.scheme
+        if host:
+            element += b';host="' + host.replace(b'"', b"").replace(b"\\", b"") + b'"'
+        lines.append(b"Forwarded: " + element)
+        if head.chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def _sweep(self) -> None:
+        now = self.clock()
+        limit = self.timeout
+        for conn in list(self.busy):
+            if now - conn.since > limit and conn.call is not None:
+                conn.call.timed_out()
+        if self.closed and not self.busy and self._sweeper is not None:
+            # Retired by a reload: the last request it carried is done.
+            self._sweeper.stop()
+            self._sweeper = None
+
+    # --- the Destination protocol ---------------------------------------------------------
+
+    async def deliver(self, message: Message) -> Outcome:
+        return Outcome.permanent(
+            f"destination '{self.name}' is a reverse proxy: it answers requests from an http"
+            " listener and does not take spooled messages"
+        )
+
+    async def close(self) -> None:
+        self.closed = True
+        if not self.busy and self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+            self._sweeper = None
+        for upstream in self.upstreams:
+            for conn in list(upstream.idle):
+                conn.close()

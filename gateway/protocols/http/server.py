@@ -1,0 +1,529 @@
+"""The Twisted shell of the HTTP/1.1 server: moves bytes between a connection and the codec.
+
+One request is handled at a time per connection (pipelined requests wait in
+the buffer).  The request body is handed on as it arrives, with back-pressure,
+so a proxied upload never sits whole in memory.  The handler (the listener)
+decides everything; this module only frames.  Timeouts are checked by a
+sweeper every half second rather than a timer per request, which keeps the
+per-request cost low.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet import interfaces, tcp
+from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from gateway.protocols.http.codec import END, Head, ParseError, RequestReader, chunk, response_head
+
+log = Logger(namespace="gateway.http.server")
+
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+# Bytes of unread request data kept before the connection stops reading.
+_READ_AHEAD = 256 * 1024
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    """Write ``data``, straight to the socket when nothing is queued before it.
+
+    Twisted's ``write`` queues and sends on the reactor's next turn, which costs
+    a write event and two epoll changes per write; most proxied requests and
+    responses fit the socket's buffer at once.  Only plain TCP connections are
+    written this way (a TLS transport encrypts in ``write``); whatever the socket
+    does not take goes through ``write`` as usual, producers and all.  Relies on
+    Twisted's ``FileDescriptor`` buffer attributes.
+    """
+    if (
+        type(transport) in _PLAIN_TCP
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+        and transport.connected
+        and not transport.disconnecting
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # write() meets the error again and handles it
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+def closing_response(
+    status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> bytes:
+    """A whole plain-text response after which the connection closes."""
+    headers = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", b"%d" % len(body)),
+        (b"Connection", b"close"),
+        *(extra or []),
+    ]
+    return response_head(status, headers) + body
+
+
+class BodySink(Protocol):
+    """Where a request body goes as it arrives."""
+
+    def body_data(self, data: bytes) -> None: ...
+
+    def body_end(self) -> None: ...
+
+
+class Handler(Protocol):
+    """Decides what each request gets (the listener)."""
+
+    def handle(self, exchange: Exchange) -> None: ...
+
+
+class Exchange:
+    """One request and its response on a server connection."""
+
+    __slots__ = (
+        "_chunked",
+        "_close",
+        "_out",
+        "_sink",
+        "body_done",
+        "body_read",
+        "client",
+        "head",
+        "http10",
+        "on_lost",
+        "protocol",
+        "responded",
+        "scheme",
+        "started",
+    )
+
+    def __init__(self, protocol: HttpServerProtocol, head: Head) -> None:
+        self.protocol = protocol
+        self.head = head
+        self.client = protocol.client
+        self.scheme = protocol.scheme
+        self.http10 = head.version == b"HTTP/1.0"
+        self._sink: BodySink | None = None
+        # Called when the client goes away before the response is complete.
+        self.on_lost: Callable[[], None] | None = None
+        self.body_done = head.length == 0
+        self.body_read = 0
+        self.started = False  # the response head is written
+        self.responded = False  # the response is complete
+        self._chunked = False
+        self._close = not head.keep_alive
+        # While not None, writes are collected here and sent together by flush().
+        self._out: list[bytes] | None = None
+
+    # --- the request body -------------------------------------------------------
+
+    def read_body(self, sink: BodySink) -> None:
+        """Hand the body to ``sink`` from now on (the rest of it, as it arrives)."""
+        self._sink = sink
+        if self.head.expect_continue and not self.body_done and not self.started:
+            self.protocol.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.protocol.pump()
+
+    def pause_body(self) -> None:
+        self.protocol.pause_reading("body")
+
+    def resume_body(self) -> None:
+        self.protocol.resume_reading("body")
+
+    # --- the response -------------------------------------------------------------
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        """Write the response head; ``length`` None means the length is not known."""
+        self.start_raw(status, b"", headers, length)
+
+    def start_raw(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None
+    ) -> None:
+        if self.protocol.closing:
+            self._close = True
+        if length is None and self.head.method != b"HEAD" and status not in (204, 304):
+            if self.http10:
+                self._close = True
+            else:
+                self._chunked = True
+                headers.append((b"Transfer-Encoding", b"chunked"))
+        if not self.body_done:
+            # The rest of the request body would have to be read and thrown away;
+            # closing afterwards is simpler and safe.
+            self._close = True
+        if self._close:
+            headers.append((b"Connection", b"close"))
+        elif self.http10:
+            headers.append((b"Connection", b"keep-alive"))
+        if reason:
+            line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+            data = line + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n"
+        else:
+            data = response_head(status, headers)
+        self.started = True
+        self._emit(data)
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._emit(chunk(data) if self._chunked else data)
+
+    def _emit(self, data: bytes) -> None:
+        if self._out is not None:
+            self._out.append(data)
+        else:
+            send_now(self.protocol.transport, data)
+
+    def close_after(self) -> None:
+        """Close the connection once this response is sent."""
+        self._close = True
+
+    def cork(self) -> None:
+        """Collect what is written until flush(), to send it in one piece."""
+        if self._out is None:
+            self._out = []
+
+    def flush(self) -> None:
+        out, self._out = self._out, None
+        if out:
+            send_now(self.protocol.transport, b"".join(out) if len(out) > 1 else out[0])
+
+    def finish(self) -> None:
+        if self.responded:
+            return
+        if self._chunked:
+            self._emit(b"0\r\n\r\n")
+        self.flush()
+        self.responded = True
+        self.protocol.exchange_done(self, self._close)
+
+    def respond(
+        self, status: int, body: bytes, content_type: bytes = b"text/plain; charset=utf-8",
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:  # fmt: skip
+        """A whole small response at once."""
+        if self.started:
+            self.abort()
+            return
+        headers = [(b"Content-Type", content_type), (b"Content-Length", b"%d" % len(body))]
+        if extra:
+            headers.extend(extra)
+        self.start(status, headers, len(body))
+        if self.head.method != b"HEAD":
+            self.write(body)
+        self.finish()
+
+    def error(self, status: int, text: str) -> None:
+        """A short plain-text error answer."""
+        self.respond(status, text.encode("utf-8", "replace") + b"\n")
+
+    def json(self, status: int, value: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        body = json.dumps(value).encode() + b"\n"
+        self.respond(status, body, b"application/json", extra)
+
+    def abort(self) -> None:
+        """Give up on this exchange: the connection is dropped."""
+        self._out = None
+        self.responded = True
+        self.protocol.abort()
+
+    @property
+    def closed(self) -> bool:
+        return self.protocol.closed
+
+    def producer(self, producer: Any) -> None:
+        """Register (or with None, unregister) what feeds the response, for back-pressure."""
+        transport = self.protocol.transport
+        if producer is None:
+            if self.protocol.producing:
+                self.protocol.producing = False
+                transport.unregisterProducer()
+        elif not self.protocol.closed:
+            self.protocol.producing = True
+            transport.registerProducer(producer, True)
+
+    # --- called by the protocol -------------------------------------------------------
+
+    def _deliver(self, data: bytes | None) -> None:
+        sink = self._sink
+        assert sink is not None
+        if data is None:
+            self.body_done = True
+            sink.body_end()
+        else:
+            self.body_read += len(data)
+            if self.body_read > self.protocol.factory.max_body:
+                raise ParseError(
+                    413, f"the request body is larger than {self.protocol.factory.max_body} bytes"
+                )
+            sink.body_data(data)
+
+
+class HttpServerProtocol(TwistedProtocol):
+    """One client connection."""
+
+    transport: Any
+
+    def __init__(self, factory: HttpServerFactory) -> None:
+        self.factory = factory
+        self.reader = RequestReader(factory.max_header_size)
+        self.exchange: Exchange | None = None
+        self.client = ""
+        self.scheme = b"http"
+        self.closed = False
+        self.closing = False
+        self.producing = False
+        self._paused: set[str] = set()
+        self._pumping = False
+        # The sweeper closes the connection when now - since > limit.
+        self.since = 0.0
+        self.limit = 0.0
+        self.timeout_status = 408
+        self._alpn_checked = False
+        self._h2: Any = None  # twisted.web's H2Connection, when ALPN chose h2
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        peer = self.transport.getPeer()
+        self.client = getattr(peer, "host", "") or ""
+        if interfaces.ISSLTransport.providedBy(self.transport):
+            self.scheme = b"https"
+        factory.connections.add(self)
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+        self._wait(factory.idle_timeout, 0)
+        if len(factory.connections) > factory.max_connections:
+            self.closing = True
+            self.transport.write(
+                closing_response(503, b"too many connections\n", [(b"Retry-After", b"1")])
+            )
+            self.transport.loseConnection()
+            self.closed = True
+
+    def _wait(self, limit: float, status: int) -> None:
+        self.since = self.factory.clock()
+        self.limit = limit
+        self.timeout_status = status
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._h2 is not None:
+            self._h2.dataReceived(data)
+            return
+        if self.closed:
+            return
+        if not self._alpn_checked:
+            self._alpn_checked = True
+            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                from gateway.protocols.http import h2
+
+                self.limit = 0.0  # HTTP/2 keeps its own idle timeout
+                self._h2 = h2.switch(self, data)
+                return
+        self.reader.receive(data)
+        if self.exchange is None and self.timeout_status != 408:
+            # The first bytes of a request: the whole header must come within the limit,
+            # however slowly it trickles in.
+            self._wait(self.factory.header_timeout, 408)
+        self.pump()
+
+    def pump(self) -> None:
+        """Move events from the codec to the exchange for as long as it can take them."""
+        if self._pumping or self.closed:
+            return
+        self._pumping = True
+        try:
+            self._pump()
+        except ParseError as exc:
+            self._bad(exc)
+        except Exception:
+            log.failure("HTTP request handling failed")
+            if self.exchange is not None and not self.exchange.started:
+                self.exchange.error(500, "internal error in the gateway")
+            self.abort()
+        finally:
+            self._pumping = False
+
+    def _pump(self) -> None:
+        reader = self.reader
+        while not self.closed:
+            exchange = self.exchange
+            if exchange is None:
+                event = reader.next_event()
+                if event is None:
+                    break
+                assert isinstance(event, Head)
+                exchange = self.exchange = Exchange(self, event)
+                if exchange.body_done:
+                    # A request without a body: its END is next; take it now.
+                    reader.next_event()
+                # No clock while the handler works: the upstream's timeout covers that.
+                self.limit = 0.0
+                self.factory.handler.handle(exchange)
+                continue
+            if exchange.body_done or exchange._sink is None or "body" in self._paused:
+                if reader.buffered > _READ_AHEAD:
+                    self.pause_reading("full")
+                break
+            event = reader.next_event()
+            if event is None:
+                if not self.closed:
+                    self._wait(self.factory.idle_timeout, 408)
+                break
+            if "full" in self._paused and reader.buffered < _READ_AHEAD:
+                self.resume_reading("full")
+            if event is END:
+                self.limit = 0.0
+                exchange._deliver(None)
+            else:
+                assert isinstance(event, bytes)
+                exchange._deliver(event)
+
+    def _bad(self, exc: ParseError) -> None:
+        exchange = self.exchange
+        log.info(
+            "bad request from {client}: {reason} ({status})",
+            client=self.client,
+            reason=exc.reason,
+            status=exc.status,
+        )
+        self.closing = True
+        if exchange is None or not exchange.started:
+            if exchange is not None:
+                exchange.responded = True
+            body = exc.reason.encode("utf-8", "replace") + b"\n"
+            self.transport.write(closing_response(exc.status, body))
+            self._close()
+        else:
+            self.abort()
+        if exchange is not None and not exchange.body_done:
+            exchange.body_done = True
+            if exchange.on_lost is not None:
+                exchange.on_lost()
+
+    def exchange_done(self, exchange: Exchange, close: bool) -> None:
+        if exchange is not self.exchange:
+            return
+        self.exchange = None
+        if self.producing:
+            self.producing = False
+            self.transport.unregisterProducer()
+        if close or self.closing:
+            self._close()
+            return
+        if self._paused:
+            self._paused.clear()
+            self.transport.resumeProducing()
+        self._wait(self.factory.idle_timeout, 0)
+        if self.reader.buffered:
+            self.pump()
+
+    def pause_reading(self, why: str) -> None:
+        if not self._paused and not self.closed:
+            self.transport.pauseProducing()
+        self._paused.add(why)
+
+    def resume_reading(self, why: str) -> None:
+        if why not in self._paused:
+            return
+        self._paused.discard(why)
+        if not self._paused and not self.closed:
+            self.transport.resumeProducing()
+            if why == "body":
+                self.pump()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.abortConnection()
+
+    def timed_out(self) -> None:
+        """Called by the sweeper."""
+        exchange = self.exchange
+        if self.timeout_status and (exchange is None or not exchange.started):
+            what = "request header" if exchange is None else "request body"
+            self._bad(ParseError(408, f"the {what} did not arrive in time"))
+        else:
+            self._close()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._h2 is not None:
+            self._h2.connectionLost(reason)
+        self.closed = True
+        self.factory.connections.discard(self)
+        exchange, self.exchange = self.exchange, None
+        self.reader.receive_eof()
+        if exchange is not None and not exchange.responded:
+            exchange.responded = True
+            if exchange.on_lost is not None:
+                exchange.on_lost()
+
+
+@implementer(IProtocolNegotiationFactory)
+class HttpServerFactory(Factory):
+    """Builds connections for one HTTP listener; the handler decides what each request gets.
+
+    On TLS endpoints it offers ``h2`` (when the h2 package is installed) and
+    ``http/1.1`` by ALPN.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        handler: Handler,
+        reactor: Any,
+        *,
+        max_header_size: int = 16 * 1024,
+        header_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
+        max_connections: int = 1000,
+        max_body: int = 10 * 1024 * 1024,
+    ) -> None:
+        self.handler = handler
+        self.reactor = reactor
+        self.clock = reactor.seconds
+        self.max_header_size = max_header_size
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_body = max_body
+        self.connections: set[HttpServerProtocol] = set()
+        self._sweeper: LoopingCall | None = None
+
+    def buildProtocol(self, addr: Any) -> HttpServerProtocol:
+        if self._sweeper is None:
+            self._sweeper = LoopingCall(self.sweep)
+            self._sweeper.clock = self.reactor
+            self._sweeper.start(0.5, now=False)
+        return HttpServerProtocol(self)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        from gateway.protocols.http import h2
+
+        return [b"h2", b"http/1.1"] if h2.AVAILABLE else [b"http/1.1"]
+
+    def sweep(self) -> None:
+        now = self.clock()
+        for protocol in list(self.connections):
+            if protocol.limit and now - protocol.since > protocol.limit:
+                protocol.timed_out()
+
+    def stop(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None

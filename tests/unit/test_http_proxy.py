@@ -1,0 +1,194 @@
+"""The reverse proxy in memory: both connections are StringTransports on a MemoryReactorClock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from gateway.config import Duration, HttpDestinationConfig, HttpUrl
+from gateway.protocols.http.proxy import HttpProxyDestination
+from gateway.protocols.http.server import Exchange, HttpServerFactory, HttpServerProtocol
+
+
+class Harness:
+    def __init__(self, *urls: str, **options: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        config = HttpDestinationConfig(
+            name="app", url=tuple(HttpUrl.parse(u) for u in urls), **options
+        )
+        self.proxy = HttpProxyDestination(config, self.reactor)
+        self.factory = HttpServerFactory(self, self.reactor)
+        self.upstreams: list[tuple[Any, StringTransport]] = []
+        self.connects = 0
+
+    def handle(self, exchange: Exchange) -> None:
+        self.proxy.proxy(exchange, "to-app")
+
+    def client(self) -> tuple[HttpServerProtocol, StringTransport]:
+        protocol = self.factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 5555))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def accept(self, index: int = -1) -> tuple[Any, StringTransport]:
+        """Complete the proxy's latest connection attempt (to the upstream at ``index``)."""
+        host, port, factory, _timeout, _bind = self.reactor.tcpClients[index]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        protocol.makeConnection(transport)
+        self.upstreams.append((protocol, transport))
+        return protocol, transport
+
+    def refuse(self, index: int = -1) -> None:
+        _host, _port, factory, _timeout, _bind = self.reactor.tcpClients[index]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+
+
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\nX-App: 1\r\n\r\nhello"
+
+
+def test_request_and_response_headers_and_connection_reuse() -> None:
+    h = Harness("http://127.0.0.1:8081/base")
+    client, out = h.client()
+    client.dataReceived(
+        b"GET /x?y=1 HTTP/1.1\r\nHost: www.example.test\r\nConnection: keep-alive, X-Secret\r\n"
+        b"X-Secret: 1\r\nTE: trailers\r\nX-Forwarded-For: 203.0.113.9\r\nUpgrade: h2c\r\n"
+        b"Proxy-Authorization: Basic eA==\r\nAccept: */*\r\n\r\n"
+    )
+    upstream, wire = h.accept()
+    sent = wire.value()
+    head, _, _ = sent.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"GET /base/x?y=1 HTTP/1.1"
+    fields = dict(line.split(b": ", 1) for line in lines[1:])
+    assert fields[b"Host"] == b"www.example.test"
+    assert fields[b"X-Forwarded-For"] == b"203.0.113.9, 192.0.2.10"
+    assert fields[b"X-Forwarded-Proto"] == b"http"
+    assert fields[b"Forwarded"] == b'for=192.0.2.10;proto=http;host="www.example.test"'
+    assert fields[b"Accept"] == b"*/*"
+    for hop in (b"Connection", b"X-Secret", b"TE", b"Upgrade", b"Proxy-Authorization"):
+        assert hop not in fields
+    upstream.dataReceived(RESPONSE)
+    answer = out.value()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nhello")
+    assert b"Keep-Alive" not in answer and b"X-App: 1" in answer
+    # The upstream connection went back to the pool: the next request uses it.
+    out.clear()
+    wire.clear()
+    client.dataReceived(b"GET /two HTTP/1.1\r\nHost: www.example.test\r\n\r\n")
+    assert len(h.reactor.tcpClients) == 1
+    assert wire.value().startswith(b"GET /base/two HTTP/1.1\r\n")
+    upstream.dataReceived(RESPONSE)
+    assert out.value().endswith(b"hello")
+
+
+def test_a_close_delimited_response_becomes_chunked_and_the_connection_is_not_kept() -> None:
+    h = Harness("http://127.0.0.1:8081", host="upstream")
+    client, out = h.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: www.example.test\r\n\r\n")
+    upstream, wire = h.accept()
+    assert b"\r\nHost: 127.0.0.1:8081\r\n" in wire.value()  # host: upstream
+    upstream.dataReceived(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nsome ")
+    upstream.dataReceived(b"text")
+    upstream.connectionLost(Failure(ConnectionError()))
+    answer = out.value()
+    assert b"Transfer-Encoding: chunked" in answer
+    assert answer.endswith(b"5\r\nsome \r\n4\r\ntext\r\n0\r\n\r\n")
+    assert not h.proxy.upstreams[0].idle
+    assert not out.disconnecting  # the client's connection stays open
+
+
+def test_streamed_chunked_upload_and_interim_responses() -> None:
+    h = Harness("http://127.0.0.1:8081")
+    client, out = h.client()
+    client.dataReceived(
+        b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+    )
+    upstream, wire = h.accept()
+    assert out.value() == b"HTTP/1.1 100 Continue\r\n\r\n"  # once the upstream is there
+    assert b"Transfer-Encoding: chunked" in wire.value() and b"Expect" not in wire.value()
+    client.dataReceived(b"3\r\nabc\r\n")
+    assert wire.value().endswith(b"\r\n\r\n3\r\nabc\r\n")  # sent on before the body ends
+    client.dataReceived(b"0\r\n\r\n")
+    assert wire.value().endswith(b"3\r\nabc\r\n0\r\n\r\n")
+    upstream.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert out.value().count(b"100 Continue") == 1
+    assert b"HTTP/1.1 201 Created" in out.value()
+
+
+def test_no_answer_in_time_is_504_and_the_upstream_is_skipped() -> None:
+    h = Harness("http://127.0.0.1:8081", "http://127.0.0.1:8082", timeout=Duration(5))
+    client, out = h.client()
+    client.dataReceived(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+    h.accept()
+    h.reactor.advance(4.5)
+    assert out.value() == b""
+    h.reactor.advance(1.5)
+    assert out.value().startswith(b"HTTP/1.1 504 ")
+    assert b"to-app" in out.value()
+    assert not h.proxy.upstreams[0].healthy
+    # The next request goes to the other upstream.
+    out.clear()
+    client.dataReceived(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert h.reactor.tcpClients[-1][1] == 8082
+
+
+def test_connect_failure_moves_on_then_502_when_none_is_left() -> None:
+    h = Harness("http://127.0.0.1:8081", "http://127.0.0.1:8082", fail_timeout=Duration(30))
+    client, out = h.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    h.refuse()
+    assert h.reactor.tcpClients[-1][1] == 8082
+    h.refuse()
+    assert out.value().startswith(b"HTTP/1.1 502 ")
+    assert b"to-app" in out.value() and b"cannot connect" in out.value()
+    assert not any(u.healthy for u in h.proxy.upstreams)
+    h.reactor.advance(31)
+    assert all(u.healthy for u in h.proxy.upstreams)
+
+
+def test_a_pooled_connection_the_server_closed_is_retried_on_a_new_one() -> None:
+    h = Harness("http://127.0.0.1:8081")
+    client, out = h.client()
+    client.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    first, _ = h.accept()
+    first.dataReceived(RESPONSE)
+    out.clear()
+    client.dataReceived(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+    # The server had closed the kept connection: it goes away without an answer.
+    first.connectionLost(Failure(ConnectionError()))
+    assert len(h.reactor.tcpClients) == 2
+    second, wire = h.accept()
+    assert wire.value().startswith(b"GET /b ")
+    second.dataReceived(RESPONSE)
+    assert out.value().startswith(b"HTTP/1.1 200 ")
+    assert h.proxy.upstreams[0].healthy
+
+
+def test_least_connections_and_round_robin() -> None:
+    h = Harness("http://127.0.0.1:8081", "http://127.0.0.1:8082", "http://127.0.0.1:8083")
+    picks = [h.proxy.choose([]).url.port for _ in range(6)]  # type: ignore[union-attr]
+    assert picks == [8081, 8082, 8083, 8081, 8082, 8083]
+    h = Harness(
+        "http://127.0.0.1:8081", "http://127.0.0.1:8082", balance="least-connections"
+    )
+    a, b = h.proxy.upstreams
+    a.active = 3
+    assert h.proxy.choose([]) is b
+    b.active = 5
+    assert h.proxy.choose([]) is a
+
+
+def test_client_gone_mid_response_closes_the_upstream_connection() -> None:
+    h = Harness("http://127.0.0.1:8081")
+    client, _ = h.client()
+    client.dataReceived(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+    upstream, wire = h.accept()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+    client.connectionLost(Failure(ConnectionError()))
+    assert wire.disconnecting
+    assert not h.proxy.upstreams[0].idle

@@ -1,0 +1,259 @@
+"""The HTTP server shell and the listener's store-and-forward answers, in memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from gateway.config import Network, parse
+from gateway.destination import Status
+from gateway.message import HttpRequest, Message
+from gateway.plugins import load_transforms
+from gateway.protocols.http.listener import HttpListener
+from gateway.protocols.http.server import Exchange, HttpServerFactory, HttpServerProtocol
+from gateway.service import Runtime, Verdict
+
+
+class Recorder:
+    """A handler that answers each request with its method, target and body."""
+
+    def __init__(self, read_body: bool = True) -> None:
+        self.exchanges: list[Exchange] = []
+        self.read_body = read_body
+
+    def handle(self, exchange: Exchange) -> None:
+        self.exchanges.append(exchange)
+        parts: list[bytes] = []
+        handler = self
+
+        class Sink:
+            def body_data(self, data: bytes) -> None:
+                parts.append(data)
+
+            def body_end(self) -> None:
+                head = exchange.head
+                exchange.respond(200, head.method + b" " + head.target + b" " + b"".join(parts))
+
+        if exchange.body_done:
+            Sink().body_end()
+        elif handler.read_body:
+            exchange.read_body(Sink())
+
+
+def connect(
+    factory: HttpServerFactory, port: int = 40000
+) -> tuple[HttpServerProtocol, StringTransport]:
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def factory_for(handler: Any, reactor: MemoryReactorClock, **kw: Any) -> HttpServerFactory:
+    return HttpServerFactory(handler, reactor, **kw)
+
+
+def test_keep_alive_and_pipelined_requests_are_answered_in_order() -> None:
+    reactor = MemoryReactorClock()
+    factory = factory_for(Recorder(), reactor)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(
+        b"GET /one HTTP/1.1\r\nHost: h\r\n\r\nPOST /two HTTP/1.1\r\nHost: h\r\n"
+        b"Content-Length: 3\r\n\r\nabcGET /three HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    )
+    out = transport.value()
+    assert out.index(b"GET /one") < out.index(b"POST /two abc") < out.index(b"GET /three")
+    assert out.count(b"HTTP/1.1 200 OK") == 3
+    assert transport.disconnecting  # the third asked to close
+    assert out.rstrip().endswith(b"GET /three")
+
+
+def test_a_trickled_header_is_cut_off_after_header_timeout() -> None:
+    reactor = MemoryReactorClock()
+    factory = factory_for(Recorder(), reactor, header_timeout=2.0, idle_timeout=100.0)
+    protocol, transport = connect(factory)
+    for byte in b"GET / HTTP/1.1\r\nHost":
+        protocol.dataReceived(bytes([byte]))
+        reactor.advance(0.25)
+    reactor.advance(1.0)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert transport.disconnecting
+
+
+def test_an_idle_connection_is_closed_silently() -> None:
+    reactor = MemoryReactorClock()
+    factory = factory_for(Recorder(), reactor, idle_timeout=5.0)
+    _, transport = connect(factory)
+    reactor.advance(4.0)
+    assert not transport.disconnecting
+    reactor.advance(2.0)
+    assert transport.disconnecting and transport.value() == b""
+
+
+def test_a_stalled_body_is_cut_off_after_idle_timeout() -> None:
+    reactor = MemoryReactorClock()
+    factory = factory_for(Recorder(), reactor, idle_timeout=5.0)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+    reactor.advance(3.0)
+    protocol.dataReceived(b"de")  # progress resets the clock
+    reactor.advance(3.0)
+    assert not transport.disconnecting
+    reactor.advance(3.0)
+    assert transport.value().startswith(b"HTTP/1.1 408 ") and transport.disconnecting
+
+
+def test_too_many_connections_get_503() -> None:
+    reactor = MemoryReactorClock()
+    factory = factory_for(Recorder(), reactor, max_connections=1)
+    _, first = connect(factory)
+    _, second = connect(factory, 40001)
+    assert first.value() == b"" and not first.disconnecting
+    assert second.value().startswith(b"HTTP/1.1 503 ") and second.disconnecting
+
+
+def test_body_over_max_body_gets_413_while_streaming() -> None:
+    reactor = MemoryReactorClock()
+    factory = factory_for(Recorder(), reactor, max_body=10)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n"
+    )
+    assert transport.value() == b""
+    protocol.dataReceived(b"8\r\n12345678\r\n0\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 413 ") and transport.disconnecting
+
+
+def test_a_handler_that_waits_makes_the_connection_stop_reading() -> None:
+    reactor = MemoryReactorClock()
+    recorder = Recorder(read_body=False)
+    factory = factory_for(recorder, reactor)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 900000\r\n\r\n")
+    for _ in range(5):
+        protocol.dataReceived(b"x" * 65536)
+    assert transport.producerState == "paused"  # not read into memory without end
+    exchange = recorder.exchanges[0]
+    got: list[int] = []
+
+    class Sink:
+        def body_data(self, data: bytes) -> None:
+            got.append(len(data))
+            exchange.pause_body()
+
+        def body_end(self) -> None:
+            pass
+
+    exchange.read_body(Sink())
+    assert got == [5 * 65536]  # what was buffered, then the sink paused
+    assert transport.producerState == "paused"
+    exchange.resume_body()
+    assert transport.producerState == "producing"
+    protocol.dataReceived(b"y" * 1000)
+    assert got == [5 * 65536, 1000]
+
+
+def test_expect_100_continue_is_answered_when_the_body_is_wanted() -> None:
+    reactor = MemoryReactorClock()
+    factory = factory_for(Recorder(), reactor)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(
+        b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    protocol.dataReceived(b"ok")
+    assert b"PUT /x ok" in transport.value()
+
+
+# --- the listener's store-and-forward answers --------------------------------------------
+
+
+class Gateway:
+    """The listener's view of the gateway: the routes in force and submit()."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        cfg = parse(
+            textwrap.dedent(
+                """
+                version: 1
+                listeners:
+                  web: {protocol: http, listen: "tcp:8080", max_size: 100}
+                destinations:
+                  box: {protocol: maildir, path: box}
+                routes:
+                  - {name: hooks, from: web, match: {prefix: /hooks/}, transforms: [http_to_mail], to: box}
+                """
+            ),
+            "routes.yaml",
+            Path("/tmp"),
+        )
+        self.runtime = Runtime(cfg, load_transforms(), {})
+        self.config = cfg
+        self.verdict = verdict
+        self.submitted: list[Message] = []
+
+    def current(self) -> Runtime:
+        return self.runtime
+
+    async def submit(self, message: Message) -> Verdict:
+        self.submitted.append(message)
+        return self.verdict
+
+
+def post(verdict: Verdict, target: bytes = b"/hooks/a", body: bytes = b'{"a": 1}') -> tuple[Gateway, bytes]:
+    gateway = Gateway(verdict)
+    listener = HttpListener(gateway.config.listeners["web"], gateway)  # type: ignore[arg-type]
+    reactor = MemoryReactorClock()
+    factory = factory_for(listener, reactor, max_body=100)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(
+        b"POST " + target + b" HTTP/1.1\r\nHost: hooks.example.test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    return gateway, transport.value()
+
+
+def test_delivered_is_202_with_the_message_id() -> None:
+    gateway, out = post(Verdict(Status.DELIVERED, "queued"))
+    [message] = gateway.submitted
+    assert isinstance(message, HttpRequest)
+    assert message.method == "POST" and message.target == "/hooks/a" and message.body == b'{"a": 1}'
+    assert message.host == "hooks.example.test" and message.client == "127.0.0.1"
+    assert ("Content-Type", "application/json") in message.http_headers
+    assert out.startswith(b"HTTP/1.1 202 ")
+    assert json.loads(out.split(b"\r\n\r\n", 1)[1])["id"] == message.id
+
+
+def test_refusals_and_temporary_failures() -> None:
+    _, out = post(Verdict(Status.PERMANENT, "bad signature", http_status=401))
+    assert out.startswith(b"HTTP/1.1 401 ") and b"bad signature" in out
+    _, out = post(Verdict(Status.PERMANENT, "no route", 550, "5.1.1"))
+    assert out.startswith(b"HTTP/1.1 404 ")
+    _, out = post(Verdict(Status.PERMANENT, "not JSON", 554, "5.6.0"))
+    assert out.startswith(b"HTTP/1.1 400 ")
+    _, out = post(Verdict(Status.TEMPORARY, "the spool is full", 452, "4.3.1"))
+    assert out.startswith(b"HTTP/1.1 503 ") and b"Retry-After: " in out
+
+
+def test_clients_outside_allow_get_403() -> None:
+    gateway = Gateway(Verdict(Status.DELIVERED, "queued"))
+    config = dataclasses.replace(
+        gateway.config.listeners["web"], allow=(Network.parse("10.0.0.0/8"),)
+    )
+    listener = HttpListener(config, gateway)  # type: ignore[arg-type]
+    protocol, transport = connect(factory_for(listener, MemoryReactorClock()))
+    protocol.dataReceived(b"POST /hooks/a HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}")
+    assert transport.value().startswith(b"HTTP/1.1 403 ") and not gateway.submitted
+
+
+def test_no_route_and_too_large_are_answered_without_submitting() -> None:
+    gateway, out = post(Verdict(Status.DELIVERED, "queued"), target=b"/elsewhere")
+    assert out.startswith(b"HTTP/1.1 404 ") and not gateway.submitted
+    gateway, out = post(Verdict(Status.DELIVERED, "queued"), body=b"x" * 101)
+    assert out.startswith(b"HTTP/1.1 413 ") and not gateway.submitted
