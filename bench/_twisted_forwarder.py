@@ -8,10 +8,16 @@ No logging is started, as in a plain script. It needs only Twisted, so it also
 runs on PyPy 3.9.
 """
 
+import os
 import sys
 
-from twisted.internet import reactor
-from twisted.names import client, dns, server
+# Python put this file's folder first on the path, where bench/'s http.py and dns.py would
+# hide the standard library's http and dnspython's dns: take it off before any import.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+
+from twisted.internet import reactor  # noqa: E402
+from twisted.names import client, dns, server  # noqa: E402
 
 
 def main() -> None:

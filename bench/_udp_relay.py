@@ -8,10 +8,16 @@ DNS forwarder, only what the reactor, two sockets and four system calls a query 
 bench/dns.py sets beside the gateway.
 """
 
+import os
 import sys
 
-from twisted.internet import reactor
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+# Python put this file's folder first on the path, where bench/'s http.py and dns.py would
+# hide the standard library's http and dnspython's dns: take it off before any import.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+
+from twisted.internet import reactor  # noqa: E402
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol  # noqa: E402
 
 
 class Upstream(DatagramProtocol):

@@ -12,8 +12,11 @@ Debian packages it needs (it installs nothing):
 One unbound answers a static zone of a few hundred names; every forwarder asks
 that same unbound. Each target is measured with the same dnsperf command and
 the same query file, ``--runs`` times, interleaved, and the median is
-reported. Servers run on CPU 0 (``taskset -c 0``: unbound, and the forwarder
-under test beside it), dnsperf and this script on CPU 1. Then dnsperf ``-Q``
+reported. The target runs on CPU 0, dnsperf and this script on CPU 1; unbound,
+the forwarders' upstream, on CPU 0 beside the forwarder (``--layout shared``,
+the default) or on CPU 1 beside dnsperf (``--layout split``: the target has
+CPU 0 to itself; unbound moves to CPU 0 while it is the target). ``--compare
+DIR`` adds the gateway of another copy of the repository, for A/B runs. Then dnsperf ``-Q``
 runs at half the gateway's peak rate, against the gateway and against unbound
 directly, and compares their latency percentiles. Every server binds
 127.0.0.1 on a free port, all state lives in one temporary folder, and every
@@ -77,6 +80,7 @@ LABELS = {
     "gateway-routes": f"gateway, {ROUTES:,} suffix routes + catch-all, cache off",
     "gateway-pypy": "gateway on PyPy -> unbound, cache off",
     "twisted-pypy": "twisted.names forwarder on PyPy -> unbound",
+    "gateway-compare": "gateway of --compare DIR -> unbound, cache off",
 }
 DEFAULT_ONLY = (
     "unbound,dnsdist,dnsdist-cache,gateway,gateway-cache,twisted,relay,gateway-routes,latency"
@@ -137,9 +141,10 @@ class Server:
 
     key = ""
     port = 0
+    cpu = 0  # the CPU its processes are pinned to now
 
     def start(self) -> None:
-        """Start, pin to the server CPU and wait until it answers over UDP."""
+        """Start, pin to its CPU and wait until it answers over UDP."""
 
     def stop(self) -> None:
         """Stop every process started; safe to call more than once."""
@@ -149,6 +154,12 @@ class Server:
 
     def cpu_seconds(self) -> float:
         return sum(sum(proc_cpu(pid)) for pid in self.pids())
+
+    def move(self, cpu: int) -> None:
+        """Pin every thread of every process of this server to `cpu`."""
+        for pid in self.pids():
+            pin(pid, cpu)
+        self.cpu = cpu
 
 
 class UnboundServer(Server):
@@ -248,8 +259,11 @@ class ProcessServer(Server):
         directory: Path,
         argv: list[str],
         config: Callable[[int], str] = lambda port: "",
+        *,
+        cpu: int,
     ) -> None:
         self.key = key
+        self.cpu = cpu
         self.dir = directory
         self.argv = argv
         self.config = config
@@ -284,13 +298,32 @@ class ProcessServer(Server):
 
 
 def gateway_server(
-    key: str, workdir: Path, python: str, upstream: int, cpu: int, *, cache: bool, routes: int = 0
+    key: str,
+    workdir: Path,
+    python: str,
+    upstream: int,
+    cpu: int,
+    *,
+    cache: bool,
+    routes: int = 0,
+    source: Path | None = None,
 ) -> ProcessServer:
+    """The gateway of this checkout, or (``source``) of another copy of the repository."""
+
     def config(port: int) -> str:
         return gateway_config(port, upstream, cache=cache, routes=routes)
 
-    argv = ["taskset", "-c", str(cpu), python, "-m", "gateway", "run", "-c", "{config}"]
-    return ProcessServer(key, workdir / key, argv, config)
+    if source is None:
+        command = ["-m", "gateway"]
+    else:
+        # GatewayProcess puts this checkout first on PYTHONPATH; the other copy goes before it.
+        command = [
+            "-c",
+            f"import runpy, sys; sys.path.insert(0, {str(source)!r}); "
+            "runpy.run_module('gateway', run_name='__main__', alter_sys=True)",
+        ]
+    argv = ["taskset", "-c", str(cpu), python, *command, "run", "-c", "{config}"]
+    return ProcessServer(key, workdir / key, argv, config, cpu=cpu)
 
 
 def script_server(
@@ -299,7 +332,7 @@ def script_server(
     """A forwarder in one of bench/'s scripts, run as ``SCRIPT PORT UPSTREAM_PORT``."""
     path = str(REPO_ROOT / "bench" / script)
     argv = ["taskset", "-c", str(cpu), python, path, "{port}", str(upstream)]
-    return ProcessServer(key, workdir / key, argv)
+    return ProcessServer(key, workdir / key, argv, cpu=cpu)
 
 
 # --------------------------------------------------------------------------- one run
@@ -385,10 +418,37 @@ def measure(
     ]  # fmt: skip
     if rate is not None:
         argv += ["-Q", str(rate), "-v"]
-    out_path = workdir / f"dnsperf-{target.key}.out"
     run.waited = wait_for_quiet((load.server_cpu, load.load_cpu), load.quiet_wait)
+    # The target runs on the server CPU; with --layout split, unbound lives on the load CPU
+    # as everyone's upstream and moves over only while it is the target itself.
+    home = target.cpu
+    if home != load.server_cpu:
+        target.move(load.server_cpu)
+    try:
+        measure_on_cpu(run, target, everyone, load, argv, queries, workdir, rate)
+    finally:
+        if target.cpu != home:
+            target.move(home)
+    return run
+
+
+def measure_on_cpu(
+    run: Run,
+    target: Server,
+    everyone: Sequence[Server],
+    load: Load,
+    argv: list[str],
+    queries: Path,
+    workdir: Path,
+    rate: int | None,
+) -> None:
+    def ours(cpu: int) -> float:
+        return sum(s.cpu_seconds() for s in everyone if s.cpu == cpu)
+
+    out_path = workdir / f"dnsperf-{target.key}.out"
     busy_before = cpu_busy()
-    ours_before = sum(s.cpu_seconds() for s in everyone)
+    ours_before = ours(load.server_cpu)
+    ours_load_before = ours(load.load_cpu)
     target_before = target.cpu_seconds()
     load_before = own_load_cpu()
     t0 = time.monotonic()
@@ -406,12 +466,13 @@ def measure(
         run.wall = time.monotonic() - t0
         busy_after = cpu_busy()
         run.server_cpu = target.cpu_seconds() - target_before
-        ours = sum(s.cpu_seconds() for s in everyone) - ours_before
-        run.load_own_cpu = own_load_cpu() - load_before
+        ours_server = ours(load.server_cpu) - ours_before
+        # dnsperf, this script, and unbound when it sits on the load CPU (--layout split).
+        run.load_own_cpu = own_load_cpu() - load_before + ours(load.load_cpu) - ours_load_before
         out.seek(0)
         text = out.read()
     run.server_cpu_busy = busy_after[load.server_cpu] - busy_before[load.server_cpu]
-    run.other_cpu = max(0.0, run.server_cpu_busy - ours)
+    run.other_cpu = max(0.0, run.server_cpu_busy - ours_server)
     run.load_cpu = busy_after[load.load_cpu] - busy_before[load.load_cpu]
     summary = text[text.rfind(b"Statistics:") :].decode("utf-8", "replace")
     for name, pattern in _STAT.items():
@@ -426,7 +487,6 @@ def measure(
         run.failure = f"no statistics from dnsperf: {text[-300:]!r}"
     elif not run.failure and run.completed and run.noerror < 0.99 * run.completed:
         run.failure = f"only {run.noerror} of {run.completed} answers were NOERROR"
-    return run
 
 
 def describe(i: int, runs: int, run: Run) -> str:
@@ -586,7 +646,16 @@ def target_lines(
             f"added p99 latency at {rate:,} qps, gateway vs unbound directly: {added:.3f} ms "
             f"(target <= 1 ms at half the gateway's peak): {verdict}"
         )
-    # Not targets: how much of the cost is any Twisted forwarder's.
+    # Not targets: an A/B against another copy, and how much is any Twisted forwarder's.
+    compare = qps("gateway-compare")
+    if compare and qps("gateway") is not None:
+        lines.append(f"gateway / gateway of --compare DIR: {(qps('gateway') or 0) / compare:.3f}")
+    other = p99("gateway-compare")
+    if other is not None and gw is not None:
+        lines.append(
+            f"p99 at {rate:,} qps, gateway / gateway of --compare DIR: "
+            f"{1e3 * gw:.3f} / {1e3 * other:.3f} ms"
+        )
     floor, gateway = qps("relay"), qps("gateway")
     if floor and gateway is not None:
         lines.append(f"gateway forwarding / bare Twisted UDP relay: {gateway / floor:.2f}")
@@ -684,8 +753,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "is repeated (%(default)s)",
     )  # fmt: skip
     p.add_argument("--retries", type=int, default=3, help="repeats of a disturbed run")
-    p.add_argument("--server-cpu", type=int, default=0, help="CPU of the servers (%(default)s)")
+    p.add_argument("--server-cpu", type=int, default=0, help="CPU of the target (%(default)s)")
     p.add_argument("--load-cpu", type=int, default=1, help="CPU of dnsperf (%(default)s)")
+    p.add_argument(
+        "--layout", choices=("shared", "split"), default="shared",
+        help="where the upstream unbound runs: 'shared', on the server CPU beside the target; "
+        "'split', on the load CPU beside dnsperf, so the target has the server CPU to "
+        "itself (unbound moves there while it is the target) (%(default)s)",
+    )
+    p.add_argument(
+        "--compare", type=Path, metavar="DIR",
+        help="also measure the gateway of another copy of the repository (target "
+        "gateway-compare, in the runs and the latency runs): an A/B of two versions",
+    )
     p.add_argument(
         "--profile", type=Path, metavar="FILE",
         help="after the runs, one more run of --profile-target under py-spy; summary to FILE",
@@ -699,6 +779,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     if args.pypy:
         args.only += [k for k in ("gateway-pypy", "twisted-pypy") if k not in args.only]
+    if args.compare is not None:
+        if not (args.compare / "gateway" / "__main__.py").is_file():
+            p.error(f"--compare {args.compare}: no gateway/__main__.py there")
+        args.compare = args.compare.resolve()
+        if "gateway-compare" not in args.only:
+            # Right after the gateway, so the two alternate.
+            at = args.only.index("gateway") + 1 if "gateway" in args.only else len(args.only)
+            args.only.insert(at, "gateway-compare")
+    elif "gateway-compare" in args.only:
+        p.error("the gateway-compare target needs --compare DIR")
     unknown = set(args.only) - set(LABELS) - {"latency"}
     if unknown:
         p.error(f"--only: unknown target(s) {', '.join(sorted(unknown))}; use some of "
@@ -757,6 +847,9 @@ def make_servers(
         "gateway-pypy": lambda: gateway_server(
             "gateway-pypy", workdir, args.pypy, upstream, cpu, cache=False
         ),
+        "gateway-compare": lambda: gateway_server(
+            "gateway-compare", workdir, args.python, upstream, cpu, cache=False, source=args.compare
+        ),
         "twisted-pypy": lambda: script_server(
             "twisted-pypy", "_twisted_forwarder.py", workdir, args.pypy, upstream, cpu
         ),
@@ -791,7 +884,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     try:
         with signals_interrupt():
-            unbound = UnboundServer(workdir, args.server_cpu)
+            upstream_cpu = args.server_cpu if args.layout == "shared" else args.load_cpu
+            unbound = UnboundServer(workdir, upstream_cpu)
             started.append(unbound)
             unbound.start()
             progress(f"unbound: {LOOPBACK}:{unbound.port}, {NAMES} names in {ZONE}")
@@ -824,7 +918,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rates = latency_rates(args, results.get("gateway", []), servers, everyone, load,
                                       queries, workdir)  # fmt: skip
                 # The relay, when measured, shows what any Twisted forwarder adds at a rate.
-                latency_keys = [k for k in ("unbound", "relay", "gateway") if k in servers]
+                latency_keys = [
+                    k for k in ("unbound", "relay", "gateway", "gateway-compare") if k in servers
+                ]
                 latency = {rate: {k: [] for k in latency_keys} for rate in rates}
                 for i in range(args.runs):
                     for rate in rates:
@@ -863,10 +959,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(runs for by_key in latency.values() for runs in by_key.values()):
         out += ["", *render(LATENCY_HEADER, latency_rows(latency), args.markdown)]
     first_rate = next(iter(latency), 0)
+    if args.layout == "shared":
+        where = (
+            f"targets and unbound on CPU {args.server_cpu} (a forwarder shares it with "
+            "unbound)"
+        )
+    else:
+        where = (
+            f"the target alone on CPU {args.server_cpu}; unbound, as the forwarders' "
+            f"upstream, on CPU {args.load_cpu} with dnsperf (layout split)"
+        )
     bullets = [
         f"dnsperf -c 1 -T 1 -q {args.outstanding} -l {args.seconds:g} on CPU {args.load_cpu}, "
-        f"{NAMES} names in a loop; servers on CPU {args.server_cpu} (a forwarder shares it "
-        f"with unbound); median of {args.runs} run(s)",
+        f"{NAMES} names in a loop; {where}; median of {args.runs} run(s)",
         *target_lines(results, latency.get(first_rate, {}), first_rate),
         *notes,
     ]

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import secrets
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -33,16 +33,21 @@ class UpstreamError(Exception):
     """No upstream answered in time; the message says which and why."""
 
 
+OnAnswer = Callable[[bytes], object]
+OnError = Callable[[BaseException | Failure], object]
+
+
 class _Query:
-    """One query on its way through the servers, and the Deferred that resolve() returned.
+    """One query on its way through the servers, and whom to tell how it ended.
 
     While a UDP attempt is out, its socket's ``pending`` maps the upstream ID to this object.
     """
 
     __slots__ = (
         "data",
-        "deferred",
         "index",
+        "on_answer",
+        "on_error",
         "problems",
         "qid",
         "question",
@@ -52,12 +57,15 @@ class _Query:
         "sock",
     )
 
-    def __init__(self, data: bytes, question: Question) -> None:
+    def __init__(
+        self, data: bytes, question: Question, on_answer: OnAnswer, on_error: OnError
+    ) -> None:
         self.data = data
         self.question = question
         # The question section as sent; an upstream echoes it byte for byte, case included.
         self.question_wire = data[12 : question.question_end]
-        self.deferred: Deferred[bytes] = Deferred()
+        self.on_answer = on_answer
+        self.on_error = on_error
         self.index = 0  # into DnsUpstream.servers
         self.slot = 0  # the timeout wheel's slot of the UDP attempt out now
         self.problems: list[str] = []
@@ -105,6 +113,20 @@ class _UdpSocket(DatagramProtocol):
         if self.port is not None:
             self.port.stopListening()
             self.port = None
+
+
+def _deliver(query: _Query, answer: bytes) -> None:
+    try:
+        query.on_answer(answer)
+    except Exception:
+        log.failure("passing on the answer of {server} failed", server=query.server)
+
+
+def _deliver_error(query: _Query, error: BaseException | Failure) -> None:
+    try:
+        query.on_error(error)
+    except Exception:
+        log.failure("passing on the failure of a query failed")
 
 
 def _same_question(datagram: bytes, question: Question) -> bool:
@@ -197,12 +219,22 @@ class DnsUpstream:
 
         Fails with UpstreamError when no server answers.
         """
-        query = _Query(data, question)
+        deferred: Deferred[bytes] = Deferred()
+        self.ask(data, question, deferred.callback, deferred.errback)
+        return deferred
+
+    def ask(self, data: bytes, question: Question, on_answer: OnAnswer, on_error: OnError) -> None:
+        """resolve() with plain callbacks, the listener's fast path: no Deferred per query.
+
+        Exactly one of them is called, once, perhaps before this returns: ``on_answer`` with
+        the answer, or ``on_error`` with an UpstreamError (a Failure for a bug). What they
+        raise is logged.
+        """
+        query = _Query(data, question, on_answer, on_error)
         if not self.servers:
-            query.deferred.errback(UpstreamError("no servers configured"))
+            _deliver_error(query, UpstreamError("no servers configured"))
         else:
             self._send(query)
-        return query.deferred
 
     def _failed(self, query: _Query, problem: str) -> None:
         """The current server did not answer ``query``: on to the next one, or give up."""
@@ -212,20 +244,25 @@ class DnsUpstream:
         if query.index < len(self.servers):
             self._send(query)
         else:
-            query.deferred.errback(UpstreamError("; ".join(query.problems)))
+            _deliver_error(query, UpstreamError("; ".join(query.problems)))
 
     def _answered(self, query: _Query, answer: bytes) -> None:
         if answer[2] & 0x02:  # TC: ask the same server again over TCP
             tcp = Deferred.fromCoroutine(self._tcp(query.data, query.question, query.server))
-            tcp.addCallbacks(query.deferred.callback, self._tcp_failed, errbackArgs=(query,))
+            tcp.addCallbacks(
+                self._tcp_answered, self._tcp_failed, callbackArgs=(query,), errbackArgs=(query,)
+            )
         else:
-            query.deferred.callback(answer)
+            _deliver(query, answer)
+
+    def _tcp_answered(self, answer: bytes, query: _Query) -> None:
+        _deliver(query, answer)
 
     def _tcp_failed(self, failure: Failure, query: _Query) -> None:
         if isinstance(failure.value, UpstreamError):
             self._failed(query, str(failure.value))
         else:
-            query.deferred.errback(failure)
+            _deliver_error(query, failure)
 
     # --- UDP ---
 
@@ -388,4 +425,4 @@ class DnsUpstream:
             sock.pending.clear()
             sock.close()
             for query in pending:
-                query.deferred.errback(UpstreamError("the gateway is stopping"))
+                _deliver_error(query, UpstreamError("the gateway is stopping"))

@@ -1,6 +1,6 @@
 """DNS destinations: forward queries to DNS servers or to a DNS-over-HTTPS server.
 
-These are request/response destinations: the listener waits for ``resolve``.
+These are request/response destinations: ``resolve`` returns a Deferred of the answer.
 They take no stored messages.
 """
 
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
 from gateway.config import DnsDestinationConfig, DohDestinationConfig
 from gateway.destination import Outcome
 from gateway.message import Kind, Message
-from gateway.protocols.dns.client import DnsUpstream
+from gateway.protocols.dns.client import DnsUpstream, OnAnswer, OnError
 from gateway.protocols.dns.wire import Question
 
 
@@ -25,8 +27,13 @@ class DnsDestination:
             reactor, [(s.host, s.port) for s in config.servers], float(config.timeout)
         )
 
-    async def resolve(self, data: bytes, question: Question) -> bytes:
-        return await self.upstream.resolve(data, question)
+    def resolve(self, data: bytes, question: Question) -> Deferred[bytes]:
+        """The upstream's answer; fails with UpstreamError when no server answers."""
+        return self.upstream.resolve(data, question)
+
+    def ask(self, data: bytes, question: Question, on_answer: OnAnswer, on_error: OnError) -> None:
+        """resolve() with plain callbacks (DnsUpstream.ask): the listener's fast path."""
+        self.upstream.ask(data, question, on_answer, on_error)
 
     async def deliver(self, message: Message) -> Outcome:
         return Outcome.permanent("a DNS destination answers queries; it takes no stored messages")
@@ -53,9 +60,9 @@ class DohDestination:
             timeout=float(config.timeout),
         )
 
-    async def resolve(self, data: bytes, question: Question) -> bytes:
-        answer: bytes = await self.upstream.resolve(data, question)
-        return answer
+    def resolve(self, data: bytes, question: Question) -> Deferred[bytes]:
+        """The DoH server's answer; fails with UpstreamError on any failure."""
+        return Deferred.fromCoroutine(self.upstream.resolve(data, question))
 
     async def deliver(self, message: Message) -> Outcome:
         return Outcome.permanent("a DoH destination answers queries; it takes no stored messages")

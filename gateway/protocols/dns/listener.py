@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gateway.config import (
     DnsListenerConfig,
@@ -25,7 +26,7 @@ from gateway.config import (
 )
 from gateway.protocols.dns.cache import DnsCache
 from gateway.protocols.dns.client import UpstreamError
-from gateway.protocols.dns.server import DnsTcpFactory, DnsUdpProtocol
+from gateway.protocols.dns.server import DnsTcpFactory, DnsUdpProtocol, Reply
 from gateway.protocols.dns.wire import (
     FORMERR,
     NOTIMP,
@@ -141,7 +142,8 @@ class DnsListener:
         if not route.cache:
             return None
         held = self._caches.get(route.name)
-        if held is None or held[0] != route:
+        # The same Route object until a reload: compare all its fields only then.
+        if held is None or (held[0] is not route and held[0] != route):
             cache = DnsCache(
                 route.cache_entries,
                 clock=self.gateway.reactor.seconds,
@@ -160,7 +162,14 @@ class DnsListener:
 
     # --- DnsHandler ---
 
-    def answer(self, data: bytes, client: tuple[str, int], transport: str) -> Any:
+    def answer(
+        self, data: bytes, client: tuple[str, int], transport: str, reply: Reply | None = None
+    ) -> Any:
+        """The response to ``data``: bytes, None (no response), or a Deferred of either.
+
+        With ``reply``, a response that is not ready at once goes there instead of through a
+        Deferred, and None is returned.
+        """
         self.queries += 1
         try:
             question = parse_query(data)
@@ -197,65 +206,8 @@ class DnsListener:
             if hit is not None:
                 counts.cache += 1
                 return self._fit(hit, question, transport)
-        return Deferred.fromCoroutine(
-            self._forward(runtime, route, data, question, transport, cache, counts)
-        )
-
-    async def _forward(
-        self,
-        runtime: Runtime,
-        route: Route,
-        data: bytes,
-        question: Question,
-        transport: str,
-        cache: DnsCache | None,
-        counts: RouteCounts,
-    ) -> bytes:
-        problems = []
-        clock = self.gateway.reactor.seconds
-        for name in route.to:
-            destination: Any = runtime.destinations.get(name)
-            resolve = getattr(destination, "resolve", None)
-            if resolve is None:
-                problems.append(f"{name}: not a DNS destination")
-                continue
-            started = clock()
-            try:
-                answer: bytes = await resolve(data, question)
-            except UpstreamError as exc:
-                self._upstream(name, "failed", clock() - started)
-                problems.append(f"{name}: {exc}")
-                continue
-            except Exception as exc:
-                self._upstream(name, "failed", clock() - started)
-                log.failure("destination {destination} failed", destination=name)
-                problems.append(f"{name}: internal error {exc}")
-                continue
-            self._upstream(name, "answered", clock() - started)
-            if cache is not None:
-                cache.put(question.key, answer)
-            counts.forwarded += 1
-            return self._fit(with_id(answer, question.id), question, transport)
-        if cache is not None:
-            stale = cache.get_stale(question.key, question.id)
-            if stale is not None:
-                counts.stale += 1
-                log.info(
-                    "route {route}: every upstream failed, serving a stale answer for"
-                    " {qname} ({problems})",
-                    route=route.name,
-                    qname=question.qname,
-                    problems="; ".join(problems),
-                )
-                return self._fit(stale, question, transport)
-        log.warn(
-            "route {route}: SERVFAIL for {qname}: {problems}",
-            route=route.name,
-            qname=question.qname,
-            problems="; ".join(problems),
-        )
-        counts.servfail += 1
-        return error_response(data, SERVFAIL, question)
+        forward = _Forward(self, runtime, route, data, question, client, transport, cache, counts)
+        return forward.start(reply)
 
     def _upstream(self, destination: str, outcome: str, seconds: float) -> None:
         key = (destination, outcome)
@@ -270,6 +222,178 @@ class DnsListener:
         if transport == "udp" and len(response) > question.udp_size:
             return truncate(response, question.udp_size)
         return response
+
+
+class _Forward:
+    """One query on its way through a route's destinations (``to:``), in order.
+
+    Plain callbacks, no coroutine: a ``dns`` destination is asked with ``ask()`` and calls
+    back; others (``doh``) with ``resolve()`` and a Deferred. The response goes to the
+    server's ``reply`` when it gave one (UDP: no Deferred at all), else through a Deferred
+    returned to it. Exactly one response per query, SERVFAIL when something breaks.
+    """
+
+    __slots__ = (
+        "cache",
+        "client",
+        "counts",
+        "data",
+        "deferred",
+        "index",
+        "listener",
+        "name",
+        "problems",
+        "question",
+        "reply",
+        "route",
+        "runtime",
+        "started",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        listener: DnsListener,
+        runtime: Runtime,
+        route: Route,
+        data: bytes,
+        question: Question,
+        client: tuple[str, int],
+        transport: str,
+        cache: DnsCache | None,
+        counts: RouteCounts,
+    ) -> None:
+        self.listener = listener
+        self.runtime = runtime
+        self.route = route
+        self.data = data
+        self.question = question
+        self.client = client
+        self.transport = transport
+        self.cache = cache
+        self.counts = counts
+        self.index = 0  # into route.to: the destination to ask next
+        self.name = ""  # the destination asked now
+        self.started = 0.0
+        self.problems: list[str] | None = None
+        self.reply: Reply | None = None
+        self.deferred: Deferred[bytes | None] | None = None
+
+    def start(self, reply: Reply | None) -> Deferred[bytes | None] | None:
+        """Ask the first destination; None when ``reply`` will be called with the response."""
+        if reply is None:
+            self.deferred = Deferred()
+        else:
+            self.reply = reply
+        deferred = self.deferred  # it may have fired and been dropped by the time next() returns
+        self.next()
+        return deferred
+
+    def next(self) -> None:
+        """Ask the next destination, or answer stale or SERVFAIL when there is none left."""
+        to = self.route.to
+        destinations = self.runtime.destinations
+        while self.index < len(to):
+            name = self.name = to[self.index]
+            self.index += 1
+            destination: Any = destinations.get(name)
+            self.started = self.listener.gateway.reactor.seconds()
+            try:
+                ask = getattr(destination, "ask", None)
+                if ask is not None:
+                    ask(self.data, self.question, self._answered, self._failed)
+                    return
+                resolve = getattr(destination, "resolve", None)
+                if resolve is None:
+                    self._problem(f"{name}: not a DNS destination")
+                    continue
+                asking: Any = resolve(self.data, self.question)
+                if asking.__class__ is not Deferred:
+                    asking = ensureDeferred(asking)
+            except Exception:
+                self._failed(Failure())  # type: ignore[no-untyped-call]
+                return
+            asking.addCallbacks(self._answered, self._failed)
+            return
+        self._finish(self._exhausted())
+
+    def _answered(self, answer: bytes) -> None:
+        listener = self.listener
+        question = self.question
+        try:
+            listener._upstream(
+                self.name, "answered", listener.gateway.reactor.seconds() - self.started
+            )
+            if self.cache is not None:
+                self.cache.put(question.key, answer)
+            self.counts.forwarded += 1
+            response = with_id(answer, question.id)
+            if self.transport == "udp" and len(response) > question.udp_size:
+                response = truncate(response, question.udp_size)
+        except Exception:
+            log.failure(
+                "route {route}: SERVFAIL for {qname}: the answer of {destination} could not be"
+                " passed on",
+                route=self.route.name,
+                qname=question.qname,
+                destination=self.name,
+            )
+            self.counts.servfail += 1
+            response = error_response(self.data, SERVFAIL, question)
+        self._finish(response)
+
+    def _failed(self, error: BaseException | Failure) -> None:
+        listener = self.listener
+        name = self.name
+        listener._upstream(name, "failed", listener.gateway.reactor.seconds() - self.started)
+        value = error.value if isinstance(error, Failure) else error
+        if isinstance(value, UpstreamError):
+            self._problem(f"{name}: {value}")
+        else:
+            failure = error if isinstance(error, Failure) else Failure(error)  # type: ignore[no-untyped-call]
+            log.failure("destination {destination} failed", failure, destination=name)
+            self._problem(f"{name}: internal error {value}")
+        self.next()
+
+    def _problem(self, problem: str) -> None:
+        if self.problems is None:
+            self.problems = []
+        self.problems.append(problem)
+
+    def _exhausted(self) -> bytes:
+        """Every destination failed: a stale answer if the cache has one, else SERVFAIL."""
+        route, question = self.route, self.question
+        problems = "; ".join(self.problems or ())
+        if self.cache is not None:
+            stale = self.cache.get_stale(question.key, question.id)
+            if stale is not None:
+                self.counts.stale += 1
+                log.info(
+                    "route {route}: every upstream failed, serving a stale answer for"
+                    " {qname} ({problems})",
+                    route=route.name,
+                    qname=question.qname,
+                    problems=problems,
+                )
+                return DnsListener._fit(stale, question, self.transport)
+        log.warn(
+            "route {route}: SERVFAIL for {qname}: {problems}",
+            route=route.name,
+            qname=question.qname,
+            problems=problems,
+        )
+        self.counts.servfail += 1
+        return error_response(self.data, SERVFAIL, question)
+
+    def _finish(self, response: bytes) -> None:
+        if self.reply is not None:
+            try:
+                self.reply(response, self.client)
+            except Exception:
+                log.failure("answering {client} failed", client=self.client)
+        elif self.deferred is not None:
+            deferred, self.deferred = self.deferred, None
+            deferred.callback(response)
 
 
 class DnsSockets:

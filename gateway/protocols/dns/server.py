@@ -8,6 +8,7 @@ queries may be in flight on one connection and are answered as they complete.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -19,11 +20,19 @@ from twisted.python.failure import Failure
 log = Logger(namespace="gateway.dns.server")
 
 Answer = bytes | None | Deferred[bytes | None]
+# Where a handler may send a response that is not ready at once: (response, client).
+Reply = Callable[[bytes | None, Any], object]
 
 
 class DnsHandler(TypingProtocol):
-    def answer(self, data: bytes, client: tuple[str, int], transport: str) -> Answer:
-        """The response to ``data`` from ``client`` over "udp", "tcp" or "doh"."""
+    def answer(
+        self, data: bytes, client: tuple[str, int], transport: str, reply: Reply | None = None
+    ) -> Answer:
+        """The response to ``data`` from ``client`` over "udp", "tcp" or "doh".
+
+        Bytes, None for no response, or a Deferred of either; or, when ``reply`` is given,
+        None now and the response passed to ``reply`` later (no Deferred per query).
+        """
         ...
 
 
@@ -58,7 +67,7 @@ class DnsUdpProtocol(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         try:
-            result = self.handler.answer(datagram, addr, "udp")
+            result = self.handler.answer(datagram, addr, "udp", self._send)
         except Exception:
             log.failure("DNS handler failed on a UDP query from {client}", client=addr)
             return
