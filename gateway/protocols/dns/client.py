@@ -24,6 +24,7 @@ from twisted.internet.protocol import DatagramProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.protocols.dns.batch import read_batch
 from gateway.protocols.dns.wire import Question, WireError, parse_response_question, with_id
 
 log = Logger(namespace="gateway.dns.client")
@@ -210,7 +211,8 @@ class DnsUpstream:
         # Datagrams to send once the reactor has read everything that is waiting: upstream
         # servers on this machine then wake once per batch rather than once per query.
         self._outbox: list[tuple[_UdpSocket, bytes, _Query, int]] = []
-        self._flushing: Any = None
+        self._flushing = False
+        self._batch = read_batch(reactor)
         self.ignored = 0  # answers that did not match a question we asked
         self.queries = 0
 
@@ -286,6 +288,8 @@ class DnsUpstream:
             self._sockets[sock.serial] = sock
             interface = "::" if family == 6 else "0.0.0.0"
             sock.port = self.reactor.listenUDP(0, sock, interface=interface)
+            if hasattr(sock.port, "doRead"):
+                self._batch.watch(sock.port)
             # Straight to the socket: Port.write checks the address is an IP address twice
             # per datagram, and ours always are.
             raw = getattr(sock.port, "socket", None)
@@ -323,8 +327,9 @@ class DnsUpstream:
         query.sock = sock
         query.qid = qid
         self._outbox.append((sock, struct.pack(">H", qid) + query.data[2:], query, qid))
-        if self._flushing is None:
-            self._flushing = self.reactor.callLater(0, self._flush)
+        if not self._flushing:
+            self._flushing = True
+            self._batch.mark(self._flush)
         # The first slot that starts after the deadline: never early, at most a tick late.
         slot = query.slot = int((self.reactor.seconds() + self.timeout) * self._per_tick) + 1
         bucket = self._wheel.get(slot)
@@ -335,7 +340,7 @@ class DnsUpstream:
             self._turning = self.reactor.callLater(self.tick, self._turn)
 
     def _flush(self) -> None:
-        self._flushing = None
+        self._flushing = False
         outbox, self._outbox = self._outbox, []
         for sock, packet, query, qid in outbox:
             try:
@@ -410,10 +415,12 @@ class DnsUpstream:
         return answer
 
     def close(self) -> None:
-        for call in (self._turning, self._flushing):
-            if call is not None and call.active():
-                call.cancel()
-        self._turning = self._flushing = None
+        if self._turning is not None and self._turning.active():
+            self._turning.cancel()
+        self._turning = None
+        if self._flushing:
+            self._batch.forget(self._flush)
+        self._flushing = False
         self._outbox.clear()
         self._wheel.clear()
         socks = [sock for pool in self._pools.values() for sock in pool] + list(self._retired)

@@ -17,6 +17,8 @@ from twisted.internet.protocol import DatagramProtocol, Factory, Protocol, conne
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.protocols.dns.batch import ReadBatch, read_batch
+
 log = Logger(namespace="gateway.dns.server")
 
 Answer = bytes | None | Deferred[bytes | None]
@@ -44,11 +46,11 @@ class DnsUdpProtocol(DatagramProtocol):
     def __init__(self, handler: DnsHandler) -> None:
         self.handler = handler
         self._sendto: Any = None
-        self._reactor: Any = None
+        self._batch: ReadBatch | None = None
         # Answers wait here until the reactor has read what is waiting, then go out together:
         # a client then wakes once per batch of answers rather than once per answer.
         self._outbox: list[tuple[bytes, Any]] = []
-        self._flushing: Any = None
+        self._flushing = False
 
     def startProtocol(self) -> None:
         # Answers go straight to the socket: Port.write checks that the address is an IP
@@ -56,12 +58,15 @@ class DnsUdpProtocol(DatagramProtocol):
         transport: Any = self.transport
         raw = getattr(transport, "socket", None)
         self._sendto = raw.sendto if raw is not None else transport.write
-        self._reactor = getattr(transport, "reactor", None)
+        reactor = getattr(transport, "reactor", None)
+        self._batch = read_batch(reactor) if reactor is not None else None
+        if self._batch is not None and hasattr(transport, "doRead"):
+            self._batch.watch(transport)
 
     def stopProtocol(self) -> None:
-        if self._flushing is not None and self._flushing.active():
-            self._flushing.cancel()
-        self._flushing = None
+        if self._batch is not None and self._flushing:
+            self._batch.forget(self._flush)
+        self._flushing = False
         self._outbox.clear()
         self._sendto = None
 
@@ -82,13 +87,14 @@ class DnsUdpProtocol(DatagramProtocol):
         if not response or self._sendto is None:
             return
         self._outbox.append((response, addr))
-        if self._reactor is None:  # a transport without a reactor to wait for: now
+        if self._batch is None:  # a transport without a reactor to wait for: now
             self._flush()
-        elif self._flushing is None:
-            self._flushing = self._reactor.callLater(0, self._flush)
+        elif not self._flushing:
+            self._flushing = True
+            self._batch.mark(self._flush)
 
     def _flush(self) -> None:
-        self._flushing = None
+        self._flushing = False
         outbox, self._outbox = self._outbox, []
         sendto = self._sendto
         if sendto is None:
