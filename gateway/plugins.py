@@ -49,7 +49,10 @@ class TransformSpec:
     """A registered transform.
 
     ``accepts`` is the set of kinds it takes (empty: any); ``produces`` is the
-    kind it turns them into (None: the kind it was given).
+    kind it turns them into (None: the kind it was given).  ``one_copy``: the
+    recipients of a route with this transform travel as one copy even when
+    their named groups differ; option values that differ between them are
+    joined with "," (see ``Router.match``).
     """
 
     name: str
@@ -57,15 +60,25 @@ class TransformSpec:
     accepts: frozenset[Kind]
     produces: Kind | None
     origin: str
+    one_copy: bool = False
 
     def output_kind(self, kind: Kind) -> Kind:
         return self.produces if self.produces is not None else kind
 
 
 def transform(
-    name: str, *, accepts: Iterable[Kind | str] = (), produces: Kind | str | None = None
+    name: str,
+    *,
+    accepts: Iterable[Kind | str] = (),
+    produces: Kind | str | None = None,
+    one_copy: bool = False,
 ) -> Callable[[F], F]:
-    """Register the decorated function as the transform ``name``."""
+    """Register the decorated function as the transform ``name``.
+
+    ``one_copy=True`` makes every recipient of a mail that takes a route with
+    this transform travel in one copy (a crosspost, for ``mail_to_news``)
+    instead of one copy per distinct set of named groups.
+    """
 
     def mark(func: F) -> F:
         spec = TransformSpec(
@@ -74,6 +87,7 @@ def transform(
             accepts=frozenset(Kind(k) for k in accepts),
             produces=Kind(produces) if produces is not None else None,
             origin=f"{func.__module__}.{func.__qualname__}",
+            one_copy=one_copy,
         )
         setattr(func, _MARK, spec)
         return func

@@ -52,9 +52,13 @@ What the transform does to the header:
   carries it with this gateway's name was gated by this gateway before (news
   to mail to news) and is dropped, which the log records.
 
-Crossposting: name every group in one route's ``newsgroups``.  A mail sent to
-two group addresses at once is routed as two copies with the same Message-ID,
-and a news server keeps only the first of them (the second is a duplicate).
+Crossposting: the transform is registered with ``one_copy=True``, so every
+recipient of a mail that takes its route travels in one copy, and a
+``newsgroups: '{group}'`` filled differently for each recipient becomes their
+groups joined with "," (``g1@news...`` and ``g2@news...`` give ``g1,g2``): one
+article crossposted to both.  (As two copies they would share a Message-ID
+and the news server would keep only the first.)  A route may also name several
+groups itself: ``newsgroups: [g1, g2]``.
 """
 
 from __future__ import annotations
@@ -303,7 +307,7 @@ def derived_message_id(msg: MailMessage, groups: list[str], gateway: str) -> str
 # --- the transform --------------------------------------------------------------------
 
 
-@transform("mail_to_news", accepts=[Kind.MAIL], produces=Kind.ARTICLE)
+@transform("mail_to_news", accepts=[Kind.MAIL], produces=Kind.ARTICLE, one_copy=True)
 def mail_to_news(msg: MailMessage, options: Mapping[str, Any]) -> Article | None:
     gateway = gateway_name(options)
     if loop_seen(msg.headers, gateway):

@@ -47,6 +47,10 @@ log = Logger(namespace="gateway.nntp.poller")
 
 # Longest wait between attempts while the server is unreachable.
 _MAX_BACKOFF = 300.0
+# Once the waits between attempts are at their longest, a failure that repeats with
+# the same reason is logged again only after this long, so a news server that is not
+# there (yet) does not fill the log.
+_REPEAT_LOG = 3600.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class NntpPoller:
         self._stopping = False
         self._submitting = False
         self._missing: set[str] = set()  # groups reported missing, so the log says it once
+        self._failure_logged: tuple[str, float] | None = None  # last reason logged, and when
         self._done: list[Deferred[None]] = []
 
     @property
@@ -143,6 +148,7 @@ class NntpPoller:
         self.config = config
         self._missing.clear()
         self.failures = 0
+        self._failure_logged = None
         if self._sleep is not None and not self._sleep.called:
             self._sleep.cancel()
 
@@ -153,23 +159,26 @@ class NntpPoller:
             while not self._stopping:
                 try:
                     await self._poll_once()
+                    if self.failures:
+                        log.info(
+                            "NNTP poller {listener}: {server} answers again after {count}"
+                            " failed poll(s)",
+                            listener=self.config.name,
+                            server=self.server,
+                            count=self.failures,
+                        )
                     self.failures = 0
+                    self._failure_logged = None
                     delay = float(self.config.interval)
                 except Exception as exc:
                     # Nothing stops the poller for good: the server, the spool or a bug
                     # may be fixed, so it backs off and tries again.
                     self.failures += 1
                     interval = max(float(self.config.interval), 0.1)
-                    delay = min(
-                        interval * 2 ** (self.failures - 1), max(interval, _MAX_BACKOFF)
-                    )
+                    longest = max(interval, _MAX_BACKOFF)
+                    delay = min(interval * 2 ** (self.failures - 1), longest)
                     if isinstance(exc, NntpSessionError):
-                        log.warn(
-                            "NNTP poller {listener}: {reason}; next attempt in {delay:g}s",
-                            listener=self.config.name,
-                            reason=exc.text,
-                            delay=delay,
-                        )
+                        self._log_failure(exc.text, delay, delay >= longest)
                     else:
                         log.failure(
                             "NNTP poller {listener}: error while polling; next attempt in"
@@ -192,6 +201,31 @@ class NntpPoller:
             done, self._done = self._done, []
             for deferred in done:
                 deferred.callback(None)
+
+    def _log_failure(self, reason: str, delay: float, longest: bool) -> None:
+        """Warn of a failed poll; once the waits are ``longest``, the same reason once an hour."""
+        now = float(self.reactor.seconds())
+        last = self._failure_logged
+        if longest and last is not None and last[0] == reason:
+            if now - last[1] < _REPEAT_LOG:
+                return
+            self._failure_logged = (reason, now)
+            log.warn(
+                "NNTP poller {listener}: still failing after {count} poll(s): {reason};"
+                " next attempt in {delay:g}s",
+                listener=self.config.name,
+                count=self.failures,
+                reason=reason,
+                delay=delay,
+            )
+            return
+        self._failure_logged = (reason, now)
+        log.warn(
+            "NNTP poller {listener}: {reason}; next attempt in {delay:g}s",
+            listener=self.config.name,
+            reason=reason,
+            delay=delay,
+        )
 
     async def _poll_once(self) -> None:
         config = self.config
