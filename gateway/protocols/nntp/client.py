@@ -41,6 +41,7 @@ from .codec import (
 )
 
 __all__ = [
+    "MAX_REPLY_SIZE",
     "NntpClientPool",
     "NntpSession",
     "NntpSessionError",
@@ -53,6 +54,13 @@ log = Logger(namespace="gateway.nntp.client")
 
 # Response lines are short (RFC 3977: 512 octets); some servers put long texts in them.
 _MAX_RESPONSE_LINE = 4096
+# The largest multi-line block taken in one reply (an article, an OVER batch); a
+# server that sends more, or never ends its block, loses the session.
+MAX_REPLY_SIZE = 64 * 1024 * 1024
+# Replies nobody asked for that are kept (the greeting, a "400" goodbye); more is garbage.
+_MAX_UNSOLICITED = 2
+# RFC 4644 responses that start with the message-id they answer.
+_STREAMING_CODES = frozenset({238, 239, 431, 438, 439})
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +126,11 @@ class _Pending:
 class _NntpClientProtocol(Protocol):
     """Bytes in, replies out, in the order the commands were written (so pipelining works)."""
 
-    def __init__(self) -> None:
-        self._reader = StreamReader(max_line_length=_MAX_RESPONSE_LINE)
+    def __init__(self, max_block_size: int = MAX_REPLY_SIZE) -> None:
+        self._reader = StreamReader(
+            max_line_length=_MAX_RESPONSE_LINE, max_block_size=max_block_size
+        )
+        self.max_block_size = max_block_size
         self._pending: deque[_Pending] = deque()
         self._early: deque[Reply] = deque()  # the greeting, or input nobody asked for
         self._error: Exception | None = None
@@ -174,11 +185,17 @@ class _NntpClientProtocol(Protocol):
             current = self._pending[0] if self._pending else None
             if current is not None and current.status is not None:
                 block = self._reader.read_block()
-                if block is None:
+                if block is None and not self._reader.block_refused:
                     return
+                if block is None or not block.ok:
+                    raise NntpError(
+                        f"the block after {current.status.code} to {current.keyword} is longer"
+                        f" than {self.max_block_size} octets, the limit for one reply"
+                    )
                 status, current.status = current.status, None
                 self._pending.popleft()
-                current.waiter.callback(Reply(status.code, status.text, block.data))
+                if not current.waiter.called:  # else cancelled by its caller
+                    current.waiter.callback(Reply(status.code, status.text, block.data))
                 continue
             line = self._reader.read_line()
             if line is None:
@@ -186,13 +203,16 @@ class _NntpClientProtocol(Protocol):
             response = parse_response(line)
             reply = Reply(response.code, response.text)
             if current is None:
+                if len(self._early) >= _MAX_UNSOLICITED:
+                    raise NntpError(f"unsolicited reply {str(reply)[:80]!r}")
                 self._early.append(reply)
                 continue
             if response_has_block(reply.code, current.keyword):
                 current.status = reply
                 continue
             self._pending.popleft()
-            current.waiter.callback(reply)
+            if not current.waiter.called:
+                current.waiter.callback(reply)
 
     def _fail_all(self, error: Exception) -> None:
         if self._error is None:
@@ -213,8 +233,11 @@ class _NntpClientProtocol(Protocol):
 class _ClientFactory(Factory):
     noisy = False
 
+    def __init__(self, max_reply_size: int = MAX_REPLY_SIZE) -> None:
+        self.max_reply_size = max_reply_size
+
     def buildProtocol(self, addr: IAddress | None) -> _NntpClientProtocol:
-        protocol = _NntpClientProtocol()
+        protocol = _NntpClientProtocol(self.max_reply_size)
         protocol.factory = self
         return protocol
 
@@ -304,8 +327,8 @@ class NntpSession:
         self.protocol.write(line if data is None else line + encode_block(data))
         return await self._wait(waiting, f"the reply to {keyword.upper()}")
 
-    async def _send_block(self, data: bytes, what: str) -> Reply:
-        waiting = self.protocol.expect("")
+    async def _send_block(self, keyword: str, data: bytes, what: str) -> Reply:
+        waiting = self.protocol.expect(keyword)
         self.protocol.write(encode_block(data))
         return await self._wait(waiting, what)
 
@@ -367,22 +390,37 @@ class NntpSession:
         reply = await self.command("POST")
         if reply.code != 340:
             return reply
-        return await self._send_block(data, "the reply to the posted article")
+        return await self._send_block("POST", data, "the reply to the posted article")
 
     async def ihave(self, message_id: str, data: bytes) -> Reply:
         """IHAVE (RFC 3977 6.3.2): 335 then the article; a 435/436/437 ends it early."""
         reply = await self.command("IHAVE", message_id)
         if reply.code != 335:
             return reply
-        return await self._send_block(data, "the reply to the offered article")
+        return await self._send_block("IHAVE", data, "the reply to the offered article")
 
     async def check(self, message_id: str) -> Reply:
         """CHECK (RFC 4644 2.3): 238 send it, 431 later, 438 not wanted."""
-        return await self.command("CHECK", message_id)
+        return self._same_article(await self.command("CHECK", message_id), "CHECK", message_id)
 
     async def takethis(self, message_id: str, data: bytes) -> Reply:
         """TAKETHIS (RFC 4644 2.4): command and article in one write; 239 or 439."""
-        return await self.command("TAKETHIS", message_id, data=data)
+        reply = await self.command("TAKETHIS", message_id, data=data)
+        return self._same_article(reply, "TAKETHIS", message_id)
+
+    def _same_article(self, reply: Reply, keyword: str, message_id: str) -> Reply:
+        """A streaming reply names its article: one for another article means the
+        replies are out of step with the commands, and none of them can be trusted."""
+        if reply.code in _STREAMING_CODES:
+            words = reply.text.split(None, 1)
+            if words and is_message_id(words[0]) and words[0] != message_id:
+                self.abort()
+                raise NntpSessionError(
+                    f"{self.server} answered {keyword} {message_id} with {reply},"
+                    " which is about another article; the session is out of step",
+                    reply,
+                )
+        return reply
 
     # ----------------------------------------------------------------- reading
 
@@ -451,16 +489,18 @@ async def open_session(
     user: str | None = None,
     password: str | None = None,
     server: str | None = None,
+    max_reply_size: int = MAX_REPLY_SIZE,
 ) -> NntpSession:
     """A session past greeting, mode switch and AUTHINFO; raises NntpSessionError.
 
     ``mode`` is "reader" (MODE READER: POST, GROUP, ARTICLE), "stream" (MODE
     STREAM; the session falls back to IHAVE when refused) or "transit" (none).
     MODE READER comes before AUTHINFO, as RFC 4643 2.2 asks of mode-switching
-    servers.
+    servers.  A multi-line reply over ``max_reply_size`` octets (or one that
+    never ends) ends the session with NntpSessionError.
     """
     server = server or describe_endpoint(endpoint)
-    connecting = cast(_Endpoint, endpoint).connect(_ClientFactory())
+    connecting = cast(_Endpoint, endpoint).connect(_ClientFactory(max_reply_size))
     connecting.addTimeout(connect_timeout, reactor)
     try:
         protocol = cast(_NntpClientProtocol, await connecting)
@@ -537,7 +577,7 @@ class NntpClientPool:
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._idle_timeout = idle_timeout
-        self._capacity = pipeline if mode == "stream" else 1
+        self._pipeline = pipeline if mode == "stream" else 1
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
         self._backoff = 0.0  # the wait after the last failed attempt; 0 after a success
@@ -642,7 +682,7 @@ class NntpClientPool:
                     self._cancel_idle(session)
                     session.abort()
                 continue
-            if session.inflight < self._capacity and (
+            if session.inflight < self._capacity(session) and (
                 best is None or session.inflight > best.inflight
             ):
                 best = session  # fill busy sessions first, so spare ones age out
@@ -720,12 +760,17 @@ class NntpClientPool:
             session.idle_call = self._clock.callLater(self._idle_timeout, self._expire, session)
 
     def _hand_over(self, session: NntpSession) -> None:
-        while session.inflight < self._capacity:
+        while session.inflight < self._capacity(session):
             waiter = self._next_waiter()
             if waiter is None:
                 return
             session.inflight += 1
             waiter.callback(session)
+
+    def _capacity(self, session: NntpSession) -> int:
+        """Articles a session may carry at once: only CHECK and TAKETHIS pipeline;
+        IHAVE and POST wait for the server between command and article."""
+        return self._pipeline if session.streaming else 1
 
     def _expire(self, session: NntpSession) -> None:
         session.idle_call = None

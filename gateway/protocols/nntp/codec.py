@@ -50,8 +50,10 @@ Nothing here does I/O or imports Twisted. The pieces:
 
 ``Response``, ``parse_response``, ``response_has_block``
     Status lines ("211 3 1 3 misc.test") and the rule for which of them are
-    followed by a multi-line block; that depends on the command for 211
-    (GROUP: no, LISTGROUP: yes) and 221 (HEAD and XHDR: yes).
+    followed by a multi-line block.  That depends on the command (RFC 3977
+    section 3.2): 211 has one after LISTGROUP, not after GROUP, and no
+    response to POST, IHAVE, CHECK, TAKETHIS, MODE, AUTHINFO, ... has one,
+    whatever its code.
 
 ``is_message_id``, ``parse_capabilities``, ``encode_lines``
     Small helpers for message-ids (RFC 3977 section 3.6, RFC 5536), the
@@ -236,6 +238,11 @@ class StreamReader:
     def in_block(self) -> bool:
         """True between the first ``read_block`` call for a block and the one returning it."""
         return self._block is not None
+
+    @property
+    def block_refused(self) -> bool:
+        """The block being read is already over a limit (its content is being dropped)."""
+        return self._block is not None and not self._block.ok
 
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
@@ -456,15 +463,57 @@ _RESPONSE = re.compile(rb"([1-5][0-9][0-9])(?:[ \t]|\Z)")
 MULTILINE_CODES = frozenset({100, 101, 215, 220, 221, 222, 224, 225, 230, 231, 282})
 """Codes always followed by a multi-line block (RFC 3977 section 3.2, RFC 2980 XGTITLE)."""
 
-_MULTILINE_BY_COMMAND = {211: frozenset({"LISTGROUP"})}
+# RFC 3977 section 3.2: which responses are multi-line depends on the command.
+_NO_BLOCK: frozenset[int] = frozenset()
+_BLOCK_CODES_BY_COMMAND = {
+    "ARTICLE": frozenset({220}),
+    "HEAD": frozenset({221}),
+    "BODY": frozenset({222}),
+    "OVER": frozenset({224}),
+    "XOVER": frozenset({224}),
+    "XROVER": frozenset({224}),
+    "HDR": frozenset({225}),
+    "XHDR": frozenset({221}),
+    "XPAT": frozenset({221}),
+    "LIST": frozenset({215}),
+    "LISTGROUP": frozenset({211}),
+    "NEWNEWS": frozenset({230}),
+    "NEWGROUPS": frozenset({231}),
+    "HELP": frozenset({100}),
+    "CAPABILITIES": frozenset({101}),
+    "XGTITLE": frozenset({282}),
+    # Commands whose responses are all single lines.
+    **dict.fromkeys(
+        (
+            "AUTHINFO",
+            "CHECK",
+            "DATE",
+            "GROUP",
+            "IHAVE",
+            "LAST",
+            "MODE",
+            "NEXT",
+            "POST",
+            "QUIT",
+            "STAT",
+            "TAKETHIS",
+        ),
+        _NO_BLOCK,
+    ),
+}
 
 
 def response_has_block(code: int, keyword: str = "") -> bool:
-    """True when a response with ``code`` to the command ``keyword`` is followed by a block."""
-    if code in MULTILINE_CODES:
-        return True
-    commands = _MULTILINE_BY_COMMAND.get(code)
-    return commands is not None and keyword.upper() in commands
+    """True when a response with ``code`` to the command ``keyword`` is followed by a block.
+
+    For a command this module knows, only its own multi-line responses have a
+    block (a 220 to POST is a single line); for any other command (or none)
+    the code decides.
+    """
+    codes = _BLOCK_CODES_BY_COMMAND.get(keyword.upper())
+    if codes is not None:
+        return code in codes
+    return code in MULTILINE_CODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -690,6 +739,11 @@ class ServerCodec:
     @property
     def authenticated(self) -> bool:
         return self.user is not None
+
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet handled."""
+        return self._reader.buffered
 
     def greeting(self) -> Response:
         if self.posting:

@@ -3,9 +3,11 @@
 Replies map to outcomes as a news peer reads them: 240, 235 and 239
 delivered; 441, 435 and 438 that say the server already has the Message-ID
 count as delivered too (INN answers a duplicate POST with ``441 435
-Duplicate``); 436, 431, any other 4xx and no reply at all are temporary; 437,
-439, every other 441 and the 5xx are permanent, with the server's text kept
-as the reason.
+Duplicate``), and so do 437 and 439 that say "Duplicate" (an article that
+reached the server by another way while it was sent); 436, 431, a 441 whose
+text starts with a temporary code (``441 436 ...``), any other 4xx and no
+reply at all are temporary; other 437, 439 and 441 and the 5xx
+are permanent, with the server's text kept as the reason.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = ["NntpDestination", "outcome_for"]
 _DELIVERED = frozenset({240, 235, 239})
 _DUPLICATE = frozenset({435, 438})
 _DUPLICATE_TEXT = re.compile(r"^435\b|\bduplicate\b|\balready\b", re.IGNORECASE)
+_INNER_TEMPORARY = re.compile(r"(?:400|403|431|436)\b")
+_DUPLICATE_WORD = re.compile(r"\bduplicate\b", re.IGNORECASE)
 
 
 def _is_duplicate_text(text: str) -> bool:
@@ -39,8 +43,16 @@ def outcome_for(reply: Reply, server: str) -> Outcome:
         return Outcome.delivered(said)
     if code in _DUPLICATE:
         return Outcome.delivered(f"{said} (the server already has this Message-ID)")
+    if code == 441 and _INNER_TEMPORARY.match(reply.text):
+        # "441 436 ...": the posting server passes on the temporary failure of
+        # the server behind it (INN's nnrpd and innd; the gateway's listener).
+        return Outcome.temporary(said)
     if code in (441, 439) and _is_duplicate_text(reply.text):
         # INN says "441 435 Duplicate" to a POST of an article it already has.
+        return Outcome.delivered(f"{said} (the server already has this Message-ID)")
+    if code == 437 and _DUPLICATE_WORD.search(reply.text):
+        # INN's "437 Duplicate": the article arrived by another way while this
+        # copy was being sent.
         return Outcome.delivered(f"{said} (the server already has this Message-ID)")
     if code == 480:
         return Outcome.temporary(

@@ -10,7 +10,7 @@ once the article is in the spool:
 ========  =========  ========================  =================
 command   delivered  temporary failure         permanent refusal
 ========  =========  ========================  =================
-POST      240        441 (the poster retries)  441
+POST      240        441 436 (retry)           441
 IHAVE     235        436                       437
 TAKETHIS  239        400, connection closed    439
 ========  =========  ========================  =================
@@ -29,7 +29,9 @@ waits for the first one's verdict.  Destinations have their own duplicate
 window for what this record forgets.
 
 A relayed article (IHAVE, TAKETHIS) must carry the Message-ID of its
-command and the header fields RFC 5536 requires; one whose Path already
+command, in the ``<left@right>`` form of RFC 5536 (offers of other forms get
+435 / 438), and the header fields RFC 5536 requires; an article with two
+Message-ID, Subject, Date, ... fields is refused (posted ones too).  One whose Path already
 holds this listener's ``hostname`` is refused as a loop, the others get it
 put in front of Path (RFC 5537 section 3.3).
 
@@ -70,6 +72,30 @@ log = Logger(namespace="gateway.nntp.listener")
 _TRANSIT_REQUIRED = ("From", "Newsgroups", "Subject", "Date", "Path")
 # Header fields a posted article must have; the rest are added by injection.
 _POST_REQUIRED = ("From", "Newsgroups", "Subject")
+# Header fields an article may carry at most once (RFC 5322 section 3.6, RFC 5536 section 3).
+_SINGLE_FIELD_NAMES = (
+    "Message-ID",
+    "Date",
+    "From",
+    "Subject",
+    "Newsgroups",
+    "Path",
+    "Sender",
+    "Reply-To",
+    "References",
+    "Followup-To",
+    "Control",
+    "Supersedes",
+    "Approved",
+    "Distribution",
+    "Expires",
+    "Organization",
+    "Summary",
+    "Injection-Date",
+    "Injection-Info",
+    "Xref",
+)
+_SINGLE_FIELDS = {name.lower(): name for name in _SINGLE_FIELD_NAMES}
 _NEWSGROUP = re.compile(r"[A-Za-z0-9+_-]+(?:\.[A-Za-z0-9+_-]+)*\Z")
 
 
@@ -260,6 +286,11 @@ class NntpListener:
             if ihave:
                 return Response(436, "Service shutting down, try again later")
             return Response(431, f"{message_id} service shutting down, try again later")
+        if not is_message_id(message_id, strict=True):
+            # RFC 5536 3.1.3: such an article would be refused once it arrived.
+            if ihave:
+                return Response(435, "Bad Message-ID: expected <left@right>")
+            return Response(438, f"{message_id} bad Message-ID: expected <left@right>")
         if message_id in self.recent:
             if ihave:
                 return Response(435, "Duplicate: article already received")
@@ -331,13 +362,27 @@ class NntpListener:
                 client=session.peer_host,
                 reason=verdict.detail,
             )
-            return answers.make(
-                answers.temporary, message_id, f"Try again later: {verdict.detail}"
-            )
+            text = f"Try again later: {verdict.detail}"
+            if command == "POST":
+                # 441 is all POST has; the code inside says "temporary" to a
+                # program that posts (INN's nnrpd does the same).
+                text = f"436 {text}"
+            return answers.make(answers.temporary, message_id, text)
         self.rejected += 1
         return answers.make(answers.permanent, message_id, f"Rejected: {verdict.detail}")
 
     # ----------------------------------------------------------------- article checks
+
+    @staticmethod
+    def _check_single_fields(article: Article) -> str:
+        seen: set[str] = set()
+        for key, _ in article.headers:
+            name = _SINGLE_FIELDS.get(key.lower())
+            if name is not None:
+                if name in seen:
+                    return f"Duplicate {name} header field"
+                seen.add(name)
+        return ""
 
     @staticmethod
     def _check_newsgroups(article: Article) -> str:
@@ -352,11 +397,16 @@ class NntpListener:
 
         Returns (why it is refused or "", the article).
         """
+        problem = self._check_single_fields(article)
+        if problem:
+            return problem, article
         found = article.message_id
         if found is None:
             return "Article has no Message-ID header field", article
         if found != message_id:
             return f"Message-ID header field {found[:250]} does not match the command's", article
+        if not is_message_id(found, strict=True):
+            return f"Bad Message-ID {found[:250]!r}: expected <left@right>", article
         for name in _TRANSIT_REQUIRED:
             if name not in article.headers:
                 return f"Article has no {name} header field", article
@@ -372,6 +422,9 @@ class NntpListener:
 
     def _inject(self, session: NntpSession, article: Article, qid: str) -> tuple[str, Article]:
         """RFC 5537 injection of a posted article: (why it is refused or "", the article)."""
+        problem = self._check_single_fields(article)
+        if problem:
+            return problem, article
         headers = article.headers
         for name in ("Injection-Info", "Injection-Date"):
             if name in headers:
@@ -401,7 +454,8 @@ class NntpListener:
         headers = headers.add("Injection-Date", email.utils.formatdate(now, usegmt=True))
         info = f'{self.config.hostname}; posting-host="{host}"'
         if session.user is not None:
-            info += f'; posting-account="{session.user}"'
+            account = session.user.replace("\\", "\\\\").replace('"', '\\"')
+            info += f'; posting-account="{account}"'
         headers = headers.add("Injection-Info", info)
         return "", article.replace_headers(headers)
 

@@ -14,10 +14,11 @@ from typing import Protocol as TypingProtocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from .codec import (
     ArticleReceived,
@@ -39,6 +40,11 @@ __all__ = [
 
 log = Logger()
 
+# Input kept while the client reads no replies, before reading from it stops too.
+# Reading goes on below it: a TLS transport buffers writes (and pauses its
+# producer) until its handshake is done, and the handshake needs reading.
+_READ_AHEAD = 64 * 1024
+
 _T = TypeVar("_T")
 
 # A handler failed: answer "try again later" in the terms of each command.
@@ -46,7 +52,8 @@ LOCAL_ERROR = {
     "AUTHINFO": Response(403, "Internal fault while checking the credentials"),
     "IHAVE": Response(436, "Internal fault, try again later"),
     "CHECK": Response(431, "Internal fault, try again later"),
-    "POST": Response(441, "Internal fault, posting failed; try again later"),
+    # 441 is all POST has; "436" inside tells a posting program to retry.
+    "POST": Response(441, "436 Internal fault, posting failed; try again later"),
     # TAKETHIS has no "try later" code: 400 closes the connection and the
     # peer keeps every article it has not seen acknowledged.
     "TAKETHIS": Response(400, "Internal fault, closing the connection"),
@@ -101,6 +108,9 @@ class _Clock(TypingProtocol):
 class _Transport(TypingProtocol):
     def write(self, data: bytes) -> None: ...
     def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
     def getPeer(self) -> object: ...
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
@@ -120,8 +130,17 @@ def _command_of(request: AuthRequest | OfferRequest | ArticleReceived) -> str:
     return "AUTHINFO" if isinstance(request, AuthRequest) else request.command
 
 
+@implementer(IPushProducer)
 class NntpServerProtocol(Protocol):
-    """One NNTP server connection."""
+    """One NNTP server connection.
+
+    It is the push producer of its own transport: when the client stops
+    reading replies and the transport's write buffer fills, the transport
+    pauses it, and it stops answering until the buffer drains, and stops
+    reading once ``_READ_AHEAD`` octets of commands wait; so a client that
+    pipelines commands without reading the answers costs a bounded amount of
+    memory.
+    """
 
     def __init__(self, factory: NntpServerFactory) -> None:
         self._factory = factory
@@ -136,7 +155,8 @@ class NntpServerProtocol(Protocol):
         self._open = False  # connected and not closing: the only state in which we write
         self._waiting = False  # a handler call is outstanding
         self._pumping = False
-        self._paused = False
+        self._paused = False  # reading from the transport is paused
+        self._write_blocked = False  # the transport's write buffer is full
         self._timer: _DelayedCall | None = None
         self._peer_host = ""
         self._peer_port = 0
@@ -165,6 +185,7 @@ class NntpServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self._open = True
+        self._transport().registerProducer(self, True)
         address = self._transport().getPeer()
         if isinstance(address, (IPv4Address, IPv6Address)):
             self._peer_host, self._peer_port = address.host, address.port
@@ -209,6 +230,25 @@ class NntpServerProtocol(Protocol):
         self._cancel_timer()
         self._codec.close()
 
+    # ----------------------------------------------------------------- IPushProducer
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: answer nothing more until it drains."""
+        self._write_blocked = True
+        self._update_flow()
+
+    def resumeProducing(self) -> None:
+        """The client read what was written: go on with the commands buffered meanwhile."""
+        if not self._write_blocked:
+            return
+        self._write_blocked = False
+        if not self._waiting:
+            self._arm_timer()  # the client is reading: that is activity
+        self._pump()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost does the rest."""
+
     # ----------------------------------------------------------------- the loop
 
     def _pump(self) -> None:
@@ -218,7 +258,7 @@ class NntpServerProtocol(Protocol):
             return
         self._pumping = True
         try:
-            while self._open and not self._waiting:
+            while self._open and not self._waiting and not self._write_blocked:
                 event = self._codec.next_event()
                 if event is None:
                     break
@@ -321,29 +361,37 @@ class NntpServerProtocol(Protocol):
         if self._open:
             self._transport().write(data)
 
-    def _close(self) -> None:
+    def _close(self, *, abort: bool = False) -> None:
+        """Close after what was written is sent; ``abort`` drops it and closes now."""
         if not self._open:
             return
         self._open = False
         self._cancel_timer()
         self._codec.close()
-        self._transport().loseConnection()
+        # A transport closes only once its producer is gone (TLS waits for that,
+        # TCP when the producer is paused as its buffer drains).
+        self._transport().unregisterProducer()
+        if abort:
+            self._transport().abortConnection()
+        else:
+            self._transport().loseConnection()
 
     def _update_flow(self) -> None:
-        """Stop reading and stop the idle clock while the handler, not the client, is slow."""
+        """Stop reading while the handler is slow or the client reads no replies;
+        stop the idle clock only while the handler, not the client, is slow."""
         if not self._open:
             return
         if self._waiting:
             self._cancel_timer()
-            if not self._paused:
-                self._paused = True
-                self._transport().pauseProducing()
-        else:
-            if self._paused:
-                self._paused = False
-                self._transport().resumeProducing()
-            if self._timer is None:
-                self._arm_timer()
+        elif self._timer is None:
+            self._arm_timer()
+        pause = self._waiting or (self._write_blocked and self._codec.buffered >= _READ_AHEAD)
+        if pause and not self._paused:
+            self._paused = True
+            self._transport().pauseProducing()
+        elif not pause and self._paused:
+            self._paused = False
+            self._transport().resumeProducing()
 
     def _arm_timer(self) -> None:
         if not self._open:
@@ -370,7 +418,9 @@ class NntpServerProtocol(Protocol):
             timeout=self._factory.idle_timeout,
         )
         self._write(self._codec.timeout().to_bytes())
-        self._close()
+        # A client that reads nothing would keep the connection open until the
+        # write buffer drains, that is forever.
+        self._close(abort=self._write_blocked)
 
 
 class NntpServerFactory(Factory):
