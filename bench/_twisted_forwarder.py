@@ -1,4 +1,4 @@
-"""The minimal twisted.names forwarder bench/dns.py compares the gateway with.
+"""The minimal twisted.names forwarder bench/dns_forwarding.py compares the gateway with.
 
     python bench/_twisted_forwarder.py PORT UPSTREAM_PORT
 
@@ -11,8 +11,8 @@ runs on PyPy 3.9.
 import os
 import sys
 
-# Python put this file's folder first on the path, where bench/'s http.py and dns.py would
-# hide the standard library's http and dnspython's dns: take it off before any import.
+# Python put this file's folder first on the path; a script here named like a package would
+# hide it, so take the folder off before any import (and name scripts like dns_*.py, http_*.py).
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 

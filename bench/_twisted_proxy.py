@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A minimal twisted.web reverse proxy, the baseline of bench/http.py.
+"""A minimal twisted.web reverse proxy, the baseline of bench/http_proxy.py.
 
     python bench/_twisted_proxy.py LISTEN_PORT UPSTREAM_PORT
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# bench/http.py would hide the standard library's "http" package that Twisted imports.
+# bench/http_proxy.py would hide the standard library's "http" package that Twisted imports.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from twisted.internet import reactor  # noqa: E402

@@ -5,14 +5,14 @@
 Each query from a client on 127.0.0.1:PORT goes as it is to 127.0.0.1:UPSTREAM_PORT, and the
 answer with the same ID back to that client. No parsing, no checks, no random IDs: it is not a
 DNS forwarder, only what the reactor, two sockets and four system calls a query cost, which
-bench/dns.py sets beside the gateway.
+bench/dns_forwarding.py sets beside the gateway.
 """
 
 import os
 import sys
 
-# Python put this file's folder first on the path, where bench/'s http.py and dns.py would
-# hide the standard library's http and dnspython's dns: take it off before any import.
+# Python put this file's folder first on the path; a script here named like a package would
+# hide it, so take the folder off before any import (and name scripts like dns_*.py, http_*.py).
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 
@@ -51,7 +51,7 @@ def main():
     front_port = reactor.listenUDP(port, front, interface="127.0.0.1")
     # The sockets themselves, as the gateway does: Port.write checks addresses per datagram.
     back.front, front.out = front_port.socket, back_port.socket
-    # bench/dns.py waits for a TCP listener on the port before it probes over UDP.
+    # bench/dns_forwarding.py waits for a TCP listener on the port before it probes over UDP.
     reactor.listenTCP(port, Factory.forProtocol(Protocol), interface="127.0.0.1")
     reactor.run()
 

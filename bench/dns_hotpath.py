@@ -7,7 +7,7 @@ A query goes into the listener's UDP protocol, the upstream client "sends" it
 to a fake socket, the answer unbound would give comes back into the client's
 socket, and the listener's answer lands in a fake transport. What is timed is
 everything the gateway's code and Twisted's Deferreds cost per query, without
-the system calls and the wake-ups that bench/dns.py also measures; the figure
+the system calls and the wake-ups that bench/dns_forwarding.py also measures; the figure
 moves far less with other programs on the machine, so it is the one to watch
 while changing the hot path (it is the process's CPU time, so time spent waiting for the
 CPU while other programs run is left out). ``--profile`` prints cProfile's top functions.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# This folder holds dns.py, which would hide dnspython's "dns" package.
+# The repository on the path instead of this folder, whose scripts must not hide packages.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT / "bench"]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -33,7 +33,7 @@ import dns.message  # noqa: E402
 import dns.rrset  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
-from bench.dns import NAMES, gateway_config, records  # noqa: E402
+from bench.dns_forwarding import NAMES, gateway_config, records  # noqa: E402
 from gateway.config import parse  # noqa: E402
 from gateway.destination import build_destination  # noqa: E402
 from gateway.plugins import Transforms  # noqa: E402
@@ -86,7 +86,7 @@ class FakeGateway:
 
 
 def answers() -> dict[bytes, bytes]:
-    """Query (ID 0) -> unbound's answer (ID 0) for every name of bench/dns.py's zone."""
+    """Query (ID 0) -> unbound's answer (ID 0) for every name of bench/dns_forwarding.py's zone."""
     out = {}
     for record in records():
         name = record.split()[0]

@@ -3,7 +3,7 @@
 
 Run from the repository, with the project's virtualenv (it imports tests/peers.py):
 
-    .venv/bin/python bench/dns.py [--seconds 10] [--runs 2] [--markdown] [--pypy PYTHON]
+    .venv/bin/python bench/dns_forwarding.py [--seconds 10] [--runs 2] [--markdown] [--pypy PYTHON]
 
 Debian packages it needs (it installs nothing):
 
@@ -214,7 +214,7 @@ class DnsdistServer(Server):
 
 
 GATEWAY_CONFIG = """\
-# bench/dns.py: forward everything to unbound{note}.
+# bench/dns_forwarding.py: forward everything to unbound{note}.
 version: 1
 listeners:
   dns-in:

@@ -3,7 +3,7 @@
 
 Run from the repository, with the project's virtualenv (it imports tests/peers_web.py):
 
-    .venv/bin/python bench/http.py [--seconds 15] [--runs 2] [--markdown]
+    .venv/bin/python bench/http_proxy.py [--seconds 15] [--runs 2] [--markdown]
 
 Debian packages it needs (it installs nothing):
 
@@ -158,7 +158,7 @@ class NginxTarget(Target):
         return [self.server.pid, *children(self.server.pid)]
 
 
-GATEWAY_CONFIG = """# bench/http.py: the gateway as a reverse proxy{note}
+GATEWAY_CONFIG = """# bench/http_proxy.py: the gateway as a reverse proxy{note}
 version: 1
 spool: {dir}/spool
 listeners:
