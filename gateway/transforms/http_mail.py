@@ -53,6 +53,7 @@ uploaded in a multipart form become attachments of the mail.
 
 from __future__ import annotations
 
+import email.header
 import email.message
 import email.parser
 import email.policy
@@ -64,7 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from gateway.message import HttpRequest, Kind, MailMessage, local_hostname
+from gateway.message import Headers, HttpRequest, Kind, MailMessage, local_hostname
 from gateway.plugins import Reject, transform
 from gateway.protocols.http.webhook import signature_matches
 
@@ -239,6 +240,27 @@ def _parse_urlencoded(body: bytes) -> Payload:
     return Payload({k: _form_value(v) for k, v in fields.items()}, "form")
 
 
+def _raw_part_bodies(body: bytes, boundary: str) -> list[bytes]:
+    """The bytes of each part's body in a multipart ``body`` (RFC 2046 5.1.1), in order."""
+    dash_boundary = rb"--" + re.escape(boundary.encode("latin-1", "replace"))
+    delimiter = re.compile(rb"(?:\A|\r?\n)" + dash_boundary + rb"(--)?[ \t]*(?:\r?\n|\Z)")
+    bodies: list[bytes] = []
+    previous: re.Match[bytes] | None = None
+    for found in delimiter.finditer(body):
+        if previous is not None:
+            segment = body[previous.end() : found.start()]
+            if segment.startswith((b"\r\n", b"\n")):
+                bodies.append(segment[2:] if segment.startswith(b"\r\n") else segment[1:])
+            else:
+                cut = [i for i in (segment.find(b"\r\n\r\n"), segment.find(b"\n\n")) if i >= 0]
+                at = min(cut) if cut else len(segment)
+                bodies.append(segment[at + (4 if segment[at : at + 4] == b"\r\n\r\n" else 2) :])
+        if found.group(1):
+            break
+        previous = found
+    return bodies
+
+
 def _parse_multipart(body: bytes, content_type: str, params: Mapping[str, str]) -> Payload:
     if not params.get("boundary"):
         raise Reject(
@@ -263,6 +285,7 @@ def _parse_multipart(body: bytes, content_type: str, params: Mapping[str, str]) 
         raise Reject(f"the form has more than {_MAX_FORM_FIELDS} fields", http_status=400)
     fields: dict[str, list[str]] = {}
     files: list[tuple[str, str, bytes]] = []
+    raw_bodies: list[bytes] | None = None
     for number, part in enumerate(parts, start=1):
         if not isinstance(part, email.message.Message):
             continue
@@ -275,6 +298,13 @@ def _parse_multipart(body: bytes, content_type: str, params: Mapping[str, str]) 
         name = email.utils.collapse_rfc2231_value(name)
         raw = part.get_payload(decode=True)
         data = raw if isinstance(raw, bytes) else b""
+        if part.is_multipart() or part.get_content_maintype() in ("message", "multipart"):
+            # The parser took such a part apart (or failed to); a form field's value is
+            # its bytes as sent, so they are taken from the body itself.
+            if raw_bodies is None:
+                raw_bodies = _raw_part_bodies(body, params["boundary"])
+            if number <= len(raw_bodies):
+                data = raw_bodies[number - 1]
         filename = part.get_filename()
         if filename is not None:
             files.append((filename, part.get_content_type(), data))
@@ -349,8 +379,48 @@ def _addresses(value: Any, option: str, *, required: bool) -> list[str]:
     return texts
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ENCODED_WORD_START = "=?"
+_NOT_7BIT_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """``text`` on one line: control characters (CR, LF, NUL, ESC...) become spaces."""
+    return " ".join(_CONTROL.sub(" ", text).split())
+
+
+def subject_field(text: str) -> bytes:
+    """The Subject field's value (after the colon) for ``text``: 7-bit, folded, never two fields.
+
+    Plain ASCII is folded at spaces. Anything else, including text that looks like an
+    RFC 2047 encoded word, is encoded here (RFC 2047, UTF-8), so that whatever the payload
+    says reads back as the same text and can never decode into a line break.
+    """
+    text = _one_line(text)
+    words = text.split(" ")
+    plain = (
+        text.isascii()
+        and _ENCODED_WORD_START not in text
+        and all(len(word) <= 76 - len("Subject: ") for word in words)
+    )
+    if not text:
+        return b""
+    if plain:
+        lines: list[str] = []
+        line = "Subject:"
+        for word in words:
+            if len(line) + 1 + len(word) > 78 and line != "Subject:":
+                lines.append(line)
+                line = ""
+            line += " " + word
+        lines.append(line)
+        return "\n".join(lines)[len("Subject:") :].encode("ascii")
+    encoded = email.header.Header(text, "utf-8", header_name="Subject").encode(linesep="\n")
+    return b" " + encoded.encode("ascii")
+
+
+def _safe_filename(name: str) -> str:
+    return _one_line(name) or "upload"
 
 
 @transform("http_to_mail", accepts=[Kind.HTTP], produces=Kind.MAIL)
@@ -404,12 +474,22 @@ def http_to_mail(request: HttpRequest, options: Mapping[str, Any]) -> MailMessag
     )
     msg["From"] = froms[0]
     msg["To"] = ", ".join(recipients_text)
-    msg["Subject"] = subject
+    # Subject is added below, as bytes made here: the email package would decode encoded
+    # words found in payload text, and one that decodes to CR LF would start a new field.
     msg["Date"] = email.utils.formatdate(request.received, localtime=True)
     msg["Message-ID"] = f"<{request.id}.webhook@{domain}>"
-    msg.set_content(text, charset="utf-8")
+    if _NOT_7BIT_TEXT.search(text):
+        # RFC 2045 2.7: 7bit text has no NUL and no CR or LF alone; the email package would
+        # still pick 7bit for ASCII text, so the encoding is chosen here.
+        msg.set_content(text, charset="utf-8", cte="quoted-printable")
+    else:
+        msg.set_content(text, charset="utf-8")
     for filename, ctype, data in payload.files:
         maintype, _, subtype = ctype.partition("/")
+        if maintype in ("multipart", "message"):
+            # Sent as base64 bytes, which RFC 2045 6.4 forbids for these types.
+            maintype, subtype = "application", "octet-stream"
+        filename = _safe_filename(filename)
         # Bytes are sent base64-encoded whatever their type: uploaded text stays byte for byte.
         msg.add_attachment(
             data,
@@ -428,7 +508,7 @@ def http_to_mail(request: HttpRequest, options: Mapping[str, Any]) -> MailMessag
         else email.utils.parseaddr(froms[0])[1]
     )
     recipients = [addr for _, addr in email.utils.getaddresses(recipients_text)]
-    return MailMessage.from_bytes(
+    message = MailMessage.from_bytes(
         raw,
         sender=sender,
         recipients=recipients,
@@ -437,3 +517,7 @@ def http_to_mail(request: HttpRequest, options: Mapping[str, Any]) -> MailMessag
         client=request.client,
         received=request.received,
     )
+    fields = list(message.headers.fields)
+    after_to = next((i + 1 for i, (k, _) in enumerate(fields) if k.lower() == "to"), len(fields))
+    fields.insert(after_to, ("Subject", subject_field(subject)))
+    return message.replace_headers(Headers(tuple(fields)))

@@ -26,6 +26,8 @@ What the transform does to the header:
 
 * Message-ID: kept when it is valid for netnews (RFC 5536 3.1.3, at most 250
   octets), so the same mail gated twice, or by two gateways, is one article.
+  Comments and folding around it, which mail allows, are dropped: the
+  article's field is the bare ``<id@host>``.
   Otherwise a Message-ID is derived from a hash of the mail's stable content
   (originator fields, Subject, Date, references, the original Message-ID,
   body, groups), so a retry of the same mail posts nothing new; the invalid one
@@ -43,9 +45,15 @@ What the transform does to the header:
   ``X-Original-Also-Control``, ``Supersedes`` to ``X-Original-Supersedes``.
 * ``References:`` is made from ``In-Reply-To:`` when the mail has none, and
   shortened to fit 998 octets (RFC 5537 3.4.4): the first id and the newest
-  ones stay, the oldest after the first go.
+  ones stay, the oldest after the first go.  The first and the last three
+  always stay; if they are so long that they do not fit one line, the field
+  is folded between them.
 * ``Date:``, the body, ``Content-Transfer-Encoding`` and RFC 2047 encoded
-  words are left as they are.  A news server refuses a Date too far in the
+  words are left as they are.  Fields every article must have (RFC 5536 3.1)
+  are made when the mail lacks them: ``Date:`` from the time the gateway
+  received it, ``From:`` from the envelope sender (no sender at all refuses
+  the mail, 550 5.6.0) and ``Subject: (no subject)``; a retry makes the same
+  ones.  A news server refuses a Date too far in the
   past or the future; that refusal is permanent and the dead letter keeps the
   server's reason.
 * Loop prevention: ``X-Gateway-Loop: <gateway>`` is added; a mail that already
@@ -67,6 +75,8 @@ import base64
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 from twisted.logger import Logger
@@ -80,6 +90,7 @@ __all__ = [
     "is_valid_message_id",
     "loop_seen",
     "mail_to_news",
+    "message_id_core",
     "newsgroup_problem",
     "shorten_references",
 ]
@@ -101,6 +112,7 @@ _MSG_ID = re.compile(
 )
 _MSG_ID_ANYWHERE = re.compile(r"<[^<>\s]+>")
 
+_MAX_HOST_NAME = 253
 _PATH_IDENTITY = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
 _REMOVE = (
@@ -148,6 +160,31 @@ def is_valid_message_id(value: str) -> bool:
     """Whether ``value`` (surrounding white space allowed) is a netnews msg-id (RFC 5536 3.1.3)."""
     core = value.strip()
     return len(core.encode("utf-8")) <= MAX_MESSAGE_ID and _MSG_ID.fullmatch(core) is not None
+
+
+_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
+
+
+def message_id_core(value: str) -> str | None:
+    """The netnews msg-id-core in a mail's Message-ID value, or None when it has none.
+
+    Mail allows comments and folding around the id (RFC 5322 3.6.4: ``[CFWS] msg-id
+    [CFWS]``); the netnews Message-ID field carries the bare msg-id-core (RFC 5536 3.1.3),
+    so the id is taken out of them when everything around it is white space and comments.
+    """
+    text = value.strip()
+    if is_valid_message_id(text):
+        return text
+    found = _MSG_ID.search(text)
+    if found is None or not is_valid_message_id(found.group(0)):
+        return None
+    rest = text[: found.start()] + " " + text[found.end() :]
+    for _ in range(10):  # nested comments, bounded
+        shorter = _COMMENT.sub(" ", rest)
+        if shorter == rest:
+            break
+        rest = shorter
+    return found.group(0) if not rest.strip() else None
 
 
 def _component_ok(component: str) -> bool:
@@ -223,10 +260,10 @@ def _checked_groups(value: Any, option: str, *, followup: bool = False) -> list[
 def gateway_name(options: Mapping[str, Any]) -> str:
     """The gateway's path identity from the route options, or this host's name."""
     name = str(options.get("gateway") or local_hostname())
-    if not _PATH_IDENTITY.match(name):
+    if len(name) > _MAX_HOST_NAME or not _PATH_IDENTITY.match(name):
         raise ValueError(
             f"route option 'gateway' is {name!r}: it must be a host name (letters, digits,"
-            " dots, '-' and '_') because it goes into Path: and Message-IDs"
+            " dots, '-' and '_', at most 253 of them) because it goes into Path: and Message-IDs"
         )
     return name
 
@@ -244,18 +281,18 @@ def shorten_references(ids: list[str], limit: int = MAX_LINE) -> list[str]:
     """The ids whose ``References: `` line fits ``limit`` octets (RFC 5537 3.4.4).
 
     The first id (the thread's start) and the newest ids stay; the oldest
-    after the first are removed until the line fits.
+    after the first are removed until the line fits.  The first and the last
+    three are never removed: when even they do not fit (ids near the 250-octet
+    limit), they are all kept and the field is folded between them.
     """
 
     def length(kept: list[str]) -> int:
         return len("References: ") + len(" ".join(kept).encode("utf-8"))
 
     kept = list(ids)
-    while len(kept) > 2 and length(kept) > limit:
+    while len(kept) > 4 and length(kept) > limit:
         del kept[1]
-    if length(kept) > limit and len(kept) == 2:
-        kept = kept[-1:]
-    return kept if length(kept) <= limit else []
+    return kept
 
 
 def _references(headers: Headers) -> Headers:
@@ -265,7 +302,7 @@ def _references(headers: Headers) -> Headers:
         ids = [i for i in _MSG_ID_ANYWHERE.findall(reply_to) if is_valid_message_id(i)]
         if not ids:
             return headers
-        return headers.set("References", " ".join(shorten_references(ids)))
+        return headers.set("References", _fold_ids(shorten_references(ids)))
     ids = [i for i in _MSG_ID_ANYWHERE.findall(raw) if is_valid_message_id(i)]
     longest_line = max((len(line) for line in _raw_field(headers, "References")), default=0)
     if len("References: ") + len(" ".join(ids).encode("utf-8")) <= MAX_LINE and (
@@ -275,7 +312,21 @@ def _references(headers: Headers) -> Headers:
     kept = shorten_references(ids)
     if not kept:
         return headers.remove("References")
-    return headers.set("References", " ".join(kept))
+    return headers.set("References", _fold_ids(kept))
+
+
+def _fold_ids(ids: list[str]) -> str:
+    """The ids on one line when it fits 998 octets, else one id a line (RFC 5322 2.1.1)."""
+    if len("References: ") + len(" ".join(ids).encode("utf-8")) <= MAX_LINE:
+        return " ".join(ids)
+    return "\n ".join(ids)
+
+
+def raw_value(headers: Headers, name: str) -> bytes | None:
+    """The raw bytes of the only field called ``name``; None when it is absent or repeated."""
+    wanted = name.lower()
+    values = [value for key, value in headers if key.lower() == wanted]
+    return values[0] if len(values) == 1 else None
 
 
 def _raw_field(headers: Headers, name: str) -> list[bytes]:
@@ -301,7 +352,42 @@ def derived_message_id(msg: MailMessage, groups: list[str], gateway: str) -> str
     digest.update(b"newsgroups:" + ",".join(groups).encode("utf-8") + b"\n\n")
     digest.update(msg.body)
     token = base64.b32encode(digest.digest()[:20]).decode("ascii").rstrip("=").lower()
-    return f"<{token}.mail2news@{gateway}>"
+    left = f"{token}.mail2news"
+    # RFC 5536 3.1.3: at most 250 octets. A very long gateway name gives up leading labels
+    # (the id stays under the gateway's domain), never the 250-octet limit.
+    room = MAX_MESSAGE_ID - len(left) - 3
+    right = gateway
+    while len(right) > room and "." in right:
+        right = right.split(".", 1)[1]
+    if len(right) > room:
+        right = right[-room:].lstrip("-_.") or "gateway"
+    return f"<{left}@{right}>"
+
+
+# --- mandatory fields -----------------------------------------------------------------
+
+
+def _mandatory_fields(msg: MailMessage, headers: Headers) -> Headers:
+    """Date, From and Subject, which every article has (RFC 5536 3.1), where the mail lacks them.
+
+    Each is made from what stays the same when the mail is tried again (the time the
+    gateway received it, the envelope sender), so a retry gives the same article.
+    """
+    if not (headers.get("From") or "").strip():
+        if not msg.sender:
+            raise Reject(
+                "the mail has no From: and no envelope sender, so the article would have no"
+                " author; a news server refuses that (RFC 5536 3.1.2)",
+                smtp_code=550,
+                enhanced="5.6.0",
+            )
+        headers = headers.remove("From").add("From", msg.sender)
+    if not (headers.get("Date") or "").strip():
+        received = datetime.fromtimestamp(msg.received, UTC)
+        headers = headers.remove("Date").add("Date", format_datetime(received))
+    if not (headers.get("Subject") or "").strip():
+        headers = headers.remove("Subject").add("Subject", "(no subject)")
+    return headers
 
 
 # --- the transform --------------------------------------------------------------------
@@ -333,14 +419,18 @@ def mail_to_news(msg: MailMessage, options: Mapping[str, Any]) -> Article | None
     for old, new in _RENAME.items():
         headers = headers.rename(old, new)
 
+    headers = _mandatory_fields(msg, headers)
+
     message_id = headers.get("Message-ID")
-    if message_id is None or not is_valid_message_id(message_id):
+    core = message_id_core(message_id) if message_id is not None else None
+    if core is None:
         derived = derived_message_id(msg, groups, gateway)
         if message_id is not None:
             headers = headers.rename("Message-ID", "X-Original-Message-ID")
         headers = headers.add("Message-ID", derived)
-    elif len(headers.get_all("Message-ID")) > 1:
-        headers = headers.set("Message-ID", message_id.strip())
+    elif raw_value(headers, "Message-ID") != b" " + core.encode("ascii"):
+        # One field, unfolded, without comments (RFC 5536 3.1.3).
+        headers = headers.set("Message-ID", core)
 
     approved = options.get("approved")
     headers = headers.remove("Approved")

@@ -15,9 +15,13 @@ Route options (placeholders from the route's match are already filled in):
     The SMTP envelope recipients (default: the addresses in ``to``).
 ``list_id``
     Adds ``List-Id:`` (RFC 2919); a bare id like ``group.lists.example.test``
-    is put in angle brackets.
+    is put in angle brackets, ``Name <group.lists.example.test>`` is taken as
+    it is.  An id that is not a label and a domain joined by a dot (no white
+    space, at most 255 characters) refuses the article for good, saying so.
 ``list_post``
-    Adds ``List-Post:`` (RFC 2369); a bare address becomes ``<mailto:...>``.
+    Adds ``List-Post:`` (RFC 2369): one address or URL, a list of them, or a
+    string with commas between them; a bare address becomes ``<mailto:...>``,
+    each URL is put in angle brackets.  ``NO`` says posting is not allowed.
 ``gateway``
     The gateway's name, as for ``mail_to_news`` (default: this host's name).
 
@@ -42,8 +46,10 @@ never posts the mail back to news.
 
 from __future__ import annotations
 
+import email.header
+import re
 from collections.abc import Mapping
-from email.utils import getaddresses
+from email.utils import formataddr, getaddresses
 from typing import Any
 
 from twisted.logger import Logger
@@ -95,10 +101,92 @@ def _address_list(value: Any, option: str) -> list[str]:
 
 def _header_text(value: Any) -> str:
     if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value)
-    return str(value)
+        text = value
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(str(v) for v in value)
+    else:
+        text = str(value)
+    if text.isascii():
+        return text
+    # Display names outside ASCII become RFC 2047 encoded words: raw UTF-8 in a header
+    # needs SMTPUTF8 (RFC 6532) all the way.
+    # An address itself outside ASCII can only travel with SMTPUTF8: it is left as it is.
+    return ", ".join(
+        formataddr((name, addr), charset="utf-8")
+        if name and addr.isascii()
+        else (f"{name} <{addr}>" if name else addr)
+        for name, addr in getaddresses([text])
+        if addr
+    )
+
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
+_LIST_ID = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)+", re.ASCII)
+_LIST_ID_FIELD = re.compile(r"(?P<phrase>[^<>]*?)\s*<\s*(?P<id>[^<>]*?)\s*>", re.DOTALL)
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:[!-~]+", re.ASCII)
+
+
+def list_id_value(option: str) -> str:
+    """The List-Id field for the ``list_id`` option: ``[phrase] <label.namespace>`` (RFC 2919)."""
+    text = option.strip()
+    found = _LIST_ID_FIELD.fullmatch(text)
+    phrase, ident = (found.group("phrase").strip(), found.group("id")) if found else ("", text)
+    if (
+        not _LIST_ID.fullmatch(ident)
+        or len(ident) > 255
+        or any(c in phrase for c in "<>\r\n")
+        or (_QUOTED.fullmatch(phrase) is None and any(c in phrase for c in '@,;:"'))
+    ):
+        raise Reject(
+            f"route option 'list_id' is {option!r}: a List-Id is an optional name and an id"
+            " like <dev.lists.example.test>, a list label and a domain joined by a dot, at"
+            " most 255 characters (RFC 2919)",
+            smtp_code=554,
+            enhanced="5.3.5",
+        )
+    if phrase and not phrase.isascii():
+        phrase = email.header.Header(phrase, "utf-8").encode()
+    return f"{phrase} <{ident}>" if phrase else f"<{ident}>"
+
+
+def list_post_value(option: Any) -> str:
+    """The List-Post field: URLs in angle brackets, commas between them, or NO (RFC 2369).
+
+    A bare address becomes ``<mailto:address>``.
+    """
+    if isinstance(option, (list, tuple)):
+        items = [str(item).strip() for item in option]
+    else:
+        text = str(option).strip()
+        if text.upper() == "NO":
+            return "NO"
+        items = (
+            [m.group(0) for m in re.finditer(r"<[^<>]*>", text)]
+            if text.startswith("<")
+            else [part.strip() for part in text.split(",")]
+        )
+    urls: list[str] = []
+    for item in items:
+        url = item[1:-1].strip() if item.startswith("<") and item.endswith(">") else item
+        if "@" in url and not url.lower().startswith("mailto:") and ":" not in url:
+            url = "mailto:" + url
+        if not _URL.fullmatch(url) or "<" in url or ">" in url:
+            raise Reject(
+                f"route option 'list_post' holds {item!r}: List-Post takes mail addresses or"
+                " URLs (each written <mailto:list@example.test> in the field, commas between"
+                " them) or NO (RFC 2369)",
+                smtp_code=554,
+                enhanced="5.3.5",
+            )
+        urls.append(f"<{url}>")
+    if not urls:
+        raise Reject(
+            "route option 'list_post' holds no address or URL (RFC 2369)",
+            smtp_code=554,
+            enhanced="5.3.5",
+        )
+    return ", ".join(urls)
 
 
 def control_reason(article: Article) -> str | None:
@@ -170,14 +258,10 @@ def news_to_mail(article: Article, options: Mapping[str, Any]) -> MailMessage | 
         envelope_from = f"news-to-mail@{gateway}"
     list_id = options.get("list_id")
     if list_id:
-        text = str(list_id).strip()
-        headers = headers.set("List-Id", text if text.endswith(">") else f"<{text}>")
+        headers = headers.set("List-Id", list_id_value(str(list_id)))
     list_post = options.get("list_post")
     if list_post:
-        text = str(list_post).strip()
-        if not text.startswith("<") and text.upper() != "NO":
-            text = f"<{text if text.lower().startswith('mailto:') else 'mailto:' + text}>"
-        headers = headers.set("List-Post", text)
+        headers = headers.set("List-Post", list_post_value(list_post))
     headers = headers.add(LOOP_HEADER, gateway)
     return MailMessage(
         id=article.id,

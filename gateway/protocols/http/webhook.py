@@ -111,6 +111,9 @@ _REASON_CHARS = 200
 _MAX_DISCARD = 1024 * 1024
 _IDLE_KEEPALIVE = 120
 _USER_AGENT = b"gateway-webhook/1"
+# A Retry-After longer than this (about 31 years) is taken as this; the destination's
+# retry_max caps the wait anyway.
+_MAX_RETRY_AFTER = 10**9
 
 # --------------------------------------------------------------------------- signatures
 
@@ -148,7 +151,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not text:
         return None
     if text.isascii() and text.isdigit():
-        return float(int(text))
+        # Any number of digits is valid; beyond a year it only means "much later".
+        return float(int(text)) if len(text) <= 9 else float(_MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(text)
         if when.tzinfo is None:
@@ -297,7 +301,8 @@ def message_document(message: MailMessage | Article, *, attachment_limit: int) -
     if date:
         try:
             date_iso = email.utils.parsedate_to_datetime(date).isoformat()
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
+            # Huge numbers in a Date overflow; the field is still given as written.
             date_iso = None
     subject = h.get("Subject")
     senders = _addresses("From", h.get_all("From"))
