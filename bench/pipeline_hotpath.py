@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from twisted.internet import defer, reactor  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
 
-import gateway.cli as _cli  # noqa: E402
+from gateway.cli import start_logging  # noqa: E402
 from gateway.destination import Outcome  # noqa: E402
 from gateway.message import Kind, MailMessage, Message  # noqa: E402
 from gateway.service import GatewayService  # noqa: E402
@@ -319,7 +319,7 @@ def main() -> int:
     p.add_argument("--sort", default="tottime")
     p.add_argument("--top", type=int, default=40)
     args = p.parse_args()
-    _cli.start_logging("info", open(os.devnull, "w"), "text")  # noqa: SIM115
+    start_logging("info", open(os.devnull, "w"), "text")  # noqa: SIM115
     status = 0
     with tempfile.TemporaryDirectory(prefix="pipeline-hotpath-") as tmp:
 

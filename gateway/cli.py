@@ -33,12 +33,23 @@ log = Logger(namespace="gateway.cli")
 DEFAULT_CONFIG = "routes.yaml"
 
 
+def _message(event: LogEvent) -> str:
+    """formatEvent's text; a format without Twisted's "{name()}" calls goes the quick way."""
+    fmt = event.get("log_format")
+    if type(fmt) is str and "()" not in fmt and "log_flattened" not in event:
+        try:
+            return fmt.format_map(event)  # what formatEvent gives, without string.Formatter
+        except Exception:
+            pass  # formatEvent says what is wrong with the format
+    return formatEvent(event)
+
+
 def _text(event: LogEvent) -> str | None:
     """The event's text and traceback, or None for Twisted chatter not worth a line."""
     level = event.get("log_level", LogLevel.info)
     if event.get("log_namespace") == "log_legacy" and level < LogLevel.warn:
         return None  # Twisted's "port starting on ..." chatter; our own lines say it better
-    text = formatEvent(event)
+    text = _message(event)
     failure = event.get("log_failure")
     if failure is not None:
         text += "\n" + failure.getTraceback().rstrip("\n")
@@ -51,9 +62,22 @@ def _format(event: LogEvent) -> str | None:
     if text is None:
         return None
     level = event.get("log_level", LogLevel.info)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(event.get("log_time", time.time())))
+    stamp = _stamp(int(event.get("log_time", time.time())))
     namespace = event.get("log_namespace", "-")
     return f"{stamp} {level.name:<5} {namespace}: {text}\n"
+
+
+_stamps: dict[int, str] = {}
+
+
+def _stamp(second: int) -> str:
+    """The local time of a log line, made once per second."""
+    stamp = _stamps.get(second)
+    if stamp is None:
+        if len(_stamps) > 16:
+            _stamps.clear()
+        stamp = _stamps[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
+    return stamp
 
 
 # sd-daemon(3) priority prefixes; journald strips them and files the line at that priority.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,9 @@ class DeliveryManager:
         self.rng = rng or random.Random()
         self.clock = clock
         self.active: dict[str, set[str]] = {}  # destination -> delivery ids being tried
+        # Deliveries whose destination has answered and whose outcome is being recorded:
+        # they no longer hold a slot of the destination, and are not tried again meanwhile.
+        self._settling: set[str] = set()
         self.counters = Counters()
         self._loop: task.LoopingCall | None = None
         self._polling: set[str] = set()
@@ -95,6 +99,11 @@ class DeliveryManager:
         self._unsaved: dict[str, tuple[Delivery, str, Callable[[], Awaitable[None]]]] = {}
         self._saving = False
         self.stopping = False
+        # Messages just stored whose deliveries found no free slot, by stored message id,
+        # with the number of those deliveries: the poll that starts them later takes the
+        # message from here instead of reading and parsing it back from the spool.
+        self._waiting: OrderedDict[str, tuple[Message, int, int]] = OrderedDict()
+        self._waiting_bytes = 0
 
     # --- life cycle ---
 
@@ -141,12 +150,52 @@ class DeliveryManager:
         limit = config.concurrency if config is not None else 1
         return limit - len(self.active.get(destination, ()))
 
+    # Bounds of the messages kept for deliveries that wait for a slot.
+    waiting_max_messages = 2000
+    waiting_max_bytes = 32 * 1024 * 1024
+
     def offer(self, deliveries: list[Delivery], messages: dict[str, Message]) -> None:
         """Start just-stored deliveries at once when their destination has room."""
         for delivery in deliveries:
+            message = messages.get(delivery.message_id)
             if self.stopping or self._free(delivery.destination) <= 0:
-                continue  # the poll picks it up when a slot frees
-            self._start(delivery, messages.get(delivery.message_id))
+                # The poll picks it up when a slot frees.
+                if message is not None:
+                    self._keep_waiting(delivery.message_id, message)
+                continue
+            self._start(delivery, message)
+
+    def _keep_waiting(self, message_id: str, message: Message) -> None:
+        size = len(getattr(message, "body", b"")) + 1024
+        entry = self._waiting.get(message_id)
+        if entry is not None:
+            self._waiting[message_id] = (entry[0], entry[1] + 1, entry[2])
+            return
+        if size > self.waiting_max_bytes // 4:
+            return  # a big one is read back from the spool
+        self._waiting[message_id] = (message, 1, size)
+        self._waiting_bytes += size
+        while (
+            len(self._waiting) > self.waiting_max_messages
+            or self._waiting_bytes > self.waiting_max_bytes
+        ):
+            _, (_, _, dropped) = self._waiting.popitem(last=False)
+            self._waiting_bytes -= dropped
+
+    def _take_waiting(self, delivery: Delivery) -> Message | None:
+        """The kept message of ``delivery`` as the spool would give it, or None."""
+        entry = self._waiting.get(delivery.message_id)
+        if entry is None:
+            return None
+        message, count, size = entry
+        if count > 1:
+            self._waiting[delivery.message_id] = (message, count - 1, size)
+        else:
+            del self._waiting[delivery.message_id]
+            self._waiting_bytes -= size
+        if isinstance(message, MailMessage):
+            message = message.with_recipients(delivery.recipients)
+        return message
 
     def poll_all(self) -> None:
         if self.stopping:
@@ -177,7 +226,11 @@ class DeliveryManager:
 
     async def _poll(self, destination: str, free: int) -> None:
         try:
-            exclude = frozenset(self.active.get(destination, ())) | frozenset(self._unsaved)
+            exclude = (
+                frozenset(self.active.get(destination, ()))
+                | frozenset(self._unsaved)
+                | frozenset(self._settling)
+            )
             due = await self.spool.due(destination, self.clock(), free, exclude)
             for delivery in due:
                 if self.stopping or self._free(destination) <= 0:
@@ -192,7 +245,7 @@ class DeliveryManager:
 
     def _start(self, delivery: Delivery, message: Message | None) -> None:
         active = self.active.setdefault(delivery.destination, set())
-        if delivery.id in active or delivery.id in self._unsaved:
+        if delivery.id in active or delivery.id in self._unsaved or delivery.id in self._settling:
             return
         key = (delivery.destination, delivery.msgid)
         if delivery.msgid:
@@ -200,12 +253,15 @@ class DeliveryManager:
                 return  # a copy is on its way there; this one is polled again after it
             self._msgids.add(key)
         active.add(delivery.id)
+        if message is None:
+            message = self._take_waiting(delivery)
         d = Deferred.fromCoroutine(self._attempt(delivery, message))
         self._running.add(d)
 
         def done(_: object) -> None:
             self._running.discard(d)
             active.discard(delivery.id)
+            self._settling.discard(delivery.id)
             if delivery.msgid and delivery.id not in self._unsaved:
                 self._msgids.discard(key)
             self.kick(delivery.destination)
@@ -313,7 +369,21 @@ class DeliveryManager:
                 destination=delivery.destination,
             )
             outcome = Outcome.temporary(f"internal error: {exc}")
+        self._free_slot(delivery)
         await self._settle(delivery, message, config, outcome, now)
+
+    def _free_slot(self, delivery: Delivery) -> None:
+        """The destination has answered: its slot goes to the next delivery at once.
+
+        Recording the outcome waits for a disk flush; the destination need not.
+        The delivery stays out of the polls, and a copy of the message stays
+        held back, until the outcome is recorded.
+        """
+        active = self.active.get(delivery.destination)
+        if active is not None and delivery.id in active:
+            active.discard(delivery.id)
+            self._settling.add(delivery.id)
+            self.kick(delivery.destination)
 
     async def _settle(
         self,

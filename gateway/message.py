@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import enum
 import os
+import random
 import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, ClassVar, Self
 
 
@@ -31,16 +33,21 @@ class Kind(enum.Enum):
 
 
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+# The random part of an id only has to make it unique, not unguessable: a generator
+# seeded once from the system's randomness costs no system call per id.
+_id_random = random.Random(secrets.randbits(128))
+_ID_PAIRS = [a + b for a in _ID_ALPHABET for b in _ID_ALPHABET]
 
 
 def new_message_id(now: float | None = None) -> str:
     """A unique id that sorts by arrival time, like a mail queue id."""
     stamp = int((time.time() if now is None else now) * 1_000_000)
-    digits = []
+    pairs = []
     while stamp:
-        stamp, rest = divmod(stamp, len(_ID_ALPHABET))
-        digits.append(_ID_ALPHABET[rest])
-    return "".join(reversed(digits)) + secrets.token_hex(4).upper()
+        stamp, rest = divmod(stamp, len(_ID_PAIRS))
+        pairs.append(_ID_PAIRS[rest])  # two digits at a time
+    # The leading pair may start with a zero digit, which the id does not have.
+    return "".join(reversed(pairs)).lstrip("0") + f"{_id_random.getrandbits(32):08X}"
 
 
 _FIELD_NAME = re.compile(rb"^[!-9;-~]+$")
@@ -66,24 +73,39 @@ class Headers:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
 
+    @cached_property
+    def _names(self) -> frozenset[str]:
+        """The lower-case names present: a name not among them needs no walk over the fields."""
+        return frozenset(key.lower() for key, _ in self.fields)
+
     def get_all(self, name: str) -> list[str]:
         """Every value of ``name``, unfolded, decoded as UTF-8 (bad bytes replaced)."""
         wanted = name.lower()
+        if wanted not in self._names:
+            return []
         return [_unfold(value) for key, value in self.fields if key.lower() == wanted]
 
     def get(self, name: str) -> str | None:
-        values = self.get_all(name)
-        return values[0] if values else None
+        wanted = name.lower()
+        if wanted not in self._names:
+            return None
+        for key, value in self.fields:
+            if key.lower() == wanted:
+                return _unfold(value)
+        return None
 
     def remove(self, name: str) -> Headers:
         wanted = name.lower()
-        return Headers(tuple((k, v) for k, v in self.fields if k.lower() != wanted))
+        names = self._names
+        if wanted not in names:
+            return self
+        fields = tuple((k, v) for k, v in self.fields if k.lower() != wanted)
+        return _with_names(fields, names - {wanted})
 
     def add(self, name: str, value: str | bytes, *, first: bool = False) -> Headers:
         new = (name, _field_value(value))
-        if first:
-            return Headers((new, *self.fields))
-        return Headers((*self.fields, new))
+        fields = (new, *self.fields) if first else (*self.fields, new)
+        return _with_names(fields, self._names | {name.lower()})
 
     def set(self, name: str, value: str | bytes) -> Headers:
         """Replace the first field called ``name`` in place (others removed), or append it."""
@@ -99,14 +121,30 @@ class Headers:
             out.append((key, raw))
         if not done:
             out.append((name, _field_value(value)))
-        return Headers(tuple(out))
+        return _with_names(tuple(out), self._names | {wanted})
 
     def rename(self, old: str, new: str) -> Headers:
         wanted = old.lower()
-        return Headers(tuple((new if k.lower() == wanted else k, v) for k, v in self.fields))
+        names = self._names
+        if wanted not in names:
+            return self
+        fields = tuple((new if k.lower() == wanted else k, v) for k, v in self.fields)
+        return _with_names(fields, (names - {wanted}) | {new.lower()})
 
     def to_bytes(self) -> bytes:
+        return self._bytes
+
+    @cached_property
+    def _bytes(self) -> bytes:
+        # Made once: the spool, the size and the destinations all ask for it.
         return b"".join(name.encode("ascii") + b":" + value + b"\n" for name, value in self.fields)
+
+
+def _with_names(fields: tuple[tuple[str, bytes], ...], names: frozenset[str]) -> Headers:
+    """Headers whose lower-case names are already known (see Headers._names)."""
+    headers = Headers(fields)
+    headers.__dict__["_names"] = names
+    return headers
 
 
 def _field_value(value: str | bytes) -> bytes:

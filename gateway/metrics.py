@@ -43,6 +43,7 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         yield from self._service()
         yield from self._listeners()
+        yield from self._http()
         yield from self._deliveries()
         yield from self._spool()
 
@@ -71,6 +72,7 @@ class GatewayCollector(Collector):
 
     def _listeners(self) -> Iterator[Metric]:
         from gateway.protocols.dns.listener import DnsListener, RouteCounts
+        from gateway.protocols.http.listener import HttpSockets
         from gateway.protocols.nntp.listener import ListenerFactory as NntpFactory
         from gateway.protocols.smtp.listener import ListenerFactory
 
@@ -92,7 +94,7 @@ class GatewayCollector(Collector):
         )
         requests = CounterMetricFamily(
             "gateway_listener_requests",
-            "DNS queries a DNS or DoH listener received",
+            "Requests a listener received: DNS queries (DNS, DoH), HTTP requests (http)",
             labels=["listener"],
         )
         queries = CounterMetricFamily(
@@ -120,7 +122,7 @@ class GatewayCollector(Collector):
         upstream_duration: dict[str, Histogram] = {}
         connections = GaugeMetricFamily(
             "gateway_listener_open_connections",
-            "Open TCP connections of a listener (SMTP and NNTP sessions, DNS over TCP)",
+            "Open TCP connections of a listener (SMTP, NNTP and HTTP clients, DNS over TCP)",
             labels=["listener"],
         )
         for name, service in sorted(self.gateway.listeners.items()):
@@ -139,6 +141,10 @@ class GatewayCollector(Collector):
                     messages.add_metric([name, outcome], getattr(nntp, outcome))
                 _histogram(duration, [name], nntp.duration)
                 connections.add_metric([name], len(factory.connections))
+                continue
+            if isinstance(factory, HttpSockets):
+                requests.add_metric([name], factory.listener.requests)
+                connections.add_metric([name], len(factory.factory.connections))
                 continue
             handler = getattr(factory, "handler", None)
             if not isinstance(handler, DnsListener):
@@ -182,6 +188,82 @@ class GatewayCollector(Collector):
         for dest, h in sorted(upstream_duration.items()):
             _histogram(latency, [dest], h)
         yield latency
+
+    def _http(self) -> Iterator[Metric]:
+        from gateway.protocols.http.listener import HttpSockets
+        from gateway.protocols.http.proxy import HttpProxyDestination
+
+        outcomes = CounterMetricFamily(
+            "gateway_http_requests",
+            "HTTP requests by route and outcome: proxied (to an http destination), queued"
+            " (a web hook in the spool), rejected (a 4xx from the gateway) or error (a 5xx"
+            " from the gateway, or no answer); route is empty for those no route took",
+            labels=["listener", "route", "outcome"],
+        )
+        statuses = CounterMetricFamily(
+            "gateway_http_responses",
+            "HTTP responses by route and status class (2xx ... 5xx; none: the connection"
+            " ended before a response began)",
+            labels=["listener", "route", "code"],
+        )
+        malformed = CounterMetricFamily(
+            "gateway_http_malformed_requests",
+            "Requests refused before their head was complete (400, 408, 414, 431, 501)",
+            labels=["listener"],
+        )
+        duration = HistogramMetricFamily(
+            "gateway_http_request_duration_seconds",
+            "From a request's head to the end of its response (or of the connection)",
+            labels=["listener"],
+        )
+        for name, service in sorted(self.gateway.listeners.items()):
+            sockets = service.factory
+            if not isinstance(sockets, HttpSockets):
+                continue
+            listener = sockets.listener
+            for (route, outcome), n in sorted(listener.outcomes.items()):
+                outcomes.add_metric([name, route, outcome], n)
+            for (route, code), n in sorted(listener.statuses.items()):
+                statuses.add_metric([name, route, code], n)
+            malformed.add_metric([name], sockets.factory.bad_heads)
+            _histogram(duration, [name], listener.duration)
+        yield from (outcomes, statuses, malformed, duration)
+        upstream = CounterMetricFamily(
+            "gateway_http_upstream_requests",
+            "Requests an http destination sent to an upstream server, by outcome: ok (it"
+            " answered, whatever the status), connect_failed (502 unless another upstream"
+            " took it), timeout (504) or failed (the connection broke or the response was"
+            " malformed: 502)",
+            labels=["destination", "upstream", "outcome"],
+        )
+        down = GaugeMetricFamily(
+            "gateway_http_upstream_down",
+            "1 while an upstream server is marked down (skipped after a failure)",
+            labels=["destination", "upstream"],
+        )
+        active = GaugeMetricFamily(
+            "gateway_http_upstream_active_requests",
+            "Requests in progress on an upstream server",
+            labels=["destination", "upstream"],
+        )
+        runtime = self.gateway.runtime
+        destinations = runtime.destinations if runtime is not None else {}
+        for dest_name, destination in sorted(destinations.items()):
+            if not isinstance(destination, HttpProxyDestination):
+                continue
+            for u in destination.upstreams:
+                url = str(u.url)
+                counts = (
+                    ("ok", u.answered),
+                    ("connect_failed", u.connect_failures),
+                    ("timeout", u.timeouts),
+                    ("failed", u.failures),
+                )
+                for outcome, n in counts:
+                    upstream.add_metric([dest_name, url, outcome], n)
+                down.add_metric([dest_name, url], int(not u.healthy))
+                active.add_metric([dest_name, url], u.active)
+        yield from (upstream, down, active)
 
     def _deliveries(self) -> Iterator[Metric]:
         delivery = self.gateway.delivery

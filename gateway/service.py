@@ -96,6 +96,34 @@ class Runtime:
         return d
 
 
+def _select_alpn(connection: Any, offered: list[bytes]) -> Any:
+    """Pick the first protocol the listener speaks that the client offers; else go on without.
+
+    Twisted's own choice aborts the handshake ("tlsv1 alert internal error")
+    when nothing overlaps, which fails every ALPN client (curl, openssl -alpn)
+    on an SMTP or NNTP listener, whose factories name no protocols.
+    """
+    from OpenSSL.SSL import NO_OVERLAPPING_PROTOCOLS
+    from twisted.internet.interfaces import IProtocolNegotiationFactory
+
+    factory = getattr(getattr(connection.get_app_data(), "factory", None), "wrappedFactory", None)
+    negotiation: Any = IProtocolNegotiationFactory(factory, None)
+    if negotiation is not None:
+        for protocol in negotiation.acceptableProtocols():
+            if protocol in offered:
+                return protocol
+    return NO_OVERLAPPING_PROTOCOLS
+
+
+def _tolerate_alpn(endpoint: Any) -> None:
+    """Let clients that offer ALPN protocols the listener lacks connect to an ``ssl:`` endpoint."""
+    options = getattr(endpoint, "_sslContextFactory", None)
+    get_context = getattr(options, "getContext", None)
+    if get_context is not None:
+        # The context is made once and cached; each connection is made from it.
+        get_context().set_alpn_select_callback(_select_alpn)
+
+
 class ListenerService(Service):
     """The sockets of one listener; the protocol factory comes from the protocol module."""
 
@@ -150,9 +178,9 @@ class ListenerService(Service):
                 if hasattr(self.factory, "listen_on"):
                     port = await self.factory.listen_on(str(description))
                 else:
-                    port = await server_endpoint(self.reactor, str(description)).listen(
-                        self.factory
-                    )
+                    endpoint = server_endpoint(self.reactor, str(description))
+                    _tolerate_alpn(endpoint)
+                    port = await endpoint.listen(self.factory)
                 self.ports.append(port)
                 log.info(
                     "listener {listener} ({protocol}) accepting on {endpoint}",

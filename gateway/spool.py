@@ -4,7 +4,9 @@ A listener stores a message here and only then says yes to its sender.  The
 embedded backend is SQLite in WAL mode with ``synchronous=FULL``: one writer
 thread runs every change, and changes that arrive while a commit is in
 progress are committed together in the next one (group commit), so many
-concurrent arrivals share one disk flush instead of paying one each.
+concurrent arrivals share one disk flush instead of paying one each.  Queries
+run on a second connection in a reader thread, so they never wait behind a
+flush and see every change whose commit has returned.
 
 ``SpoolBackend`` is the interface the rest of the gateway uses.  Another
 backend (on a broker shared by several gateway nodes) implements the same
@@ -299,9 +301,13 @@ class SqliteSpool:
         self.clock = clock
         self.reserve = reserve
         self._claimed = 0  # bytes promised to the messages of the transaction being built
+        self._room: int | None = None  # free bytes when the transaction began (see _check_room)
+        self._page_size = 4096
         self._inline: sqlite3.Connection | None = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._reads: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._reader: threading.Thread | None = None
         self._opened: Deferred[None] | None = None
         self.commits = 0  # how many disk flushes; the group-commit ratio is jobs/commits
         self.writes = 0
@@ -316,6 +322,8 @@ class SqliteSpool:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=OFF")
         db.executescript(_SCHEMA)
+        (page,) = db.execute("PRAGMA page_size").fetchone()
+        self._page_size = int(page)
         return db
 
     def _run(self, db: sqlite3.Connection) -> None:
@@ -336,12 +344,37 @@ class SqliteSpool:
                     break
                 batch.append(more)
             self._execute(db, batch)
-            for done in batch:
-                self.reactor.callFromThread(self._fire, done)
+            # One wake-up of the reactor for the whole group, not one per change.
+            self.reactor.callFromThread(self._fire_all, batch)
+        db.close()
+
+    def _read(self, db: sqlite3.Connection) -> None:
+        """The reader thread: queries on a connection of their own, never behind a flush."""
+        while True:
+            job = self._reads.get()
+            if job is None:
+                break
+            batch = [job]
+            while len(batch) < 512:
+                try:
+                    more = self._reads.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._reads.put(None)
+                    break
+                batch.append(more)
+            for j in batch:
+                try:
+                    j.result = j.func(db)
+                except BaseException as exc:
+                    j.error = _as_spool_error(exc)
+            self.reactor.callFromThread(self._fire_all, batch)
         db.close()
 
     def _execute(self, db: sqlite3.Connection, batch: list[_Job]) -> None:
         self._claimed = 0
+        self._room = None
         writes = [j for j in batch if j.write]
         for j in batch:
             if not j.write:
@@ -403,9 +436,12 @@ class SqliteSpool:
         # the next checkpoint; until the WAL is reused both copies take space.
         # Pages freed by delivered messages are reused before the file grows.
         need = 2 * size
-        (unused,) = db.execute("PRAGMA freelist_count").fetchone()
-        (page,) = db.execute("PRAGMA page_size").fetchone()
-        free = self._free_space() + int(unused) * int(page) - self._claimed
+        if self._room is None:
+            # Measured once per transaction: later messages of the same group are
+            # counted against it through _claimed.
+            (unused,) = db.execute("PRAGMA freelist_count").fetchone()
+            self._room = self._free_space() + int(unused) * self._page_size
+        free = self._room - self._claimed
         if free - need < self.reserve:
             raise SpoolError(
                 f"the spool's disk is nearly full ({max(0, free) // 1024} KiB free,"
@@ -427,6 +463,11 @@ class SqliteSpool:
         finally:
             db.execute("PRAGMA busy_timeout=10000")
 
+    @classmethod
+    def _fire_all(cls, batch: list[_Job]) -> None:
+        for job in batch:
+            cls._fire(job)
+
     @staticmethod
     def _fire(job: _Job) -> None:
         if job.error is not None:
@@ -442,7 +483,10 @@ class SqliteSpool:
             return job.deferred
         if self._thread is None:
             raise SpoolError("the spool is not open")
-        self._jobs.put(job)
+        if not write and self._reader is not None:
+            self._reads.put(job)
+        else:
+            self._jobs.put(job)
         return job.deferred
 
     # --- SpoolBackend ---
@@ -455,6 +499,20 @@ class SqliteSpool:
         if self.reactor is None:
             self._inline = db
             return
+        try:
+            reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            reader.execute("PRAGMA busy_timeout=10000")
+            reader.execute("PRAGMA query_only=ON")
+        except (sqlite3.Error, OSError) as exc:
+            db.close()
+            raise SpoolError(f"cannot open the spool {self.path}: {exc}") from None
+        # Reads (due deliveries, duplicate checks, messages to load) have a thread and
+        # a connection of their own: in WAL mode they see the last commit at once
+        # instead of waiting behind the writer's disk flush.
+        self._reader = threading.Thread(
+            target=self._read, args=(reader,), name="spool-reader", daemon=True
+        )
+        self._reader.start()
         self._thread = threading.Thread(
             target=self._run, args=(db,), name="spool-writer", daemon=True
         )
@@ -465,6 +523,10 @@ class SqliteSpool:
             self._inline.close()
             self._inline = None
         thread, self._thread = self._thread, None
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            self._reads.put(None)
+            await Deferred.fromCoroutine(_join(self.reactor, reader))
         if thread is None:
             return
         self._jobs.put(None)
@@ -551,7 +613,9 @@ class SqliteSpool:
                 " AND next_try <= ? ORDER BY next_try LIMIT ?",
                 (destination, QUEUED, now, limit + len(exclude)),
             )
-            return [d for d in map(_row, cur.fetchall()) if d.id not in exclude][:limit]
+            # The excluded ones (being tried now) are skipped before they are decoded.
+            rows = [row for row in cur.fetchall() if row[0] not in exclude]
+            return [_row(row) for row in rows[:limit]]
 
         return await self._submit(query, write=False)
 

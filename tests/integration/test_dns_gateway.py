@@ -352,6 +352,7 @@ def test_dns_to_web_through_dnsdist_doh_with_a_bounded_pool(
                 pending = {}
                 for i in range(50):
                     q = dns.message.make_query(f"n{batch}-{i}.example.test", "A")
+                    q.id = batch * 50 + i + 1  # distinct: random IDs collide now and then
                     pending[q.id] = q.to_wire()
                 for _attempt in range(3):
                     for wire in pending.values():

@@ -403,6 +403,54 @@ def test_concurrency_limit_per_destination_and_a_slow_one_does_not_block_another
     assert world.queued() == []
 
 
+def test_a_delivery_that_waited_for_a_slot_gets_the_message_the_spool_would_give(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages stored while every slot is taken are kept in memory for the poll that starts
+    them (no read back from the spool); past the bound they are read back as before."""
+    slow = world.gateway.add(SlowDestination("slow"), concurrency=1)
+    loads: list[str] = []
+    real_load = world.spool.load
+
+    async def counting_load(delivery: Delivery) -> Message:
+        loads.append(delivery.id)
+        return await real_load(delivery)
+
+    monkeypatch.setattr(world.spool, "load", counting_load)
+    monkeypatch.setattr(world.manager, "waiting_max_messages", 2)
+    sent = [world.mail(recipients=("a@x.test", "b@x.test")) for _ in range(4)]
+    deliveries = [world.submit(m, "slow")[0] for m in sent]
+    assert len(slow.waiting) == 1
+    for _ in range(3):
+        slow.release()
+        world.advance(1)
+    slow.release()
+    world.advance(1)
+    assert [m.message_id for m in slow.calls] == [m.message_id for m in sent]
+    for got, want in zip(slow.calls, sent, strict=True):
+        assert got == want  # what load() gives: the same message, the same recipients
+    # The second message was pushed out by the bound of two and came from the spool.
+    assert loads == [deliveries[1].id]
+    assert world.manager._waiting == {}
+    assert world.queued() == []
+
+
+def test_a_kept_message_goes_with_the_recipients_the_spool_has_for_the_delivery(
+    world: World,
+) -> None:
+    slow = world.gateway.add(SlowDestination("slow"), concurrency=1)
+    first = world.mail()
+    world.submit(first, "slow")
+    message = world.mail(recipients=("a@x.test", "b@x.test"))
+    [delivery] = world.submit(message, "slow")
+    # The workers only take a delivery as the spool has it (its remaining recipients).
+    run(world.spool.defer(delivery, world.clock.seconds(), "partly", ("b@x.test",)))
+    slow.release()
+    world.advance(1)
+    assert slow.calls[-1].recipients == ("b@x.test",)
+    assert slow.calls[-1].headers == message.headers
+
+
 def test_a_destination_that_raises_is_deferred_and_never_jams(world: World) -> None:
     answers: list[Exception | Outcome] = [RuntimeError("bug in a plugin"), Outcome.delivered()]
 

@@ -40,6 +40,38 @@ def test_text_format_has_time_level_and_namespace() -> None:
     assert line[:4].isdigit() and line[10] == "T"
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"log_format": "id={id!r} n={n:>4} {a.real}", "id": "Q1", "n": 7, "a": 3},
+        {"log_format": "{thing()} and {id}", "thing": lambda: "called", "id": "Q1"},
+        {"log_format": "{missing} here"},
+        {"log_format": "{} positional"},
+        {"log_format": "{unclosed"},
+        {"log_format": b"bytes {id}", "id": "Q1"},
+        {"log_format": None},
+    ],
+)
+def test_the_quick_text_of_an_event_is_what_twisted_formats(fields: dict[str, object]) -> None:
+    from twisted.logger import formatEvent
+
+    from gateway.cli import _message
+
+    e = event(**fields)
+    assert _message(e) == formatEvent(e)
+
+
+def test_the_time_of_a_line_follows_the_clock_from_second_to_second() -> None:
+    import time
+
+    lines = [_format(event(log_time=STAMP + offset)) for offset in (0, 0.4, 1, 3600, 0)]
+    stamps = [line.split(" ")[0] for line in lines if line]
+    assert stamps == [
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(STAMP + offset))
+        for offset in (0, 0.4, 1, 3600, 0)
+    ]
+
+
 def test_journal_format_has_priorities_and_no_time() -> None:
     levels = {
         LogLevel.debug: "<7>",

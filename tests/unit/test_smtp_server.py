@@ -247,6 +247,28 @@ def test_pending_message_holds_back_the_next_command(handler: Handler) -> None:
     assert conn.lines() == [b"250 2.0.0 Ok: queued as 1", b"250 2.0.0 Ok", b"221 2.0.0 Bye"]
 
 
+def test_reading_stops_only_when_input_waits_behind_the_handler(handler: Handler) -> None:
+    """A client that waits for each reply is never paused (two system calls a message saved);
+    one that sends more while the handler works is paused until the answer, then resumed."""
+    pending: Deferred[Reply] = Deferred()
+    handler.message = lambda data: pending
+    conn = Conn(handler)
+    conn.read()
+    conn.send(TRANSACTION)
+    conn.read()
+    conn.send(b"x\r\n.\r\n")
+    assert handler.names()[-1] == "message"
+    assert conn.transport.producerState == "producing"
+    assert not conn.clock.getDelayedCalls()  # no idle clock while the gateway is the slow one
+    conn.send(b"NOOP\r\n")
+    assert conn.transport.producerState == "paused"
+    assert conn.lines() == []
+    pending.callback(Reply(250, "2.0.0", "Ok: queued as 1"))
+    assert conn.lines() == [b"250 2.0.0 Ok: queued as 1", b"250 2.0.0 Ok"]
+    assert conn.transport.producerState == "producing"
+    assert conn.clock.getDelayedCalls()  # the idle clock runs again
+
+
 def test_already_fired_deferreds_and_coroutines_are_handled_inline(handler: Handler) -> None:
     async def sender(address: str) -> Reply | None:
         return None

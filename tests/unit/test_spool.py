@@ -408,3 +408,75 @@ def test_stored_message_round_trips_through_the_spool(spool: SqliteSpool) -> Non
     )
     [d] = put(spool, message, "relay")
     assert run(spool.load(d)) == message
+
+
+# --- the threads (writer and reader) ---------------------------------------------------
+
+
+class ThreadReactor:
+    """What the spool's threads need of a reactor: callFromThread, here into a queue the
+    test drains in its own thread (as the reactor thread would)."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.calls: queue.SimpleQueue[tuple[Any, tuple[Any, ...]]] = queue.SimpleQueue()
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls.put((f, args))
+
+    def wait_for(self, d: Deferred[T], timeout: float = 30.0) -> T:
+        import time
+
+        results: list[object] = []
+        d.addBoth(results.append)
+        deadline = time.monotonic() + timeout
+        while not results:
+            f, args = self.calls.get(timeout=max(0.0, deadline - time.monotonic()))
+            f(*args)
+        if isinstance(results[0], Failure):
+            results[0].raiseException()
+        return results[0]  # type: ignore[return-value]
+
+
+def test_reads_do_not_wait_behind_the_writer_and_see_each_commit(
+    tmp_path: Path, clock: FakeTime
+) -> None:
+    import threading
+
+    reactor = ThreadReactor()
+    s = SqliteSpool(tmp_path / "spool", reactor, clock=clock, reserve=0)
+    reactor.wait_for(Deferred.fromCoroutine(s.open()))
+    try:
+        [first] = reactor.wait_for(Deferred.fromCoroutine(s.put([Stored(mail(1), "r", ("a",))])))
+        # A change that holds the writer (as a slow disk flush would).
+        release = threading.Event()
+
+        def slow(db: sqlite3.Connection) -> None:
+            assert release.wait(30)
+
+        held = s._submit(slow)
+        two = mail(2)
+        second = Deferred.fromCoroutine(s.put([Stored(two, "r", ("a",))]))
+        # Queries are answered meanwhile, from the last commit.
+        due = reactor.wait_for(Deferred.fromCoroutine(s.due("a", clock.now, 10, frozenset())))
+        assert [d.id for d in due] == [first.id]
+        assert not held.called and not second.called
+        release.set()
+        reactor.wait_for(held)
+        [stored] = reactor.wait_for(second)
+        # Once a change's commit has returned, every query sees it.
+        due = reactor.wait_for(Deferred.fromCoroutine(s.due("a", clock.now, 10, frozenset())))
+        assert [d.id for d in due] == [first.id, stored.id]
+        assert reactor.wait_for(Deferred.fromCoroutine(s.load(stored))) == two
+        # The reader cannot change anything, even by mistake.
+        refused = s._submit(lambda db: db.execute("DELETE FROM deliveries"), write=False)
+        with pytest.raises(SpoolError):
+            reactor.wait_for(refused)
+        assert table_rows(s, "deliveries") == 2
+    finally:
+        release.set()
+        for jobs, thread in ((s._reads, s._reader), (s._jobs, s._thread)):
+            jobs.put(None)
+            if thread is not None:
+                thread.join(30)

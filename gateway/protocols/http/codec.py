@@ -77,6 +77,15 @@ class Head:
     expect_continue: bool = False
     host: bytes = b""
     connection_tokens: frozenset[bytes] = frozenset()
+    # The field names in lower case, in the order of ``headers`` (set by the readers;
+    # None when a Head is built elsewhere: then ``lower_names()`` makes them).
+    names: list[bytes] | None = None
+
+    def lower_names(self) -> list[bytes]:
+        names = self.names
+        if names is None or len(names) != len(self.headers):
+            names = self.names = [n.lower() for n, _ in self.headers]
+        return names
 
     @property
     def chunked(self) -> bool:
@@ -91,13 +100,21 @@ _TOKEN = re.compile(_TCHAR + rb"+\Z")
 # Header fields, each line ending with LF (CR before it optional; a bare CR is refused).
 # Values: tab, visible ASCII, space and obs-text; no control character, no bare CR.
 _FIELDS = re.compile(rb"(?:" + _TCHAR + rb"+:[\t\x20-\x7e\x80-\xff]*\r?\n)*\Z")
-_FIELD = re.compile(rb"(" + _TCHAR + rb"+):[ \t]*([^\r\n]*)\r?\n")
 _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# In a chunk extension or a status line: any control character but tab (a bare CR too:
+# some parsers end the line there, and would read the message differently).
+_EXT_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host", b"expect"})
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+# RFC 9112 section 3.2: Host is uri-host [":" port] (an IP literal or a reg-name).
+_HOST = re.compile(rb"(?:\[[0-9A-Za-z:.%\-_~]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?\Z")
 _DIGITS = re.compile(rb"[0-9]{1,18}\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
+# Lines most requests and responses have, taken without regular expressions.
+_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
+_STATUS_CODES = frozenset(b"%d" % code for code in range(100, 600))
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 # Head parsing states
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _DONE, _CLOSED = range(8)
@@ -163,19 +180,34 @@ class _Reader:
         nl = block.find(b"\n")
         if nl < 0:
             head = self._first_line(block.removesuffix(b"\r"))
-            self._frame(head)
+            head.names = []
+            self._frame(head, [])
             return head
         head = self._first_line(block[:nl].removesuffix(b"\r"))
-        # The fields are checked and split by whole-block regular expressions: one pass
-        # in C instead of a loop of small steps per line.
+        # The fields are checked by one whole-block regular expression: one pass in C
+        # instead of a loop of small steps per line.
         fields = block[nl + 1 :] + b"\n"
         if _FIELDS.match(fields) is None:
             _bad_line(fields)
-        found = _FIELD.findall(fields)
-        if b" \r\n" in fields or b"\t\r\n" in fields or b" \n" in fields or b"\t\n" in fields:
-            found = [(n, v.rstrip(b" \t")) for n, v in found]
+        # Checked: every line is "name:value" ending with LF, a CR only right before it,
+        # so bytes methods split it (cheaper than a findall with groups).  Each name is
+        # lowered once, here; the fields that frame the message are picked on the way.
+        found: list[tuple[bytes, bytes]] = []
+        names: list[bytes] = []
+        framing: list[tuple[bytes, bytes]] = []
+        for line in fields.split(b"\n"):
+            name, _, value = line.partition(b":")
+            value = value.strip(b" \t\r")
+            found.append((name, value))
+            lower = name.lower()
+            names.append(lower)
+            if lower in _FRAMING:
+                framing.append((lower, value))
+        found.pop()  # the empty piece after the last LF
+        names.pop()
         head.headers = found
-        self._frame(head)
+        head.names = names
+        self._frame(head, framing)
         return head
 
     _requests = False
@@ -183,37 +215,43 @@ class _Reader:
     def _first_line(self, line: bytes) -> Head:
         raise NotImplementedError
 
-    def _frame(self, head: Head) -> None:
+    def _frame(self, head: Head, framing: list[tuple[bytes, bytes]]) -> None:
+        """Read the fields of ``framing`` (lower-case name, value) that frame the message."""
         lengths: list[bytes] = []
         codings: list[bytes] = []
         connection: list[bytes] = []
         hosts: list[bytes] = []
-        for name, value in head.headers:
-            lower = name.lower()
-            if lower not in _FRAMING:
-                continue
+        for lower, value in framing:
             if lower == b"content-length":
                 lengths.append(value)
             elif lower == b"transfer-encoding":
                 codings.extend(v.strip().lower() for v in value.split(b","))
             elif lower == b"connection":
-                connection.extend(v.strip().lower() for v in value.split(b",") if v.strip())
+                if b"," not in value:  # one token, as almost always ("keep-alive", "close")
+                    if value:
+                        connection.append(value.lower())
+                else:
+                    connection.extend(v.strip().lower() for v in value.split(b",") if v.strip())
             elif lower == b"host":
                 hosts.append(value)
             elif lower == b"expect" and value.lower() == b"100-continue":
                 head.expect_continue = True
-        tokens = frozenset(connection)
+        tokens = frozenset(connection) if connection else _NO_TOKENS
         head.connection_tokens = tokens
         if head.version == b"HTTP/1.1":
             head.keep_alive = b"close" not in tokens
         else:
             head.keep_alive = b"keep-alive" in tokens and b"close" not in tokens
+            # RFC 9110 section 10.1.1: ignored in HTTP/1.0 (it would take the 100 as the answer).
+            head.expect_continue = False
         if self._requests:
             if len(hosts) > 1:
                 raise ParseError(400, "more than one Host header field")
             if not hosts and head.version == b"HTTP/1.1":
                 raise ParseError(400, "an HTTP/1.1 request needs a Host header field")
             head.host = hosts[0] if hosts else b""
+            if head.host and _HOST.match(head.host) is None:
+                raise ParseError(400, f"invalid Host {head.host[:60]!r}")
         self._frame_body(head, lengths, codings)
 
     def _frame_body(self, head: Head, lengths: list[bytes], codings: list[bytes]) -> None:
@@ -302,10 +340,14 @@ class _Reader:
                         raise ParseError(400, "a chunk size line is too long")
                     self._need_more("chunk size")
                     return None
+                if nl > 4096:
+                    raise ParseError(400, "a chunk size line is too long")
                 line = buf[:nl]
                 if not line.endswith(b"\r"):
                     raise ParseError(400, "a chunk size line does not end with CRLF")
                 self._buf = buf[nl + 1 :]
+                if b";" in line and _EXT_CTL.search(line, 0, len(line) - 1) is not None:
+                    raise ParseError(400, "a control character in a chunk extension")
                 size = line[:-1].split(b";", 1)[0].rstrip(b" \t")
                 if _HEX.match(size) is None:
                     raise ParseError(400, f"invalid chunk size {size[:20]!r}")
@@ -379,6 +421,21 @@ def _bad_line(fields: bytes) -> None:
     raise ParseError(400, "malformed header section")
 
 
+# absolute-form: scheme "://" authority, then a path or nothing (the listener and the
+# proxy take the authority up to the first "/").
+_ABSOLUTE = re.compile(rb"https?://([^/?#]*)(?:/|\Z)", re.IGNORECASE)
+
+
+def _other_target_ok(method: bytes, target: bytes) -> bool:
+    """Whether a target not in origin-form has one of the other forms (RFC 9112 3.2)."""
+    if method == b"CONNECT":
+        return True  # authority-form; the listener refuses CONNECT itself
+    if target == b"*":
+        return method == b"OPTIONS"
+    m = _ABSOLUTE.match(target)
+    return m is not None and _HOST.match(m.group(1)) is not None
+
+
 class RequestReader(_Reader):
     """Reads requests on the server side of a connection."""
 
@@ -389,10 +446,14 @@ class RequestReader(_Reader):
         if len(parts) != 3:
             raise ParseError(400, f"malformed request line {line[:80]!r}")
         method, target, version = parts
-        if _TOKEN.match(method) is None:
-            raise ParseError(400, f"malformed method {method[:20]!r}")
         if _TARGET.match(target) is None:
             raise ParseError(400, "malformed request target")
+        if target[0] != 0x2F and not _other_target_ok(method, target):  # not "/..."
+            raise ParseError(400, f"malformed request target {target[:80]!r}")
+        if method in _METHODS and version == b"HTTP/1.1":
+            return Head(method, target, version, 0, b"", [], True, 0)
+        if _TOKEN.match(method) is None:
+            raise ParseError(400, f"malformed method {method[:20]!r}")
         m = _VERSION.match(version)
         if m is None:
             raise ParseError(400, f"malformed HTTP version {version[:20]!r}")
@@ -420,7 +481,11 @@ class ResponseReader(_Reader):
         self._method = method
 
     def _first_line(self, line: bytes) -> Head:
+        if _EXT_CTL.search(line) is not None:  # the reason is passed on: no bare CR in it
+            raise ParseError(502, f"control character in the status line {line[:80]!r}")
         parts = line.split(b" ", 2)
+        if len(parts) == 3 and parts[0] == b"HTTP/1.1" and parts[1] in _STATUS_CODES:
+            return Head(b"", b"", b"HTTP/1.1", int(parts[1]), parts[2], [], True, 0)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not _VERSION.match(parts[0]):
             raise ParseError(502, f"malformed status line {line[:80]!r}")
         if len(parts[1]) != 3 or not parts[1].isdigit():
@@ -444,7 +509,10 @@ class ResponseReader(_Reader):
         if self._method == b"HEAD" or status in (204, 304):
             head.length = 0
             if status == 204:
-                head.headers = [(n, v) for n, v in head.headers if n.lower() != b"content-length"]
+                names = head.lower_names()
+                keep = [i for i, n in enumerate(names) if n != b"content-length"]
+                head.headers = [head.headers[i] for i in keep]
+                head.names = [names[i] for i in keep]
         self._start_body(head)
         return head
 
@@ -454,9 +522,8 @@ def response_head(
 ) -> bytes:
     """A status line and header block, ready to write."""
     reason = REASONS.get(status, "Unknown").encode()
-    lines = [b"%s %d %s" % (version, status, reason)]
-    lines.extend(name + b": " + value for name, value in headers)
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    line = b"%s %d %s\r\n" % (version, status, reason)
+    return b"".join([line, *[b"%s: %s\r\n" % field for field in headers], b"\r\n"])
 
 
 def chunk(data: bytes) -> bytes:

@@ -67,7 +67,18 @@ class H2Exchange:
         self.body_read = 0
         self._sink: Any = None
         self._paused = False
+        # For /metrics, as on server.Exchange; on_done is told once the stream is over.
+        self.began = 0.0
+        self.route: str | None = None
+        self.outcome = ""
+        self.status = 0
+        self.on_done: Callable[[Any], None] | None = None
         request.notifyFinish().addErrback(self._lost)
+
+    def _over(self) -> None:
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(self)
 
     def _lost(self, failure: Any) -> None:
         self.closed = True
@@ -75,6 +86,7 @@ class H2Exchange:
             self.responded = True
             if self.on_lost is not None:
                 self.on_lost()
+            self._over()
 
     # --- the request body (already complete) ----------------------------------------
 
@@ -115,6 +127,7 @@ class H2Exchange:
             if name.lower() not in HOP_BY_HOP:
                 request.responseHeaders.addRawHeader(name, value)
         self.started = True
+        self.status = status
 
     def write(self, data: bytes) -> None:
         if data and not self.closed:
@@ -133,6 +146,7 @@ class H2Exchange:
         if self.responded:
             return
         self.responded = True
+        self._over()
         if self.request.producer is not None:
             self.request.unregisterProducer()
         if not self.closed:
@@ -162,6 +176,7 @@ class H2Exchange:
 
     def abort(self) -> None:
         self.responded = True
+        self._over()
         if not self.closed:
             self.closed = True
             # Resets this stream only; the connection's other streams go on.
@@ -183,6 +198,7 @@ def switch(protocol: HttpServerProtocol, first: bytes) -> Any:
     class _Request(http.Request):
         def process(self) -> None:
             exchange = H2Exchange(self, client)
+            exchange.on_done = protocol.factory.on_done
             try:
                 handler.handle(cast("Exchange", exchange))
             except Exception:

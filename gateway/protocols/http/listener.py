@@ -10,6 +10,8 @@ is on disk.
 
 from __future__ import annotations
 
+import re
+import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -20,6 +22,7 @@ from gateway.destination import Status
 from gateway.message import HttpRequest
 from gateway.protocols.http.server import Exchange, HttpServerFactory
 from gateway.routing import HttpRoutes
+from gateway.stats import Histogram
 from gateway.systemd import server_endpoint
 
 if TYPE_CHECKING:
@@ -36,6 +39,16 @@ def _header_values(exchange: Exchange) -> Any:
         return [v.decode("latin-1") for n, v in headers if n.lower() == wanted]
 
     return values
+
+
+_ENCODED_DOT = re.compile(r"%2[eE]")
+_ENCODED_SLASH = re.compile(r"%2[fF]|\\")
+
+
+def _dot_segment(target: str) -> bool:
+    """Whether the path has a "." or ".." segment, also written %2e or with %2f or \\."""
+    path = _ENCODED_SLASH.sub("/", _ENCODED_DOT.sub(".", target.split("?", 1)[0]))
+    return any(segment in (".", "..") for segment in path.split("/"))
 
 
 class _BodyCollector:
@@ -80,6 +93,11 @@ class HttpListener:
         self.proxied = 0
         self.accepted = 0
         self.unrouted = 0
+        self.clock = time.monotonic
+        # (route, outcome) and (route, status class) -> requests; route "" when none took it.
+        self.outcomes: dict[tuple[str, str], int] = {}
+        self.statuses: dict[tuple[str, str], int] = {}
+        self.duration = Histogram()
 
     def _index(self, runtime: Runtime) -> HttpRoutes:
         if runtime is not self._runtime or self._routes is None:
@@ -89,6 +107,8 @@ class HttpListener:
 
     def handle(self, exchange: Exchange) -> None:
         self.requests += 1
+        exchange.began = self.clock()
+        exchange.route = ""
         head = exchange.head
         if head.method == b"CONNECT":
             # A tunnel is not a request the routes could look at; what the client sends
@@ -115,6 +135,11 @@ class HttpListener:
             authority = target.split("://", 1)[1]
             host = authority.split("/", 1)[0]
             target = "/" + authority.split("/", 1)[1] if "/" in authority else "/"
+        if ("/." in target or "%2" in target or "\\" in target) and _dot_segment(target):
+            # Routes match the path as sent; an upstream that resolves "/a/../b" would
+            # serve a path no route allowed.  Clients send paths already resolved.
+            exchange.error(400, "a . or .. segment in the request path is not accepted")
+            return
         chosen = self._index(runtime).select(
             method, host, target, _header_values(exchange), exchange.client
         )
@@ -123,6 +148,7 @@ class HttpListener:
             exchange.error(404, f"no route of listener '{self.config.name}' takes {target[:200]}")
             return
         route, _groups = chosen
+        exchange.route = route.name
         length = head.length
         for name in route.to:
             destination = runtime.destinations.get(name)
@@ -132,6 +158,7 @@ class HttpListener:
                     exchange.error(413, f"the request body is larger than {self.config.max_size}")
                     return
                 self.proxied += 1
+                exchange.outcome = "proxied"
                 proxy(exchange, route.name)
                 return
         if length > self.config.max_size:
@@ -169,6 +196,7 @@ class HttpListener:
             return
         if verdict.status is Status.DELIVERED:
             self.accepted += 1
+            exchange.outcome = "queued"
             exchange.json(202, {"id": request.id, "status": "queued"})
         elif verdict.status is Status.PERMANENT:
             status = verdict.http_status
@@ -178,6 +206,20 @@ class HttpListener:
             exchange.json(status, {"error": verdict.detail})
         else:
             exchange.json(503, {"error": verdict.detail}, [(b"Retry-After", b"30")])
+
+    def done(self, exchange: Exchange) -> None:
+        """Count an exchange that is over, answered or not (the server calls this once)."""
+        route = exchange.route
+        if route is None:
+            return  # not one of this listener's (or counted already)
+        exchange.route = None
+        status = exchange.status
+        outcome = exchange.outcome or ("rejected" if 400 <= status < 500 else "error")
+        key = (route, outcome)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        key = (route, f"{status // 100}xx" if status else "none")
+        self.statuses[key] = self.statuses.get(key, 0) + 1
+        self.duration.observe(self.clock() - exchange.began)
 
     def _failed(self, exchange: Exchange, request: HttpRequest, failure: Any) -> None:
         log.failure("request {id} could not be submitted", failure, id=request.id)

@@ -6,6 +6,13 @@ body goes back the same way, each direction with back-pressure (a full socket
 buffer on one side pauses reading on the other), so neither body is ever held
 whole in memory.  Upstreams are chosen round-robin or by fewest requests in
 progress; one that cannot be reached is skipped for ``fail_timeout``.
+
+``X-Forwarded-For`` and ``Forwarded`` keep what the client sent and get the
+client's address appended: only that last element is the gateway's own
+knowledge; the ones before it are the client's word (they may be forged) and
+an upstream should trust them only from proxies it knows.  A request with a
+non-idempotent method (POST, PATCH...) is never sent twice: a pooled connection
+that closes under it gives 502 rather than a retry (RFC 9112 section 9.3.1).
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ log = Logger(namespace="gateway.http.proxy")
 
 # Request header fields the proxy sets itself.
 _REPLACED = HOP_BY_HOP | {b"expect", b"x-forwarded-proto", b"host"}
+# Fields that a Connection header must not remove: the body's framing.
+_FRAMING = frozenset({b"content-length"})
+# RFC 9110 section 9.2.2: the methods a request can be sent again with.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class UpstreamConnection(TwistedProtocol):
@@ -84,6 +95,11 @@ class UpstreamConnection(TwistedProtocol):
         if not self.closed:
             self.closed = True
             self.upstream.forget(self)
+            # A request body still registered (and paused) would keep loseConnection()
+            # from ever closing: Twisted resumes a paused producer instead.
+            transport = self.transport
+            if getattr(transport, "producer", None) or getattr(transport, "_producer", None):
+                transport.unregisterProducer()
             self.transport.loseConnection()
 
     def abort(self) -> None:
@@ -116,6 +132,12 @@ class Upstream:
         self.active = 0  # requests in progress
         self.connections = 0
         self.failed_until = 0.0
+        # For /metrics: requests it answered, could not be connected for, did not answer in
+        # time, or broke off (a lost connection or a malformed response).
+        self.answered = 0
+        self.connect_failures = 0
+        self.timeouts = 0
+        self.failures = 0
         self.prefix = url.path.encode()
         default = 443 if url.scheme == "https" else 80
         host = url.host if ":" not in url.host else f"[{url.host}]"
@@ -215,6 +237,7 @@ class ProxyCall:
         self.retried = False
         self.last_error = ""
         self.producing = False
+        self.held = False  # the upstream paused the request body (it reads too slowly)
         self._chunked_up = exchange.head.chunked
         exchange.on_lost = self.client_lost
 
@@ -248,6 +271,7 @@ class ProxyCall:
         upstream = self.upstream
         assert upstream is not None
         upstream.active -= 1
+        upstream.connect_failures += 1
         self.last_error = f"cannot connect to {upstream.url}: {failure.getErrorMessage()}"
         upstream.failed(self.last_error)
         if self.finished:
@@ -289,9 +313,11 @@ class ProxyCall:
 
     # IPushProducer for the upstream connection: a slow upstream pauses the client.
     def pauseProducing(self) -> None:
+        self.held = True
         self.exchange.pause_body()
 
     def resumeProducing(self) -> None:
+        self.held = False
         self.exchange.resume_body()
 
     def stopProducing(self) -> None:
@@ -333,9 +359,14 @@ class ProxyCall:
 
     def _response_head(self, head: Head) -> None:
         self.response = head
+        if self.upstream is not None:
+            self.upstream.answered += 1
         exchange = self.exchange
-        drop = _REPLACED_RESPONSE | head.connection_tokens
-        headers = [(n, v) for n, v in head.headers if n.lower() not in drop]
+        tokens = head.connection_tokens
+        # Connection may name any field, but never the one that frames the body.
+        drop = (_REPLACED_RESPONSE | tokens) - _FRAMING if tokens else _REPLACED_RESPONSE
+        names = head.lower_names()
+        headers = [f for n, f in zip(names, head.headers, strict=True) if n not in drop]
         length: int | None = head.length if head.length >= 0 else None
         exchange.start_raw(head.status, head.reason or b"-", headers, length)
 
@@ -393,11 +424,19 @@ class ProxyCall:
 
     def upstream_broken(self, conn: UpstreamConnection, why: str) -> None:
         """The upstream connection failed or talked nonsense during this call."""
-        stale = conn.reused and self.response is None and not self.sent_body and not self.retried
+        # Retried only when the method is idempotent: a POST may have been acted on before
+        # the connection closed, and a proxy must not repeat it (RFC 9112 section 9.3.1).
+        stale = (
+            conn.reused
+            and self.response is None
+            and not self.sent_body
+            and not self.retried
+        )
+        retry = stale and self.exchange.head.method in _IDEMPOTENT
         self.upstream_release(conn, reuse=False)
         if self.finished:
             return
-        if stale:
+        if retry:
             # A kept-alive connection the server had closed: try once more on a new one.
             self.retried = True
             upstream = self.upstream
@@ -405,15 +444,23 @@ class ProxyCall:
             self.tried.remove(upstream)
             self.start()
             return
-        if self.upstream is not None and self.response is None:
-            self.upstream.failed(why)
+        if self.upstream is not None:
+            self.upstream.failures += 1
+            if self.response is None and not stale:  # a closed kept-alive one is no failure
+                self.upstream.failed(why)
         self.fail(502, f"the upstream server failed: {why}")
 
     def timed_out(self) -> None:
         conn = self.conn
         if conn is None:
             return
+        if not self.request_done and self.response is None and not self.held:
+            # Waiting for the client's body, not for the upstream: the listener's idle
+            # timeout deals with a client that stalls (408); the upstream is not to blame.
+            return
         self.upstream_release(conn, reuse=False)
+        if self.upstream is not None:
+            self.upstream.timeouts += 1
         if self.upstream is not None and self.response is None:
             self.upstream.failed("no answer in time")
         self.fail(504, "the upstream server did not answer in time")
@@ -485,6 +532,8 @@ class HttpProxyDestination:
     def choose(self, tried: list[Upstream]) -> Upstream | None:
         upstreams = self.upstreams
         count = len(upstreams)
+        if count == 1 and not tried:
+            return upstreams[0]  # healthy or not, it is the one to try
         fresh = [u for u in upstreams if u not in tried] if tried else upstreams
         if not fresh:
             return None
@@ -512,11 +561,11 @@ class HttpProxyDestination:
         target = head.target
         host = head.host
         if target[:1] != b"/":
-            if target.startswith((b"http://", b"https://")):
+            if b"://" in target[:8]:  # absolute-form, http or https in any case (the codec)
                 rest = target.split(b"//", 1)[1]
                 slash = rest.find(b"/")
                 authority, target = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
-                host = host or authority
+                host = authority  # it wins over Host (RFC 9112 section 3.2.2)
             elif target == b"*":
                 target = b"*"
         strip = self.strip
@@ -526,31 +575,40 @@ class HttpProxyDestination:
                 target = b"/" + target
         if upstream.prefix and target != b"*":
             target = upstream.prefix + target
-        drop = _REPLACED | head.connection_tokens
-        lines = [head.method + b" " + target + b" HTTP/1.1"]
+        tokens = head.connection_tokens
+        # Connection may name any field, but never the one that frames the body: without
+        # it the upstream would read the body as the next request (request smuggling).
+        drop = (_REPLACED | tokens) - _FRAMING if tokens else _REPLACED
+        lines = [b"%s %s HTTP/1.1\r\n" % (head.method, target)]
         forwarded_for = b""
-        for name, value in head.headers:
-            lower = name.lower()
+        for lower, field in zip(head.lower_names(), head.headers, strict=True):
             if lower in drop:
                 continue
             if lower == b"x-forwarded-for":
+                value = field[1]
                 forwarded_for = forwarded_for + b", " + value if forwarded_for else value
                 continue
-            lines.append(name + b": " + value)
+            lines.append(b"%s: %s\r\n" % field)
         client = exchange.client.encode()
-        lines.append(b"Host: " + (upstream.authority if self.rewrite_host or not host else host))
-        lines.append(
-            b"X-Forwarded-For: " + (forwarded_for + b", " + client if forwarded_for else client)
-        )
-        lines.append(b"X-Forwarded-Proto: " + exchange.scheme)
+        scheme = exchange.scheme
         node = b'"[' + client + b']"' if b":" in client else client
-        element = b"for=" + node + b";proto=" + exchange.scheme
         if host:
-            element += b';host="' + host.replace(b'"', b"").replace(b"\\", b"") + b'"'
-        lines.append(b"Forwarded: " + element)
-        if head.chunked:
-            lines.append(b"Transfer-Encoding: chunked")
-        return b"\r\n".join(lines) + b"\r\n\r\n"
+            element = b'for=%s;proto=%s;host="%s"' % (
+                node, scheme, host.replace(b'"', b"").replace(b"\\", b"")
+            )
+        else:
+            element = b"for=%s;proto=%s" % (node, scheme)
+        lines.append(
+            b"Host: %s\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nForwarded: %s\r\n%s\r\n"
+            % (
+                upstream.authority if self.rewrite_host or not host else host,
+                forwarded_for + b", " + client if forwarded_for else client,
+                scheme,
+                element,
+                b"Transfer-Encoding: chunked\r\n" if head.chunked else b"",
+            )
+        )
+        return b"".join(lines)
 
     def _sweep(self) -> None:
         now = self.clock()

@@ -95,16 +95,20 @@ class Exchange:
         "_close",
         "_out",
         "_sink",
+        "began",
         "body_done",
         "body_read",
         "client",
         "head",
         "http10",
         "on_lost",
+        "outcome",
         "protocol",
         "responded",
+        "route",
         "scheme",
         "started",
+        "status",
     )
 
     def __init__(self, protocol: HttpServerProtocol, head: Head) -> None:
@@ -124,6 +128,11 @@ class Exchange:
         self._close = not head.keep_alive
         # While not None, writes are collected here and sent together by flush().
         self._out: list[bytes] | None = None
+        # For /metrics: the handler sets the first three; status is the response's.
+        self.began = 0.0
+        self.route: str | None = None
+        self.outcome = ""
+        self.status = 0
 
     # --- the request body -------------------------------------------------------
 
@@ -166,11 +175,13 @@ class Exchange:
         elif self.http10:
             headers.append((b"Connection", b"keep-alive"))
         if reason:
+            # One join of a list (not of a generator): the cheapest way to build it.
             line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-            data = line + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n"
+            data = b"".join([line, *[b"%s: %s\r\n" % field for field in headers], b"\r\n"])
         else:
             data = response_head(status, headers)
         self.started = True
+        self.status = status
         self._emit(data)
 
     def write(self, data: bytes) -> None:
@@ -204,6 +215,9 @@ class Exchange:
             self._emit(b"0\r\n\r\n")
         self.flush()
         self.responded = True
+        on_done = self.protocol.factory.on_done
+        if on_done is not None:
+            on_done(self)
         self.protocol.exchange_done(self, self._close)
 
     def respond(
@@ -329,12 +343,19 @@ class HttpServerProtocol(TwistedProtocol):
                 self.limit = 0.0  # HTTP/2 keeps its own idle timeout
                 self._h2 = h2.switch(self, data)
                 return
-        self.reader.receive(data)
-        if self.exchange is None and self.timeout_status != 408:
-            # The first bytes of a request: the whole header must come within the limit,
-            # however slowly it trickles in.
-            self._wait(self.factory.header_timeout, 408)
+        reader = self.reader
+        reader.receive(data)
         self.pump()
+        if (
+            self.exchange is None
+            and self.timeout_status != 408
+            and reader.buffered
+            and not self.closed
+        ):
+            # The first bytes of a request, not a whole header yet: the whole header must
+            # come within the limit, however slowly it trickles in.  (Set after pump(), so
+            # a request whose header came whole does not read the clock for it.)
+            self._wait(self.factory.header_timeout, 408)
 
     def pump(self) -> None:
         """Move events from the codec to the exchange for as long as it can take them."""
@@ -400,6 +421,9 @@ class HttpServerProtocol(TwistedProtocol):
         if exchange is None or not exchange.started:
             if exchange is not None:
                 exchange.responded = True
+                exchange.status = exc.status
+            else:
+                self.factory.bad_heads += 1
             body = exc.reason.encode("utf-8", "replace") + b"\n"
             self.transport.write(closing_response(exc.status, body))
             self._close()
@@ -414,6 +438,10 @@ class HttpServerProtocol(TwistedProtocol):
         if exchange is not self.exchange:
             return
         self.exchange = None
+        # The response is complete: nothing needs telling if the client goes now.  This
+        # also breaks the cycle exchange -> on_lost -> its handler (a proxy call) ->
+        # exchange, so both are freed at once rather than left to the garbage collector.
+        exchange.on_lost = None
         if self.producing:
             self.producing = False
             self.transport.unregisterProducer()
@@ -466,6 +494,8 @@ class HttpServerProtocol(TwistedProtocol):
         self.closed = True
         self.factory.connections.discard(self)
         exchange, self.exchange = self.exchange, None
+        if exchange is not None and self.factory.on_done is not None:
+            self.factory.on_done(exchange)  # aborted, refused or cut short: never finished
         self.reader.receive_eof()
         if exchange is not None and not exchange.responded:
             exchange.responded = True
@@ -504,6 +534,9 @@ class HttpServerFactory(Factory):
         self.max_body = max_body
         self.connections: set[HttpServerProtocol] = set()
         self._sweeper: LoopingCall | None = None
+        # Told about each exchange once it is over (answered or not), for /metrics.
+        self.on_done: Callable[[Exchange], None] | None = getattr(handler, "done", None)
+        self.bad_heads = 0  # requests refused before their head was complete (400, 408, 431...)
 
     def buildProtocol(self, addr: Any) -> HttpServerProtocol:
         if self._sweeper is None:

@@ -63,7 +63,15 @@ class Reply:
     text: str
 
     def to_bytes(self) -> bytes:
-        lines = self.text.split("\n") if self.text else [""]
+        text = self.text
+        if "\n" not in text and "\r" not in text:
+            # One line, the common case.
+            if self.status and text:
+                line = f"{self.code:03d} {self.status} {text}"
+            else:
+                line = f"{self.code:03d} {self.status or text}"
+            return (line.rstrip(" ") + "\r\n").encode("ascii", "replace")
+        lines = text.split("\n") if text else [""]
         out = []
         for index, line in enumerate(lines):
             line = line.replace("\r", "")
@@ -374,11 +382,13 @@ def encode_message(data: bytes) -> bytes:
     """Turn an LF-terminated message into DATA content: CRLF, dot-stuffed, ending in CRLF.CRLF."""
     if not data:
         return b".\r\n"
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    stuffed = [b"." + line if line.startswith(b".") else line for line in lines]
-    return b"\r\n".join(stuffed) + b"\r\n.\r\n"
+    body = data[:-1] if data.endswith(b"\n") else data
+    # Line by line, without a loop over the lines: every line that starts with a dot
+    # gets another one, every LF becomes CRLF.
+    stuffed = body.replace(b"\n.", b"\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed.replace(b"\n", b"\r\n") + b"\r\n.\r\n"
 
 
 # --------------------------------------------------------------------------- server
@@ -520,6 +530,11 @@ class ServerCodec:
     @property
     def in_transaction(self) -> bool:
         return self._sender is not None
+
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet processed (input that waits for an answer())."""
+        return len(self._buffer) - self._pos
 
     def greeting(self) -> Reply:
         return Reply(220, "", f"{self.hostname} ESMTP")
@@ -757,6 +772,14 @@ class ServerCodec:
 
     def _append(self, content: bytes, newline: bool) -> None:
         self._data_size += len(content) + (2 if newline else 0)
+        self._keep(content + b"\n" if newline else content)
+
+    def _append_lines(self, lines: bytes) -> None:
+        """Whole lines, already with LF endings; each counts as its content plus CRLF."""
+        self._data_size += len(lines) + lines.count(b"\n")
+        self._keep(lines)
+
+    def _keep(self, content: bytes) -> None:
         if self._data_too_big:
             return
         if 0 < self.max_size < self._data_size:
@@ -764,7 +787,7 @@ class ServerCodec:
             self._data_too_big = True
             self._data_chunks = []
             return
-        self._data_chunks.append(content + b"\n" if newline else content)
+        self._data_chunks.append(content)
 
     def _next_data(self) -> bool:
         """Consume buffered message content; True once the end-of-data line was seen."""
@@ -783,8 +806,8 @@ class ServerCodec:
                     pos += 1  # remove the stuffed dot
                     self._at_line_start = False
                     continue
-                end = buffer.find(b"\n", pos)
-                if end == -1:
+                last = buffer.rfind(b"\n", pos)
+                if last == -1:
                     # Keep a final CR back: it may be the first half of a CRLF.
                     stop = size - 1 if buffer[size - 1] == 0x0D else size
                     if stop > pos:
@@ -792,8 +815,11 @@ class ServerCodec:
                         self._at_line_start = False
                     pos = stop
                     return False
-                stop = end - 1 if end > pos and buffer[end - 1] == 0x0D else end
-                self._append(bytes(buffer[pos:stop]), True)
+                # Every whole line up to the next one that starts with a dot, in one go:
+                # CRLF (or a bare LF) becomes LF, exactly as line by line.
+                dot = buffer.find(b"\n.", pos, last)
+                end = last if dot == -1 else dot
+                self._append_lines(bytes(buffer[pos : end + 1]).replace(b"\r\n", b"\n"))
                 self._at_line_start = True
                 pos = end + 1
             return False

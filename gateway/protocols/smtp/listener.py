@@ -8,6 +8,7 @@ is never an open relay), and what to answer once the message is handled.
 from __future__ import annotations
 
 import email.utils
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -40,8 +41,21 @@ def _received(
     ]
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>")
-    lines[-1] += f"; {email.utils.formatdate(localtime=True)}"
+    lines[-1] += f"; {_date(int(time.time()))}"
     return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+
+
+_dates: dict[int, str] = {}
+
+
+def _date(second: int) -> str:
+    """The RFC 5322 local date of ``second``, made once per second."""
+    date = _dates.get(second)
+    if date is None:
+        if len(_dates) > 16:
+            _dates.clear()
+        date = _dates[second] = email.utils.formatdate(second, localtime=True)
+    return date
 
 
 class SmtpListener:

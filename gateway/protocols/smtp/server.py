@@ -126,16 +126,27 @@ class SmtpServerProtocol(Protocol):
         self._peer_host = ""
         self._peer_port = 0
         self._tls = False
+        self._session: SmtpSession | None = None
 
     @property
     def session(self) -> SmtpSession:
-        return SmtpSession(
-            peer_host=self._peer_host,
-            peer_port=self._peer_port,
-            helo=self._codec.helo,
-            esmtp=self._codec.esmtp,
-            tls=self._tls,
-        )
+        session = self._session
+        codec = self._codec
+        if (
+            session is None
+            or session.helo != codec.helo
+            or session.esmtp != codec.esmtp
+            or session.tls != self._tls
+        ):
+            # Made again only when the client said EHLO/HELO again or started TLS.
+            session = self._session = SmtpSession(
+                peer_host=self._peer_host,
+                peer_port=self._peer_port,
+                helo=codec.helo,
+                esmtp=codec.esmtp,
+                tls=self._tls,
+            )
+        return session
 
     @property
     def peer(self) -> str:
@@ -338,12 +349,17 @@ class SmtpServerProtocol(Protocol):
         self._transport().loseConnection()
 
     def _update_flow(self) -> None:
-        """Stop reading and stop the idle clock while the handler, not the client, is slow."""
+        """Stop reading and stop the idle clock while the handler, not the client, is slow.
+
+        Reading stops once input waits behind the handler's answer; a client that
+        waits for each reply (most do) is never paused and resumed, which would
+        cost two system calls per message.
+        """
         if not self._open:
             return
         if self._waiting:
             self._cancel_timer()
-            if not self._paused:
+            if not self._paused and self._codec.buffered:
                 self._paused = True
                 self._transport().pauseProducing()
         else:
