@@ -433,7 +433,9 @@ class DeliveryManager:
             # (Articles have no recipients: a temporary failure is retried.)
             await self._dead(delivery, message, outcome.detail, [])
             return
-        age = now - delivery.created
+        # Measured now, when the outcome is known: a try that started just inside max_age
+        # and failed after it is past it.
+        age = self.clock() - delivery.created
         if age >= config.max_age:
             expired = [
                 RecipientFailure(

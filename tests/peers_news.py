@@ -127,9 +127,18 @@ def _news_user() -> pwd.struct_passwd:
         raise
 
 
+def _news_env() -> dict[str, str]:
+    """Our environment without systemd's: with NOTIFY_SOCKET or LISTEN_PID set (a test run
+    under a service or a container manager), rc.news runs innd in the foreground and never
+    returns."""
+    ours = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC")
+    return {k: v for k, v in os.environ.items() if k not in ours}
+
+
 def _as_news(command: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["su", "news", "-s", "/bin/sh", "-c", command],
+        env=_news_env(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -201,6 +210,9 @@ def _set_keys(text: str, keys: dict[str, str]) -> str:
     """inn.conf with each key set (commented or missing keys added)."""
     for key, value in keys.items():
         line = f"{key}:{' ' * max(1, 28 - len(key))}{value}"
+        # A key set twice is an error to INN: drop every line that sets it already.
+        setting = re.compile(rf"^[ \t]*{re.escape(key)}:.*\n?", re.MULTILINE)
+        text = setting.sub("", text)
         pattern = re.compile(rf"^#?\s*{re.escape(key)}:.*$", re.MULTILINE)
         text, count = pattern.subn(line.replace("\\", "\\\\"), text, count=1)
         if count == 0:
@@ -378,6 +390,7 @@ class Inn:
             # rc.news leaves jobs holding its stdout: give it a file, never a pipe.
             result = subprocess.run(
                 ["su", "news", "-s", "/bin/sh", "-c", str(NEWS_BIN / "rc.news")],
+                env=_news_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
