@@ -6,6 +6,9 @@ MemoryReactorClock, integration tests talk to real processes.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,40 @@ from typing import Any
 import pytest
 
 from tests.peers import Dnsdist, GatewayProcess, SmtpSink, Unbound
+
+
+def _file_system(path: Path) -> str:
+    """The type of the file system ``path`` is on, from /proc/self/mounts ("" if unknown)."""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+@pytest.fixture
+def disk_tmp_path(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path, or a folder under /var/tmp when tmp_path is on tmpfs: there, writes to a
+    file that was open before it was made immutable still go through, so tests of an
+    unwritable spool need a disk file system (ext4, xfs, btrfs)."""
+    if _file_system(tmp_path) != "tmpfs":
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="gateway-test-", dir="/var/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

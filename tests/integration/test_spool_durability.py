@@ -558,20 +558,22 @@ def test_a_full_disk_gets_452_and_loses_nothing_acknowledged(tmp_path: Path) -> 
     assert "not accepted" in gw.log_text()
 
 
-def test_an_unwritable_spool_gets_452_and_recovers(tmp_path: Path, smtp_sink: SmtpSink) -> None:
+def test_an_unwritable_spool_gets_452_and_recovers(
+    disk_tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
     """The spool's files turn unwritable while the gateway runs (as when ext4 remounts
     read-only after an error). ``chmod 0500`` on the folder would not do: root ignores it,
     and SQLite keeps its files open, so a folder's mode is never checked again; the
     immutable flag stops writes to open files, for root too."""
     port = free_port()
     config = write_config(
-        tmp_path, port, {"relay": smtp_upstream(smtp_sink.port)}, {"relay.test": "relay"}
+        disk_tmp_path, port, {"relay": smtp_upstream(smtp_sink.port)}, {"relay.test": "relay"}
     )
     gw = GatewayProcess(config)
     gw.start(port)
     # Not the -shm file: SQLite maps it into memory, and a write to a mapped page of an
     # immutable file kills the process with SIGBUS, which says nothing about the spool.
-    files = [str(p) for p in (tmp_path / "var" / "spool").iterdir() if not p.name.endswith("-shm")]
+    files = [str(p) for p in (disk_tmp_path / "var" / "spool").iterdir() if not p.name.endswith("-shm")]
     acked: set[int] = set()
     refused: set[int] = set()
 

@@ -338,9 +338,9 @@ def _chattr(flag: str, files: list[str]) -> None:
         )
 
 
-def test_readyz_is_503_while_the_spool_refuses_messages(tmp_path: Path) -> None:
+def test_readyz_is_503_while_the_spool_refuses_messages(disk_tmp_path: Path) -> None:
     smtp, admin = free_port(), free_port()
-    path = smtp_config(tmp_path, smtp, admin)
+    path = smtp_config(disk_tmp_path, smtp, admin)
     with GatewayProcess(path) as gw:
         gw.start([smtp, admin])
         assert swaks_send(smtp, "alice@example.test")[0] == 0
@@ -352,7 +352,7 @@ def test_readyz_is_503_while_the_spool_refuses_messages(tmp_path: Path) -> None:
         # Not the -shm file: SQLite maps it, and writing a mapped page of an immutable
         # file kills the process with SIGBUS.
         files = [
-            str(p) for p in (tmp_path / "var" / "spool").iterdir() if not p.name.endswith("-shm")
+            str(p) for p in (disk_tmp_path / "var" / "spool").iterdir() if not p.name.endswith("-shm")
         ]
         _chattr("+i", files)
         try:
