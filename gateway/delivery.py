@@ -83,9 +83,6 @@ class DeliveryManager:
         self.rng = rng or random.Random()
         self.clock = clock
         self.active: dict[str, set[str]] = {}  # destination -> delivery ids being tried
-        # Deliveries whose destination has answered and whose outcome is being recorded:
-        # they no longer hold a slot of the destination, and are not tried again meanwhile.
-        self._settling: set[str] = set()
         self.counters = Counters()
         self._loop: task.LoopingCall | None = None
         self._polling: set[str] = set()
@@ -229,7 +226,6 @@ class DeliveryManager:
             exclude = (
                 frozenset(self.active.get(destination, ()))
                 | frozenset(self._unsaved)
-                | frozenset(self._settling)
             )
             due = await self.spool.due(destination, self.clock(), free, exclude)
             for delivery in due:
@@ -245,7 +241,7 @@ class DeliveryManager:
 
     def _start(self, delivery: Delivery, message: Message | None) -> None:
         active = self.active.setdefault(delivery.destination, set())
-        if delivery.id in active or delivery.id in self._unsaved or delivery.id in self._settling:
+        if delivery.id in active or delivery.id in self._unsaved:
             return
         key = (delivery.destination, delivery.msgid)
         if delivery.msgid:
@@ -261,7 +257,6 @@ class DeliveryManager:
         def done(_: object) -> None:
             self._running.discard(d)
             active.discard(delivery.id)
-            self._settling.discard(delivery.id)
             if delivery.msgid and delivery.id not in self._unsaved:
                 self._msgids.discard(key)
             self.kick(delivery.destination)
@@ -369,21 +364,9 @@ class DeliveryManager:
                 destination=delivery.destination,
             )
             outcome = Outcome.temporary(f"internal error: {exc}")
-        self._free_slot(delivery)
+        # The slot stays taken until the outcome is on disk: so a crash leaves at most
+        # `concurrency` deliveries per destination in doubt (sent, not recorded).
         await self._settle(delivery, message, config, outcome, now)
-
-    def _free_slot(self, delivery: Delivery) -> None:
-        """The destination has answered: its slot goes to the next delivery at once.
-
-        Recording the outcome waits for a disk flush; the destination need not.
-        The delivery stays out of the polls, and a copy of the message stays
-        held back, until the outcome is recorded.
-        """
-        active = self.active.get(delivery.destination)
-        if active is not None and delivery.id in active:
-            active.discard(delivery.id)
-            self._settling.add(delivery.id)
-            self.kick(delivery.destination)
 
     async def _settle(
         self,
