@@ -200,6 +200,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.reactor import install_if_default
+
+    install_if_default()
+
     from twisted.internet import defer
     from twisted.internet import reactor as installed_reactor
     from twisted.internet.error import CannotListenError
