@@ -810,6 +810,13 @@ class HttpDestinationConfig(BaseDestinationConfig):
     keepalive: int = field(
         default=64, metadata=_doc("idle keep-alive connections kept per upstream")
     )
+    keepalive_timeout: Duration = field(
+        default=Duration(60),
+        metadata=_doc(
+            "close a kept connection that has been idle this long; keep it below the"
+            " upstream's own idle timeout"
+        ),
+    )
     ca: ConfigPath | None = field(default=None, metadata=_doc("CA file to verify https upstreams"))
     verify: bool = field(default=True, metadata=_doc("verify an https upstream's certificate"))
 

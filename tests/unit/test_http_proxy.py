@@ -169,6 +169,30 @@ def test_a_pooled_connection_the_server_closed_is_retried_on_a_new_one() -> None
     assert h.proxy.upstreams[0].healthy
 
 
+def test_a_kept_connection_idle_past_keepalive_timeout_is_closed() -> None:
+    h = Harness("http://127.0.0.1:8081", keepalive_timeout=Duration(30))
+    client, out = h.client()
+    client.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    first, wire = h.accept()
+    first.dataReceived(RESPONSE)
+    assert out.value().endswith(b"hello")
+    upstream = h.proxy.upstreams[0]
+    assert len(upstream.idle) == 1
+    kept = upstream.idle[0]
+    h.reactor.advance(20)
+    assert upstream.idle == [kept] and not wire.disconnecting
+    h.reactor.advance(11)
+    # Idle for more than 30 s: closed before the upstream's own timeout can race a request.
+    assert upstream.idle == [] and wire.disconnecting
+    out.clear()
+    client.dataReceived(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert len(h.reactor.tcpClients) == 2
+    second, wire2 = h.accept()
+    assert wire2.value().startswith(b"GET /b ")
+    second.dataReceived(RESPONSE)
+    assert out.value().endswith(b"hello")
+
+
 def test_least_connections_and_round_robin() -> None:
     h = Harness("http://127.0.0.1:8081", "http://127.0.0.1:8082", "http://127.0.0.1:8083")
     picks = [h.proxy.choose([]).url.port for _ in range(6)]  # type: ignore[union-attr]

@@ -65,6 +65,7 @@ class UpstreamConnection(TwistedProtocol):
         self.closed = False
         self.reused = False
         self.since = 0.0  # last activity, for the timeout sweeper
+        self.idle_since = 0.0  # when it last went back to the pool
 
     def connectionMade(self) -> None:
         self.upstream.connections += 1
@@ -199,7 +200,14 @@ class Upstream:
         if len(self.idle) >= self.proxy.config.keepalive or self.proxy.closed:
             conn.close()
             return
+        conn.idle_since = self.clock()
         self.idle.append(conn)
+
+    def close_idle(self, older_than: float) -> None:
+        """Close the kept connections idle since before ``older_than``."""
+        # Connections are taken from the end, so the longest idle are at the front.
+        while self.idle and self.idle[0].idle_since < older_than:
+            self.idle.pop(0).close()
 
     def forget(self, conn: UpstreamConnection) -> None:
         try:
@@ -616,6 +624,9 @@ class HttpProxyDestination:
         for conn in list(self.busy):
             if now - conn.since > limit and conn.call is not None:
                 conn.call.timed_out()
+        older_than = now - float(self.config.keepalive_timeout)
+        for upstream in self.upstreams:
+            upstream.close_idle(older_than)
         if self.closed and not self.busy and self._sweeper is not None:
             # Retired by a reload: the last request it carried is done.
             self._sweeper.stop()
