@@ -10,8 +10,6 @@ which does the framing, HPACK and flow control.
 from __future__ import annotations
 
 import base64
-import ipaddress
-import re
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,27 +35,23 @@ from twisted.internet.error import (
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import (
     IHandshakeListener,
-    IOpenSSLClientConnectionCreator,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.ssl import (
-    Certificate,
-    CertificateOptions,
-    optionsForClientTLS,
-    trustRootFromCertificates,
-)
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from gateway.protocols.dns.client import UpstreamError
 from gateway.protocols.dns.wire import Question, WireError, parse_response_question, with_id
+from gateway.protocols.http.body import BytesProducer
+from gateway.protocols.http.client_tls import UnverifiedTls, is_ip, load_trust_root
 
 try:
     import h2.config  # type: ignore[import-not-found, unused-ignore]
@@ -143,73 +137,6 @@ def _describe(exc: BaseException, origin: str) -> UpstreamError:
     if all(isinstance(v, ConnectionClosed) for v in values):
         return _Retryable(f"{origin} closed the connection before answering")
     return UpstreamError(f"request to {origin} failed: {'; '.join(str(v) for v in values)}")
-
-
-def _load_trust_root(path: str) -> Any:
-    try:
-        with open(path, "rb") as pem_file:
-            text = pem_file.read()
-    except OSError as exc:
-        raise ValueError(f"cannot read the CA file {path}: {exc.strerror}") from None
-    blocks = re.findall(
-        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, flags=re.DOTALL
-    )
-    if not blocks:
-        raise ValueError(f"the CA file {path} holds no PEM certificate")
-    try:
-        certificates = [Certificate.loadPEM(block) for block in blocks]
-        return trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]
-    except Exception as exc:
-        raise ValueError(
-            f"the CA file {path} holds a certificate that cannot be read: {exc}"
-        ) from None
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedTls:
-    """TLS without certificate checks (verify: false), still sending SNI for DNS names."""
-
-    def __init__(self, hostname: str, acceptable_protocols: Sequence[bytes]) -> None:
-        self._options = CertificateOptions(
-            verify=False, acceptableProtocols=list(acceptable_protocols)
-        )
-        self._sni = None if _is_ip(hostname) else hostname.encode("idna")
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
-        if self._sni is not None:
-            connection.set_tlsext_host_name(self._sni)
-        return connection
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """A request body already in memory: no cooperator, no reactor."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _BodyReader(Protocol):
@@ -540,7 +467,7 @@ class DohUpstream:
         self._origin = f"{parts.scheme}://{host_text}:{self._port}"
         self._authority = (host_text if default_port else f"{host_text}:{self._port}").encode()
         self._path = ((parts.path or "/") + (f"?{parts.query}" if parts.query else "")).encode()
-        self._trust_root = _load_trust_root(ca_file) if ca_file and verify else None
+        self._trust_root = load_trust_root(ca_file) if ca_file and verify else None
 
         # Until the first connection's ALPN says otherwise, try HTTP/2 when we can speak it.
         self._mode = "unknown" if (http2 and H2_AVAILABLE and self._tls) else "http/1.1"
@@ -685,7 +612,7 @@ class DohUpstream:
             producer = None
             if body:
                 headers.setRawHeaders(b"content-type", [DNS_MESSAGE])
-                producer = _BytesProducer(body)
+                producer = BytesProducer(body)
             url = self._origin.encode() + path
             try:
                 response: Any = await self._agent.request(self.method, url, headers, producer)
@@ -703,7 +630,7 @@ class DohUpstream:
 
     def _creator(self, protocols: Sequence[bytes]) -> Any:
         if not self.verify:
-            return _UnverifiedTls(self._host, protocols)
+            return UnverifiedTls(self._host, protocols)
         return optionsForClientTLS(
             self._host, trustRoot=self._trust_root, acceptableProtocols=list(protocols)
         )
@@ -711,11 +638,11 @@ class DohUpstream:
     def _endpoint(self, protocols: Sequence[bytes]) -> Any:
         endpoint: Any
         timeout = max(1, int(self.timeout + 0.999))
-        if _is_ip(self._host) and ":" in self._host:
+        if is_ip(self._host) and ":" in self._host:
             endpoint = TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
                 self.reactor, self._host, self._port, timeout=timeout
             )
-        elif _is_ip(self._host):
+        elif is_ip(self._host):
             endpoint = TCP4ClientEndpoint(self.reactor, self._host, self._port, timeout=timeout)
         else:
             endpoint = HostnameEndpoint(self.reactor, self._host, self._port, timeout=timeout)

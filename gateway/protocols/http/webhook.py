@@ -48,7 +48,6 @@ import email.policy
 import email.utils
 import hashlib
 import hmac
-import ipaddress
 import json
 import re
 import time
@@ -58,7 +57,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from OpenSSL import SSL
-from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
     ConnectError,
@@ -69,14 +67,8 @@ from twisted.internet.error import (
     DNSLookupError,
 )
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.ssl import (
-    Certificate,
-    CertificateOptions,
-    optionsForClientTLS,
-    trustRootFromCertificates,
-)
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent
@@ -87,12 +79,14 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from gateway.config import WebhookDestinationConfig
 from gateway.destination import Outcome
 from gateway.message import Article, Kind, MailMessage, Message
+from gateway.protocols.http.body import BytesProducer
+from gateway.protocols.http.client_tls import UnverifiedTls, load_trust_root
 
 __all__ = [
     "WebhookDestination",
@@ -345,50 +339,6 @@ def encode_document(doc: Mapping[str, Any]) -> bytes:
 # --------------------------------------------------------------------------- the HTTP shell
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _load_trust_root(path: str) -> Any:
-    try:
-        with open(path, "rb") as pem_file:
-            text = pem_file.read()
-    except OSError as exc:
-        raise ValueError(f"cannot read the CA file {path}: {exc.strerror}") from None
-    blocks = re.findall(
-        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, flags=re.DOTALL
-    )
-    if not blocks:
-        raise ValueError(f"the CA file {path} holds no PEM certificate")
-    try:
-        return trustRootFromCertificates(  # type: ignore[no-untyped-call]
-            [Certificate.loadPEM(block) for block in blocks]
-        )
-    except Exception as exc:
-        raise ValueError(
-            f"the CA file {path} holds a certificate that cannot be read: {exc}"
-        ) from None
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedTls:
-    """TLS without certificate checks (verify: false), still sending SNI for DNS names."""
-
-    def __init__(self, hostname: str) -> None:
-        self._options = CertificateOptions(verify=False)
-        self._sni = None if _is_ip(hostname) else hostname.encode("idna")
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
-        if self._sni is not None:
-            connection.set_tlsext_host_name(self._sni)
-        return connection
-
-
 @implementer(IPolicyForHTTPS)
 class _TlsPolicy:
     def __init__(self, verify: bool, trust_root: Any) -> None:
@@ -398,31 +348,9 @@ class _TlsPolicy:
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         host = hostname.decode("ascii")
         if not self.verify:
-            return _UnverifiedTls(host)
+            return UnverifiedTls(host)
         # Without a CA file: the system's trust store.
         return optionsForClientTLS(host, trustRoot=self.trust_root)
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """A request body already in memory: no cooperator, no global reactor."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Snippet(Protocol):
@@ -527,7 +455,7 @@ class WebhookDestination:
         self._origin = (
             f"{parts.scheme}://{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         )
-        trust_root = _load_trust_root(config.ca) if config.ca and config.verify else None
+        trust_root = load_trust_root(config.ca) if config.ca and config.verify else None
         self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
         self._pool.maxPersistentPerHost = max(1, config.concurrency)
         self._pool.cachedConnectionTimeout = _IDLE_KEEPALIVE
@@ -615,7 +543,7 @@ class WebhookDestination:
                 b"POST",
                 self.url.encode("ascii", "strict"),
                 headers,
-                _BytesProducer(body),  # type: ignore[arg-type]
+                BytesProducer(body),  # type: ignore[arg-type]
             )
         except CancelledError:
             raise

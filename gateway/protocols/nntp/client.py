@@ -23,12 +23,13 @@ from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._client_pool import Slots, connect_failure
 from .codec import (
     NntpError,
     StreamReader,
@@ -468,15 +469,7 @@ class NntpSession:
 
 
 def _connect_error(exc: Exception, server: str, timeout: float) -> NntpSessionError:
-    if isinstance(exc, TimeoutError):
-        text = f"timed out after {timeout:g}s connecting to {server}"
-    elif isinstance(exc, ConnectionRefusedError):
-        text = f"connection refused by {server}"
-    elif isinstance(exc, DNSLookupError):
-        text = f"could not resolve the host name of {server}"
-    else:
-        text = f"could not connect to {server}: {exc}"
-    return NntpSessionError(text)
+    return NntpSessionError(connect_failure(exc, server, timeout))
 
 
 async def open_session(
@@ -573,7 +566,6 @@ class NntpClientPool:
         self.mode = mode
         self._user = user
         self._password = password
-        self._max_connections = max_connections
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._idle_timeout = idle_timeout
@@ -583,17 +575,15 @@ class NntpClientPool:
         self._backoff = 0.0  # the wait after the last failed attempt; 0 after a success
         self._retry_at = 0.0
         self._last_failure = ""
-        self._slots = 0  # sessions open or being opened
+        self._slots: Slots[NntpSession] = Slots(max_connections)  # open or being opened
         self._sessions: list[NntpSession] = []
-        self._waiters: deque[Deferred[NntpSession | None]] = deque()
         self._closed = False
-        self._drained: list[Deferred[None]] = []
 
     # ----------------------------------------------------------------- public interface
 
     @property
     def open_connections(self) -> int:
-        return self._slots
+        return self._slots.taken
 
     async def post(self, data: bytes) -> Reply:
         """POST the article; the decisive reply, or NntpSessionError when none came."""
@@ -629,20 +619,14 @@ class NntpClientPool:
         """QUIT idle sessions, fail waiting sends, and wait until every session is closed."""
         if not self._closed:
             self._closed = True
-            waiters, self._waiters = self._waiters, deque()
-            for waiter in waiters:
-                if not waiter.called:
-                    waiter.errback(
-                        NntpSessionError(f"the NNTP client for {self.destination} was closed")
-                    )
+            self._slots.fail_waiters(
+                lambda: NntpSessionError(f"the NNTP client for {self.destination} was closed")
+            )
             for session in list(self._sessions):
                 if session.inflight == 0:
                     self._cancel_idle(session)
                     self._start_quit(session)
-        if self._slots:
-            drained: Deferred[None] = Deferred()
-            self._drained.append(drained)
-            await drained
+        await self._slots.drained()
 
     # ----------------------------------------------------------------- one operation
 
@@ -664,12 +648,8 @@ class NntpClientPool:
         if session is not None:
             session.inflight += 1
             return session
-        if self._slots < self._max_connections:
-            self._slots += 1
-        else:
-            waiter: Deferred[NntpSession | None] = Deferred()
-            self._waiters.append(waiter)
-            given = await waiter
+        if not self._slots.reserve():
+            given = await self._slots.wait()
             if given is not None:
                 return given  # inflight was counted by whoever handed it over
         return await self._open()
@@ -694,7 +674,7 @@ class NntpClientPool:
         """Open a session in the slot already reserved; back off after failures."""
         now = self._clock.seconds()
         if now < self._retry_at:
-            self._free_slot()
+            self._slots.free()
             raise NntpSessionError(
                 f"{self._last_failure}; not trying {self.destination} again for"
                 f" {self._retry_at - now:.0f}s"
@@ -712,7 +692,7 @@ class NntpClientPool:
                 server=self.destination,
             )
         except NntpSessionError as exc:
-            self._free_slot()
+            self._slots.free()
             self._backoff = min(
                 self._backoff_max, max(self._backoff_min, self._backoff * 2)
             )
@@ -726,7 +706,7 @@ class NntpClientPool:
             )
             raise
         except BaseException:
-            self._free_slot()
+            self._slots.free()
             raise
         self._backoff = 0.0
         self._retry_at = 0.0
@@ -761,7 +741,7 @@ class NntpClientPool:
 
     def _hand_over(self, session: NntpSession) -> None:
         while session.inflight < self._capacity(session):
-            waiter = self._next_waiter()
+            waiter = self._slots.next_waiter()
             if waiter is None:
                 return
             session.inflight += 1
@@ -784,29 +764,11 @@ class NntpClientPool:
                 session.idle_call.cancel()
             session.idle_call = None
 
-    def _next_waiter(self) -> Deferred[NntpSession | None] | None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.called:
-                return waiter
-        return None
-
     def _session_lost(self, session: NntpSession) -> None:
         self._cancel_idle(session)
         if session in self._sessions:
             self._sessions.remove(session)
-            self._free_slot()
-
-    def _free_slot(self) -> None:
-        waiter = self._next_waiter()
-        if waiter is not None and not self._closed:
-            waiter.callback(None)  # the slot passes to the waiting operation
-            return
-        self._slots -= 1
-        if self._slots == 0:
-            drained, self._drained = self._drained, []
-            for deferred in drained:
-                deferred.callback(None)
+            self._slots.free()
 
     def _start_quit(self, session: NntpSession) -> None:
         if session.quitting or session.protocol.lost:

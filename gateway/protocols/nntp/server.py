@@ -7,9 +7,9 @@ wanted and what becomes of them) belong to an NntpHandler.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -20,6 +20,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from .._line_server import Clock, IdleTimer, await_, describe_peer
 from .codec import (
     ArticleReceived,
     AuthRequest,
@@ -44,8 +45,6 @@ log = Logger()
 # Reading goes on below it: a TLS transport buffers writes (and pauses its
 # producer) until its handshake is done, and the handshake needs reading.
 _READ_AHEAD = 64 * 1024
-
-_T = TypeVar("_T")
 
 # A handler failed: answer "try again later" in the terms of each command.
 LOCAL_ERROR = {
@@ -92,17 +91,8 @@ class NntpHandler(TypingProtocol):
         """data is un-stuffed with LF line endings; the response is sent as is."""
 
 
-class _DelayedCall(TypingProtocol):
-    def cancel(self) -> None: ...
-    def active(self) -> bool: ...
-    def reset(self, secondsFromNow: float) -> None: ...
-
-
-class _Clock(TypingProtocol):
+class _Clock(Clock, TypingProtocol):
     def seconds(self) -> float: ...
-    def callLater(
-        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
-    ) -> _DelayedCall: ...
 
 
 class _Transport(TypingProtocol):
@@ -114,16 +104,6 @@ class _Transport(TypingProtocol):
     def getPeer(self) -> object: ...
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
-
-
-async def _await(awaitable: Awaitable[_T]) -> _T:
-    return await awaitable
-
-
-def _describe_peer(host: str, port: int) -> str:
-    if not host:
-        return "an unknown peer"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _command_of(request: AuthRequest | OfferRequest | ArticleReceived) -> str:
@@ -157,7 +137,7 @@ class NntpServerProtocol(Protocol):
         self._pumping = False
         self._paused = False  # reading from the transport is paused
         self._write_blocked = False  # the transport's write buffer is full
-        self._timer: _DelayedCall | None = None
+        self._idle = IdleTimer(factory.clock, self._timed_out)
         self._peer_host = ""
         self._peer_port = 0
         self._tls = False
@@ -173,7 +153,7 @@ class NntpServerProtocol(Protocol):
 
     @property
     def peer(self) -> str:
-        return _describe_peer(self._peer_host, self._peer_port)
+        return describe_peer(self._peer_host, self._peer_port)
 
     @property
     def busy(self) -> bool:
@@ -227,7 +207,7 @@ class NntpServerProtocol(Protocol):
                 reason=reason.getErrorMessage(),
             )
         self._open = False
-        self._cancel_timer()
+        self._idle.stop()
         self._codec.close()
 
     # ----------------------------------------------------------------- IPushProducer
@@ -301,7 +281,7 @@ class NntpServerProtocol(Protocol):
             return
         if inspect.isawaitable(result):
             self._waiting = True
-            deferred: Deferred[Any] = Deferred.fromCoroutine(_await(result))
+            deferred: Deferred[Any] = Deferred.fromCoroutine(await_(result))
             deferred.addCallbacks(
                 self._handler_done,
                 self._handler_failed,
@@ -366,7 +346,7 @@ class NntpServerProtocol(Protocol):
         if not self._open:
             return
         self._open = False
-        self._cancel_timer()
+        self._idle.stop()
         self._codec.close()
         # A transport closes only once its producer is gone (TLS waits for that,
         # TCP when the producer is paused as its buffer drains).
@@ -382,8 +362,8 @@ class NntpServerProtocol(Protocol):
         if not self._open:
             return
         if self._waiting:
-            self._cancel_timer()
-        elif self._timer is None:
+            self._idle.stop()
+        elif not self._idle.running:
             self._arm_timer()
         pause = self._waiting or (self._write_blocked and self._codec.buffered >= _READ_AHEAD)
         if pause and not self._paused:
@@ -394,22 +374,11 @@ class NntpServerProtocol(Protocol):
             self._transport().resumeProducing()
 
     def _arm_timer(self) -> None:
-        if not self._open:
-            return
-        timeout = self._factory.idle_timeout
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)
-        else:
-            self._timer = self._factory.clock.callLater(timeout, self._timed_out)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        # The factory's timeout is read each time: a reconfigured listener changes it.
+        if self._open:
+            self._idle.restart(self._factory.idle_timeout)
 
     def _timed_out(self) -> None:
-        self._timer = None
         if not self._open or self._waiting:
             return
         log.info(

@@ -15,7 +15,7 @@ from typing import Any, Literal, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IReactorTime,
@@ -26,6 +26,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._client_pool import Slots, connect_failure
 from .codec import (
     Reply,
     ReplyParser,
@@ -340,7 +341,6 @@ class SmtpClientPool:
         self._endpoint = cast(_Endpoint, endpoint)
         self.destination = destination or _describe_endpoint(endpoint)
         self._helo = helo.encode("ascii")
-        self._max_connections = max_connections
         self._tls: TlsMode = cast(TlsMode, tls)
         self._tls_context: object | None = None
         if tls != "none":
@@ -351,18 +351,16 @@ class SmtpClientPool:
         self._command_timeout = command_timeout
         self._idle_timeout = idle_timeout
         self._max_messages = max_messages_per_connection
-        self._slots = 0  # connections open or being opened; never above max_connections
+        self._slots: Slots[_Connection] = Slots(max_connections)  # open or being opened
         self._idle: list[_Connection] = []
-        self._waiters: deque[Deferred[_Connection | None]] = deque()
         self._closed = False
-        self._drained: list[Deferred[None]] = []
 
     # ----------------------------------------------------------------- public interface
 
     @property
     def open_connections(self) -> int:
         """Connections open or being opened (for metrics and tests)."""
-        return self._slots
+        return self._slots.taken
 
     @property
     def idle_connections(self) -> int:
@@ -395,21 +393,17 @@ class SmtpClientPool:
         """
         if not self._closed:
             self._closed = True
-            waiters, self._waiters = self._waiters, deque()
-            error = _SessionError(
-                f"the SMTP client for {self.destination} was closed before a connection was free"
+            self._slots.fail_waiters(
+                lambda: _SessionError(
+                    f"the SMTP client for {self.destination} was closed"
+                    " before a connection was free"
+                )
             )
-            for waiter in waiters:
-                if not waiter.called:
-                    waiter.errback(error)
             idle, self._idle = self._idle, []
             for conn in idle:
                 conn.cancel_idle_timer()
                 self._start_quit(conn)
-        if self._slots:
-            drained: Deferred[None] = Deferred()
-            self._drained.append(drained)
-            await drained
+        await self._slots.drained()
 
     # ----------------------------------------------------------------- one send
 
@@ -553,14 +547,14 @@ class SmtpClientPool:
         try:
             protocol = cast(_SmtpClientProtocol, await connecting)
         except CancelledError:
-            self._free_slot()
+            self._slots.free()
             raise
         except Exception as exc:
-            self._free_slot()
+            self._slots.free()
             raise self._connect_error(exc) from None
         conn = _Connection(protocol)
         if protocol.lost:
-            self._free_slot()
+            self._slots.free()
             raise _SessionError(f"connection to {self.destination} was lost as it opened")
         protocol.on_lost = partial(self._connection_lost, conn)
         try:
@@ -573,15 +567,7 @@ class SmtpClientPool:
         return conn
 
     def _connect_error(self, exc: Exception) -> _SessionError:
-        if isinstance(exc, TimeoutError):
-            text = f"timed out after {self._connect_timeout:g}s connecting to {self.destination}"
-        elif isinstance(exc, ConnectionRefusedError):
-            text = f"connection refused by {self.destination}"
-        elif isinstance(exc, DNSLookupError):
-            text = f"could not resolve the host name of {self.destination}"
-        else:
-            text = f"could not connect to {self.destination}: {exc}"
-        return _SessionError(text)
+        return _SessionError(connect_failure(exc, self.destination, self._connect_timeout))
 
     async def _handshake(self, conn: _Connection) -> None:
         greeting = await self._read(conn, "the greeting")
@@ -666,19 +652,9 @@ class SmtpClientPool:
                 conn.protocol.abort()
                 continue
             return conn
-        if self._slots < self._max_connections:
-            self._slots += 1
+        if self._slots.reserve():
             return None
-        waiter: Deferred[_Connection | None] = Deferred()
-        self._waiters.append(waiter)
-        return await waiter
-
-    def _next_waiter(self) -> Deferred[_Connection | None] | None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.called:  # a cancelled send leaves a fired waiter behind
-                return waiter
-        return None
+        return await self._slots.wait()
 
     def _release(self, conn: _Connection) -> None:
         if conn.broken or conn.protocol.lost:
@@ -687,7 +663,7 @@ class SmtpClientPool:
         if self._closed or conn.messages >= self._max_messages:
             self._start_quit(conn)
             return
-        waiter = self._next_waiter()
+        waiter = self._slots.next_waiter()
         if waiter is not None:
             waiter.callback(conn)
             return
@@ -704,18 +680,7 @@ class SmtpClientPool:
         conn.cancel_idle_timer()
         if conn in self._idle:
             self._idle.remove(conn)
-        self._free_slot()
-
-    def _free_slot(self) -> None:
-        waiter = self._next_waiter()
-        if waiter is not None:
-            waiter.callback(None)  # the slot passes to the waiting send
-            return
-        self._slots -= 1
-        if self._slots == 0:
-            drained, self._drained = self._drained, []
-            for deferred in drained:
-                deferred.callback(None)
+        self._slots.free()
 
     def _start_quit(self, conn: _Connection) -> None:
         if conn.quitting or conn.protocol.lost:

@@ -6,9 +6,9 @@ Decisions (accept a sender, a recipient, a message) belong to an SmtpHandler.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from .._line_server import Clock, IdleTimer, await_, describe_peer
 from .codec import (
     MailRequest,
     MessageReceived,
@@ -37,8 +38,6 @@ __all__ = [
 ]
 
 log = Logger()
-
-_T = TypeVar("_T")
 
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
 
@@ -76,35 +75,12 @@ class SmtpHandler(TypingProtocol):
         """data is dot-unstuffed with LF line endings; the reply is sent as is."""
 
 
-class _DelayedCall(TypingProtocol):
-    def cancel(self) -> None: ...
-    def active(self) -> bool: ...
-    def reset(self, secondsFromNow: float) -> None: ...
-
-
-class _Clock(TypingProtocol):
-    # Structural views of the zope interfaces, so that mypy checks calls without a zope plugin.
-    def callLater(
-        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
-    ) -> _DelayedCall: ...
-
-
 class _Transport(TypingProtocol):
     def write(self, data: bytes) -> None: ...
     def loseConnection(self) -> None: ...
     def getPeer(self) -> object: ...
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
-
-
-async def _await(awaitable: Awaitable[_T]) -> _T:
-    return await awaitable
-
-
-def _describe_peer(host: str, port: int) -> str:
-    if not host:
-        return "an unknown peer"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class SmtpServerProtocol(Protocol):
@@ -122,7 +98,7 @@ class SmtpServerProtocol(Protocol):
         self._waiting = False  # a handler call is outstanding
         self._pumping = False
         self._paused = False
-        self._timer: _DelayedCall | None = None
+        self._idle = IdleTimer(factory.clock, self._timed_out)
         self._peer_host = ""
         self._peer_port = 0
         self._tls = False
@@ -150,7 +126,7 @@ class SmtpServerProtocol(Protocol):
 
     @property
     def peer(self) -> str:
-        return _describe_peer(self._peer_host, self._peer_port)
+        return describe_peer(self._peer_host, self._peer_port)
 
     def _transport(self) -> _Transport:
         return cast(_Transport, self.transport)
@@ -215,7 +191,7 @@ class SmtpServerProtocol(Protocol):
                 reason=reason.getErrorMessage(),
             )
         self._open = False
-        self._cancel_timer()
+        self._idle.stop()
         self._codec.close()
 
     # ----------------------------------------------------------------- the loop
@@ -284,7 +260,7 @@ class SmtpServerProtocol(Protocol):
             return
         if inspect.isawaitable(result):
             self._waiting = True
-            deferred: Deferred[Any] = Deferred.fromCoroutine(_await(result))
+            deferred: Deferred[Any] = Deferred.fromCoroutine(await_(result))
             deferred.addCallbacks(
                 self._handler_done,
                 self._handler_failed,
@@ -344,7 +320,7 @@ class SmtpServerProtocol(Protocol):
         if not self._open:
             return
         self._open = False
-        self._cancel_timer()
+        self._idle.stop()
         self._codec.close()
         self._transport().loseConnection()
 
@@ -358,7 +334,7 @@ class SmtpServerProtocol(Protocol):
         if not self._open:
             return
         if self._waiting:
-            self._cancel_timer()
+            self._idle.stop()
             if not self._paused and self._codec.buffered:
                 self._paused = True
                 self._transport().pauseProducing()
@@ -366,26 +342,15 @@ class SmtpServerProtocol(Protocol):
             if self._paused:
                 self._paused = False
                 self._transport().resumeProducing()
-            if self._timer is None:
+            if not self._idle.running:
                 self._arm_timer()
 
     def _arm_timer(self) -> None:
-        if not self._open:
-            return
-        timeout = self._factory.idle_timeout
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)
-        else:
-            self._timer = self._factory.clock.callLater(timeout, self._timed_out)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        # The factory's timeout is read each time: a reconfigured listener changes it.
+        if self._open:
+            self._idle.restart(self._factory.idle_timeout)
 
     def _timed_out(self) -> None:
-        self._timer = None
         if not self._open or self._waiting:
             return
         log.info(
@@ -431,7 +396,7 @@ class SmtpServerFactory(Factory):
             raise ValueError(f"hostname must be a non-empty ASCII host name, not {hostname!r}")
         self.handler = handler
         self.reactor = reactor
-        self.clock = cast(_Clock, reactor)
+        self.clock = cast(Clock, reactor)
         self.hostname = hostname
         self.max_size = max_size
         self.max_recipients = max_recipients
