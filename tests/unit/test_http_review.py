@@ -213,7 +213,7 @@ def test_responses_without_a_body_end_at_their_head(status: int) -> None:
     client, out = h.client()
     client.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
     upstream, _ = h.accept()
-    upstream.dataReceived(b"HTTP/1.1 %d X\r\nETag: \"1\"\r\n\r\n" % status)
+    upstream.dataReceived(b'HTTP/1.1 %d X\r\nETag: "1"\r\n\r\n' % status)
     answer = out.value()
     assert answer.startswith(b"HTTP/1.1 %d " % status) and answer.endswith(b"\r\n\r\n")
     assert b"Transfer-Encoding" not in answer
@@ -228,8 +228,15 @@ def test_an_early_response_closes_both_connections_and_pools_nothing() -> None:
     upstream.dataReceived(b"HTTP/1.1 413 Too Big\r\nContent-Length: 3\r\n\r\nno\n")
     answer = out.value()
     assert answer.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in answer
-    assert out.disconnecting  # the rest of the body is not read as a request
     assert wire.disconnecting and not h.proxy.upstreams[0].idle
+    # The rest of the body is read and dropped (a lingering close), never parsed as a
+    # request, and the connection closes once the client has been quiet for a while.
+    assert not out.disconnecting
+    client.dataReceived(b"GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n" + b"x" * 40)
+    assert out.value() == answer and len(h.reactor.tcpClients) == 1
+    h.reactor.advance(6)
+    client.factory.sweep()
+    assert out.disconnecting
 
 
 # --- the listener -------------------------------------------------------------------------
@@ -302,7 +309,15 @@ def test_an_invalid_host_field_value_is_400(host: bytes) -> None:
 
 @pytest.mark.parametrize(
     "host",
-    [b"example.test", b"example.test:8080", b"[::1]:80", b"[fe80::1%25eth0]", b"127.0.0.1", b"", b"xn--bcher-kva.test"],
+    [
+        b"example.test",
+        b"example.test:8080",
+        b"[::1]:80",
+        b"[fe80::1%25eth0]",
+        b"127.0.0.1",
+        b"",
+        b"xn--bcher-kva.test",
+    ],
 )
 def test_valid_host_field_values_are_taken(host: bytes) -> None:
     (head,) = _heads(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
@@ -315,7 +330,9 @@ def test_a_client_gone_mid_upload_to_a_slow_upstream_really_closes_the_upstream(
     # (it would resume the producer and stop there).  Closing must unregister it.
     h = Harness("http://127.0.0.1:8081")
     client, _ = h.client()
-    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 10)
+    client.dataReceived(
+        b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 10
+    )
     _upstream, wire = h.accept()
     assert wire.producer is not None
     wire.producer.pauseProducing()  # the upstream reads slowly

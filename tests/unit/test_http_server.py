@@ -127,7 +127,81 @@ def test_body_over_max_body_gets_413_while_streaming() -> None:
     )
     assert transport.value() == b""
     protocol.dataReceived(b"8\r\n12345678\r\n0\r\n\r\n")
-    assert transport.value().startswith(b"HTTP/1.1 413 ") and transport.disconnecting
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    # The rest after the 413 is not parsed: it is dropped until the client is quiet.
+    assert not transport.disconnecting
+    reactor.advance(5.1)
+    factory.sweep()
+    assert transport.disconnecting
+
+
+def test_413_mid_body_lingers_then_closes_after_a_quiet_spell() -> None:
+    reactor = MemoryReactorClock()
+    recorder = Recorder()
+    factory = factory_for(recorder, reactor, max_body=10)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n" + b"x" * 16
+    )
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in answer
+    # The client is still sending: closing now would reset the connection, and the
+    # client could lose the 413. Its data is read and dropped instead.
+    assert not transport.disconnecting
+    for _ in range(3):
+        reactor.advance(4)
+        factory.sweep()
+        protocol.dataReceived(b"y" * 4096)
+        assert not transport.disconnecting
+    assert transport.value() == answer  # nothing more is said
+    reactor.advance(5.1)
+    factory.sweep()
+    assert transport.disconnecting
+    assert len(recorder.exchanges) == 1
+
+
+def test_lingering_ends_after_thirty_seconds_however_busy_the_client() -> None:
+    reactor = MemoryReactorClock()
+    factory = factory_for(Recorder(), reactor, max_body=10)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    protocol.dataReceived(b"20\r\n" + b"x" * 20)
+    assert transport.value().startswith(b"HTTP/1.1 413 ") and not transport.disconnecting
+    for _ in range(14):
+        reactor.advance(2)
+        factory.sweep()
+        protocol.dataReceived(b"y" * 1024)
+    assert not transport.disconnecting  # 28 s
+    reactor.advance(2.5)
+    protocol.dataReceived(b"y" * 1024)
+    assert transport.disconnecting
+
+
+def test_a_declared_length_over_max_body_is_413_before_the_handler_and_without_100() -> None:
+    reactor = MemoryReactorClock()
+    recorder = Recorder()
+    factory = factory_for(recorder, reactor, max_body=1000)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(
+        b"PUT /big HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
+    assert b"1001 bytes" in answer
+    assert recorder.exchanges == []
+    # The body the client may send anyway is dropped; the connection closes once it is quiet.
+    assert not transport.disconnecting
+    protocol.dataReceived(b"z" * 1001)
+    assert transport.value() == answer
+    reactor.advance(6)
+    factory.sweep()
+    assert transport.disconnecting
+    # At the limit exactly, the request goes through.
+    protocol, transport = connect(factory, 40001)
+    protocol.dataReceived(
+        b"PUT /ok HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\n" + b"a" * 1000
+    )
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
 
 
 def test_a_handler_that_waits_makes_the_connection_stop_reading() -> None:
@@ -206,14 +280,18 @@ class Gateway:
         return self.verdict
 
 
-def post(verdict: Verdict, target: bytes = b"/hooks/a", body: bytes = b'{"a": 1}') -> tuple[Gateway, bytes]:
+def post(
+    verdict: Verdict, target: bytes = b"/hooks/a", body: bytes = b'{"a": 1}'
+) -> tuple[Gateway, bytes]:
     gateway = Gateway(verdict)
     listener = HttpListener(gateway.config.listeners["web"], gateway)  # type: ignore[arg-type]
     reactor = MemoryReactorClock()
     factory = factory_for(listener, reactor, max_body=100)
     protocol, transport = connect(factory)
     protocol.dataReceived(
-        b"POST " + target + b" HTTP/1.1\r\nHost: hooks.example.test\r\nContent-Type: application/json\r\n"
+        b"POST "
+        + target
+        + b" HTTP/1.1\r\nHost: hooks.example.test\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % len(body) + body
     )
     return gateway, transport.value()

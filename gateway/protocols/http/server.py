@@ -304,6 +304,7 @@ class HttpServerProtocol(TwistedProtocol):
         self.timeout_status = 408
         self._alpn_checked = False
         self._h2: Any = None  # twisted.web's H2Connection, when ALPN chose h2
+        self.lingering = 0.0  # while closing lingeringly: when to stop waiting
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -334,6 +335,8 @@ class HttpServerProtocol(TwistedProtocol):
             self._h2.dataReceived(data)
             return
         if self.closed:
+            if self.lingering:
+                self._lingered(data)
             return
         if not self._alpn_checked:
             self._alpn_checked = True
@@ -384,6 +387,14 @@ class HttpServerProtocol(TwistedProtocol):
                     break
                 assert isinstance(event, Head)
                 exchange = self.exchange = Exchange(self, event)
+                if event.length > self.factory.max_body:
+                    # Declared too large: refused before the handler or an upstream sees
+                    # it, and before a client that sent Expect: 100-continue sends it.
+                    raise ParseError(
+                        413,
+                        f"the request body ({event.length} bytes) is larger than"
+                        f" {self.factory.max_body} bytes",
+                    )
                 if exchange.body_done:
                     # A request without a body: its END is next; take it now.
                     reader.next_event()
@@ -409,7 +420,7 @@ class HttpServerProtocol(TwistedProtocol):
                 assert isinstance(event, bytes)
                 exchange._deliver(event)
 
-    def _bad(self, exc: ParseError) -> None:
+    def _bad(self, exc: ParseError, linger: bool = True) -> None:
         exchange = self.exchange
         log.info(
             "bad request from {client}: {reason} ({status})",
@@ -426,7 +437,15 @@ class HttpServerProtocol(TwistedProtocol):
                 self.factory.bad_heads += 1
             body = exc.reason.encode("utf-8", "replace") + b"\n"
             self.transport.write(closing_response(exc.status, body))
-            self._close()
+            if linger and (
+                (exchange is not None and not exchange.body_done) or self.reader.buffered
+            ):
+                # The client may still be sending: read and drop that for a while, so
+                # that closing with unread data (a reset) does not destroy the answer
+                # before the client has read it.
+                self._linger()
+            else:
+                self._close()
         else:
             self.abort()
         if exchange is not None and not exchange.body_done:
@@ -446,7 +465,10 @@ class HttpServerProtocol(TwistedProtocol):
             self.producing = False
             self.transport.unregisterProducer()
         if close or self.closing:
-            self._close()
+            if not exchange.body_done or self.reader.buffered:
+                self._linger()  # answered before the request was all in
+            else:
+                self._close()
             return
         if self._paused:
             self._paused.clear()
@@ -474,6 +496,35 @@ class HttpServerProtocol(TwistedProtocol):
             self.closed = True
             self.transport.loseConnection()
 
+    # A lingering close (as nginx's lingering_close): after a final answer sent while the
+    # request was still coming, stop sending, then read and drop what arrives until the
+    # client has been quiet for LINGER_QUIET seconds or LINGER_TOTAL have passed.
+    LINGER_QUIET = 5.0
+    LINGER_TOTAL = 30.0
+
+    def _linger(self) -> None:
+        if self.closed:
+            return
+        self.closed = True  # dataReceived drops everything from now on
+        self.lingering = self.factory.clock() + self.LINGER_TOTAL
+        self.reader = RequestReader(self.factory.max_header_size)  # free what was buffered
+        if self._paused:
+            self._paused.clear()
+            self.transport.resumeProducing()
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if type(self.transport) in _PLAIN_TCP and half_close is not None:
+            half_close()  # the answer, then FIN: the client learns at once that we are done
+        self._wait(self.LINGER_QUIET, 0)
+
+    def _lingered(self, data: bytes) -> None:
+        now = self.factory.clock()
+        if now >= self.lingering:
+            self.transport.loseConnection()
+            self.lingering = 0.0
+            self.limit = 0.0
+        else:
+            self._wait(min(self.LINGER_QUIET, self.lingering - now), 0)
+
     def abort(self) -> None:
         if not self.closed:
             self.closed = True
@@ -481,10 +532,16 @@ class HttpServerProtocol(TwistedProtocol):
 
     def timed_out(self) -> None:
         """Called by the sweeper."""
+        if self.lingering:
+            self.lingering = 0.0
+            self.limit = 0.0
+            self.transport.loseConnection()
+            return
         exchange = self.exchange
         if self.timeout_status and (exchange is None or not exchange.started):
             what = "request header" if exchange is None else "request body"
-            self._bad(ParseError(408, f"the {what} did not arrive in time"))
+            # A client too slow to finish its request is not waited for any longer.
+            self._bad(ParseError(408, f"the {what} did not arrive in time"), linger=False)
         else:
             self._close()
 
