@@ -21,6 +21,16 @@ Route options (placeholders from the route's match are already filled in):
 ``followup_to``
     ``Followup-To:`` for the article (checked like ``newsgroups``; ``poster``
     allowed).  A ``Followup-To:`` of the mail is otherwise removed.
+``inject``
+    ``true`` when the article goes straight into a news feed (an ``nntp``
+    destination in ``ihave`` or ``stream`` mode) instead of through a news
+    server's POST, whose server would inject it.  The gateway is then the
+    injecting agent (RFC 5537 3.5) and adds what one adds:
+    ``Injection-Date:`` (when the gateway received the mail, so a retry makes
+    the same article), ``.POSTED`` after its name in ``Path:``
+    (``<gateway>!.POSTED!not-for-mail``) and ``Injection-Info: <gateway>``
+    with ``posting-host`` set to the mail client's address when it is known.
+    Without it (POST), those fields are the news server's to add.
 
 What the transform does to the header:
 
@@ -390,6 +400,31 @@ def _mandatory_fields(msg: MailMessage, headers: Headers) -> Headers:
     return headers
 
 
+def _flag(options: Mapping[str, Any], name: str) -> bool:
+    value = options.get(name, False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):
+        return value.lower() in ("true", "yes", "on")
+    # A configuration mistake, not the mail's: a temporary failure, so the mail waits
+    # for the route to be mended instead of being refused.
+    raise ValueError(f"the route's option {name!r} must be true or false, not {value!r}")
+
+
+def _client_address(client: str) -> str:
+    """The IP address in a message's ``client`` ("host:port", "[v6]:port" or a bare host)."""
+    if not client:
+        return ""
+    if client.startswith("["):
+        host = client[1:].partition("]")[0]
+    elif client.count(":") == 1:
+        host = client.partition(":")[0]
+    else:
+        host = client
+    # Only characters a quoted parameter value may hold unescaped.
+    return host if re.fullmatch(r"[0-9A-Za-z.:_-]+", host) else ""
+
+
 # --- the transform --------------------------------------------------------------------
 
 
@@ -448,7 +483,18 @@ def mail_to_news(msg: MailMessage, options: Mapping[str, Any]) -> Article | None
     headers = headers.add("Sender", str(options.get("sender") or f"mail-to-news@{gateway}"))
     headers = _references(headers)
     headers = headers.add("Newsgroups", ",".join(groups))
-    headers = headers.add("Path", f"{gateway}!not-for-mail", first=True)
+    if _flag(options, "inject"):
+        # The injecting agent's part (RFC 5537 3.5; fields of RFC 5536 3.2.8 and 3.2.9).
+        received = datetime.fromtimestamp(msg.received, UTC)
+        headers = headers.add("Injection-Date", format_datetime(received))
+        info = gateway
+        client = _client_address(msg.client)
+        if client:
+            info += f'; posting-host="{client}"'
+        headers = headers.add("Injection-Info", info)
+        headers = headers.add("Path", f"{gateway}!.POSTED!not-for-mail", first=True)
+    else:
+        headers = headers.add("Path", f"{gateway}!not-for-mail", first=True)
     headers = headers.add(LOOP_HEADER, gateway)
     return Article(
         id=msg.id,

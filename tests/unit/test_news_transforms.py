@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from collections.abc import Coroutine, Mapping
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,6 +81,42 @@ def test_article_has_groups_path_sender_and_loop_header() -> None:
     assert art.headers.fields[0] == ("Path", f" {GW}!not-for-mail".encode())
     assert art.headers.get_all("Sender") == [f"mail-to-news@{GW}"]
     assert art.headers.get_all(LOOP_HEADER) == [GW]
+
+
+def test_without_inject_the_injection_fields_are_the_news_servers() -> None:
+    msg = mail(b"Injection-Date: Tue, 24 Nov 2026 10:00:00 +0000\nInjection-Info: other.test\n")
+    art = gate(msg)
+    assert art.headers.get_all("Injection-Date") == []
+    assert art.headers.get_all("Injection-Info") == []
+    assert ".POSTED" not in art.headers.get_all("Path")[0]
+
+
+@pytest.mark.parametrize("flag", [True, "yes", "true"])
+def test_inject_makes_the_gateway_the_injecting_agent(flag: Any) -> None:
+    msg = mail(b"Injection-Date: Tue, 24 Nov 2026 10:00:00 +0000\nInjection-Info: other.test\n")
+    art = gate(msg, inject=flag)
+    assert art.headers.fields[0] == ("Path", f" {GW}!.POSTED!not-for-mail".encode())
+    # From when the gateway received the mail: a retry makes the same article.
+    [injected] = art.headers.get_all("Injection-Date")
+    assert parsedate_to_datetime(injected).timestamp() == int(msg.received)
+    assert gate(msg, inject=flag).headers.get_all("Injection-Date") == [injected]
+    assert art.headers.get_all("Injection-Info") == [f'{GW}; posting-host="127.0.0.1"']
+    assert art.headers.get_all("Date") == ["Wed, 25 Nov 2026 10:00:00 +0000"]
+
+
+def test_inject_without_a_known_client_and_with_ipv6() -> None:
+    msg = mail()
+    assert gate(dataclasses.replace(msg, client=""), inject=True).headers.get_all(
+        "Injection-Info"
+    ) == [GW]
+    assert gate(dataclasses.replace(msg, client="::1"), inject=True).headers.get_all(
+        "Injection-Info"
+    ) == [f'{GW}; posting-host="::1"']
+
+
+def test_a_bad_inject_value_is_a_temporary_failure_that_names_the_option() -> None:
+    with pytest.raises(ValueError, match="option 'inject' must be true or false"):
+        gate(mail(), inject="sometimes")
 
 
 def test_date_body_encoding_and_rfc2047_subject_are_untouched() -> None:
@@ -234,7 +272,9 @@ def test_reserved_and_invalid_groups_are_refused_for_good(name: str, why: str) -
     assert (info.value.smtp_code, info.value.enhanced) == (553, "5.1.3")
 
 
-@pytest.mark.parametrize("name", ["test.gateway", "de.comp.lang.c++", "alt.a-b_c", "t.\u00e9t\u00e9"])
+@pytest.mark.parametrize(
+    "name", ["test.gateway", "de.comp.lang.c++", "alt.a-b_c", "t.\u00e9t\u00e9"]
+)
 def test_valid_group_names(name: str) -> None:
     assert newsgroup_problem(name) is None
     assert gate(mail(), newsgroups=name).newsgroups == (name,)
@@ -613,8 +653,8 @@ def test_any_mail_gives_a_clean_article_or_is_dropped_by_the_loop_check(
     assert message_id is not None and is_valid_message_id(message_id)
     assert result.body == body
     refs = out.get("References")
-    assert refs is None or len("References: " + refs) <= 998 or refs == msg.headers.get(
-        "References"
+    assert (
+        refs is None or len("References: " + refs) <= 998 or refs == msg.headers.get("References")
     )
     # The same mail again gives the same article header.
     again = mail_to_news(msg, {"newsgroups": "test.gateway", "gateway": GW})

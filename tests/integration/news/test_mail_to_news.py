@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime, formatdate
+from email.utils import format_datetime, formatdate, parsedate_to_datetime
 from typing import Any, TypeVar
 
 import pytest
@@ -94,7 +94,19 @@ destinations:
     retry_max: 2s
     # No duplicate check in the gateway: the tests see INN's own (441 435).
     duplicate_window: 0s
+  news-feed:
+    protocol: nntp
+    connect: tcp:127.0.0.1:{inn_server.port}
+    mode: stream
+    retry_min: 1s
+    retry_max: 2s
 routes:
+  - name: injected-to-news
+    from: mail-in
+    match: {{rcpt: '^(?P<group>[a-z0-9.+-]+)@feed\\.news\\.test$'}}
+    transforms: [mail_to_news]
+    options: {{newsgroups: '{{group}}', gateway: {GW}, inject: true}}
+    to: news-feed
   - name: approved-to-news
     from: mail-in
     match: {{rcpt: '^(?P<group>[a-z0-9.+-]+)@approved\\.news\\.test$'}}
@@ -188,6 +200,27 @@ def test_mail_becomes_an_article_with_the_promised_header(inn: Inn, gateway: Gat
     assert all("forged" not in x for x in h("Xref"))
     assert h("Content-Transfer-Encoding") == ["8bit"]
     assert body_of(article) == b"hello news\n"
+
+
+def test_fed_by_stream_with_inject_the_gateway_is_the_injecting_agent(
+    inn: Inn, gateway: Gateway
+) -> None:
+    """Straight into INN's feed (CHECK/TAKETHIS): no nnrpd injects it, the gateway does."""
+    mid = fresh_message_id("inject")
+    before = time.time()
+    sent_ok(gateway.send(mail(mid), rcpt=f"{GROUP}@feed.news.test"))
+    article = inn.wait_for_article(mid, timeout=60)
+    [path] = header_values(article, "Path")
+    assert path.startswith(f"{PATHHOST}!") and path.endswith(f"!{GW}!.POSTED!not-for-mail")
+    [injected] = header_values(article, "Injection-Date")
+    assert before - 2 <= parsedate_to_datetime(injected).timestamp() <= time.time() + 1
+    assert header_values(article, "Injection-Info") == [f'{GW}; posting-host="127.0.0.1"']
+    # A post (the other route) is injected by INN's nnrpd, not by the gateway.
+    mid = fresh_message_id("posted")
+    sent_ok(gateway.send(mail(mid)))
+    article = inn.wait_for_article(mid, timeout=60)
+    assert all(not v.startswith(GW) for v in header_values(article, "Injection-Info"))
+    assert f"{GW}!.POSTED" not in header_values(article, "Path")[0]
 
 
 def test_dot_lines_and_8bit_bodies_arrive_byte_for_byte(inn: Inn, gateway: Gateway) -> None:
