@@ -55,9 +55,10 @@ class GatewayReactor(EPollReactor):
             fd = writer.fileno()
         except Exception:
             fd = -1
-        if fd == -1 or fd in self._writes:
-            super().addWriter(writer)
-            return
+        if fd != -1 and fd in self._writes:
+            return  # epoll already watches it
+        # A descriptor that is closed already (-1) goes through the flush too, where
+        # the reactor's usual handling disconnects it.
         self._pending_writers[writer] = None
 
     def removeWriter(self, writer: Any) -> None:

@@ -330,3 +330,28 @@ def test_many_clients_each_get_their_replies(count: int) -> None:
 
     results = _run(reactor, lambda: Deferred.fromCoroutine(scenario()))
     assert results == [b"ok a\nok b\nbye\n"] * count
+
+
+def test_a_closed_descriptor_asking_to_write_is_disconnected_not_an_error() -> None:
+    from twisted.internet import abstract
+
+    reactor = GatewayReactor()
+
+    class Closed(abstract.FileDescriptor):
+        lost: Any = None
+
+        def fileno(self) -> int:
+            return -1
+
+        def writeSomeData(self, data: bytes) -> int:
+            raise AssertionError("a closed descriptor must not be written")
+
+        def connectionLost(self, reason: Any) -> None:
+            self.lost = reason
+
+    closed = Closed(reactor)
+    reactor.addWriter(closed)
+    assert closed in reactor.getWriters()
+    reactor.runUntilCurrent()  # the end of a turn: the flush
+    assert closed.lost is not None
+    assert not reactor._pending_writers and closed not in reactor.getWriters()
