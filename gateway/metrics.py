@@ -122,7 +122,7 @@ class GatewayCollector(Collector):
         upstream_duration: dict[str, Histogram] = {}
         connections = GaugeMetricFamily(
             "gateway_listener_open_connections",
-            "Open TCP connections of a listener (SMTP, NNTP and HTTP clients, DNS over TCP)",
+            "Open TCP connections of a listener (SMTP, NNTP and HTTP clients, DNS over TCP, DoH)",
             labels=["listener"],
         )
         for name, service in sorted(self.gateway.listeners.items()):
@@ -152,6 +152,9 @@ class GatewayCollector(Collector):
             tcp = getattr(factory, "tcp", None)
             if tcp is not None:
                 connections.add_metric([name], len(tcp.connections))
+            counted = getattr(factory, "counted", None)
+            if counted is not None:
+                connections.add_metric([name], len(counted.protocols))
             requests.add_metric([name], handler.queries)
             for outcome in ("malformed", "notimp", "unrouted"):
                 queries.add_metric([name, "", outcome], getattr(handler, outcome))

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import random
 import socket
+import ssl
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import dns.flags
@@ -22,6 +24,7 @@ import dns.rdatatype
 import pytest
 
 from tests.peers import (
+    LOOPBACK,
     GatewayProcess,
     Unbound,
     curl,
@@ -375,11 +378,12 @@ def test_dns_to_web_through_dnsdist_doh_with_a_bounded_pool(
 
 def test_web_to_dns_curl_kdig_and_json(tmp_path: Path, unbound: Unbound) -> None:
     cert, key = make_tls_cert(tmp_path / "tls")
-    dns_port, doh_port = free_udp_tcp_port(), free_port()
+    dns_port, doh_port, admin = free_udp_tcp_port(), free_port(), free_port()
     path = tmp_path / "routes.yaml"
     path.write_text(
         f"""
 version: 1
+admin: tcp:{admin}:interface=127.0.0.1
 listeners:
   doh-in:
     protocol: doh
@@ -457,3 +461,39 @@ routes:
             url,
         )
         assert out.stdout == "415"
+        # HTTP/2 is offered by ALPN (curl takes it when offered).
+        out = curl(
+            "--cacert",
+            str(cert),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version}",
+            "-H",
+            "accept: application/dns-json",
+            f"{url}?name=www.example.test&type=A",
+        )
+        assert out.stdout == "2", out.stdout + out.stderr
+        # /metrics counts the DoH listener's open connections.
+        context = ssl.create_default_context(cafile=str(cert))
+        with (
+            socket.create_connection((LOOPBACK, doh_port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as held,
+        ):
+            held.sendall(b"GET /dns-query?name=www.example.test HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert held.recv(4096).startswith(b"HTTP/1.1 200 ")
+            assert _open_connections(admin, "doh-in") == 1.0
+        deadline = time.monotonic() + 10
+        while _open_connections(admin, "doh-in") != 0.0:
+            assert time.monotonic() < deadline, "the closed DoH connection is still counted"
+            time.sleep(0.1)
+
+
+def _open_connections(admin: int, listener: str) -> float | None:
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{admin}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    prefix = f'gateway_listener_open_connections{{listener="{listener}"}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return None

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -1296,3 +1296,23 @@ def test_verification_fails_when_the_certificate_is_for_another_name(
     up.run()
     with pytest.raises(UpstreamError, match="certificate is not for this host"):
         result_of(d)
+
+
+def test_open_connections_are_counted_for_metrics_and_alpn_passes_through() -> None:
+    from gateway.protocols.dns import listener
+
+    site = doh_site(Handler(), reactor=MemoryReactorClock())
+    counted = listener._CountingFactory(site)
+    assert counted.acceptableProtocols() == site.acceptableProtocols()
+    first = counted.buildProtocol(PEER)
+    first.makeConnection(StringTransport(peerAddress=PEER))
+    second = counted.buildProtocol(PEER)
+    second_transport = StringTransport(peerAddress=PEER)
+    second.makeConnection(second_transport)
+    assert len(counted.protocols) == 2
+    second.dataReceived(post_request(query()))
+    assert second_transport.value().startswith(b"HTTP/1.1 200 ") and len(counted.protocols) == 2
+    second.connectionLost(Failure(ConnectionDone()))
+    assert list(counted.protocols) == [first]
+    first.connectionLost(Failure(ConnectionDone()))
+    assert not counted.protocols

@@ -13,8 +13,11 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from gateway.config import (
     DnsListenerConfig,
@@ -434,6 +437,17 @@ class DnsSockets:
             protocol._transport.loseConnection()
 
 
+@implementer(IProtocolNegotiationFactory)
+class _CountingFactory(WrappingFactory):
+    """The site, with its open connections kept in ``protocols`` (ALPN passed through)."""
+
+    noisy = False
+
+    def acceptableProtocols(self) -> list[bytes]:
+        protocols: list[bytes] = self.wrappedFactory.acceptableProtocols()
+        return protocols
+
+
 class DohSockets:
     """The sockets of a DoH listener."""
 
@@ -443,9 +457,11 @@ class DohSockets:
         self.handler = DnsListener(config, gateway)
         self.reactor = reactor
         self.site = doh_site(self.handler, path=config.path, max_size=config.max_size)
+        # Keeps the open connections (``protocols``) for /metrics.
+        self.counted = _CountingFactory(self.site)  # type: ignore[no-untyped-call]
 
     async def listen_on(self, description: str) -> Any:
-        return await server_endpoint(self.reactor, description).listen(self.site)
+        return await server_endpoint(self.reactor, description).listen(self.counted)
 
     def reconfigure(self, config: DohListenerConfig) -> None:
         self.handler.config = config
