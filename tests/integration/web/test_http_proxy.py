@@ -396,9 +396,8 @@ STRICT = """  strict:
 """
 
 
-def test_malformed_requests_get_the_right_status(
-    tmp_path: Path, nginx: Nginx, gateway_port: int
-) -> None:
+def strict_config(tmp_path: Path, nginx: Nginx, gateway_port: int) -> tuple[Path, int]:
+    """A config with the STRICT listener (routed to nginx) beside the usual one; its port."""
     strict = free_port()
     config = write_config(
         tmp_path,
@@ -410,6 +409,13 @@ def test_malformed_requests_get_the_right_status(
     to: origin
 """,
     )
+    return config, strict
+
+
+def test_malformed_requests_get_the_right_status(
+    tmp_path: Path, nginx: Nginx, gateway_port: int
+) -> None:
+    config, strict = strict_config(tmp_path, nginx, gateway_port)
     cases = [
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET /file HTTP/1.1 extra\r\nHost: x\r\n\r\n", 400),
@@ -521,17 +527,7 @@ def test_a_body_far_over_max_size_gets_its_413_while_the_client_is_still_sending
 ) -> None:
     """The 413 reaches a client that is still uploading: the gateway drops the rest of the
     body for a while (a lingering close) instead of resetting the connection under it."""
-    strict = free_port()
-    config = write_config(
-        tmp_path,
-        gateway_port,
-        [nginx.url],
-        extra_listeners=STRICT.format(port=strict),
-        extra_routes="""  - name: strict-origin
-    from: strict
-    to: origin
-""",
-    )
+    config, strict = strict_config(tmp_path, nginx, gateway_port)
     piece = b"a" * 65536
     chunk = b"10000\r\n" + piece + b"\r\n"
     with start_gateway(config, [gateway_port, strict]):
