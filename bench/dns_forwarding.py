@@ -30,14 +30,11 @@ import argparse
 import contextlib
 import os
 import re
-import resource
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,18 +44,27 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT / "bench"]
 sys.path.insert(0, str(REPO_ROOT))
 
-import pytest  # noqa: E402  (tests/peers.py reports a missing program with pytest.fail)
-
-from bench.smtp_relay import (  # noqa: E402
+from bench._common import (  # noqa: E402
     BenchError,
-    Interrupted,
+    add_quiet_options,
     cpu_busy,
+    find_py_spy,
+    fixture_errors,
+    fmt,
+    interruptible,
+    keep_or_remove,
+    locate_program,
     median,
+    own_cpu,
+    pin,
     proc_cpu,
     progress,
-    signals_interrupt,
+    render,
+    repeat_while_disturbed,
+    stop_all,
     stop_process,
     summarize_raw,
+    under_py_spy,
     wait_for_quiet,
 )
 from tests.peers import Dnsdist, GatewayProcess, Unbound, dns_probe, free_udp_tcp_port  # noqa: E402
@@ -91,31 +97,7 @@ DEFAULT_ONLY = (
 
 
 def find_program(name: str) -> str:
-    search = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"])
-    found = shutil.which(name, path=search)
-    if found is None:
-        package = PACKAGES.get(name, name)
-        raise BenchError(
-            f"{name} is not installed: install the Debian package {package!r} "
-            f"(apt-get install --no-install-recommends {package}) and run again."
-        )
-    return found
-
-
-def pin(pid: int, cpu: int) -> None:
-    """Move every thread of `pid` to `cpu`; threads it starts later inherit that."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), {cpu})
-
-
-@contextlib.contextmanager
-def fixture_errors(what: str) -> Iterator[None]:
-    """The fixtures of tests/peers.py fail with pytest.fail or RuntimeError: a BenchError here."""
-    try:
-        yield
-    except (RuntimeError, TimeoutError, pytest.fail.Exception) as exc:
-        raise BenchError(f"{what} did not start: {exc}") from None
+    return locate_program(name, PACKAGES)
 
 
 def records() -> list[str]:
@@ -394,12 +376,6 @@ _STAT = {
 _VERBOSE = re.compile(rb"^> (\S+) \S+ \S+ ([\d.]+)$", re.MULTILINE)
 
 
-def own_load_cpu() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
 def measure(
     target: Server,
     everyone: Sequence[Server],
@@ -450,7 +426,7 @@ def measure_on_cpu(
     ours_before = ours(load.server_cpu)
     ours_load_before = ours(load.load_cpu)
     target_before = target.cpu_seconds()
-    load_before = own_load_cpu()
+    load_before = own_cpu()
     t0 = time.monotonic()
     with out_path.open("w+b") as out:
         proc = subprocess.Popen(
@@ -468,7 +444,7 @@ def measure_on_cpu(
         run.server_cpu = target.cpu_seconds() - target_before
         ours_server = ours(load.server_cpu) - ours_before
         # dnsperf, this script, and unbound when it sits on the load CPU (--layout split).
-        run.load_own_cpu = own_load_cpu() - load_before + ours(load.load_cpu) - ours_load_before
+        run.load_own_cpu = own_cpu() - load_before + ours(load.load_cpu) - ours_load_before
         out.seek(0)
         text = out.read()
     run.server_cpu_busy = busy_after[load.server_cpu] - busy_before[load.server_cpu]
@@ -519,23 +495,18 @@ def measure_stable(
     rate: int | None = None,
 ) -> Run:
     """measure(), repeated (up to --retries times) while other programs disturb it."""
-    for attempt in range(args.retries + 1):
+
+    def once(attempt: int) -> Run:
         run = measure(target, everyone, load, queries, workdir, rate=rate)
         progress(describe(i + 1, args.runs, run))
-        if run.failure or run.disturbance <= args.disturbed:
-            break
-        if attempt < args.retries:
-            progress(
-                f"  other programs took {100 * run.disturbance:.0f}% of a CPU; measuring again"
-            )
-    return run
+        return run
+
+    return repeat_while_disturbed(
+        once, retries=args.retries, disturbed=args.disturbed, again="measuring again"
+    )
 
 
 # --------------------------------------------------------------------------- report
-
-
-def fmt(value: float | None, spec: str = ",.0f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def throughput_rows(results: dict[str, list[Run]], disturbed: float) -> list[list[str]]:
@@ -667,19 +638,6 @@ def target_lines(
     return lines
 
 
-def render(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        out = ["| " + " | ".join(header) + " |"]
-        out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
-        out += ["| " + " | ".join(row) + " |" for row in rows]
-        return out
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, ["-" * w for w in widths], *rows]
-    ]
-
-
 # --------------------------------------------------------------------------- profile
 
 
@@ -692,24 +650,15 @@ def profile(
     out: Path,
 ) -> str:
     """One more run of `target` under py-spy (not counted); a summary of the top costs."""
-    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    py_spy = find_py_spy()
     pids = target.pids()
     if py_spy is None or not pids:
         return "profile: py-spy is not installed (pip install py-spy); no profile taken"
     raw = out.with_suffix(".raw.txt")
-    argv = [
-        "taskset", "-c", str(load.load_cpu), py_spy, "record", "--pid", str(pids[0]),
-        "--nonblocking", "--gil", "--rate", "250", "--format", "raw", "-o", str(raw),
-    ]  # fmt: skip
-    with (workdir / "py-spy.log").open("wb") as log:
-        spy = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            time.sleep(1.0)  # py-spy attaching
-            run = measure(target, everyone, load, queries, workdir)
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
-        finally:
-            stop_process(spy)
+    run = under_py_spy(
+        py_spy, pids[0], lambda: measure(target, everyone, load, queries, workdir),
+        cpu=load.load_cpu, raw=raw, log_path=workdir / "py-spy.log",
+    )  # fmt: skip
     out.write_text(summarize_raw(raw))
     return f"profile of {target.key} ({fmt(run.qps)} qps under py-spy, not counted): {out}, {raw}"
 
@@ -743,16 +692,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--latency-rate", metavar="QPS[,QPS...]",
         help="fixed dnsperf -Q rates instead of shares of the gateway's qps",
     )  # fmt: skip
-    p.add_argument(
-        "--quiet-wait", type=float, default=120,
-        help="before a run, wait up to this long for both CPUs to be idle (%(default)s s)",
-    )  # fmt: skip
-    p.add_argument(
-        "--disturbed", type=float, default=0.10,
-        help="a run during which other programs took more than this share of a CPU "
-        "is repeated (%(default)s)",
-    )  # fmt: skip
-    p.add_argument("--retries", type=int, default=3, help="repeats of a disturbed run")
+    add_quiet_options(p)
     p.add_argument("--server-cpu", type=int, default=0, help="CPU of the target (%(default)s)")
     p.add_argument("--load-cpu", type=int, default=1, help="CPU of dnsperf (%(default)s)")
     p.add_argument(
@@ -881,9 +821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, list[Run]] = {}
     latency: dict[int, dict[str, list[Run]]] = {}
     notes: list[str] = []
-    status = 0
     try:
-        with signals_interrupt():
+        with interruptible() as outcome:
             upstream_cpu = args.server_cpu if args.layout == "shared" else args.load_cpu
             unbound = UnboundServer(workdir, upstream_cpu)
             started.append(unbound)
@@ -934,25 +873,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not isinstance(target, ProcessServer):
                     raise BenchError(f"--profile-target {args.profile_target}: not a Python target")
                 notes.append(profile(target, everyone, load, queries, workdir, args.profile))
-    except (KeyboardInterrupt, Interrupted) as exc:
-        progress(f"interrupted ({exc}); stopping everything" if str(exc) else "interrupted")
-        status = 130
-    except BenchError as exc:
-        progress(f"error: {exc}")
-        status = 1
     finally:
-        # Ignore further Ctrl-C while stopping, so nothing is left running.
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for server in reversed(started):
-            try:
-                server.stop()
-            except Exception as exc:
-                progress(f"warning: stopping {server.key} failed: {exc}")
-        signal.signal(signal.SIGINT, old_int)
-        if args.keep or status:
-            progress(f"logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        stop_all(started, lambda server: server.key, lambda server: server.stop())
+        keep_or_remove(workdir, keep=args.keep or bool(outcome.status))
+    status = outcome.status
     if not any(results.values()):
         return status or 1
     out = render(THROUGHPUT_HEADER, throughput_rows(results, args.disturbed), args.markdown)

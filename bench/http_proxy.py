@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,15 +50,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT / "bench"]
 sys.path.insert(0, str(REPO_ROOT))
 
-import pytest  # noqa: E402  (tests/peers.py reports a missing program with pytest.fail)
-
-from bench.smtp_relay import (  # noqa: E402
+from bench._common import (  # noqa: E402
     BenchError,
     Interrupted,
+    children,
     cpu_busy,
+    fixture_errors,
+    fmt,
+    locate_program,
     median,
+    pin,
     proc_cpu,
     progress,
+    render,
     signals_interrupt,
     wait_for_quiet,
 )
@@ -79,40 +83,7 @@ DEFAULT_ONLY = "nginx,nginx-proxy,gateway,twisted,gateway-routes"
 
 
 def find_program(name: str) -> str:
-    search = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"])
-    found = shutil.which(name, path=search)
-    if found is None:
-        package = PACKAGES.get(name, name)
-        raise BenchError(
-            f"{name} is not installed: install the Debian package {package!r} "
-            f"(apt-get install --no-install-recommends {package}) and run again."
-        )
-    return found
-
-
-def pin(pid: int, cpu: int) -> None:
-    """Move every thread of ``pid`` and of its children to ``cpu``."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), {cpu})
-    for child in children(pid):
-        pin(child, cpu)
-
-
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-@contextlib.contextmanager
-def fixture_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except (RuntimeError, TimeoutError, pytest.fail.Exception) as exc:
-        raise BenchError(f"{what} did not start: {exc}") from None
+    return locate_program(name, PACKAGES)
 
 
 # --------------------------------------------------------------------------- servers
@@ -147,7 +118,7 @@ class NginxTarget(Target):
         with fixture_errors(LABELS[self.key]):
             self.server.start()
         self.port = self.server.port
-        pin(self.server.pid, self.cpu)
+        pin(self.server.pid, self.cpu, with_children=True)  # nginx's workers too
 
     def stop(self) -> None:
         self.server.stop()
@@ -332,10 +303,6 @@ def describe(i: int, runs: int, run: Run) -> str:
     return text
 
 
-def fmt(value: float | None, spec: str = ",.0f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 HEADER = ["target (on CPU 0)", "requests/s (median)", "each run", "target CPU us/request",
           "mean latency ms"]  # fmt: skip
 
@@ -372,18 +339,6 @@ def target_lines(results: dict[str, list[Run]]) -> list[str]:
         verdict = "met" if a / b >= goal else "MISSED"
         lines.append(f"{what}: {a / b:.3f} (target >= {goal:g}): {verdict}")
     return lines
-
-
-def render(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        out = ["| " + " | ".join(header) + " |"]
-        out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
-        return out + ["| " + " | ".join(row) + " |" for row in body]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    return [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, ["-" * w for w in widths], *body]
-    ]
 
 
 # --------------------------------------------------------------------------- main

@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import re
-import resource
 import select
 import shutil
 import signal
@@ -57,18 +56,28 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import pytest  # noqa: E402  (tests/peers.py reports a missing program with pytest.fail)
 
-from bench.smtp_relay import (  # noqa: E402
+from bench._common import (  # noqa: E402
+    SBIN_DIRS,
     BenchError,
-    Interrupted,
+    add_quiet_options,
+    await_listening,
     cpu_busy,
     fmt_rate,
+    gateway_env,
+    interruptible,
+    keep_or_remove,
+    locate_program,
     median,
-    pid_listens_on,
+    own_cpu,
+    pin,
     proc_cpu,
     progress,
-    signals_interrupt,
+    read_from,
+    render_report,
+    repeat_while_disturbed,
+    settle,
+    spawn_logged,
     stop_process,
-    tail,
     wait_for_quiet,
     wait_until,
 )
@@ -86,7 +95,6 @@ from tests.peers_news import (  # noqa: E402
 )
 
 LOOPBACK = "127.0.0.1"
-SBIN_DIRS = ("/usr/sbin", "/sbin")
 PACKAGES = {
     "smtp-source": "postfix",
     "taskset": "util-linux",
@@ -107,38 +115,7 @@ LOG_LEVEL = re.compile(r"^\S+ (warn|error|critical)\s")
 
 
 def find_program(name: str) -> str:
-    search = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS, str(NEWS_BIN)])
-    found = shutil.which(name, path=search)
-    if found is None:
-        package = PACKAGES.get(name, name)
-        raise BenchError(
-            f"{name} is not installed: install the Debian package {package!r} "
-            f"(apt-get install --no-install-recommends {package}) and run again."
-        )
-    return found
-
-
-def pin(pid: int, cpu: int) -> None:
-    """Move every thread of `pid` to `cpu`; processes it forks later inherit that."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), {cpu})
-
-
-def read_from(path: Path, offset: int) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def own_cpu() -> float:
-    """CPU seconds of this script and its reaped children (smtp-source, the direct client)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return locate_program(name, PACKAGES, (*SBIN_DIRS, str(NEWS_BIN)))
 
 
 def _ppid_and_cpu(pid: int) -> tuple[int, float]:
@@ -318,33 +295,14 @@ class Gateway:
                 routes="".join(ROUTE.format(mode=m, **common) for m in self.modes),
             )
         )  # fmt: skip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
-        env["PYTHONUNBUFFERED"] = "1"
         argv = [
             "taskset", "-c", str(self.cpu), self.python, "-m", "gateway", "run",
             "-c", str(self.config_path),
         ]  # fmt: skip
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            argv, cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        proc = self.proc
-        try:
-            wait_until(
-                f"the gateway listening on {LOOPBACK}:{self.port}",
-                lambda: proc.poll() is not None or pid_listens_on(proc.pid, self.port),
-                60,
-            )
-        except BenchError as exc:
-            raise BenchError(f"{exc}; its log:\n{tail(self.log_path)}") from None
-        if proc.poll() is not None:
-            raise BenchError(
-                f"the gateway exited with status {proc.returncode}; its log:\n{tail(self.log_path)}"
-            )
+        self.proc, self._log = spawn_logged(
+            argv, cwd=self.dir, env=gateway_env(PYTHONUNBUFFERED="1"), log_path=self.log_path
+        )
+        await_listening(self.proc, self.port, self.log_path, 60)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -502,19 +460,6 @@ def start_load(path: str, load: Load, inn: BenchInn, gateway: Gateway | None, wo
     return proc, out, t0
 
 
-def settle(counter: ActiveCounter, quiet: float, limit: float) -> None:
-    """Wait until the count has not changed for `quiet` s (at most `limit` s)."""
-    start = time.monotonic()
-    last, since = counter.count(), start
-    while time.monotonic() - start < limit:
-        time.sleep(0.1)
-        count = counter.count()
-        if count != last:
-            last, since = count, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return
-
-
 def measure(
     path: str, load: Load, inn: BenchInn, counter: ActiveCounter, gateway: Gateway | None,
     workdir: Path,
@@ -575,7 +520,7 @@ def measure(
             run.failure = f"{run.failure}: {refused}" if run.failure else refused
     if run.failure:
         # What the gateway still holds arrives now, not during the next run.
-        settle(counter, quiet=6.0, limit=load.timeout)
+        settle(counter.count, quiet=6.0, limit=load.timeout)
     else:
         time.sleep(0.3)  # a short grace to see arrivals beyond the count
     run.stored = min(in_time, load.articles)
@@ -598,6 +543,21 @@ def measure(
     if run.failure:
         run.failure += f" ({run.stored}/{load.articles} stored)"
     return run
+
+
+def measure_stable(
+    path: str, load: Load, inn: BenchInn, counter: ActiveCounter, gateway: Gateway | None,
+    workdir: Path, args: argparse.Namespace, i: int,
+) -> Run:  # fmt: skip
+    """measure(), repeated (up to --retries times) while other programs disturb it."""
+
+    def once(attempt: int) -> Run:
+        run = measure(path, load, inn, counter, gateway, workdir)
+        run.attempts = attempt + 1
+        progress(describe(i + 1, args.runs, run))
+        return run
+
+    return repeat_while_disturbed(once, retries=args.retries, disturbed=args.disturbed)
 
 
 def check_client_report(line: bytes, run: Run) -> str:
@@ -730,22 +690,6 @@ def failure_lines(results: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
-def render_text(rows: list[list[str]], notes: list[str]) -> str:
-    widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
-    out = []
-    for row in [HEADER, ["-" * w for w in widths], *rows]:
-        out.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    return "\n".join([*out, "", *notes]) + "\n"
-
-
-def render_markdown(rows: list[list[str]], notes: list[str]) -> str:
-    out = ["| " + " | ".join(HEADER) + " |"]
-    out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(HEADER))) + "|")
-    for row in rows:
-        out.append("| " + " | ".join(row) + " |")
-    return "\n".join([*out, "", *(f"* {n}" for n in notes)]) + "\n"
-
-
 def describe(i: int, runs: int, run: Run) -> str:
     text = (
         f"run {i}/{runs} {run.path}: stored/s {fmt_rate(run.stored_rate)}, "
@@ -834,16 +778,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--timeout", type=float, default=300, help="seconds a run may take")
     p.add_argument("--stall", type=float, default=30, help="fail a run idle this many seconds")
-    p.add_argument(
-        "--quiet-wait", type=float, default=120,
-        help="before a run, wait up to this long for the CPUs used to be idle (%(default)s s)",
-    )  # fmt: skip
-    p.add_argument(
-        "--disturbed", type=float, default=0.10,
-        help="a run during which other programs took more than this share of a CPU "
-        "is repeated (%(default)s)",
-    )  # fmt: skip
-    p.add_argument("--retries", type=int, default=2, help="repeats of a disturbed run")
+    add_quiet_options(p, cpus="the CPUs used", retries=2)
     p.add_argument("--inn-cpu", type=int, default=cpus[0], help="CPU of INN (%(default)s)")
     p.add_argument(
         "--gateway-cpu", type=int, default=cpus[1 % len(cpus)], help="CPU of the gateway"
@@ -907,10 +842,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     inn = BenchInn(workdir / "inn", args.connections)
     gateway: Gateway | None = None
     sizes: dict[str, int] = {}
-    status = 0
     inn_started = False
     try:
-        with signals_interrupt():
+        with interruptible() as outcome:
             progress(f"waiting for INN (lock {LOCK_PATH}, held by other test runs meanwhile)")
             try:
                 inn.acquire(timeout=args.inn_wait)
@@ -944,28 +878,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress(f"gateway on {LOOPBACK}:{gateway.port} (CPU {args.gateway_cpu})")
             for i in range(args.runs):
                 for path in paths:
-                    for attempt in range(args.retries + 1):
-                        run = measure(path, load, inn, counter, gateway, workdir)
-                        run.attempts = attempt + 1
-                        progress(describe(i + 1, args.runs, run))
-                        if not run.ok or run.disturbance <= args.disturbed:
-                            break
-                        if attempt < args.retries:
-                            progress(
-                                f"  other programs took {100 * run.disturbance:.0f}% of a CPU; "
-                                "measuring this run again"
-                            )
+                    run = measure_stable(path, load, inn, counter, gateway, workdir, args, i)
                     results[path].append(run)
                     if run.ok and path not in sizes:
                         size = stored_size(inn, args.group, counter.count())
                         if size is not None:
                             sizes[path] = size
-    except (KeyboardInterrupt, Interrupted) as exc:
-        progress(f"interrupted ({exc}); stopping everything" if str(exc) else "interrupted")
-        status = 130
-    except BenchError as exc:
-        progress(f"error: {exc}")
-        status = 1
     finally:
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         if gateway is not None:
@@ -990,10 +908,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         inn.release()
         signal.signal(signal.SIGINT, old_int)
         failed = any(not r.ok for runs in results.values() for r in runs)
-        if args.keep or status or failed:
-            progress(f"logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        keep_or_remove(workdir, keep=args.keep or bool(outcome.status) or failed)
+    status = outcome.status
     if not any(results.values()):
         return status or 1
     notes = [
@@ -1018,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if status == 130:
         notes.append("interrupted: partial results")
     rows = summary_rows({k: v for k, v in results.items() if v}, args.disturbed)
-    sys.stdout.write((render_markdown if args.markdown else render_text)(rows, notes))
+    sys.stdout.write(render_report(HEADER, rows, notes, markdown=args.markdown))
     problems = [line for runs in results.values() for r in runs for line in r.problems]
     if problems:
         progress(f"{len(problems)} problem log line(s) from the gateway; the first ones:")

@@ -25,33 +25,57 @@ on Ctrl-C, SIGTERM or an error. See bench/README.md for what the figures mean.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import os
 import pwd
 import re
-import resource
-import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from typing import IO
 
+from bench._common import (
+    LOOPBACK,
+    REPO_ROOT,
+    BenchError,
+    add_quiet_options,
+    await_listening,
+    cpu_busy,
+    find_py_spy,
+    fmt_rate,
+    gateway_env,
+    interruptible,
+    keep_or_remove,
+    locate_program,
+    median,
+    own_cpu,
+    pid_listens_on,
+    proc_cpu,
+    progress,
+    read_from,
+    render_report,
+    repeat_while_disturbed,
+    settle,
+    spawn_logged,
+    stop_all,
+    stop_process,
+    summarize_raw,
+    tail,
+    under_py_spy,
+    wait_for_quiet,
+    wait_until,
+)
 from tests.peers import _POSTFIX_MASTER_CF
 
-LOOPBACK = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SBIN_DIRS = ("/usr/sbin", "/sbin")
 # The Debian package of each program run here, for the "not installed" message.
 PACKAGES = {
     "smtp-source": "postfix",
@@ -64,28 +88,12 @@ SENDER = "load@client.bench.test"
 RECIPIENT = "user@bench.test"
 
 
-class BenchError(Exception):
-    """A problem that stops the benchmark; the text says what to do."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGHUP: stop like Ctrl-C does."""
-
-
 # --------------------------------------------------------------------------- helpers
-# Small copies of tests/peers.py helpers: the benchmark must not need pytest.
+# Helpers of this script alone; the ones the scripts share are in bench/_common.py.
 
 
 def find_program(name: str) -> str:
-    search = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS])
-    found = shutil.which(name, path=search)
-    if found is None:
-        package = PACKAGES.get(name, name)
-        raise BenchError(
-            f"{name} is not installed: install the Debian package {package!r} "
-            f"(apt-get install --no-install-recommends {package}) and run again."
-        )
-    return found
+    return locate_program(name, PACKAGES)
 
 
 def free_port() -> int:
@@ -103,28 +111,6 @@ def port_accepts(port: int) -> bool:
         return False
 
 
-def pid_listens_on(pid: int, port: int) -> bool:
-    """Whether process `pid` itself holds the listening socket 127.0.0.1:port."""
-    wanted = f"0100007F:{port:04X}"
-    inodes = set()
-    with contextlib.suppress(FileNotFoundError), open("/proc/net/tcp") as table:
-        for row in table.readlines()[1:]:
-            cols = row.split()
-            if cols[1] == wanted and cols[3] == "0A":
-                inodes.add(f"socket:[{cols[9]}]")
-    if not inodes:
-        return False
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                return True
-    return False
-
-
 def alive(pid: int) -> bool:
     """Running and not a zombie (PID 1 here reaps slowly, so kill -0 is not enough)."""
     try:
@@ -132,61 +118,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def wait_until(what: str, done: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() >= deadline:
-            raise BenchError(f"{what} did not happen within {timeout:.0f} s")
-        time.sleep(0.02)
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return f"(no {path})"
-    return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
-
-
-def cpu_busy() -> dict[int, float]:
-    """Busy seconds per CPU since boot, from /proc/stat (everything but idle and iowait)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    busy = {}
-    with open("/proc/stat") as stat:
-        for line in stat:
-            if line.startswith("cpu") and line[3].isdigit():
-                name, *values = line.split()
-                ticks = [int(v) for v in values]
-                busy[int(name[3:])] = (sum(ticks[:8]) - ticks[3] - ticks[4]) / tick
-    return busy
-
-
-def proc_cpu(pid: int) -> tuple[float, float]:
-    """(own, reaped children's) CPU seconds of a process; zeros if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0, 0.0
-    rest = stat.rpartition(")")[2].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return (int(rest[11]) + int(rest[12])) / tick, (int(rest[13]) + int(rest[14])) / tick
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL to its process group; reap it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout)
-
-
 # --------------------------------------------------------------------------- peers
 
 
@@ -423,7 +354,7 @@ class Postfix(Relay):
 
     def inspect(self, mark: object) -> tuple[dict[str, float], list[str]]:
         assert isinstance(mark, int)
-        text = _read_from(self.log_path, mark)
+        text = read_from(self.log_path, mark)
         figures = {
             "sent": float(text.count(" status=sent ")),
             "deferred": float(text.count(" status=deferred ")),
@@ -436,15 +367,6 @@ class Postfix(Relay):
             or " status=bounced " in line
         ]
         return figures, problems
-
-
-def _read_from(path: Path, offset: int) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 GATEWAY_ROUTES = """\
@@ -502,32 +424,14 @@ class Gateway(Relay):
                 sink_port=self.sink.port, concurrency=self.concurrency,
             )
         )  # fmt: skip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
         argv = [
             "taskset", "-c", str(self.cpu), self.python,
             str(REPO_ROOT / "bench" / "_gateway_counters.py"), "-c", str(self.config_path),
         ]  # fmt: skip
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            argv, cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        proc = self.proc
-        try:
-            wait_until(
-                f"the gateway listening on {LOOPBACK}:{self.port}",
-                lambda: proc.poll() is not None or pid_listens_on(proc.pid, self.port),
-                30,
-            )
-        except BenchError as exc:
-            raise BenchError(f"{exc}; its log:\n{tail(self.log_path)}") from None
-        if proc.poll() is not None:
-            raise BenchError(
-                f"the gateway exited with status {proc.returncode}; its log:\n{tail(self.log_path)}"
-            )
+        self.proc, self._log = spawn_logged(
+            argv, cwd=self.dir, env=gateway_env(), log_path=self.log_path
+        )
+        await_listening(self.proc, self.port, self.log_path, 30)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -547,7 +451,7 @@ class Gateway(Relay):
         self.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in _read_from(self.log_path, start).splitlines():
+            for line in read_from(self.log_path, start).splitlines():
                 if line.startswith(COUNTERS_MARK):
                     pairs = re.findall(r"(\w+)=(\d+)", line)
                     return {k: int(v) for k, v in pairs}
@@ -566,7 +470,7 @@ class Gateway(Relay):
             figures[key] = float(after[key] - before[key])
         if figures.get("commits"):
             figures["writes_per_commit"] = figures["writes"] / figures["commits"]
-        text = _read_from(self.log_path, offset)
+        text = read_from(self.log_path, offset)
         problems = []
         for line in text.splitlines():
             if line.startswith(COUNTERS_MARK):
@@ -647,42 +551,10 @@ class Load:
     quiet_wait: float
 
 
-def wait_for_quiet(cpus: Sequence[int], limit: float, busy: float = 0.10) -> float:
-    """Wait (at most `limit` s) until every CPU in `cpus` is idle for a second.
-
-    Other programs on a shared machine would take CPU from the relay or the
-    load; returns the seconds waited.
-    """
-    start = time.monotonic()
-    while time.monotonic() - start < limit:
-        before = cpu_busy()
-        time.sleep(1.0)
-        after = cpu_busy()
-        if all(after[c] - before[c] <= busy for c in cpus):
-            break
-    return time.monotonic() - start
-
-
 def load_cpu(sink: SmtpSink) -> float:
     """CPU seconds of the load side so far: this script, its reaped children
     (smtp-source), and the sink."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    return total + (proc_cpu(sink.proc.pid)[0] if sink.proc is not None else 0.0)
-
-
-def settle(sink: SmtpSink, quiet: float, limit: float) -> None:
-    """Wait until the sink's count has not changed for `quiet` s (at most `limit` s)."""
-    start = time.monotonic()
-    last, since = sink.count(), start
-    while time.monotonic() - start < limit:
-        time.sleep(0.1)
-        count = sink.count()
-        if count != last:
-            last, since = count, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return
+    return own_cpu() + (proc_cpu(sink.proc.pid)[0] if sink.proc is not None else 0.0)
 
 
 def measure(relay: Relay, sink: SmtpSink, load: Load, workdir: Path) -> Run:
@@ -742,7 +614,7 @@ def measure(relay: Relay, sink: SmtpSink, load: Load, workdir: Path) -> Run:
         run.source_errors = errors.read().decode("utf-8", "replace").strip()
     if run.failure:
         # Let what the relay still holds arrive now, not during the next run.
-        settle(sink, quiet=3.0, limit=load.timeout)
+        settle(sink.count, quiet=3.0, limit=load.timeout)
     else:
         time.sleep(0.3)  # a short grace to see arrivals beyond the count: duplicates
     final = sink.count() - base
@@ -759,15 +631,6 @@ def measure(relay: Relay, sink: SmtpSink, load: Load, workdir: Path) -> Run:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def fmt_rate(value: float | None) -> str:
-    return "failed" if value is None else f"{value:,.0f}"
 
 
 PATH_LABELS = {
@@ -889,21 +752,7 @@ def problem_lines(results: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
-def render_text(rows: list[list[str]], notes: list[str]) -> str:
-    widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
-    out = []
-    for row in [HEADER, ["-" * w for w in widths], *rows]:
-        out.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    return "\n".join([*out, "", *notes]) + "\n"
-
-
-def render_markdown(rows: list[list[str]], notes: list[str]) -> str:
-    right = {1, 2, 4, 5}
-    out = ["| " + " | ".join(HEADER) + " |"]
-    out.append("|" + "|".join("---:" if i in right else "---" for i in range(len(HEADER))) + "|")
-    for row in rows:
-        out.append("| " + " | ".join(row) + " |")
-    return "\n".join([*out, "", *(f"* {n}" for n in notes)]) + "\n"
+RIGHT_ALIGNED = {1, 2, 4, 5}  # the Markdown table's right-aligned columns
 
 
 # --------------------------------------------------------------------------- profile
@@ -913,71 +762,18 @@ def profile_gateway(
     gateway: Gateway, sink: SmtpSink, load: Load, workdir: Path, *, out: Path, cpu: int
 ) -> str:
     """One more gateway run under py-spy (not counted); return a summary of the top costs."""
-    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    py_spy = find_py_spy()
     if py_spy is None or gateway.proc is None:
         return "profile: py-spy is not installed (pip install py-spy); no profile taken"
     raw = out.with_suffix(".raw.txt")
-    argv = [
-        "taskset", "-c", str(cpu), py_spy, "record", "--pid", str(gateway.proc.pid),
-        "--nonblocking", "--gil", "--threads", "--rate", "250", "--format", "raw",
-        "-o", str(raw),
-    ]  # fmt: skip
-    log = (workdir / "py-spy.log").open("wb")
-    spy = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        time.sleep(1.0)  # py-spy attaching
-        run = measure(gateway, sink, load, workdir)
-        spy.send_signal(signal.SIGINT)
-        spy.wait(30)
-    finally:
-        stop_process(spy)
-        log.close()
+    run = under_py_spy(
+        py_spy, gateway.proc.pid, lambda: measure(gateway, sink, load, workdir),
+        cpu=cpu, raw=raw, log_path=workdir / "py-spy.log", threads=True,
+    )  # fmt: skip
     summary = summarize_raw(raw)
     out.write_text(summary)
     rate = fmt_rate(run.delivered_rate)
     return f"profile run (not counted; {rate} msg/s delivered under py-spy): {out}, {raw}"
-
-
-def summarize_raw(raw: Path, top: int = 25) -> str:
-    """Sample shares per function and per file from py-spy's collapsed stacks.
-
-    Sampled with --gil: only the thread holding the GIL, so the shares are of
-    the Python interpreter's time, not of waits (epoll, fsync, locks).
-    """
-    if not raw.exists():
-        return "py-spy wrote no profile\n"
-    own: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    files: collections.Counter[str] = collections.Counter()
-    threads: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = stack.split(";")
-        total += count
-        threads[re.sub(r" \(\d+\)", "", frames[0])] += count
-        # "name (path/file.py:line)" -> "name (path/file.py)": one row per function.
-        funcs = [re.sub(r":\d+\)$", ")", f) for f in frames[1:]] or ["(no Python frame) (-)"]
-        own[funcs[-1]] += count
-        files[funcs[-1].rpartition(" (")[2].rstrip(")")] += count
-        for func in set(funcs):
-            inclusive[func] += count
-    if not total:
-        return "py-spy recorded no samples\n"
-
-    def table(title: str, counter: collections.Counter[str]) -> list[str]:
-        rows = [f"  {100 * n / total:5.1f}%  {name}" for name, n in counter.most_common(top)]
-        return ["", title, *rows]
-
-    lines = [f"{total} samples of the thread holding the GIL"]
-    lines += table("by thread:", threads)
-    lines += table(f"top {top} functions by own time:", own)
-    lines += table(f"top {top} files by own time:", files)
-    lines += table(f"top {top} functions by inclusive time:", inclusive)
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- main
@@ -1001,16 +797,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=20, help="relay to sink connections")
     p.add_argument("--timeout", type=float, default=300, help="seconds a run may take")
     p.add_argument("--stall", type=float, default=30, help="fail a run idle this many seconds")
-    p.add_argument(
-        "--quiet-wait", type=float, default=120,
-        help="before a run, wait up to this long for both CPUs to be idle (%(default)s s)",
-    )  # fmt: skip
-    p.add_argument(
-        "--disturbed", type=float, default=0.10,
-        help="a run during which other programs took more than this share of a CPU "
-        "is repeated (%(default)s)",
-    )  # fmt: skip
-    p.add_argument("--retries", type=int, default=3, help="repeats of a disturbed run")
+    add_quiet_options(p)
     p.add_argument("--relay-cpu", type=int, default=0, help="CPU of the relay (%(default)s)")
     p.add_argument("--load-cpu", type=int, default=1, help="CPU of source and sinks")
     p.add_argument("--python", default=sys.executable, help="interpreter running the gateway")
@@ -1029,23 +816,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.messages < 1 or args.sessions < 1 or args.runs < 1:
         p.error("--messages, --sessions and --runs must be at least 1")
     return args
-
-
-@contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1080,9 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started: list[Relay | SmtpSink] = []
     results: dict[str, list[Run]] = {name: [] for name in args.only}
     notes: list[str] = []
-    status = 0
     try:
-        with signals_interrupt():
+        with interruptible() as outcome:
             relays: dict[str, tuple[Relay, SmtpSink]] = {}
             for name in args.only:
                 # One sink per path, so each count is that path's own.
@@ -1102,18 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress(f"{name}: listening on {LOOPBACK}:{relay.port}, sink on {sink.port}")
             for i in range(args.runs):
                 for name, (relay, sink) in relays.items():
-                    for attempt in range(args.retries + 1):
-                        run = measure(relay, sink, load, workdir)
-                        run.attempts = attempt + 1
-                        progress(describe(i + 1, args.runs, run))
-                        if not run.ok or run.disturbance <= args.disturbed:
-                            break
-                        if attempt < args.retries:
-                            progress(
-                                f"  other programs took {100 * run.disturbance:.0f}% of a CPU; "
-                                "measuring this run again"
-                            )
-                    results[name].append(run)
+                    results[name].append(measure_stable(relay, sink, load, workdir, args, i))
             if args.profile is not None and "gateway" in relays:
                 gateway, sink = relays["gateway"]
                 assert isinstance(gateway, Gateway)
@@ -1122,25 +880,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         gateway, sink, load, workdir, out=args.profile, cpu=args.load_cpu
                     )
                 )
-    except (KeyboardInterrupt, Interrupted) as exc:
-        progress(f"interrupted ({exc}); stopping everything" if str(exc) else "interrupted")
-        status = 130
-    except BenchError as exc:
-        progress(f"error: {exc}")
-        status = 1
     finally:
-        # Ignore further Ctrl-C while stopping, so nothing is left running.
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for item in reversed(started):
-            try:
-                item.stop()
-            except Exception as exc:
-                progress(f"warning: stopping {type(item).__name__} failed: {exc}")
-        signal.signal(signal.SIGINT, old_int)
-        if args.keep or status:
-            progress(f"logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        stop_all(started, lambda item: type(item).__name__, lambda item: item.stop())
+        keep_or_remove(workdir, keep=args.keep or bool(outcome.status))
+    status = outcome.status
     if not any(results.values()):
         return status or 1
     per = "many messages per connection" if args.keep_connections else "one per connection"
@@ -1159,7 +902,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if status == 130:
         notes.append("interrupted: partial results")
     rows = summary_rows({k: v for k, v in results.items() if v}, args.disturbed)
-    sys.stdout.write((render_markdown if args.markdown else render_text)(rows, notes))
+    sys.stdout.write(
+        render_report(HEADER, rows, notes, markdown=args.markdown, right=RIGHT_ALIGNED)
+    )
     problems = [line for runs in results.values() for r in runs for line in r.problems]
     if problems:
         progress(f"{len(problems)} problem log line(s) from the relays; the first ones:")
@@ -1168,6 +913,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(not r.ok for runs in results.values() for r in runs):
         status = status or 1
     return status
+
+
+def measure_stable(
+    relay: Relay, sink: SmtpSink, load: Load, workdir: Path, args: argparse.Namespace, i: int
+) -> Run:
+    """measure(), repeated (up to --retries times) while other programs disturb it."""
+
+    def once(attempt: int) -> Run:
+        run = measure(relay, sink, load, workdir)
+        run.attempts = attempt + 1
+        progress(describe(i + 1, args.runs, run))
+        return run
+
+    return repeat_while_disturbed(once, retries=args.retries, disturbed=args.disturbed)
 
 
 def describe(i: int, runs: int, run: Run) -> str:
