@@ -1,8 +1,7 @@
 """Helpers the benchmark scripts share: programs, processes, CPU time, idle waits, tables.
 
 The scripts import it as ``bench._common`` with the repository's root on
-``sys.path`` (as they import tests/peers.py). Nothing here needs pytest except
-fixture_errors(), which imports it when called.
+``sys.path`` (as they import tests/peers.py, which this module also uses).
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol, TypeVar
+
+from tests.peers import pid_listens_on
 
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -132,28 +133,6 @@ def fixture_errors(what: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def pid_listens_on(pid: int, port: int) -> bool:
-    """Whether process `pid` itself holds the listening socket 127.0.0.1:port."""
-    wanted = f"0100007F:{port:04X}"
-    inodes = set()
-    with contextlib.suppress(FileNotFoundError), open("/proc/net/tcp") as table:
-        for row in table.readlines()[1:]:
-            cols = row.split()
-            if cols[1] == wanted and cols[3] == "0A":
-                inodes.add(f"socket:[{cols[9]}]")
-    if not inodes:
-        return False
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                return True
-    return False
 
 
 def wait_until(what: str, done: Callable[[], bool], timeout: float) -> None:

@@ -133,7 +133,7 @@ def pid_listens_on(pid: int, port: int) -> bool:
         return False
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
-    except FileNotFoundError:
+    except OSError:  # gone, or not ours to look at
         return False
     for fd in fds:
         with contextlib.suppress(OSError):
