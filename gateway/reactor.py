@@ -40,6 +40,8 @@ class GatewayReactor(EPollReactor):
     def __init__(self) -> None:
         # Writers waiting for the end of the turn, in the order they asked.
         self._pending_writers: dict[Any, None] = {}
+        # The writers of the flush in progress that have not had their turn yet.
+        self._batch: dict[Any, None] = {}
         self._flushing: Any = None
         self._flushing_removed = False
         super().__init__()
@@ -47,7 +49,7 @@ class GatewayReactor(EPollReactor):
     # --- writers ---
 
     def addWriter(self, writer: Any) -> None:
-        if writer in self._pending_writers:
+        if writer in self._pending_writers or writer in self._batch:
             return
         if self._continuousPolling.isWriting(writer):
             return
@@ -64,6 +66,9 @@ class GatewayReactor(EPollReactor):
     def removeWriter(self, writer: Any) -> None:
         if writer is self._flushing:
             self._flushing_removed = True
+        # Stopped before its turn in the flush in progress (another writer's doWrite
+        # closed or aborted it): it must not write then, as epoll would not ask it to.
+        self._batch.pop(writer, None)
         if self._pending_writers.pop(writer, self) is not self:
             return
         super().removeWriter(writer)
@@ -97,25 +102,35 @@ class GatewayReactor(EPollReactor):
         rounds = 0
         while self._pending_writers and rounds < self._FLUSH_ROUNDS:
             rounds += 1
-            pending, self._pending_writers = self._pending_writers, {}
-            for writer in pending:
-                try:
-                    fd = writer.fileno()
-                except Exception:
-                    fd = -1
-                self._flushing = writer
-                self._flushing_removed = False
-                try:
-                    # The same handling as a writable event from epoll: doWrite, and a
-                    # disconnection when it fails or the descriptor is gone.
-                    self._doReadOrWrite(writer, fd, self._POLL_OUT)
-                finally:
-                    self._flushing = None
-                if not self._flushing_removed and writer not in self._pending_writers:
-                    # It still has data: the socket's buffer is full. Wait for epoll.
-                    self._watch_for_writing(writer)
+            self._batch, self._pending_writers = self._pending_writers, {}
+            try:
+                while self._batch:
+                    writer = next(iter(self._batch))
+                    del self._batch[writer]
+                    self._flush_one(writer)
+            finally:
+                if self._batch:  # only after an unexpected error: the rest go next turn
+                    self._pending_writers.update(self._batch)
+                    self._batch = {}
         if self._pending_writers:
             self._register_pending()
+
+    def _flush_one(self, writer: Any) -> None:
+        try:
+            fd = writer.fileno()
+        except Exception:
+            fd = -1
+        self._flushing = writer
+        self._flushing_removed = False
+        try:
+            # The same handling as a writable event from epoll: doWrite, and a
+            # disconnection when it fails or the descriptor is gone.
+            self._doReadOrWrite(writer, fd, self._POLL_OUT)
+        finally:
+            self._flushing = None
+        if not self._flushing_removed and writer not in self._pending_writers:
+            # It still has data: the socket's buffer is full. Wait for epoll.
+            self._watch_for_writing(writer)
 
     # --- the loop ---
 

@@ -355,3 +355,45 @@ def test_a_closed_descriptor_asking_to_write_is_disconnected_not_an_error() -> N
     reactor.runUntilCurrent()  # the end of a turn: the flush
     assert closed.lost is not None
     assert not reactor._pending_writers and closed not in reactor.getWriters()
+
+
+def test_a_writer_stopped_by_an_earlier_one_in_the_same_flush_does_not_write() -> None:
+    """As with epoll: once a connection stops writing (aborted), it is not asked to write."""
+    from twisted.internet import abstract
+
+    reactor = GatewayReactor()
+    read_a, write_a = os.pipe()
+    read_b, write_b = os.pipe()
+    wrote: list[str] = []
+
+    class Pipe(abstract.FileDescriptor):
+        def __init__(self, name: str, fd: int) -> None:
+            super().__init__(reactor)
+            self.name = name
+            self.fd = fd
+            self.other: Pipe | None = None
+
+        def fileno(self) -> int:
+            return self.fd
+
+        def doWrite(self) -> None:
+            wrote.append(self.name)
+            if self.other is not None:
+                self.other.stopWriting()  # what abortConnection does first
+            self.stopWriting()
+
+    a, b = Pipe("a", write_a), Pipe("b", write_b)
+    a.other = b
+    try:
+        a.startWriting()
+        b.startWriting()
+        reactor.runUntilCurrent()
+        assert wrote == ["a"]
+        assert not reactor._pending_writers and not reactor._writes and not reactor._batch
+        # Each on its own is flushed as usual.
+        b.startWriting()
+        reactor.runUntilCurrent()
+        assert wrote == ["a", "b"]
+    finally:
+        for fd in (read_a, write_a, read_b, write_b):
+            os.close(fd)
