@@ -6,12 +6,15 @@ pauses); only the mechanics live here.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Protocol, TypeVar
 
-__all__ = ["Clock", "DelayedCall", "IdleTimer", "await_", "describe_peer"]
+from twisted.internet import task
+
+__all__ = ["Clock", "DelayedCall", "IdleTimer", "await_", "describe_peer", "drain_sessions"]
 
 _T = TypeVar("_T")
+_S = TypeVar("_S", bound="_Session")
 
 
 class DelayedCall(Protocol):
@@ -73,3 +76,28 @@ def describe_peer(host: str, port: int) -> str:
     if not host:
         return "an unknown peer"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Session(Protocol):
+    @property
+    def busy(self) -> bool: ...
+
+
+async def drain_sessions(
+    sessions: Collection[_S],
+    reactor: Any,  # an IReactorTime (zope interfaces are opaque to mypy)
+    timeout: float,
+    close: Callable[[_S], object],
+) -> None:
+    """Close the idle sessions now, and the busy ones once they are idle or ``timeout``
+    seconds have passed (``sessions`` shrinks as they go: a factory's open connections)."""
+    deadline = reactor.seconds() + timeout
+    while sessions:
+        for session in list(sessions):
+            if not session.busy:
+                close(session)
+        if not sessions or reactor.seconds() >= deadline:
+            break
+        await task.deferLater(reactor, 0.1, lambda: None)
+    for session in list(sessions):
+        close(session)

@@ -51,7 +51,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
@@ -59,6 +58,7 @@ from twisted.logger import Logger
 from gateway.config import NntpListenerConfig, client_allowed
 from gateway.destination import Status
 from gateway.message import Article, new_message_id
+from gateway.protocols._line_server import drain_sessions
 from gateway.protocols.nntp.codec import Response, is_message_id
 from gateway.protocols.nntp.server import NntpServerFactory, NntpSession
 from gateway.stats import Histogram
@@ -477,16 +477,9 @@ class ListenerFactory(NntpServerFactory):
     async def drain(self, timeout: float) -> None:
         """Close idle sessions now; give busy ones ``timeout`` seconds to finish their article."""
         response = Response(400, f"{self.hostname} service shutting down")
-        deadline = self.clock.seconds() + timeout
-        while self.connections:
-            for protocol in list(self.connections):
-                if not protocol.busy:
-                    protocol.close_with(response)
-            if not self.connections or self.clock.seconds() >= deadline:
-                break
-            await task.deferLater(self.reactor, 0.1, lambda: None)
-        for protocol in list(self.connections):
-            protocol.close_with(response)
+        await drain_sessions(
+            self.connections, self.reactor, timeout, lambda session: session.close_with(response)
+        )
 
 
 def build_factory(

@@ -12,13 +12,13 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from twisted.internet import task
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
 from gateway.config import SmtpListenerConfig, client_allowed
 from gateway.destination import Status
 from gateway.message import MailMessage, new_message_id
+from gateway.protocols._line_server import drain_sessions
 from gateway.protocols.smtp.server import Reply, SmtpServerFactory, SmtpSession
 from gateway.stats import Histogram
 
@@ -150,16 +150,9 @@ class ListenerFactory(SmtpServerFactory):
     async def drain(self, timeout: float) -> None:
         """Close idle sessions now; give busy ones ``timeout`` seconds to finish their message."""
         reply = Reply(421, "4.3.2", f"{self.hostname} Service shutting down")
-        deadline = self.clock.seconds() + timeout  # type: ignore[attr-defined]
-        while self.connections:
-            for protocol in list(self.connections):
-                if not protocol.busy:
-                    protocol.close_with(reply)
-            if not self.connections or self.clock.seconds() >= deadline:  # type: ignore[attr-defined]
-                break
-            await task.deferLater(self.reactor, 0.1, lambda: None)
-        for protocol in list(self.connections):
-            protocol.close_with(reply)
+        await drain_sessions(
+            self.connections, self.reactor, timeout, lambda session: session.close_with(reply)
+        )
 
 
 def build_factory(
