@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal, Self
+from typing import IO, Literal, Self, TypeVar
 
 import dns.exception
 import dns.message
@@ -94,6 +94,26 @@ def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+_T = TypeVar("_T")
+
+
+def wait_until(
+    check: Callable[[], _T | None], what: str, timeout: float = 20.0, *, interval: float = 0.2
+) -> _T:
+    """Call ``check`` every ``interval`` seconds until it returns something true; return that.
+
+    Raises TimeoutError naming ``what`` once ``timeout`` seconds have passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout} s")
+        time.sleep(interval)
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:

@@ -14,18 +14,24 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from tests.conftest import GatewayFactory, SmtpSinkFactory
-from tests.peers import REPO_ROOT, GatewayProcess, SmtpSink, SwaksExit, free_port, swaks_send
-
-T = TypeVar("T")
+from tests.peers import (
+    REPO_ROOT,
+    GatewayProcess,
+    SmtpSink,
+    SwaksExit,
+    free_port,
+    swaks_send,
+    wait_until,
+)
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 QUEUED_TO = ["x0@down.test", "x1@down.test"]
@@ -49,17 +55,6 @@ def queue_json(config: Path, *args: str) -> Any:
     out = queue(config, *args, "--json")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-def wait_until(check: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.2)
 
 
 @dataclass

@@ -3,37 +3,27 @@ article in both groups (mail_to_news takes all recipients of its route in one co
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from email.utils import formatdate
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
+from tests import peers
 from tests.integration.news.conftest import GROUP, MODERATED_GROUP
 from tests.peers import REPO_ROOT, GatewayProcess, SwaksExit, free_port, swaks_send
 from tests.peers_news import PATHHOST, Inn, fresh_message_id, header_values
-
-T = TypeVar("T")
 
 GW = "gw.test"
 CROSS_GROUP = "test.gateway.cross"
 MODES = ("post", "ihave", "stream")
 
 
-def wait_until(check: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.2)
+wait_until = functools.partial(peers.wait_until, timeout=60.0)
 
 
 class Gateway:

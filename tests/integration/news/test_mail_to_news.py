@@ -7,38 +7,30 @@ mail with fresh Message-IDs (INN's history survives restarts).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime, formatdate, parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
+from tests import peers
 from tests.integration.news.conftest import GROUP, MODERATED_GROUP
 from tests.peers import REPO_ROOT, GatewayProcess, SwaksExit, free_port, swaks_send
 from tests.peers_news import PATHHOST, Inn, fresh_message_id, header_values
-
-T = TypeVar("T")
 
 GW = "gw.test"
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
 
-def wait_until(check: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.2)
+wait_until = functools.partial(peers.wait_until, timeout=60.0)
 
 
 class Gateway:

@@ -13,6 +13,7 @@ import base64
 import email
 import email.message
 import email.policy
+import functools
 import hashlib
 import hmac
 import http.server
@@ -27,10 +28,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
+from tests import peers
 from tests.peers import (
     LOOPBACK,
     REPO_ROOT,
@@ -43,8 +45,6 @@ from tests.peers import (
     make_tls_cert,
     swaks_send,
 )
-
-T = TypeVar("T")
 
 HOOK_SECRET = "hook-secret"
 WEB_SECRET = "web-secret"
@@ -184,15 +184,7 @@ def receivers() -> Iterator[Callable[..., Receiver]]:
 # --------------------------------------------------------------------------- the gateway
 
 
-def wait_until(check: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+wait_until = functools.partial(peers.wait_until, interval=0.05)
 
 
 CONFIG = r"""
