@@ -149,6 +149,23 @@ def test_no_answer_fails_after_the_timeout_and_not_before() -> None:
     assert upstream.ignored == 1 and not clock.getDelayedCalls()
 
 
+def test_answered_attempts_leave_the_timeout_wheel() -> None:
+    """A turn of the wheel meets only attempts that did time out, not every answered one."""
+    clock = UdpClock()
+    upstream = DnsUpstream(clock, [FIRST], timeout=0.5)
+    answered = [resolve(upstream, query(f"a{i}.example.test.", qid=i)) for i in range(50)]
+    silent = resolve(upstream, query("silent.example.test.", qid=99))
+    for port, data, _ in clock.sent():
+        if b"silent" not in data:
+            port.protocol.datagramReceived(answer_to(data), FIRST)
+    assert all(len(got) == 1 for got in answered)
+    assert sum(len(bucket) for bucket in upstream._wheel.values()) == 1
+    clock.advance(0.7)
+    [failure] = silent
+    assert failure.check(UpstreamError)
+    assert not upstream._wheel and not clock.getDelayedCalls()
+
+
 def test_the_next_server_is_asked_when_the_first_is_silent() -> None:
     clock = UdpClock()
     upstream = DnsUpstream(clock, [FIRST, SECOND], timeout=1.0)

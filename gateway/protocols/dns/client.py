@@ -106,9 +106,16 @@ class _UdpSocket(DatagramProtocol):
             self.owner.ignored += 1
             return
         del self.pending[qid]
+        owner = self.owner
+        # Off the timeout wheel now, so that its turn only meets the attempts that did time out:
+        # a turn that walked every answered query would stall the reactor for a tick's worth
+        # of them, and the queries behind it would wait.
+        bucket = owner._wheel.get(query.slot)
+        if bucket is not None:
+            bucket.discard(self.serial << 16 | qid)
         if self.retired and not self.pending:
-            self.owner._close_retired(self)
-        self.owner._answered(query, datagram)
+            owner._close_retired(self)
+        owner._answered(query, datagram)
 
     def close(self) -> None:
         if self.port is not None:
@@ -201,10 +208,10 @@ class DnsUpstream:
         self._random_at = 0
         self.tick = min(0.1, timeout / 4) if timeout > 0 else 0.1
         self._per_tick = 1 / self.tick
-        # Slot -> (socket serial << 16 | query ID) of the attempts that time out in it. Plain
-        # ints, so the wheel keeps no query alive after its answer and the garbage collector
-        # has nothing to walk there.
-        self._wheel: dict[int, list[int]] = {}
+        # Slot -> (socket serial << 16 | query ID) of the attempts that time out in it; an
+        # answered attempt leaves its slot. Plain ints, so the wheel keeps no query alive and
+        # the garbage collector has nothing to walk there.
+        self._wheel: dict[int, set[int]] = {}
         self._turning: Any = None
         self._sockets: dict[int, _UdpSocket] = {}
         self._serial = 0
@@ -334,8 +341,8 @@ class DnsUpstream:
         slot = query.slot = int((self.reactor.seconds() + self.timeout) * self._per_tick) + 1
         bucket = self._wheel.get(slot)
         if bucket is None:
-            bucket = self._wheel[slot] = []
-        bucket.append(sock.serial << 16 | qid)
+            bucket = self._wheel[slot] = set()
+        bucket.add(sock.serial << 16 | qid)
         if self._turning is None:
             self._turning = self.reactor.callLater(self.tick, self._turn)
 
