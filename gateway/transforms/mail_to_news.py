@@ -42,8 +42,9 @@ What the transform does to the header:
   (originator fields, Subject, Date, references, the original Message-ID,
   body, groups), so a retry of the same mail posts nothing new; the invalid one
   is kept as ``X-Original-Message-ID:``.
-* ``Newsgroups:`` from the route; ``Path: <gateway>!not-for-mail`` replaces
-  any ``Path:`` from outside.
+* ``Newsgroups:`` from the route, folded after commas when a long crosspost
+  would make a line over 998 octets (news servers refuse such lines);
+  ``Path: <gateway>!not-for-mail`` replaces any ``Path:`` from outside.
 * Removed, because a news server must not receive them from a gateway, or
   they describe another system's handling: ``Approved`` (unless the route sets
   it), ``Xref``, ``Injection-Info``, ``Injection-Date``, every
@@ -96,6 +97,7 @@ from gateway.plugins import Reject, transform
 
 __all__ = [
     "LOOP_HEADER",
+    "fold_groups",
     "gateway_name",
     "is_valid_message_id",
     "loop_seen",
@@ -332,6 +334,29 @@ def _fold_ids(ids: list[str]) -> str:
     return "\n ".join(ids)
 
 
+def fold_groups(name: str, groups: list[str]) -> str:
+    """``groups`` as the value of a ``name`` field, folded after commas if one line is too long.
+
+    News servers refuse a header line over 998 octets (INN's nnrpd: "441 Header line too
+    long"); RFC 5536 3.1.4 allows folding white space after each comma, so a long crosspost
+    is folded there into lines of at most 78 octets where the names allow (RFC 5322 2.1.1).
+    """
+    one_line = ",".join(groups)
+    if len(name) + 2 + len(one_line.encode("utf-8")) <= MAX_LINE:
+        return one_line
+    lines: list[str] = []
+    line = ""
+    width = len(name) + 2  # "Name: " on the first line, one space on the next ones
+    for group in groups:
+        piece = group + ","
+        if line and width + len(line.encode("utf-8")) + len(piece.encode("utf-8")) > 78:
+            lines.append(line)
+            line, width = "", 1
+        line += piece
+    lines.append(line)
+    return "\n ".join(lines)[:-1]  # no comma after the last group
+
+
 def raw_value(headers: Headers, name: str) -> bytes | None:
     """The raw bytes of the only field called ``name``; None when it is absent or repeated."""
     wanted = name.lower()
@@ -475,14 +500,17 @@ def mail_to_news(msg: MailMessage, options: Mapping[str, Any]) -> Article | None
     if options.get("followup_to"):
         headers = headers.add(
             "Followup-To",
-            ",".join(_checked_groups(options["followup_to"], "followup_to", followup=True)),
+            fold_groups(
+                "Followup-To",
+                _checked_groups(options["followup_to"], "followup_to", followup=True),
+            ),
         )
 
     headers = headers.rename("Original-Sender", "X-Original-Original-Sender")
     headers = headers.rename("Sender", "Original-Sender")
     headers = headers.add("Sender", str(options.get("sender") or f"mail-to-news@{gateway}"))
     headers = _references(headers)
-    headers = headers.add("Newsgroups", ",".join(groups))
+    headers = headers.add("Newsgroups", fold_groups("Newsgroups", groups))
     if _flag(options, "inject"):
         # The injecting agent's part (RFC 5537 3.5; fields of RFC 5536 3.2.8 and 3.2.9).
         received = datetime.fromtimestamp(msg.received, UTC)

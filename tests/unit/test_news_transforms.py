@@ -21,6 +21,7 @@ from gateway.plugins import Reject, load_transforms
 from gateway.routing import Router, TransformFailed, check_routes
 from gateway.transforms.mail_to_news import (
     LOOP_HEADER,
+    fold_groups,
     is_valid_message_id,
     mail_to_news,
     newsgroup_problem,
@@ -288,6 +289,45 @@ def test_an_empty_group_from_an_unmatched_placeholder_is_refused() -> None:
 def test_a_route_without_newsgroups_is_refused_with_the_reason() -> None:
     with pytest.raises(Reject, match="'newsgroups'"):
         mail_to_news(mail(), {"gateway": GW})
+
+
+def test_a_long_crosspost_is_folded_after_commas_into_short_lines() -> None:
+    # INN's nnrpd answers "441 Header line too long" to one line over 998 octets.
+    groups = [f"test.crosspost{i:03d}.{'x' * 20}" for i in range(60)]
+    art = gate(mail(), newsgroups=groups, followup_to=groups)
+    assert art.newsgroups == tuple(groups)
+    for name in ("Newsgroups", "Followup-To"):
+        raw = dict(art.headers.fields)[name]
+        lines = (name.encode() + b":" + raw).split(b"\n")
+        assert len(lines) > 1 and all(len(line) <= 78 for line in lines)
+        assert all(line.endswith(b",") for line in lines[:-1])
+        assert [g.strip() for g in (art.headers.get(name) or "").split(",")] == groups
+
+
+def test_groups_that_fit_one_line_stay_on_one_line() -> None:
+    groups = [f"test.g{i:03d}" for i in range(80)]
+    assert fold_groups("Newsgroups", groups) == ",".join(groups)
+    # A name longer than a short line gets a line of its own, unbroken.
+    long_name = "test." + "y" * 120
+    folded = fold_groups("Newsgroups", [long_name] * 9)
+    assert folded.split(",\n ") == [long_name] * 9
+
+
+@given(
+    st.lists(
+        st.from_regex(r"\Atest\.[a-z0-9+_-]{1,90}\Z"), min_size=1, max_size=120, unique=True
+    )
+)
+def test_folded_groups_always_unfold_to_the_same_list(groups: list[str]) -> None:
+    folded = fold_groups("Newsgroups", groups)
+    assert [g.strip() for g in folded.split(",")] == groups
+    lines = ("Newsgroups: " + folded).split("\n")
+    assert all(len(line) <= 998 for line in lines)
+    if len(lines) > 1:
+        # Folded lines over 78 octets hold one group that is that long by itself.
+        assert all(len(line) <= 78 or "," not in line.rstrip(",") for line in lines)
+    else:
+        assert len("Newsgroups: " + ",".join(groups)) <= 998
 
 
 def test_followup_to_comes_from_the_route_only() -> None:

@@ -221,3 +221,27 @@ def test_dry_run_of_the_default_routes_shows_the_crosspost(tmp_path: Path) -> No
     assert "  options joined for the one copy: newsgroups 'local.test,comp.lang.misc'" in text
     assert text.count("=== route 'mail-to-news' -> news") == 1
     assert "\nNewsgroups: local.test,comp.lang.misc\n" in text
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_crosspost_too_long_for_one_line_is_folded_and_taken(
+    inn: Inn, gateway: Gateway, mode: str
+) -> None:
+    # 40 groups of about 45 octets: over 1,800 octets on one line, which INN refuses
+    # ("441 Header line too long"); folded after commas, it is taken. Groups INN does not
+    # carry are left out of its Xref, as for any crosspost.
+    others = [f"test.gateway.unknown-{mode}-{i:02d}-with-a-long-name" for i in range(40)]
+    groups = [GROUP, *others]
+    mid = fresh_message_id(f"cross-long-{mode}")
+    gateway.send(mail(mid, f"long crosspost {mode}"), *(f"{g}@{mode}.news.test" for g in groups))
+    article = inn.wait_for_article(mid, timeout=60)
+    head = article.split(b"\n\n", 1)[0]
+    raw = re.search(rb"^Newsgroups:.*?(?=\n\S)", head, re.MULTILINE | re.DOTALL)
+    assert raw is not None
+    lines = raw.group(0).split(b"\n")
+    assert len(lines) > 1 and all(len(line) <= 78 for line in lines)
+    (value,) = header_values(article, "Newsgroups")
+    assert [g.strip() for g in value.split(",")] == groups
+    assert set(xref_numbers(article)) == {GROUP}
+    assert numbers_in(inn, GROUP, mid) == [xref_numbers(article)[GROUP]]
+    gateway.wait_delivered(mid)
