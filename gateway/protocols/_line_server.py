@@ -1,17 +1,42 @@
-"""Pieces the line-based server shells (SMTP, NNTP) share: the idle timer and small helpers.
+"""What the line-based server shells (SMTP, NNTP) share: the connection's flow and timers.
 
-Each shell keeps its own rules (what an idle client is told, when reading
-pauses); only the mechanics live here.
+``LineServerProtocol`` moves bytes between a transport and a sans-io server
+codec and asks a handler whenever the codec has a request; each protocol's
+subclass says what its requests, answers and refusals are.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from twisted.internet import task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
 
-__all__ = ["Clock", "DelayedCall", "IdleTimer", "await_", "describe_peer", "drain_sessions"]
+__all__ = [
+    "Clock",
+    "DelayedCall",
+    "IdleTimer",
+    "LineServerProtocol",
+    "await_",
+    "describe_peer",
+    "drain_sessions",
+]
+
+log = Logger()
+
+# Input kept while the client reads no replies, before reading from it stops too.
+# Reading goes on below it: a TLS transport buffers writes (and pauses its
+# producer) until its handshake is done, and the handshake needs reading.
+READ_AHEAD = 64 * 1024
 
 _T = TypeVar("_T")
 _S = TypeVar("_S", bound="_Session")
@@ -101,3 +126,332 @@ async def drain_sessions(
         await task.deferLater(reactor, 0.1, lambda: None)
     for session in list(sessions):
         close(session)
+
+
+class _Reply(Protocol):
+    def to_bytes(self) -> bytes: ...
+
+
+class _Codec(Protocol):
+    """The sans-io server codec a shell drives (smtp.codec.ServerCodec, nntp.codec.ServerCodec)."""
+
+    @property
+    def pending(self) -> object | None: ...
+    @property
+    def buffered(self) -> int: ...
+    def greeting(self) -> _Reply: ...
+    def receive_data(self, data: bytes) -> None: ...
+    def next_event(self) -> object | None: ...
+    def close(self) -> None: ...
+    def timeout(self) -> _Reply: ...
+    def abort(self) -> _Reply: ...
+
+
+class _Factory(Protocol):
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def idle_timeout(self) -> float: ...
+    @property
+    def connections(self) -> set[Any]: ...
+
+
+class _Transport(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def getPeer(self) -> object: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+
+
+@implementer(IPushProducer)
+class LineServerProtocol(TwistedProtocol):
+    """One server connection of a line-based protocol, driven by a sans-io codec.
+
+    Flow rules, the same for every protocol:
+
+    * The connection is the push producer of its own transport. When the
+      client stops reading replies and the transport's write buffer fills, the
+      transport pauses it: it answers nothing more until the buffer drains, and
+      stops reading once ``READ_AHEAD`` octets of commands wait. A client that
+      pipelines commands without reading the answers costs bounded memory.
+    * While a handler call is outstanding, reading stops once input waits
+      behind its answer; a client that waits for each reply (most do) is never
+      paused and resumed, which would cost two system calls per request.
+    * The idle timer runs only while the client, not the handler, is expected
+      to act; on expiry the codec's timeout reply is sent and the connection
+      closes (aborted when the client reads nothing, as the reply would never
+      drain).
+    * A handler that raises or fails answers the request with the protocol's
+      "try again later"; one that returns something that is not a reply too.
+    """
+
+    kind = ""  # "SMTP", "NNTP": for log lines
+
+    def __init__(self, factory: _Factory, codec: _Codec) -> None:
+        self._factory = factory
+        self._codec = codec
+        self._open = False  # connected and not closing: the only state in which we write
+        self._waiting = False  # a handler call is outstanding
+        self._pumping = False
+        self._paused = False  # reading from the transport is paused
+        self._write_blocked = False  # the transport's write buffer is full
+        self._idle = IdleTimer(factory.clock, self._timed_out)
+        self._peer_host = ""
+        self._peer_port = 0
+        self._tls = False
+
+    # --- what each protocol says ---
+
+    def _refusal(self) -> bytes | None:
+        """Asked once connected: what to send before closing, or None to greet the client."""
+        raise NotImplementedError
+
+    def _handle_event(self, event: object) -> None:
+        """Write what the codec has to send (closing if it says so), or ask the handler."""
+        raise NotImplementedError
+
+    def _ask(self, event: Any) -> object:
+        """The handler's result for a request: a reply, or an awaitable of one."""
+        raise NotImplementedError
+
+    def _answer(self, result: object, event: Any) -> None:
+        """Give the handler's result to the codec; anything but a reply answers try-later."""
+        raise NotImplementedError
+
+    def _local_error(self, event: Any) -> object:
+        """The try-later reply to ``event`` when its handler failed."""
+        raise NotImplementedError
+
+    def _describe(self, event: Any) -> str:
+        """The request, for log lines."""
+        raise NotImplementedError
+
+    def _in_progress(self) -> bool:
+        """The codec is inside a transaction or a transfer."""
+        raise NotImplementedError
+
+    # --- Twisted ---
+
+    @property
+    def peer(self) -> str:
+        return describe_peer(self._peer_host, self._peer_port)
+
+    @property
+    def busy(self) -> bool:
+        """A transaction, a transfer or a handler call is in progress."""
+        return self._open and (self._in_progress() or self._waiting)
+
+    def _transport(self) -> _Transport:
+        return cast(_Transport, self.transport)
+
+    def connectionMade(self) -> None:
+        self._open = True
+        self._transport().registerProducer(self, True)
+        address = self._transport().getPeer()
+        if isinstance(address, (IPv4Address, IPv6Address)):
+            self._peer_host, self._peer_port = address.host, address.port
+        self._tls = bool(ISSLTransport.providedBy(self.transport))
+        refusal = self._refusal()
+        if refusal is not None:
+            self._codec.close()
+            self._write(refusal)
+            self._close()
+            return
+        self._write(self._codec.greeting().to_bytes())
+        self._arm_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._open:
+            return
+        try:
+            self._codec.receive_data(data)
+        except Exception:
+            self._crash()
+            return
+        if not self._waiting:
+            self._arm_timer()
+        self._pump()
+
+    def close_with(self, reply: _Reply) -> None:
+        """Send ``reply`` (a 421 or a 400, say) and close, whatever the session is doing."""
+        self._write(reply.to_bytes())
+        self._close()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._factory.connections.discard(self)
+        if self._in_progress() or self._waiting:
+            log.debug(
+                "{kind} connection from {peer} lost during a transaction: {reason}",
+                kind=self.kind,
+                peer=self.peer,
+                reason=reason.getErrorMessage(),
+            )
+        self._open = False
+        self._idle.stop()
+        self._codec.close()
+
+    # --- IPushProducer ---
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: answer nothing more until it drains."""
+        self._write_blocked = True
+        self._update_flow()
+
+    def resumeProducing(self) -> None:
+        """The client read what was written: go on with the commands buffered meanwhile."""
+        if not self._write_blocked:
+            return
+        self._write_blocked = False
+        if not self._waiting:
+            self._arm_timer()  # the client is reading: that is activity
+        self._pump()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost does the rest."""
+
+    # --- the loop ---
+
+    def _pump(self) -> None:
+        # Re-entered when a handler's Deferred has already fired inside _call_handler;
+        # the outer loop then picks up the answer, which keeps replies in order.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._open and not self._waiting and not self._write_blocked:
+                event = self._codec.next_event()
+                if event is None:
+                    break
+                self._handle_event(event)
+            self._update_flow()
+        except Exception:
+            self._crash()
+        finally:
+            self._pumping = False
+
+    def _crash(self) -> None:
+        log.failure(
+            "{kind} server error on the connection from {peer}", kind=self.kind, peer=self.peer
+        )
+        self._write(self._codec.abort().to_bytes())
+        self._close()
+
+    def _call_handler(self, event: object) -> None:
+        try:
+            result = self._ask(event)
+        except Exception:
+            log.failure(
+                "{kind} handler failed on {request} for {peer}",
+                kind=self.kind,
+                request=self._describe(event),
+                peer=self.peer,
+                level=LogLevel.error,
+            )
+            self._try_later(event)
+            return
+        if inspect.isawaitable(result):
+            self._waiting = True
+            deferred: Deferred[Any] = Deferred.fromCoroutine(await_(result))
+            deferred.addCallbacks(
+                self._handler_done,
+                self._handler_failed,
+                callbackArgs=(event,),
+                errbackArgs=(event,),
+            )
+            return
+        self._answer(result, event)
+
+    def _try_later(self, event: object) -> None:
+        self._answer(self._local_error(event), event)
+
+    def _handler_done(self, result: object, event: object) -> None:
+        self._waiting = False
+        if not self._open or self._codec.pending is None:
+            return  # the client went away; nothing may be written or delivered for it
+        try:
+            self._answer(result, event)
+        except Exception:
+            self._crash()
+            return
+        self._pump()
+
+    def _handler_failed(self, failure: Failure, event: object) -> None:
+        log.failure(
+            "{kind} handler failed on {request} for {peer}",
+            failure=failure,
+            kind=self.kind,
+            request=self._describe(event),
+            peer=self.peer,
+            level=LogLevel.error,
+        )
+        self._waiting = False
+        if not self._open or self._codec.pending is None:
+            return
+        try:
+            self._try_later(event)
+        except Exception:
+            self._crash()
+            return
+        self._pump()
+
+    # --- transport and time ---
+
+    def _write(self, data: bytes) -> None:
+        if self._open:
+            self._transport().write(data)
+
+    def _close(self, *, abort: bool = False) -> None:
+        """Close after what was written is sent; ``abort`` drops it and closes now."""
+        if not self._open:
+            return
+        self._open = False
+        self._idle.stop()
+        self._codec.close()
+        # A transport closes only once its producer is gone (TLS waits for that,
+        # TCP when the producer is paused as its buffer drains).
+        self._transport().unregisterProducer()
+        if abort:
+            self._transport().abortConnection()
+        else:
+            self._transport().loseConnection()
+
+    def _update_flow(self) -> None:
+        if not self._open:
+            return
+        if self._waiting:
+            self._idle.stop()
+        elif not self._idle.running:
+            self._arm_timer()
+        buffered = self._codec.buffered
+        pause = (self._waiting and buffered > 0) or (
+            self._write_blocked and buffered >= READ_AHEAD
+        )
+        if pause and not self._paused:
+            self._paused = True
+            self._transport().pauseProducing()
+        elif not pause and self._paused:
+            self._paused = False
+            self._transport().resumeProducing()
+
+    def _arm_timer(self) -> None:
+        # The factory's timeout is read each time: a reconfigured listener changes it.
+        if self._open:
+            self._idle.restart(self._factory.idle_timeout)
+
+    def _timed_out(self) -> None:
+        if not self._open or self._waiting:
+            return
+        log.info(
+            "{kind} client {peer} sent nothing for {timeout}s; closing the connection",
+            kind=self.kind,
+            peer=self.peer,
+            timeout=self._factory.idle_timeout,
+        )
+        self._write(self._codec.timeout().to_bytes())
+        # A client that reads nothing would keep the connection open until the
+        # write buffer drains, that is forever.
+        self._close(abort=self._write_blocked)

@@ -272,6 +272,47 @@ def test_malformed_commands_get_500_501_and_the_session_goes_on(
     assert msg.headers["Subject"] == "after errors"
 
 
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def test_a_client_that_pipelines_without_reading_costs_bounded_memory(
+    sink: SmtpSink, gateway: tuple[GatewayProcess, int]
+) -> None:
+    """Before the fix, 28 MB of NOOPs from a client that read no reply grew the gateway
+    by 220 MB in 20 s; the gateway now stops reading it once its replies back up."""
+    gw, port = gateway
+    before = _rss_kib(gw.pid)
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", port))
+        client.settimeout(3)
+        chunk = b"NOOP\r\n" * 10_000
+        sent = 0
+        deadline = time.monotonic() + 30
+        with pytest.raises(TimeoutError):
+            client.sendall(b"EHLO flood.test\r\n")
+            while time.monotonic() < deadline and sent < 200_000_000:
+                client.sendall(chunk)
+                sent += len(chunk)
+        # The gateway stopped reading long before the bound: the kernel's buffers and
+        # the gateway's read-ahead hold what it took.
+        assert sent < 20_000_000
+        assert _rss_kib(gw.pid) - before < 20_000
+    # Other clients are served as before.
+    reply = sendmail_raw(
+        port,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@relay.test>\r\nDATA\r\n"
+        b"Subject: after the flood\r\n\r\nfine\r\n.\r\nQUIT\r\n",
+    )
+    assert b"\r\n250 2.0.0 Ok" in reply, reply
+    [msg] = sink.wait_for(1)
+    assert msg.headers["Subject"] == "after the flood"
+
+
 def test_failing_plugin_fails_only_its_message(
     tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
 ) -> None:

@@ -37,6 +37,7 @@ from gateway.protocols.nntp.destination import outcome_for
 from gateway.protocols.nntp.server import NntpServerFactory
 from gateway.service import Verdict
 from tests.peers import make_tls_cert
+from tests.unit._flow import SmallBufferTransport
 from tests.unit.test_nntp_client import (
     ARTICLE,
     MemoryEndpoint,
@@ -264,34 +265,11 @@ def test_streaming_replies_without_a_message_id_are_still_accepted(
 # --------------------------------------------------------------------------- server
 
 
-class _SmallBufferTransport(StringTransport):
-    """Calls the registered producer's pauseProducing once 1,000 octets are unsent,
-    as a TCP transport does when the peer stops reading."""
-
-    def __init__(self) -> None:
-        super().__init__(peerAddress=PEER)
-        self.full = False
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        if len(self.value()) > 1000 and not self.full and self.producer is not None:
-            self.full = True
-            self.producer.pauseProducing()
-
-    def drain(self) -> bytes:
-        data = self.value()
-        self.clear()
-        if self.full and self.producer is not None:
-            self.full = False
-            self.producer.resumeProducing()
-        return data
-
-
 def test_server_stops_answering_and_reading_while_the_client_reads_no_replies() -> None:
     """Defect: the server answered every pipelined command at once, whatever the
     client read, so its write buffer grew without bound."""
     conn = Conn()
-    transport = _SmallBufferTransport()
+    transport = SmallBufferTransport(PEER)
     conn.transport = transport
     conn.protocol = conn.factory.buildProtocol(PEER)
     conn.protocol.makeConnection(transport)
@@ -314,7 +292,7 @@ def test_server_stops_answering_and_reading_while_the_client_reads_no_replies() 
 
 def test_idle_timeout_aborts_a_client_that_reads_nothing() -> None:
     conn = Conn(idle_timeout=30)
-    transport = _SmallBufferTransport()
+    transport = SmallBufferTransport(PEER)
     conn.transport = transport
     conn.protocol = conn.factory.buildProtocol(PEER)
     conn.protocol.makeConnection(transport)
@@ -372,7 +350,7 @@ def test_listener_does_not_want_offers_of_malformed_message_ids() -> None:
 
 def test_quit_after_a_pipelined_batch_keeps_every_reply_for_a_slow_reader() -> None:
     conn = Conn()
-    transport = _SmallBufferTransport()
+    transport = SmallBufferTransport(PEER)
     conn.transport = transport
     conn.protocol = conn.factory.buildProtocol(PEER)
     conn.protocol.makeConnection(transport)

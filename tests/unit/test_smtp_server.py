@@ -20,6 +20,7 @@ from gateway.protocols.smtp.server import (
     SmtpServerProtocol,
     SmtpSession,
 )
+from tests.unit._flow import SmallBufferTransport
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 Result = Reply | None | Awaitable[Reply | None]
@@ -443,6 +444,40 @@ def test_idle_timer_stops_while_the_handler_works(handler: Handler) -> None:
     assert not conn.closing
     conn.clock.advance(1)
     assert conn.lines() == [b"421 4.4.2 mx.example Error: timeout exceeded"]
+
+
+def test_a_client_that_reads_no_replies_stops_being_answered_and_read(handler: Handler) -> None:
+    """Defect: every pipelined command was answered at once, whatever the client read,
+    so 28 MB of NOOPs from a client that read nothing grew the gateway by 220 MB."""
+    transport = SmallBufferTransport(PEER)
+    conn = Conn(handler, transport)
+    assert transport.producer is conn.protocol and transport.streaming
+    transport.drain()
+    conn.send(b"EHLO client.example\r\n" + b"NOOP\r\n" * 100)  # a little is read on
+    assert len(transport.value()) < 2000
+    assert transport.producerState == "producing"
+    conn.send(b"NOOP\r\n" * 19_900)
+    assert len(transport.value()) < 2000
+    assert transport.producerState == "paused"  # much more: no more reading either
+    answered = 0
+    for _ in range(5000):
+        answered += transport.drain().count(b"250 2.0.0 Ok")
+        if answered == 20_000:
+            break
+    assert answered == 20_000
+    assert transport.producerState == "producing"
+    # The session goes on as usual.
+    assert conn.lines(TRANSACTION + b"x\r\n.\r\n")[-1].startswith(b"250 2.0.0 Ok")
+
+
+def test_idle_timeout_aborts_a_client_that_reads_nothing(handler: Handler) -> None:
+    transport = SmallBufferTransport(PEER)
+    conn = Conn(handler, transport, idle_timeout=30)
+    conn.send(b"HELP\r\n" * 100)
+    assert transport.full
+    conn.clock.advance(31)
+    # loseConnection would wait for a write buffer that never drains.
+    assert transport.disconnecting and transport.disconnected
 
 
 def test_connection_lost_mid_data_delivers_nothing(handler: Handler) -> None:

@@ -6,21 +6,16 @@ wanted and what becomes of them) belong to an NntpHandler.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, cast
 from typing import Protocol as TypingProtocol
+from typing import cast
 
-from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime, ISSLTransport
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
-from twisted.python.failure import Failure
-from zope.interface import implementer  # type: ignore[import-untyped]
 
-from .._line_server import Clock, IdleTimer, await_, describe_peer
+from .._line_server import Clock, LineServerProtocol
 from .codec import (
     ArticleReceived,
     AuthRequest,
@@ -40,11 +35,6 @@ __all__ = [
 ]
 
 log = Logger()
-
-# Input kept while the client reads no replies, before reading from it stops too.
-# Reading goes on below it: a TLS transport buffers writes (and pauses its
-# producer) until its handshake is done, and the handshake needs reading.
-_READ_AHEAD = 64 * 1024
 
 # A handler failed: answer "try again later" in the terms of each command.
 LOCAL_ERROR = {
@@ -95,301 +85,85 @@ class _Clock(Clock, TypingProtocol):
     def seconds(self) -> float: ...
 
 
-class _Transport(TypingProtocol):
-    def write(self, data: bytes) -> None: ...
-    def loseConnection(self) -> None: ...
-    def abortConnection(self) -> None: ...
-    def registerProducer(self, producer: object, streaming: bool) -> None: ...
-    def unregisterProducer(self) -> None: ...
-    def getPeer(self) -> object: ...
-    def pauseProducing(self) -> None: ...
-    def resumeProducing(self) -> None: ...
-
-
 def _command_of(request: AuthRequest | OfferRequest | ArticleReceived) -> str:
     return "AUTHINFO" if isinstance(request, AuthRequest) else request.command
 
 
-@implementer(IPushProducer)
-class NntpServerProtocol(Protocol):
-    """One NNTP server connection.
+class NntpServerProtocol(LineServerProtocol):
+    """One NNTP server connection (the flow rules are LineServerProtocol's)."""
 
-    It is the push producer of its own transport: when the client stops
-    reading replies and the transport's write buffer fills, the transport
-    pauses it, and it stops answering until the buffer drains, and stops
-    reading once ``_READ_AHEAD`` octets of commands wait; so a client that
-    pipelines commands without reading the answers costs a bounded amount of
-    memory.
-    """
+    kind = "NNTP"
 
     def __init__(self, factory: NntpServerFactory) -> None:
-        self._factory = factory
-        self._codec = ServerCodec(
-            hostname=factory.hostname,
-            posting=factory.posting,
-            auth_available=factory.auth_available,
-            auth_required=factory.auth_required,
-            max_size=factory.max_size,
-            clock=factory.clock.seconds,
+        super().__init__(
+            factory,
+            ServerCodec(
+                hostname=factory.hostname,
+                posting=factory.posting,
+                auth_available=factory.auth_available,
+                auth_required=factory.auth_required,
+                max_size=factory.max_size,
+                clock=factory.clock.seconds,
+            ),
         )
-        self._open = False  # connected and not closing: the only state in which we write
-        self._waiting = False  # a handler call is outstanding
-        self._pumping = False
-        self._paused = False  # reading from the transport is paused
-        self._write_blocked = False  # the transport's write buffer is full
-        self._idle = IdleTimer(factory.clock, self._timed_out)
-        self._peer_host = ""
-        self._peer_port = 0
-        self._tls = False
+        self._nntp_factory = factory
+        self._nntp_codec = cast(ServerCodec, self._codec)
 
     @property
     def session(self) -> NntpSession:
         return NntpSession(
             peer_host=self._peer_host,
             peer_port=self._peer_port,
-            user=self._codec.user,
+            user=self._nntp_codec.user,
             tls=self._tls,
         )
 
-    @property
-    def peer(self) -> str:
-        return describe_peer(self._peer_host, self._peer_port)
+    def _in_progress(self) -> bool:
+        return self._nntp_codec.busy
 
-    @property
-    def busy(self) -> bool:
-        """An article is being received or handled."""
-        return self._open and (self._codec.busy or self._waiting)
-
-    def _transport(self) -> _Transport:
-        return cast(_Transport, self.transport)
-
-    def connectionMade(self) -> None:
-        self._open = True
-        self._transport().registerProducer(self, True)
-        address = self._transport().getPeer()
-        if isinstance(address, (IPv4Address, IPv6Address)):
-            self._peer_host, self._peer_port = address.host, address.port
-        self._tls = bool(ISSLTransport.providedBy(self.transport))
+    def _refusal(self) -> bytes | None:
         try:
-            refusal = self._factory.handler.on_connect(self.session)
+            refusal = self._nntp_factory.handler.on_connect(self.session)
         except Exception:
             log.failure(
                 "NNTP handler on_connect failed for {peer}", peer=self.peer, level=LogLevel.error
             )
-            refusal = self._codec.abort()
-        if refusal is not None:
-            self._codec.close()
-            self._write(refusal.to_bytes())
-            self._close()
-            return
-        self._write(self._codec.greeting().to_bytes())
-        self._arm_timer()
+            refusal = self._nntp_codec.abort()
+        return None if refusal is None else refusal.to_bytes()
 
-    def dataReceived(self, data: bytes) -> None:
-        if not self._open:
-            return
-        self._codec.receive_data(data)
-        if not self._waiting:
-            self._arm_timer()
-        self._pump()
+    def _handle_event(self, event: object) -> None:
+        if isinstance(event, SendResponse):
+            self._write(event.to_bytes())
+            if event.close:
+                self._close()
+        else:
+            self._call_handler(event)
 
-    def close_with(self, response: Response) -> None:
-        """Send ``response`` (a 400, say) and close, whatever the session is doing."""
-        self._write(response.to_bytes())
-        self._close()
+    def _describe(self, event: AuthRequest | OfferRequest | ArticleReceived) -> str:
+        return _command_of(event)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._factory.connections.discard(self)
-        if self._codec.busy or self._waiting:
-            log.debug(
-                "NNTP connection from {peer} lost during a transfer: {reason}",
-                peer=self.peer,
-                reason=reason.getErrorMessage(),
-            )
-        self._open = False
-        self._idle.stop()
-        self._codec.close()
-
-    # ----------------------------------------------------------------- IPushProducer
-
-    def pauseProducing(self) -> None:
-        """The transport's write buffer is full: answer nothing more until it drains."""
-        self._write_blocked = True
-        self._update_flow()
-
-    def resumeProducing(self) -> None:
-        """The client read what was written: go on with the commands buffered meanwhile."""
-        if not self._write_blocked:
-            return
-        self._write_blocked = False
-        if not self._waiting:
-            self._arm_timer()  # the client is reading: that is activity
-        self._pump()
-
-    def stopProducing(self) -> None:
-        """The connection is going away; connectionLost does the rest."""
-
-    # ----------------------------------------------------------------- the loop
-
-    def _pump(self) -> None:
-        # Re-entered when a handler's Deferred has already fired inside _call_handler;
-        # the outer loop then picks up the answer, which keeps responses in order.
-        if self._pumping:
-            return
-        self._pumping = True
-        try:
-            while self._open and not self._waiting and not self._write_blocked:
-                event = self._codec.next_event()
-                if event is None:
-                    break
-                if isinstance(event, SendResponse):
-                    self._write(event.to_bytes())
-                    if event.close:
-                        self._close()
-                else:
-                    self._call_handler(event)
-            self._update_flow()
-        except Exception:
-            self._crash()
-        finally:
-            self._pumping = False
-
-    def _crash(self) -> None:
-        log.failure("NNTP server error on the connection from {peer}", peer=self.peer)
-        self._write(self._codec.abort().to_bytes())
-        self._close()
-
-    def _call_handler(self, event: AuthRequest | OfferRequest | ArticleReceived) -> None:
-        handler = self._factory.handler
+    def _ask(self, event: AuthRequest | OfferRequest | ArticleReceived) -> object:
+        handler = self._nntp_factory.handler
         session = self.session
-        result: object
-        try:
-            if isinstance(event, AuthRequest):
-                result = handler.on_auth(session, event.user, event.password)
-            elif isinstance(event, OfferRequest):
-                result = handler.on_offer(session, event.command, event.message_id)
-            else:
-                result = handler.on_article(session, event.command, event.message_id, event.data)
-        except Exception:
-            log.failure(
-                "NNTP handler failed on {command} for {peer}",
-                command=_command_of(event),
-                peer=self.peer,
-                level=LogLevel.error,
-            )
-            self._codec.answer(LOCAL_ERROR[_command_of(event)])
-            return
-        if inspect.isawaitable(result):
-            self._waiting = True
-            deferred: Deferred[Any] = Deferred.fromCoroutine(await_(result))
-            deferred.addCallbacks(
-                self._handler_done,
-                self._handler_failed,
-                callbackArgs=(event,),
-                errbackArgs=(event,),
-            )
-            return
-        self._answer(result, event)
+        if isinstance(event, AuthRequest):
+            return handler.on_auth(session, event.user, event.password)
+        if isinstance(event, OfferRequest):
+            return handler.on_offer(session, event.command, event.message_id)
+        return handler.on_article(session, event.command, event.message_id, event.data)
 
     def _answer(self, result: object, event: AuthRequest | OfferRequest | ArticleReceived) -> None:
         if isinstance(result, Response):
-            self._codec.answer(result)
+            self._nntp_codec.answer(result)
             return
         log.error(
             "NNTP handler returned {result!r} for {command}, which is not a Response",
             result=result,
             command=_command_of(event),
         )
-        self._codec.answer(LOCAL_ERROR[_command_of(event)])
+        self._nntp_codec.answer(LOCAL_ERROR[_command_of(event)])
 
-    def _handler_done(
-        self, result: object, event: AuthRequest | OfferRequest | ArticleReceived
-    ) -> None:
-        self._waiting = False
-        if not self._open or self._codec.pending is None:
-            return  # the client went away; nothing may be written for it
-        try:
-            self._answer(result, event)
-        except Exception:
-            self._crash()
-            return
-        self._pump()
-
-    def _handler_failed(
-        self, failure: Failure, event: AuthRequest | OfferRequest | ArticleReceived
-    ) -> None:
-        log.failure(
-            "NNTP handler failed on {command} for {peer}",
-            failure=failure,
-            command=_command_of(event),
-            peer=self.peer,
-            level=LogLevel.error,
-        )
-        self._waiting = False
-        if not self._open or self._codec.pending is None:
-            return
-        try:
-            self._codec.answer(LOCAL_ERROR[_command_of(event)])
-        except Exception:
-            self._crash()
-            return
-        self._pump()
-
-    # ----------------------------------------------------------------- transport and time
-
-    def _write(self, data: bytes) -> None:
-        if self._open:
-            self._transport().write(data)
-
-    def _close(self, *, abort: bool = False) -> None:
-        """Close after what was written is sent; ``abort`` drops it and closes now."""
-        if not self._open:
-            return
-        self._open = False
-        self._idle.stop()
-        self._codec.close()
-        # A transport closes only once its producer is gone (TLS waits for that,
-        # TCP when the producer is paused as its buffer drains).
-        self._transport().unregisterProducer()
-        if abort:
-            self._transport().abortConnection()
-        else:
-            self._transport().loseConnection()
-
-    def _update_flow(self) -> None:
-        """Stop reading while the handler is slow or the client reads no replies;
-        stop the idle clock only while the handler, not the client, is slow."""
-        if not self._open:
-            return
-        if self._waiting:
-            self._idle.stop()
-        elif not self._idle.running:
-            self._arm_timer()
-        pause = self._waiting or (self._write_blocked and self._codec.buffered >= _READ_AHEAD)
-        if pause and not self._paused:
-            self._paused = True
-            self._transport().pauseProducing()
-        elif not pause and self._paused:
-            self._paused = False
-            self._transport().resumeProducing()
-
-    def _arm_timer(self) -> None:
-        # The factory's timeout is read each time: a reconfigured listener changes it.
-        if self._open:
-            self._idle.restart(self._factory.idle_timeout)
-
-    def _timed_out(self) -> None:
-        if not self._open or self._waiting:
-            return
-        log.info(
-            "NNTP client {peer} sent nothing for {timeout}s; closing the connection",
-            peer=self.peer,
-            timeout=self._factory.idle_timeout,
-        )
-        self._write(self._codec.timeout().to_bytes())
-        # A client that reads nothing would keep the connection open until the
-        # write buffer drains, that is forever.
-        self._close(abort=self._write_blocked)
+    def _local_error(self, event: AuthRequest | OfferRequest | ArticleReceived) -> Response:
+        return LOCAL_ERROR[_command_of(event)]
 
 
 class NntpServerFactory(Factory):
