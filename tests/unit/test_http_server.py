@@ -115,7 +115,16 @@ def test_too_many_connections_get_503() -> None:
     _, first = connect(factory)
     _, second = connect(factory, 40001)
     assert first.value() == b"" and not first.disconnecting
-    assert second.value().startswith(b"HTTP/1.1 503 ") and second.disconnecting
+    answer = second.value()
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer
+    # A request already on its way is read and dropped (a lingering close), so the
+    # client gets the 503 rather than a reset; then the connection closes.
+    protocol = next(p for p in factory.connections if p.transport is second)
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 9\r\n\r\nsome body")
+    assert second.value() == answer and not second.disconnecting
+    reactor.advance(5.1)
+    factory.sweep()
+    assert second.disconnecting
 
 
 def test_body_over_max_body_gets_413_while_streaming() -> None:

@@ -322,8 +322,9 @@ class HttpServerProtocol(TwistedProtocol):
             self.transport.write(
                 closing_response(503, b"too many connections\n", [(b"Retry-After", b"1")])
             )
-            self.transport.loseConnection()
-            self.closed = True
+            # The client may be sending its request already: closing at once would reset
+            # the connection under it and could lose the 503.
+            self._linger()
 
     def _wait(self, limit: float, status: int) -> None:
         self.since = self.factory.clock()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -17,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.integration.web.conftest import NginxFactory
-from tests.peers import LOOPBACK, GatewayProcess, free_port, make_tls_cert, require_binary
+from tests.peers import (
+    LOOPBACK,
+    GatewayProcess,
+    free_port,
+    make_tls_cert,
+    require_binary,
+    wait_until,
+)
 from tests.peers_web import Nginx
 
 BIG = 100 * 1024 * 1024
@@ -564,6 +572,58 @@ def test_a_body_far_over_max_size_gets_its_413_while_the_client_is_still_sending
         assert done.stdout == "413", (done.stdout, done.stderr)
         assert done.returncode == 0, done.stderr
         assert time.monotonic() - started < 5  # no waiting out the 1 s Expect timeout, or more
+
+
+def test_a_client_over_max_connections_gets_its_503_while_still_sending(
+    tmp_path: Path, nginx: Nginx, gateway_port: int
+) -> None:
+    """A client that sends its whole request before it reads gets the 503 for one connection
+    too many: the gateway drops what it sends for a while (as after a 413) rather than
+    closing under it, which fails the client's upload with a reset and hides the 503."""
+    crowded = free_port()
+    config = write_config(
+        tmp_path,
+        gateway_port,
+        [nginx.url],
+        extra_listeners=f"""  crowded:
+    protocol: http
+    listen: tcp:{crowded}:interface=127.0.0.1
+    max_connections: 1
+""",
+        extra_routes="""  - name: crowded-origin
+    from: crowded
+    to: origin
+""",
+    )
+    body = os.urandom(4 << 20)
+    with start_gateway(config, [gateway_port, crowded]), contextlib.ExitStack() as stack:
+
+        def hold() -> bool:
+            # Once answered, the connection surely counts (kept alive). The start-up
+            # probe's connection may not be gone yet: then this one gets a 503.
+            sock = socket.create_connection((LOOPBACK, crowded), timeout=30)
+            sock.sendall(b"GET /file HTTP/1.1\r\nHost: x\r\n\r\n")
+            if sock.recv(65536).startswith(b"HTTP/1.1 200 "):
+                stack.enter_context(sock)
+                return True
+            sock.close()
+            return False
+
+        wait_until(hold, "a first connection to the crowded listener", timeout=10)
+        for attempt in range(3):
+            # As most clients do: the whole request first, then the response.
+            client = http.client.HTTPConnection(LOOPBACK, crowded, timeout=30)
+            try:
+                client.request("PUT", "/echo", body=body)
+                response = client.getresponse()
+                assert response.status == 503, attempt
+                assert response.getheader("Retry-After") == "1"
+                assert response.read() == b"too many connections\n"
+            finally:
+                client.close()
+        stack.close()
+        # With the first client gone, the next one is served.
+        wait_until(lambda: request(crowded, "GET", "/file")[0] == 200, "a 200 again", timeout=10)
 
 
 def test_https_listener_on_an_ssl_endpoint(tmp_path: Path, nginx: Nginx, gateway_port: int) -> None:
