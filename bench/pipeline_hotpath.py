@@ -144,8 +144,16 @@ class FakeTransport:
     def resumeProducing(self) -> None:
         pass
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass  # the driver reads every reply at once: the server is never paused
+
+    def unregisterProducer(self) -> None:
+        pass
+
     def loseConnection(self) -> None:
         self.state = "closed"
+
+    abortConnection = loseConnection
 
     def write(self, data: bytes) -> None:
         self.buffer += data
