@@ -348,10 +348,13 @@ def test_full_transaction_and_message_content() -> None:
     assert driver.closed and driver.codec.closed
 
 
-def test_bare_lf_end_of_data_is_accepted() -> None:
+def test_bare_lf_dot_does_not_end_the_data() -> None:
+    # Only CRLF "." CRLF ends it (SMTP smuggling; tests/unit/test_smtp_review.py has more).
     driver = Driver()
     driver.feed(TRANSACTION + b"one\n.\n")
-    assert [m.data for m in driver.messages] == [b"one\n"]
+    assert driver.messages == []
+    driver.feed(b"two\r\n.\r\n")
+    assert [m.data for m in driver.messages] == [b"one\n\ntwo\n"]
 
 
 def test_input_after_quit_is_ignored() -> None:

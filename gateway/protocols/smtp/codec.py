@@ -176,6 +176,8 @@ _ATEXT = frozenset(
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?\Z")
 _GENERAL_TAG = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_MAX_DOMAIN = 255
+_MAX_LABEL = 63
 
 
 def _utf8_char(char: str, utf8: bool) -> bool:
@@ -187,6 +189,8 @@ def _check_domain(domain: str, utf8: bool) -> None:
         literal = domain[1:-1]
         if literal[:5].upper() == "IPV6:":
             try:
+                if "%" in literal:  # a zone index: Python accepts it, RFC 5321 4.1.3 does not
+                    raise ValueError(literal)
                 ipaddress.IPv6Address(literal[5:])
             except ValueError:
                 message = f"{domain!r} is not a valid IPv6 address literal"
@@ -208,7 +212,12 @@ def _check_domain(domain: str, utf8: bool) -> None:
         return
     if not domain:
         raise AddressSyntaxError("the domain is empty")
+    # RFC 5321 4.5.3.1.2 and RFC 1035 2.3.4: no DNS name is longer, so no route can use it.
+    if len(domain.encode("utf-8", "surrogateescape")) > _MAX_DOMAIN:
+        raise AddressSyntaxError(f"the domain is longer than {_MAX_DOMAIN} octets")
     for label in domain.split("."):
+        if len(label.encode("utf-8", "surrogateescape")) > _MAX_LABEL:
+            raise AddressSyntaxError(f"a label of {domain!r} is longer than {_MAX_LABEL} octets")
         if _LABEL.match(label):
             continue
         if utf8 and label and all(c.isalnum() or c in "-_" or ord(c) > 127 for c in label):
@@ -515,6 +524,9 @@ class ServerCodec:
         self._data_size = 0
         self._data_too_big = False
         self._at_line_start = True
+        # The line before the current one ended in CRLF (or the data just began): only
+        # then may a "." line end the data.
+        self._after_crlf = True
 
     # ----------------------------------------------------------------- public interface
 
@@ -577,8 +589,16 @@ class ServerCodec:
                 self._recipients = []
                 self._rcpt_attempts = 0
             elif isinstance(request, RcptRequest):
-                self._recipients.append(request.recipient)
+                if request.recipient not in self._recipients:
+                    # A recipient given twice gets one copy (as Postfix's cleanup does).
+                    self._recipients.append(request.recipient)
+            else:
+                # Delivering mail starts the limits afresh (Postfix's "without delivering mail").
+                self.errors = 0
         self._emit(reply, close=reply.code == 421)
+        if not reply.positive and reply.code != 421:
+            # Refused senders and recipients count: a client probing for addresses stops.
+            self._count_error()
 
     def close(self) -> None:
         """Stop: buffered and further input is discarded and nothing more is produced."""
@@ -610,8 +630,12 @@ class ServerCodec:
 
     def _error(self, reply: Reply) -> None:
         self._emit(reply)
+        self._count_error()
+
+    def _count_error(self) -> None:
+        """One more error (every refused command counts, as in Postfix); 421 at the limit."""
         self.errors += 1
-        if self.errors >= self.max_errors:
+        if self.errors >= self.max_errors and self._state is not _State.CLOSED:
             self._emit(Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"), close=True)
 
     def _request(self, request: MailRequest | RcptRequest | MessageReceived) -> None:
@@ -706,7 +730,7 @@ class ServerCodec:
                 return
         declared = params.get("SIZE")
         if declared is not None and 0 < self.max_size < int(declared):
-            self._emit(_TOO_BIG)
+            self._error(_TOO_BIG)
             return
         self._request(MailRequest(sender, params))
 
@@ -726,6 +750,7 @@ class ServerCodec:
             self._error(Reply(555, "5.5.4", f"Unsupported option: {next(iter(params))}"))
             return
         if len(self._recipients) >= self.max_recipients:
+            # Not an error: RFC 5321 4.5.3.1.10 has the client send these in a new transaction.
             self._emit(_TOO_MANY_RECIPIENTS)
             return
         self._rcpt_attempts += 1
@@ -745,6 +770,7 @@ class ServerCodec:
         self._data_size = 0
         self._data_too_big = False
         self._at_line_start = True
+        self._after_crlf = True
         self._state = _State.DATA
         self._emit(_START_DATA)
 
@@ -799,8 +825,13 @@ class ServerCodec:
                 if self._at_line_start and buffer[pos] == 0x2E:  # "."
                     if size - pos == 1 or (size - pos == 2 and buffer[pos + 1] == 0x0D):
                         return False
-                    if buffer[pos + 1] == 0x0A or buffer[pos + 1 : pos + 3] == b"\r\n":
-                        pos += 2 if buffer[pos + 1] == 0x0A else 3
+                    # Only CRLF "." CRLF ends the data (RFC 5321 4.1.1.4). A "." line
+                    # with or after a bare LF is content, its dot removed like any
+                    # leading dot (Postfix's smtpd_forbid_bare_newline=normalize):
+                    # taking it as the end would let a sender, through an MTA that
+                    # passes bare LFs on, smuggle a second transaction in.
+                    if self._after_crlf and buffer[pos + 1 : pos + 3] == b"\r\n":
+                        pos += 3
                         self._end_of_data()
                         return True
                     pos += 1  # remove the stuffed dot
@@ -821,6 +852,9 @@ class ServerCodec:
                 end = last if dot == -1 else dot
                 self._append_lines(bytes(buffer[pos : end + 1]).replace(b"\r\n", b"\n"))
                 self._at_line_start = True
+                # A final CR is never left behind for the next read (see above), so a
+                # line's CR is in the buffer whenever its LF is.
+                self._after_crlf = end > pos and buffer[end - 1] == 0x0D
                 pos = end + 1
             return False
         finally:
@@ -835,7 +869,7 @@ class ServerCodec:
         self._reset_transaction()
         self._state = _State.COMMAND
         if too_big:
-            self._emit(_TOO_BIG)
+            self._error(_TOO_BIG)
             return
         self._request(MessageReceived(sender, recipients, b"".join(chunks)))
 

@@ -8,6 +8,7 @@ is never an open relay), and what to answer once the message is handled.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -56,6 +57,16 @@ def _date(second: int) -> str:
             _dates.clear()
         date = _dates[second] = email.utils.formatdate(second, localtime=True)
     return date
+
+
+_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
+
+
+def _status(enhanced: str, klass: str, default: str) -> str:
+    """``enhanced`` in the class of the reply code (RFC 3463 section 2), else ``default``."""
+    if not _ENHANCED.match(enhanced):
+        return default
+    return klass + enhanced[1:] if enhanced[0] != "2" else default
 
 
 class SmtpListener:
@@ -130,9 +141,13 @@ class SmtpListener:
         if verdict.status is Status.TEMPORARY:
             self.tempfail += 1
             code = verdict.code if 400 <= verdict.code < 500 else 451
-            return Reply(code, verdict.enhanced or "4.3.0", f"Try again later: {verdict.detail}")
+            status = _status(verdict.enhanced, "4", "4.3.0")
+            return Reply(code, status, f"Try again later: {verdict.detail}")
         self.rejected += 1
-        return Reply(verdict.code or 554, verdict.enhanced or "5.0.0", verdict.detail)
+        # The code comes from a destination or a transform's Reject: anything but a 5xx
+        # would acknowledge (2xx, 3xx) or defer (4xx) a message that was not stored.
+        code = verdict.code if 500 <= verdict.code < 600 else 554
+        return Reply(code, _status(verdict.enhanced, "5", "5.0.0"), verdict.detail)
 
 
 class ListenerFactory(SmtpServerFactory):
