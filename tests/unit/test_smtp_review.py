@@ -188,6 +188,26 @@ def test_an_accepted_message_resets_the_error_count() -> None:
     assert not driver.closed and len(driver.messages) == 5
 
 
+def test_endless_junk_commands_end_the_session() -> None:
+    """Defect: NOOP, RSET and VRFY restarted the idle timer for ever, so a client could hold
+    a connection without sending mail; Postfix counts them as errors past
+    smtpd_junk_command_limit (100), and closes at the hard error limit."""
+    driver = Driver(max_errors=3, max_junk=5)
+    codes = driver.codes(b"NOOP\r\nRSET\r\nVRFY <a@b.example>\r\n" * 3)
+    assert codes == [250, 250, 252, 250, 250, 252, 250, 250, 421]
+    assert driver.closed
+
+
+def test_a_delivered_message_starts_the_junk_count_afresh() -> None:
+    """Regression for the limit above: a relay that sends RSET or NOOP between its
+    messages is never cut off (Postfix resets the count after mail is delivered)."""
+    driver = Driver(max_errors=2, max_junk=2)
+    for _ in range(20):
+        codes = driver.codes(b"NOOP\r\nRSET\r\n" + TRANSACTION + b"x\r\n.\r\n")
+        assert codes == [250, 250, 250, 250, 354, 250]
+    assert not driver.closed and len(driver.messages) == 20
+
+
 # ----------------------------------------------------------------------------- listener replies
 
 

@@ -501,16 +501,22 @@ class ServerCodec:
         max_size: int,
         max_recipients: int = 1000,
         max_errors: int = 20,
+        max_junk: int = 100,
         max_line_length: int = 2048,
     ) -> None:
         self.hostname = hostname
         self.max_size = max_size  # 0 means no limit
         self.max_recipients = max_recipients
         self.max_errors = max_errors
+        # NOOP, RSET and VRFY past this many count as errors too (Postfix's
+        # smtpd_junk_command_limit): a client that only keeps the session busy is
+        # closed after max_errors more, instead of holding a connection forever.
+        self.max_junk = max_junk
         self.max_line_length = max_line_length
         self.helo = ""
         self.esmtp = False
         self.errors = 0
+        self.junk = 0
         self._state = _State.COMMAND
         self._buffer = bytearray()
         self._pos = 0
@@ -595,6 +601,7 @@ class ServerCodec:
             else:
                 # Delivering mail starts the limits afresh (Postfix's "without delivering mail").
                 self.errors = 0
+                self.junk = 0
         self._emit(reply, close=reply.code == 421)
         if not reply.positive and reply.code != 421:
             # Refused senders and recipients count: a client probing for addresses stops.
@@ -678,6 +685,10 @@ class ServerCodec:
         method = _COMMANDS.get(command.verb)
         if method is not None:
             method(self, command.argument)
+            if command.verb in _JUNK:
+                self.junk += 1
+                if self.junk > self.max_junk:
+                    self._count_error()
         elif command.verb in _UNIMPLEMENTED:
             self._error(_NOT_IMPLEMENTED)
         else:
@@ -873,6 +884,9 @@ class ServerCodec:
             return
         self._request(MessageReceived(sender, recipients, b"".join(chunks)))
 
+
+# Commands that move no mail (Postfix counts ETRN too, which is not offered here).
+_JUNK = frozenset({"NOOP", "RSET", "VRFY"})
 
 _COMMANDS = {
     "EHLO": ServerCodec._ehlo,

@@ -87,6 +87,7 @@ class SmtpServerProtocol(LineServerProtocol):
                 max_size=factory.max_size,
                 max_recipients=factory.max_recipients,
                 max_errors=factory.max_errors,
+                max_junk=factory.max_junk,
             ),
         )
         self._smtp_factory = factory
@@ -181,7 +182,8 @@ class SmtpServerFactory(Factory):
     """Builds SmtpServerProtocol instances that share one handler and one set of limits.
 
     max_size is the largest message accepted, in octets as RFC 1870 counts them (0: no
-    limit); max_errors protocol errors end a session with 421.
+    limit); max_errors protocol errors end a session with 421, and NOOP, RSET or VRFY
+    count as errors once a session has sent max_junk of them without delivering mail.
     """
 
     noisy = False
@@ -196,6 +198,7 @@ class SmtpServerFactory(Factory):
         max_recipients: int = 1000,
         idle_timeout: float = 300.0,
         max_errors: int = 20,
+        max_junk: int = 100,
     ) -> None:
         if max_size < 0:
             raise ValueError(f"max_size must be 0 (no limit) or a positive size, not {max_size}")
@@ -207,6 +210,8 @@ class SmtpServerFactory(Factory):
             )
         if max_errors < 1:
             raise ValueError(f"max_errors must be at least 1, not {max_errors}")
+        if max_junk < 0:
+            raise ValueError(f"max_junk must be 0 or more, not {max_junk}")
         if not hostname or any(not 33 <= ord(c) <= 126 for c in hostname):
             raise ValueError(f"hostname must be a non-empty ASCII host name, not {hostname!r}")
         self.handler = handler
@@ -217,6 +222,7 @@ class SmtpServerFactory(Factory):
         self.max_recipients = max_recipients
         self.idle_timeout = idle_timeout
         self.max_errors = max_errors
+        self.max_junk = max_junk
         # Open connections, so a shutdown can tell idle sessions to go away.
         self.connections: set[SmtpServerProtocol] = set()
 
