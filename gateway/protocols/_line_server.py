@@ -206,8 +206,9 @@ class LineServerProtocol(TwistedProtocol):
 
     # --- what each protocol says ---
 
-    def _refusal(self) -> bytes | None:
-        """Asked once connected: what to send before closing, or None to greet the client."""
+    def _refusal(self) -> tuple[bytes, bool] | None:
+        """Asked once connected: None to greet the client, or a refusal to send instead and
+        whether to close at once (else the codec answers what the client says next)."""
         raise NotImplementedError
 
     def _handle_event(self, event: object) -> None:
@@ -256,12 +257,16 @@ class LineServerProtocol(TwistedProtocol):
             self._peer_host, self._peer_port = address.host, address.port
         self._tls = bool(ISSLTransport.providedBy(self.transport))
         refusal = self._refusal()
-        if refusal is not None:
-            self._codec.close()
-            self._write(refusal)
-            self._close()
-            return
-        self._write(self._codec.greeting().to_bytes())
+        if refusal is None:
+            self._write(self._codec.greeting().to_bytes())
+        else:
+            data, close = refusal
+            if close:
+                self._codec.close()
+                self._write(data)
+                self._close()
+                return
+            self._write(data)
         self._arm_timer()
 
     def dataReceived(self, data: bytes) -> None:

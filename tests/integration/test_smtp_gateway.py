@@ -435,7 +435,15 @@ def test_client_outside_allow_is_refused_at_connect(tmp_path: Path, sink: SmtpSi
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             greeting = s.recv(1024)
             assert greeting.startswith(b"554 5.7.1"), greeting
-            assert s.recv(1024) == b""  # and the connection is closed
+            # RFC 5321 3.1: only QUIT is taken, then the connection closes.
+            s.sendall(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n")
+            replies = b""
+            while replies.count(b"\r\n") < 2:
+                replies += s.recv(1024)
+            assert [line[:3] for line in replies.splitlines()] == [b"503", b"503"], replies
+            s.sendall(b"QUIT\r\n")
+            assert s.recv(1024).startswith(b"221 ")
+            assert s.recv(1024) == b""
     finally:
         gw.stop()
 

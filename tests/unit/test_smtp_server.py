@@ -133,14 +133,32 @@ def test_ipv6_peer_and_tls_transport(handler: Handler) -> None:
     assert handler.calls[0][1] == SmtpSession("2001:db8::5", 2525, "", False, True)
 
 
-def test_connect_refused_by_handler(handler: Handler) -> None:
+def test_connect_refused_by_handler_waits_for_quit(handler: Handler) -> None:
+    """RFC 5321 3.1: after a 554 greeting the server waits for QUIT and answers 503 to
+    anything else (closing at once made some clients retry the connection at once)."""
     handler.connect = lambda session: Reply(554, "5.7.1", "Access denied for 192.0.2.7")
-    conn = Conn(handler)
+    conn = Conn(handler, idle_timeout=30)
     assert conn.read() == b"554 5.7.1 Access denied for 192.0.2.7\r\n"
+    assert not conn.closing
+    assert [line[:9] for line in conn.lines(b"EHLO c.example\r\n" + TRANSACTION)] == [
+        b"503 5.5.1"
+    ] * 4
+    assert conn.lines(b"QUIT\r\n") == [b"221 2.0.0 Bye"]
     assert conn.closing
-    conn.send(TRANSACTION)
-    assert conn.read() == b""
     assert handler.names() == ["connect"]
+
+
+def test_a_refused_client_that_never_quits_is_closed(handler: Handler) -> None:
+    handler.connect = lambda session: Reply(554, "5.7.1", "Access denied")
+    conn = Conn(handler, idle_timeout=30, max_errors=3)
+    conn.read()
+    conn.send(b"HELO a\r\nHELO b\r\nHELO c\r\n")
+    assert conn.lines()[-1].startswith(b"421 ") and conn.closing
+    idle = Conn(handler, idle_timeout=30)
+    idle.read()
+    idle.clock.advance(31)
+    assert idle.lines() == [b"421 4.4.2 mx.example Error: timeout exceeded"]
+    assert idle.closing
 
 
 def test_on_connect_exception_is_logged_and_answered_421(

@@ -121,7 +121,7 @@ class NntpServerProtocol(LineServerProtocol):
     def _in_progress(self) -> bool:
         return self._nntp_codec.busy
 
-    def _refusal(self) -> bytes | None:
+    def _refusal(self) -> tuple[bytes, bool] | None:
         try:
             refusal = self._nntp_factory.handler.on_connect(self.session)
         except Exception:
@@ -129,7 +129,8 @@ class NntpServerProtocol(LineServerProtocol):
                 "NNTP handler on_connect failed for {peer}", peer=self.peer, level=LogLevel.error
             )
             refusal = self._nntp_codec.abort()
-        return None if refusal is None else refusal.to_bytes()
+        # RFC 3977 5.1.1: after 502 (or 400) at connection the server closes the connection.
+        return None if refusal is None else (refusal.to_bytes(), True)
 
     def _handle_event(self, event: object) -> None:
         if isinstance(event, SendResponse):

@@ -465,6 +465,7 @@ _NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 _BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 _BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
 _VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+_REFUSED = Reply(503, "5.5.1", "Error: this connection was refused; only QUIT is taken")
 _HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
 
 # Commands defined by RFCs that this server knowingly does not offer: 502, not 500.
@@ -517,6 +518,7 @@ class ServerCodec:
         self.esmtp = False
         self.errors = 0
         self.junk = 0
+        self._refused = False  # greeted with 554: only QUIT is taken (RFC 5321 3.1)
         self._state = _State.COMMAND
         self._buffer = bytearray()
         self._pos = 0
@@ -678,7 +680,14 @@ class ServerCodec:
             self._dispatch(parse_command(line))
         return True
 
+    def refuse(self) -> None:
+        """The session was refused with a 554 greeting: every command but QUIT gets 503."""
+        self._refused = True
+
     def _dispatch(self, command: Command) -> None:
+        if self._refused and command.verb != "QUIT":
+            self._error(_REFUSED)
+            return
         if not command.verb:
             self._error(_BAD_SYNTAX)
             return

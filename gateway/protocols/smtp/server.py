@@ -117,14 +117,14 @@ class SmtpServerProtocol(LineServerProtocol):
     def _in_progress(self) -> bool:
         return self._smtp_codec.in_transaction
 
-    def _refusal(self) -> bytes | None:
+    def _refusal(self) -> tuple[bytes, bool] | None:
         try:
             refusal = self._smtp_factory.handler.on_connect(self.session)
         except Exception:
             log.failure(
                 "SMTP handler on_connect failed for {peer}", peer=self.peer, level=LogLevel.error
             )
-            return self._codec.abort().to_bytes()
+            return self._codec.abort().to_bytes(), True
         if refusal is None:
             return None
         if not isinstance(refusal, Reply):
@@ -132,8 +132,13 @@ class SmtpServerProtocol(LineServerProtocol):
                 "SMTP handler on_connect returned {result!r} instead of a Reply or None",
                 result=refusal,
             )
-            return self._codec.abort().to_bytes()
-        return refusal.to_bytes()
+            return self._codec.abort().to_bytes(), True
+        if refusal.code == 554:
+            # RFC 5321 3.1: after a 554 greeting the server waits for QUIT, answering 503
+            # to anything else (the idle timer and max_errors still end the session).
+            self._smtp_codec.refuse()
+            return refusal.to_bytes(), False
+        return refusal.to_bytes(), True
 
     def _handle_event(self, event: object) -> None:
         if isinstance(event, SendReply):
