@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from .wire import (
+    COOKIE,
     NOERROR,
     NXDOMAIN,
     CacheKey,
@@ -18,6 +19,7 @@ from .wire import (
     adjust_ttls,
     inspect_response,
     set_ttls,
+    without_option,
 )
 
 __all__ = ["DnsCache"]
@@ -116,6 +118,13 @@ class DnsCache:
         if ttl == 0:
             return
         offsets = info.ttl_offsets
+        if b"\x00\x0a" in response:  # maybe a COOKIE option (a quick test before the walk)
+            # The upstream's cookie answers the client who asked first, not the ones served
+            # from here, who would take the answer for a spoofed one (RFC 7873 §5.3).
+            stripped = without_option(response, COOKIE)
+            if stripped is not response:
+                response = stripped
+                offsets = inspect_response(response).ttl_offsets  # those after the OPT moved
         # Clamp record TTLs in the stored copy so they agree with how long we keep it.
         if info.min_ttl < floor or info.max_ttl > ceiling:
             response = _clamp_ttls(response, offsets, floor, ceiling)

@@ -29,7 +29,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from gateway.protocols.dns.server import DnsHandler
-from gateway.protocols.dns.wire import WireError, inspect_response
+from gateway.protocols.dns.wire import NOERROR, NXDOMAIN, WireError, inspect_response
 
 __all__ = [
     "DNS_JSON",
@@ -94,17 +94,21 @@ def cache_control(answer: bytes) -> bytes:
     """The Cache-Control value for a DNS answer (RFC 8484 §5.1).
 
     max-age is the smallest TTL of any record (so no more than the smallest in the answer
-    section); a negative answer (no answer records, an SOA in the authority section) is also
-    held to min(SOA TTL, SOA MINIMUM) (RFC 2308 §5). An answer without records, or one that
-    cannot be read, gets max-age=0: a number, so clients that compute expiry from max-age keep
-    working, and zero, so nothing caches it.
+    section); an answer with an SOA in the authority section (NXDOMAIN or NODATA, also at the
+    end of a CNAME chain) is also held to min(SOA TTL, SOA MINIMUM) (RFC 2308 §5). Only
+    NOERROR and NXDOMAIN answers that are not truncated may be cached (RFC 2308 §7 leaves
+    SERVFAIL to a few seconds at most, others are not answers at all). An answer without
+    records, or one that cannot be read, gets max-age=0: a number, so clients that compute
+    expiry from max-age keep working, and zero, so nothing caches it.
     """
     try:
         info = inspect_response(answer)
     except WireError:
         return b"max-age=0"
+    if info.truncated or info.rcode not in (NOERROR, NXDOMAIN):
+        return b"max-age=0"
     ttl = info.min_ttl
-    if info.answers == 0 and info.negative_ttl is not None:
+    if info.negative_ttl is not None:
         ttl = info.negative_ttl if ttl is None else min(ttl, info.negative_ttl)
     return b"max-age=%d" % (ttl or 0)
 

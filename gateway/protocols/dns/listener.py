@@ -31,14 +31,20 @@ from gateway.protocols.dns.cache import DnsCache
 from gateway.protocols.dns.client import UpstreamError
 from gateway.protocols.dns.server import DnsTcpFactory, DnsUdpProtocol, Reply
 from gateway.protocols.dns.wire import (
+    ANY,
+    BADVERS,
+    CLASS_IN,
+    EDNS_UDP_SIZE,
     FORMERR,
     NOTIMP,
     NXDOMAIN,
     REFUSED,
     SERVFAIL,
+    BadVersion,
     Question,
     WireError,
     error_response,
+    like_query,
     parse_query,
     truncate,
     with_id,
@@ -70,14 +76,24 @@ class LocalZone:
             self.rrsets.setdefault((name, int(rrset.rdtype)), []).append(rrset)
 
     def answer(self, data: bytes, question: Question) -> bytes:
+        import dns.exception
         import dns.flags
         import dns.message
         import dns.rcode
         import dns.rdatatype
 
-        query = dns.message.from_wire(data)
-        response = dns.message.make_response(query)
+        if question.qclass not in (CLASS_IN, ANY):
+            # The records are class IN: for another class we have no data (RFC 1034 §4.3.2).
+            return error_response(data, REFUSED, question)
+        try:
+            # Bytes after the last record are ignored, as for forwarded queries.
+            query = dns.message.from_wire(data, ignore_trailing=True)
+        except dns.exception.DNSException:
+            return error_response(data, FORMERR, question)
+        response = dns.message.make_response(query, our_payload=EDNS_UDP_SIZE)
         response.flags |= dns.flags.AA
+        if question.do:
+            response.ednsflags |= dns.flags.DO  # copied from the query (RFC 3225 §3)
         found = self.rrsets.get((question.qname, question.qtype))
         if found is None and question.qtype != dns.rdatatype.CNAME:
             found = self.rrsets.get((question.qname, int(dns.rdatatype.CNAME)))
@@ -177,8 +193,19 @@ class DnsListener:
         try:
             question = parse_query(data)
         except WireError as exc:
+            if exc.header_ok and data[2] & 0x78:
+                # Not a QUERY: NOTIMP whatever else is odd about it, as unbound does; a DSO
+                # message has no question (RFC 8490 §5.1.1), an UPDATE's counts mean zones.
+                self.notimp += 1
+                return error_response(data, NOTIMP, getattr(exc, "question", None))
             self.malformed += 1
-            return error_response(data, FORMERR, None) if exc.header_ok else None
+            if isinstance(exc, BadVersion):
+                # RFC 6891 §6.1.3: we speak EDNS version 0 only, and say so, whatever the route.
+                return error_response(data, BADVERS, exc.question)
+            if not exc.header_ok:
+                return None
+            # With the question and an OPT record when the trouble is in the OPT (RFC 6891 §7).
+            return error_response(data, FORMERR, getattr(exc, "question", None))
         if question.opcode != 0:
             self.notimp += 1
             return error_response(data, NOTIMP, question)
@@ -208,6 +235,11 @@ class DnsListener:
             hit = cache.get(question.key, question.id)
             if hit is not None:
                 counts.cache += 1
+                # Cached for a query that may have spelled the name in another case or
+                # without RD: give this client back its own question and RD bit.
+                end = question.question_end
+                if hit[12:end] != data[12:end] or (hit[2] ^ data[2]) & 1:
+                    hit = like_query(hit, data, end)
                 return self._fit(hit, question, transport)
         forward = _Forward(self, runtime, route, data, question, client, transport, cache, counts)
         return forward.start(reply)
@@ -370,6 +402,7 @@ class _Forward:
         if self.cache is not None:
             stale = self.cache.get_stale(question.key, question.id)
             if stale is not None:
+                stale = like_query(stale, self.data, question.question_end)
                 self.counts.stale += 1
                 log.info(
                     "route {route}: every upstream failed, serving a stale answer for"

@@ -146,7 +146,12 @@ class DnsTcpProtocol(Protocol):
         if not self._open:
             return
         self._buffer += data
-        while len(self._buffer) >= 2:
+        self._parse()
+
+    def _parse(self) -> None:
+        # Paused at max_pending, queries already read wait in the buffer too: one segment
+        # carrying hundreds of them must not put them all in flight at once.
+        while len(self._buffer) >= 2 and not self._paused:
             (length,) = struct.unpack_from("!H", self._buffer)
             if len(self._buffer) < 2 + length:
                 break
@@ -187,6 +192,7 @@ class DnsTcpProtocol(Protocol):
         if self._paused and self._pending < self.max_pending // 2 and self._open:
             self._paused = False
             self._transport.resumeProducing()
+            self._parse()
         if self._pending == 0:
             self._arm()
 

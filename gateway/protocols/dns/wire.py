@@ -15,9 +15,11 @@ __all__ = [
     "AD",
     "ANY",
     "AXFR",
+    "BADVERS",
     "CD",
     "CLASS_IN",
     "CNAME",
+    "COOKIE",
     "EDNS_UDP_SIZE",
     "FORMERR",
     "IXFR",
@@ -37,7 +39,9 @@ __all__ = [
     "TC",
     "TXT",
     "A",
+    "BadVersion",
     "CacheKey",
+    "OptError",
     "Question",
     "ResponseInfo",
     "WireError",
@@ -46,6 +50,7 @@ __all__ = [
     "extended_rcode",
     "inspect_response",
     "is_truncated",
+    "like_query",
     "min_ttl",
     "negative_ttl",
     "parse_query",
@@ -55,6 +60,7 @@ __all__ = [
     "truncate",
     "ttl_offsets",
     "with_id",
+    "without_option",
 ]
 
 # RCODEs (RFC 1035 §4.1.1).
@@ -64,6 +70,7 @@ SERVFAIL = 2
 NXDOMAIN = 3
 NOTIMP = 4
 REFUSED = 5
+BADVERS = 16  # extended, needs an OPT record (RFC 6891 §9)
 
 # RR types (RFC 1035 §3.2.2, RFC 3596, RFC 6891, RFC 1995, RFC 5936) and the class we serve.
 A = 1
@@ -79,6 +86,7 @@ IXFR = 251
 AXFR = 252
 ANY = 255
 CLASS_IN = 1
+COOKIE = 10  # EDNS option code (RFC 7873)
 
 # Header flag bits (RFC 1035 §4.1.1, RFC 4035 §3.2 for AD/CD).
 QR = 0x8000
@@ -90,6 +98,7 @@ AD = 0x0020
 CD = 0x0010
 _OPCODE_MASK = 0x7800
 _DO = 0x8000  # in the OPT TTL field (RFC 3225)
+_VERSION = 0x00FF0000  # the EDNS version, also in the OPT TTL field (RFC 6891 §6.1.3)
 
 # What we advertise in OPT records we write: the DNS Flag Day 2020 value, which avoids
 # IP fragmentation on nearly every path.
@@ -122,6 +131,31 @@ class WireError(Exception):
     def __init__(self, message: str, *, header_ok: bool) -> None:
         super().__init__(message)
         self.header_ok = header_ok
+
+
+class BadVersion(WireError):
+    """A query with an EDNS version the gateway does not speak (RFC 6891 §6.1.3).
+
+    ``question`` is the parsed query, for the BADVERS answer it must get.
+    """
+
+    def __init__(self, question: Question, version: int) -> None:
+        super().__init__(f"EDNS version {version} is not supported", header_ok=True)
+        self.question = question
+        self.version = version
+
+
+class OptError(WireError):
+    """A problem with the query's OPT record itself (RFC 6891 §7): FORMERR, with an OPT record.
+
+    ``question`` is the query with ``edns`` set, for error_response(), so that the client can
+    tell a format error in its EDNS from a server without EDNS.
+    """
+
+    def __init__(self, message: str, *, do: bool = False) -> None:
+        super().__init__(message, header_ok=True)
+        self.do = do
+        self.question: Question | None = None
 
 
 class Question(NamedTuple):
@@ -296,27 +330,36 @@ def parse_query(data: bytes) -> Question:
     edns = False
     udp_size = 512
     do = False
-    if (
-        arcount == 1
-        and not ancount
-        and not nscount
-        and data[question_end : question_end + 3] == b"\x00\x00\x29"
-    ):
-        # The common shape: one root-owned OPT and nothing else.
-        if question_end + 11 > size:
-            raise WireError("the OPT record is cut off", header_ok=True)
-        _, rclass, ttl, rdlength = _RR_FIXED.unpack_from(data, question_end + 1)
-        if question_end + 11 + rdlength > size:
-            raise WireError("the OPT record's data is cut off", header_ok=True)
-        edns = True
-        # RFC 6891 §6.2.3: values below 512 are treated as 512.
-        udp_size = rclass if rclass > 512 else 512
-        do = bool(ttl & _DO)
-    elif ancount or nscount or arcount:
-        edns, udp_size, do = _find_opt(data, question_end, ancount + nscount, arcount)
+    version = 0
+    try:
+        if (
+            arcount == 1
+            and not ancount
+            and not nscount
+            and data[question_end : question_end + 3] == b"\x00\x00\x29"
+        ):
+            # The common shape: one root-owned OPT and nothing else.
+            if question_end + 11 > size:
+                raise OptError("the OPT record is cut off")
+            _, rclass, ttl, rdlength = _RR_FIXED.unpack_from(data, question_end + 1)
+            if question_end + 11 + rdlength > size:
+                raise OptError("the OPT record's data is cut off", do=bool(ttl & _DO))
+            edns = True
+            # RFC 6891 §6.2.3: values below 512 are treated as 512.
+            udp_size = rclass if rclass > 512 else 512
+            do = bool(ttl & _DO)
+            version = ttl & _VERSION
+        elif ancount or nscount or arcount:
+            edns, udp_size, do, version = _find_opt(data, question_end, ancount + nscount, arcount)
+    except OptError as exc:
+        exc.question = Question(
+            ident, flags, (flags & _OPCODE_MASK) >> 11, bool(flags & RD), bool(flags & CD),
+            qname, qtype, qclass, True, 512, exc.do, question_end,
+        )  # fmt: skip
+        raise
 
     # tuple.__new__ skips the keyword handling of Question(...); the order is the fields'.
-    return _new_tuple(
+    question: Question = _new_tuple(
         Question,
         (
             ident,
@@ -333,14 +376,18 @@ def parse_query(data: bytes) -> Question:
             question_end,
         ),
     )
+    if version:
+        raise BadVersion(question, version >> 16)
+    return question
 
 
-def _find_opt(data: bytes, pos: int, skip: int, arcount: int) -> tuple[bool, int, bool]:
-    """Walk ``skip`` records, then the additional section; (edns, udp_size, do) from its OPT."""
+def _find_opt(data: bytes, pos: int, skip: int, arcount: int) -> tuple[bool, int, bool, int]:
+    """Walk ``skip`` records, then the additional section; (edns, udp_size, do, version bits)."""
     size = len(data)
     edns = False
     udp_size = 512
     do = False
+    version = 0
     for index in range(skip + arcount):
         owner = pos
         pos = _skip_name(data, pos, size)
@@ -353,13 +400,14 @@ def _find_opt(data: bytes, pos: int, skip: int, arcount: int) -> tuple[bool, int
         if rtype == OPT and index >= skip:
             # RFC 6891 §6.1.1: one OPT at most, owned by the root.
             if edns:
-                raise WireError("more than one OPT record", header_ok=True)
+                raise OptError("more than one OPT record", do=do)
             if data[owner] != 0:
-                raise WireError("an OPT record not owned by the root", header_ok=True)
+                raise OptError("an OPT record not owned by the root", do=bool(ttl & _DO))
             edns = True
             udp_size = rclass if rclass > 512 else 512
             do = bool(ttl & _DO)
-    return edns, udp_size, do
+            version = ttl & _VERSION
+    return edns, udp_size, do, version
 
 
 def error_response(query: bytes, rcode: int, question: Question | None) -> bytes:
@@ -367,25 +415,27 @@ def error_response(query: bytes, rcode: int, question: Question | None) -> bytes
 
     The ID, opcode and RD are copied, QR and RA set; the question is echoed as the client wrote
     it, and an OPT record (size 1232, DO copied) added when the query had one (RFC 6891 §7).
-    Without a question only the header is sent, with QDCOUNT 0, as for a FORMERR.
+    Without a question only the header is sent, with QDCOUNT 0, as for a FORMERR. Extended
+    rcodes (BADVERS) carry their upper 8 bits in that OPT record, so need an EDNS query.
     """
-    if not 0 <= rcode <= 15:
+    if not 0 <= rcode <= (0xFFF if question is not None and question.edns else 15):
         raise ValueError(f"rcode {rcode} does not fit the header; extended rcodes need an OPT")
     if len(query) < 12:
         raise WireError("shorter than a DNS header", header_ok=False)
     ident, flags = _TYPE_CLASS.unpack_from(query)
-    flags = QR | (flags & (_OPCODE_MASK | RD)) | RA | rcode
+    flags = QR | (flags & (_OPCODE_MASK | RD)) | RA | (rcode & 0x0F)
     if question is None:
         return _HEADER.pack(ident, flags, 0, 0, 0, 0)
     header = _HEADER.pack(ident, flags, 1, 0, 0, 1 if question.edns else 0)
     body = query[12 : question.question_end]
     if not question.edns:
         return header + body
-    return header + body + _opt_record(question.do)
+    return header + body + _opt_record(question.do, rcode >> 4)
 
 
-def _opt_record(do: bool) -> bytes:
-    return b"\x00" + _RR_FIXED.pack(OPT, EDNS_UDP_SIZE, _DO if do else 0, 0)
+def _opt_record(do: bool, extended_rcode: int = 0) -> bytes:
+    ttl = (extended_rcode << 24) | (_DO if do else 0)
+    return b"\x00" + _RR_FIXED.pack(OPT, EDNS_UDP_SIZE, ttl, 0)
 
 
 # --------------------------------------------------------------------------- responses
@@ -419,6 +469,56 @@ def is_truncated(data: bytes) -> bool:
     if len(data) < 12:
         raise WireError("shorter than a DNS header", header_ok=False)
     return bool(data[2] & 0x02)
+
+
+def like_query(response: bytes, query: bytes, question_end: int) -> bytes:
+    """A cached ``response`` with the question spelled as in ``query`` and its RD bit.
+
+    The cache matches names case-insensitively, but a client that randomises the case of its
+    question (0x20, as unbound's use-caps-for-id) checks that the answer repeats it exactly, and
+    RD is copied from the query (RFC 1035 §4.1.1). ``question_end`` is the query's; a response
+    whose question differs from the query's in more than ASCII case is returned as it is.
+    """
+    if response[12:question_end].lower() != query[12:question_end].lower():
+        return response  # not the same question after all: leave it as it is
+    return (
+        response[:2]
+        + bytes(((response[2] & ~0x01) | (query[2] & 0x01),))
+        + response[3:12]
+        + query[12:question_end]
+        + response[question_end:]
+    )
+
+
+def without_option(response: bytes, code: int) -> bytes:
+    """``response`` without the EDNS option ``code`` in its OPT record; itself when it has none.
+
+    Options that cannot be read are left alone, and so is the response.
+    """
+    _, records = _walk(response)
+    for section, rtype, _owner, ttl_offset, end in records:
+        if section != 3 or rtype != OPT:
+            continue
+        pos = ttl_offset + 6  # the rdata: options, each code, length, data
+        kept = []
+        found = False
+        while pos < end:
+            if pos + 4 > end:
+                return response
+            option, length = _TYPE_CLASS.unpack_from(response, pos)
+            after = pos + 4 + length
+            if after > end:
+                return response
+            if option == code:
+                found = True
+            else:
+                kept.append(response[pos:after])
+            pos = after
+        if not found:
+            return response
+        rdata = b"".join(kept)
+        return response[: ttl_offset + 4] + _ID.pack(len(rdata)) + rdata + response[end:]
+    return response
 
 
 def with_id(data: bytes, new_id: int) -> bytes:
