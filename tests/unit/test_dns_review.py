@@ -128,6 +128,42 @@ def test_tcp_max_pending_holds_back_queries_that_arrived_in_one_segment() -> Non
     assert transport.producerState == "producing"
 
 
+class _Echo:
+    """Answers every query at once with an empty response."""
+
+    def answer(self, data: bytes, client: Any, transport: str, reply: Any = None) -> Any:
+        return dns.message.make_response(dns.message.from_wire(data)).to_wire()
+
+
+def test_a_tcp_client_trickling_a_query_is_closed_at_the_idle_timeout() -> None:
+    """Defect: every byte read restarted the TCP idle timer, so a client sending one byte
+    of a query per period held its connection for ever; only whole messages count now."""
+    clock = Clock()
+    factory = DnsTcpFactory(_Echo(), clock, idle_timeout=10, max_connections=4)
+
+    def connect(port: int) -> tuple[Any, StringTransport]:
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    slow, slow_transport = connect(40000)
+    frame = _frame(1)
+    for i in range(4):
+        clock.advance(3)
+        slow.dataReceived(frame[i : i + 1])
+    assert slow_transport.disconnecting and slow_transport.value() == b""
+    # Whole queries are activity: a client that asks every 9 s stays.
+    steady, steady_transport = connect(40001)
+    for qid in range(3):
+        clock.advance(9)
+        steady.dataReceived(_frame(qid))
+    assert not steady_transport.disconnecting
+    assert [r.id for r in _frames(steady_transport.value())] == [0, 1, 2]
+    clock.advance(10)
+    assert steady_transport.disconnecting
+
+
 # --------------------------------------------------------------------------- cache hits
 
 

@@ -151,16 +151,20 @@ class DnsTcpProtocol(Protocol):
     def _parse(self) -> None:
         # Paused at max_pending, queries already read wait in the buffer too: one segment
         # carrying hundreds of them must not put them all in flight at once.
+        whole = False
         while len(self._buffer) >= 2 and not self._paused:
             (length,) = struct.unpack_from("!H", self._buffer)
             if len(self._buffer) < 2 + length:
                 break
             message = bytes(self._buffer[2 : 2 + length])
             del self._buffer[: 2 + length]
+            whole = True
             if length == 0:
                 continue
             self._query(message)
-        if self._pending == 0:
+        # Only a whole message is activity: a client that trickles in a byte at a time
+        # must still complete a query within the idle timeout, or be closed.
+        if whole and self._pending == 0:
             self._arm()
 
     def _query(self, message: bytes) -> None:

@@ -423,7 +423,8 @@ def error_response(query: bytes, rcode: int, question: Question | None) -> bytes
     if len(query) < 12:
         raise WireError("shorter than a DNS header", header_ok=False)
     ident, flags = _TYPE_CLASS.unpack_from(query)
-    flags = QR | (flags & (_OPCODE_MASK | RD)) | RA | (rcode & 0x0F)
+    # RD and CD are copied from the query (RFC 1035 4.1.1, RFC 4035 3.2.2).
+    flags = QR | (flags & (_OPCODE_MASK | RD | CD)) | RA | (rcode & 0x0F)
     if question is None:
         return _HEADER.pack(ident, flags, 0, 0, 0, 0)
     header = _HEADER.pack(ident, flags, 1, 0, 0, 1 if question.edns else 0)
