@@ -391,3 +391,37 @@ def test_cached_answers_do_not_hand_one_clients_cookie_to_another() -> None:
     assert [o.otype for o in reply.options] == [3], reply.options
     assert reply.answer[0].ttl == 295
     assert [(r.ttl, r[0].address) for r in reply.additional] == [(295, "192.0.2.2")]
+
+
+def _ecs_answer(query: dns.message.Message, scope: int) -> bytes:
+    response = dns.message.make_response(query)
+    ecs = dns.edns.ECSOption("192.0.2.0", 24, scope)
+    response.use_edns(0, 0, 1232, options=[ecs])
+    response.answer.append(dns.rrset.from_text("www.example.test.", 300, "IN", "A", "192.0.2.1"))
+    wire: bytes = response.to_wire()
+    return wire
+
+
+def test_answers_scoped_to_a_client_subnet_are_not_cached_for_everybody() -> None:
+    """Defect: an answer with an EDNS Client Subnet option of scope /24 (valid for one
+    subnet only, RFC 7871 7.3.1) was cached and served to every client, and one of scope /0
+    handed the first client's subnet to all the later ones."""
+    ecs_query = dns.message.make_query(
+        "www.example.test.", "A", use_edns=0, id=1,
+        options=[dns.edns.ECSOption("192.0.2.0", 24)],
+    )  # fmt: skip
+    other = dns.message.make_query("www.example.test.", "A", use_edns=0, id=2).to_wire()
+    # Scope /24: not kept, the next client is asked upstream for again.
+    scoped = FakeDestination(_ecs_answer(ecs_query, 24), _ecs_answer(ecs_query, 24))
+    listener, _, _ = make_listener(scoped, FakeDestination(), cache=True)
+    ask("resolve", listener, ecs_query.to_wire())
+    ask("resolve", listener, other)
+    assert len(scoped.asked) == 2
+    # Scope /0: kept, without the option.
+    everyone = FakeDestination(_ecs_answer(ecs_query, 0))
+    listener, _, _ = make_listener(everyone, FakeDestination(), cache=True)
+    ask("resolve", listener, ecs_query.to_wire())
+    out = listener.answer(other, ("127.0.0.1", 40001), "udp")
+    assert isinstance(out, bytes) and len(everyone.asked) == 1
+    reply = dns.message.from_wire(out)
+    assert not reply.options and reply.answer[0][0].address == "192.0.2.1"

@@ -12,11 +12,13 @@ from collections.abc import Callable
 
 from .wire import (
     COOKIE,
+    ECS,
     NOERROR,
     NXDOMAIN,
     CacheKey,
     WireError,
     adjust_ttls,
+    ecs_scope,
     inspect_response,
     set_ttls,
     without_option,
@@ -118,6 +120,16 @@ class DnsCache:
         if ttl == 0:
             return
         offsets = info.ttl_offsets
+        if b"\x00\x08" in response:  # maybe a Client Subnet option (a quick test first)
+            scope = ecs_scope(response)
+            if scope:
+                # An answer for the client's subnet only (RFC 7871 §7.3.1): this cache is one
+                # for everybody, so it does not keep it.
+                return
+            if scope == 0:
+                # Valid for every client, but the option echoes the first client's subnet.
+                response = without_option(response, ECS)
+                offsets = inspect_response(response).ttl_offsets
         if b"\x00\x0a" in response:  # maybe a COOKIE option (a quick test before the walk)
             # The upstream's cookie answers the client who asked first, not the ones served
             # from here, who would take the answer for a spoofed one (RFC 7873 §5.3).

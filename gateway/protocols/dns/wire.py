@@ -20,6 +20,7 @@ __all__ = [
     "CLASS_IN",
     "CNAME",
     "COOKIE",
+    "ECS",
     "EDNS_UDP_SIZE",
     "FORMERR",
     "IXFR",
@@ -46,6 +47,7 @@ __all__ = [
     "ResponseInfo",
     "WireError",
     "adjust_ttls",
+    "ecs_scope",
     "error_response",
     "extended_rcode",
     "inspect_response",
@@ -87,6 +89,7 @@ AXFR = 252
 ANY = 255
 CLASS_IN = 1
 COOKIE = 10  # EDNS option code (RFC 7873)
+ECS = 8  # EDNS Client Subnet option code (RFC 7871)
 
 # Header flag bits (RFC 1035 §4.1.1, RFC 4035 §3.2 for AD/CD).
 QR = 0x8000
@@ -520,6 +523,24 @@ def without_option(response: bytes, code: int) -> bytes:
         rdata = b"".join(kept)
         return response[: ttl_offset + 4] + _ID.pack(len(rdata)) + rdata + response[end:]
     return response
+
+
+def ecs_scope(response: bytes) -> int | None:
+    """The SCOPE PREFIX-LENGTH of the response's Client Subnet option (RFC 7871 §6), or None
+    when it has none (or only one that cannot be read)."""
+    _, records = _walk(response)
+    for section, rtype, _owner, ttl_offset, end in records:
+        if section != 3 or rtype != OPT:
+            continue
+        pos = ttl_offset + 6
+        while pos + 4 <= end:
+            option, length = _TYPE_CLASS.unpack_from(response, pos)
+            if pos + 4 + length > end:
+                return None
+            if option == ECS and length >= 4:
+                return response[pos + 7]  # after FAMILY (2) and SOURCE PREFIX-LENGTH (1)
+            pos += 4 + length
+    return None
 
 
 def with_id(data: bytes, new_id: int) -> bytes:
