@@ -92,8 +92,45 @@ class _MalformedReply(Exception):
     pass
 
 
+class _StaleSession(_SessionError):
+    """A reused session failed before the server took anything: try a fresh connection."""
+
+
 def _result(recipient: str, reply: Reply) -> RecipientResult:
+    if reply.code // 100 not in (2, 4, 5):
+        # RFC 5321 4.2.1: only 2xx, 4xx and 5xx end a command other than DATA; anything
+        # else is a confused server, and what it did with the mail is unknown: try again.
+        text = f"unexpected reply {reply.code} {reply.text}".rstrip()
+        return RecipientResult(recipient, 0, "", text)
     return RecipientResult(recipient, reply.code, reply.status, reply.text)
+
+
+# RFC 5321 4.5.3.1.6: at most 998 octets of text a line. Longer lines are folded as the
+# Postfix SMTP client folds them (smtp_line_length_limit): a CRLF and a space are inserted,
+# which keeps the text and, in MIME, most of its meaning, where refusing would bounce it.
+_MAX_LINE = 998
+_LONG_LINE = re.compile(rb"[^\n]{%d}" % (_MAX_LINE + 1))
+
+
+def _wire_data(data: bytes) -> bytes:
+    """The message as it may go over SMTP: LF line ends only, no line over 998 octets.
+
+    RFC 5321 2.3.8 forbids bare CR and LF on the wire; CRLF and a lone CR in stored
+    data are line breaks, so both become LF here (encode_message turns LF into CRLF).
+    """
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if len(data) <= _MAX_LINE or _LONG_LINE.search(data) is None:
+        return data
+    out: list[bytes] = []
+    for line in data.split(b"\n"):
+        if len(line) > _MAX_LINE:
+            out.append(line[:_MAX_LINE])
+            step = _MAX_LINE - 1
+            out.extend(b" " + line[i : i + step] for i in range(_MAX_LINE, len(line), step))
+        else:
+            out.append(line)
+    return b"\n".join(out)
 
 
 class _DelayedCall(TypingProtocol):
@@ -352,6 +389,7 @@ class SmtpClientPool:
         self._idle_timeout = idle_timeout
         self._max_messages = max_messages_per_connection
         self._slots: Slots[_Connection] = Slots(max_connections)  # open or being opened
+        self._slots_limit = max_connections
         self._idle: list[_Connection] = []
         self._closed = False
 
@@ -410,8 +448,25 @@ class SmtpClientPool:
     async def _deliver(self, job: _Job) -> None:
         conn: _Connection | None = None
         try:
-            conn = await self._acquire()
-            await self._transaction(conn, job)
+            # A reused session may have been timed out by the server while it sat idle;
+            # when it fails before MAIL was answered, the next try takes a new connection.
+            for attempt in range(self._slots_limit + 1):
+                conn = await self._acquire()
+                try:
+                    await self._transaction(conn, job)
+                    break
+                except _StaleSession as stale:
+                    if attempt == self._slots_limit:
+                        raise
+                    log.info(
+                        "SMTP session with {destination} was gone before reuse ({reason});"
+                        " trying a new connection",
+                        destination=self.destination,
+                        reason=stale.text,
+                    )
+                    conn.broken = True
+                    self._release(conn)
+                    conn = None
         except _SessionError as error:
             if conn is not None:
                 conn.broken = True
@@ -455,19 +510,27 @@ class SmtpClientPool:
             job.results,
         )
         params = ""
+        data = _wire_data(data)
         if "SIZE" in conn.extensions:
             params += f" SIZE={message_size(data)}"
         if "8BITMIME" in conn.extensions and not data.isascii():
             params += " BODY=8BITMIME"
         mail = f"MAIL FROM:<{sender}>{params}\r\n".encode()
         rcpts = [f"RCPT TO:<{recipients[index]}>\r\n".encode() for index in todo]
+        reused = conn.messages > 0
         conn.messages += 1
         pipelining = "PIPELINING" in conn.extensions
-        if pipelining:
-            conn.protocol.write(mail + b"".join(rcpts) + b"DATA\r\n")
-            mail_reply = await self._read(conn, "the reply to MAIL FROM")
-        else:
-            mail_reply = await self._command(conn, mail, "the reply to MAIL FROM")
+        try:
+            if pipelining:
+                conn.protocol.write(mail + b"".join(rcpts) + b"DATA\r\n")
+                mail_reply = await self._read(conn, "the reply to MAIL FROM")
+            else:
+                mail_reply = await self._command(conn, mail, "the reply to MAIL FROM")
+        except _SessionError as error:
+            # Nothing of this message was taken yet: safe to send it on another session.
+            if reused and (error.reply is None or error.reply.code == 421):
+                raise _StaleSession(error.text, error.reply) from None
+            raise
         accepted: list[int] = []
         for index, rcpt in zip(todo, rcpts, strict=True):
             if not pipelining and not mail_reply.positive:
@@ -499,13 +562,23 @@ class SmtpClientPool:
             else:
                 conn.needs_rset = mail_reply.positive
             return
+        if data_reply.code != 354 and data_reply.code // 100 not in (4, 5):
+            # A 2xx (or other) reply to DATA: the message was not sent, whatever it says.
+            raise _SessionError(
+                f"{self.destination} answered DATA with {data_reply.code} {data_reply.text};"
+                " the message was not sent"
+            )
         if data_reply.code != 354:
             for index in accepted:
                 results[index] = _result(recipients[index], data_reply)
             conn.needs_rset = True
             return
         conn.protocol.write(encode_message(data))
-        final = await self._read(conn, "the reply to the end of the message")
+        # RFC 5321 4.5.3.2.6: wait long (10 minutes against the usual 5) for the reply
+        # after the data, since giving up then may deliver the message twice.
+        final = await self._read(
+            conn, "the reply to the end of the message", 2 * self._command_timeout
+        )
         for index in accepted:
             results[index] = _result(recipients[index], final)
 
@@ -515,16 +588,17 @@ class SmtpClientPool:
         conn.protocol.write(line)
         return await self._read(conn, what)
 
-    async def _read(self, conn: _Connection, what: str) -> Reply:
+    async def _read(self, conn: _Connection, what: str, timeout: float | None = None) -> Reply:
         """The next reply; raises _SessionError for a 421, a timeout, a loss or garbage."""
+        timeout = self._command_timeout if timeout is None else timeout
         waiting = conn.protocol.next_reply()
-        waiting.addTimeout(self._command_timeout, self._reactor)
+        waiting.addTimeout(timeout, self._reactor)
         try:
             reply = await waiting
         except TimeoutError:
             conn.protocol.abort()
             raise _SessionError(
-                f"timed out after {self._command_timeout:g}s waiting for {what}"
+                f"timed out after {timeout:g}s waiting for {what}"
             ) from None
         except _ConnectionLost as exc:
             raise _SessionError(

@@ -121,6 +121,11 @@ class ReplyParser:
         match = _REPLY_LINE.match(line)
         if match is None:
             raise SmtpSyntaxError(f"{line[:80]!r} is not an SMTP reply line")
+        if self._lines and int(match.group(1)) != self._lines[0][0]:
+            # RFC 5321 4.2.1: every line of a reply has the same code; which one counts is unknown.
+            raise SmtpSyntaxError(
+                f"a reply changes its code from {self._lines[0][0]} to {match.group(1)}"
+            )
         self._lines.append((int(match.group(1)), line[4:]))
         if match.group(2) == "-":
             return None
