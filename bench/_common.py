@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol, TypeVar
 
-from tests.peers import pid_listens_on
+from tests.peers import _end_process, pid_listens_on
 
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -162,16 +162,8 @@ def read_from(path: Path, offset: int) -> str:
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL to its process group; reap it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout)
+    """SIGTERM, then SIGKILL to its process group; reap it (as the test fixtures do)."""
+    _end_process(proc, timeout)
 
 
 def gateway_env(**extra: str) -> dict[str, str]:

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import dns.message
 import dns.rcode
 import pytest
 
-from tests.peers import (
-    GatewayProcess,
-    Unbound,
-    dig,
-    free_udp_tcp_port,
-)
+from tests.integration.test_dns_gateway import start_gateway
+from tests.peers import GatewayProcess, Unbound, dig
 
 RECORDS = ("www.example.test. 300 IN A 192.0.2.10",)
 
@@ -29,28 +26,18 @@ def upstream(unbound_factory) -> Unbound:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def gateway(tmp_path: Path, upstream: Unbound) -> tuple[GatewayProcess, int]:
-    port = free_udp_tcp_port()
-    path = tmp_path / "routes.yaml"
-    path.write_text(
-        f"""
-version: 1
-listeners:
-  dns-in:
-    protocol: dns
-    listen: ["udp:{port}:interface=127.0.0.1", "tcp:{port}:interface=127.0.0.1"]
-destinations:
-  inside: {{protocol: dns, servers: ["127.0.0.1:{upstream.port}"], timeout: 2s}}
-routes:
-  - name: local
+def gateway(tmp_path: Path, upstream: Unbound) -> Iterator[tuple[GatewayProcess, int]]:
+    gw, port = start_gateway(
+        tmp_path,
+        routes="""  - name: local
     from: dns-in
-    match: {{qname: ["printer.lan.test"]}}
+    match: {qname: ["printer.lan.test"]}
     answer: ["printer.lan.test. 60 IN A 192.0.2.200"]
-  - {{name: fwd, from: dns-in, to: inside, cache: true}}
-"""
+  - {name: fwd, from: dns-in, to: inside, cache: true}
+""",
+        destinations=f"""  inside: {{protocol: dns, servers: ["127.0.0.1:{upstream.port}"], timeout: 2s}}
+""",
     )
-    gw = GatewayProcess(path)
-    gw.start(port)
     yield gw, port
     gw.stop()
 
