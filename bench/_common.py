@@ -169,9 +169,7 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 def gateway_env(**extra: str) -> dict[str, str]:
     """This environment with the repository first on PYTHONPATH, plus `extra`."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
 
@@ -206,9 +204,7 @@ def await_listening(
     except BenchError as exc:
         raise BenchError(f"{exc}; its log:\n{tail(log_path)}") from None
     if proc.poll() is not None:
-        raise BenchError(
-            f"{what} exited with status {proc.returncode}; its log:\n{tail(log_path)}"
-        )
+        raise BenchError(f"{what} exited with status {proc.returncode}; its log:\n{tail(log_path)}")
 
 
 T = TypeVar("T")

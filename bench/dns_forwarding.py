@@ -696,13 +696,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--server-cpu", type=int, default=0, help="CPU of the target (%(default)s)")
     p.add_argument("--load-cpu", type=int, default=1, help="CPU of dnsperf (%(default)s)")
     p.add_argument(
-        "--layout", choices=("shared", "split"), default="shared",
+        "--layout",
+        choices=("shared", "split"),
+        default="shared",
         help="where the upstream unbound runs: 'shared', on the server CPU beside the target; "
         "'split', on the load CPU beside dnsperf, so the target has the server CPU to "
         "itself (unbound moves there while it is the target) (%(default)s)",
     )
     p.add_argument(
-        "--compare", type=Path, metavar="DIR",
+        "--compare",
+        type=Path,
+        metavar="DIR",
         help="also measure the gateway of another copy of the repository (target "
         "gateway-compare, in the runs and the latency runs): an A/B of two versions",
     )
@@ -884,10 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out += ["", *render(LATENCY_HEADER, latency_rows(latency), args.markdown)]
     first_rate = next(iter(latency), 0)
     if args.layout == "shared":
-        where = (
-            f"targets and unbound on CPU {args.server_cpu} (a forwarder shares it with "
-            "unbound)"
-        )
+        where = f"targets and unbound on CPU {args.server_cpu} (a forwarder shares it with unbound)"
     else:
         where = (
             f"the target alone on CPU {args.server_cpu}; unbound, as the forwarders' "

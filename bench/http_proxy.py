@@ -236,9 +236,7 @@ class Run:
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def measure(
-    target: Target, origin: Target, args: argparse.Namespace, path: str = "/file"
-) -> Run:
+def measure(target: Target, origin: Target, args: argparse.Namespace, path: str = "/file") -> Run:
     run = Run(target.key)
     run.waited = wait_for_quiet((args.server_cpu, args.load_cpu), args.quiet_wait)
     argv = [

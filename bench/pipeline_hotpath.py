@@ -49,8 +49,8 @@ from twisted.internet import defer, reactor  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
 
 from gateway.cli import start_logging  # noqa: E402
-from gateway.destination import Outcome  # noqa: E402
 from gateway.message import Kind, MailMessage, Message  # noqa: E402
+from gateway.ports import Outcome  # noqa: E402
 from gateway.service import GatewayService  # noqa: E402
 
 CONFIG = """\

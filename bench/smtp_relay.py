@@ -118,6 +118,8 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 # --------------------------------------------------------------------------- peers
 
 

@@ -11,36 +11,44 @@ import email.utils
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from gateway.message import MailMessage, new_message_id
+from gateway.ports import Reason, RecipientFailure
+
+# The RFC 3463 status of a failure whose far end said none, by the reason the gateway saw.
+_STATUS = {
+    Reason.NO_ROUTE: "5.1.1",
+    Reason.TOO_BIG: "5.3.4",
+    Reason.POLICY: "5.7.1",
+    Reason.BAD_MESSAGE: "5.6.0",
+    Reason.BAD_ADDRESS: "5.1.3",
+    Reason.UNSUPPORTED_FORMAT: "5.6.1",
+    Reason.UNAUTHENTICATED: "5.7.0",
+    Reason.MISCONFIGURED: "5.3.5",
+    Reason.UNAVAILABLE: "4.4.7",
+}
 
 
-@dataclass(frozen=True)
-class Failure:
-    recipient: str
-    code: int  # the SMTP code that decided, 0 if none
-    status: str  # RFC 3463 enhanced status, e.g. "5.1.1"
-    diagnostic: str
-
-
-def _status(failure: Failure) -> str:
-    status = failure.status if failure.status[:1] in ("4", "5") else "5.0.0"
-    # A DSN reports final failure: a temporary status that expired is reported as
-    # the 4.x.x it was (RFC 3464 allows it with Action: failed); keep it.
-    return status
+def _status(failure: RecipientFailure) -> str:
+    if failure.status[:1] in ("4", "5"):
+        # A DSN reports final failure: a temporary status that expired is reported as
+        # the 4.x.x it was (RFC 3464 allows it with Action: failed); keep it.
+        return failure.status
+    return _STATUS.get(failure.reason, "5.0.0")
 
 
 def _clean(text: str) -> str:
     return " ".join(text.replace("\r", " ").replace("\n", " ").split())
 
 
-def make_bounce(original: MailMessage, failures: Sequence[Failure], hostname: str) -> MailMessage:
+def make_bounce(
+    original: MailMessage, failures: Sequence[RecipientFailure], hostname: str
+) -> MailMessage:
     """A multipart/report DSN telling ``original.sender`` which recipients failed and why."""
     boundary = f"{new_message_id()}.{secrets.token_hex(6)}/{hostname}"
     now = email.utils.formatdate(localtime=True)
     arrival = email.utils.formatdate(original.received, localtime=True)
-    listing = "\n".join(f"<{f.recipient}>: {_clean(f.diagnostic)}" for f in failures)
+    listing = "\n".join(f"<{f.recipient}>: {_clean(f.detail)}" for f in failures)
     human = (
         f"This is the mail gateway at {hostname}.\n\n"
         "Your message could not be delivered to one or more recipients.\n"
@@ -55,10 +63,10 @@ def make_bounce(original: MailMessage, failures: Sequence[Failure], hostname: st
             "Action: failed",
             f"Status: {_status(f)}",
         ]
-        if f.code:
-            lines.append(f"Diagnostic-Code: smtp; {f.code} {_clean(f.diagnostic)}")
+        if f.diagnostic:
+            lines.append(f"Diagnostic-Code: {_clean(f.diagnostic)}")
         else:
-            lines.append(f"Diagnostic-Code: X-gateway; {_clean(f.diagnostic)}")
+            lines.append(f"Diagnostic-Code: X-gateway; {_clean(f.detail)}")
         per_recipient.append("\n".join(lines))
     status_part = (
         f"Reporting-MTA: dns; {hostname}\n"

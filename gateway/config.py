@@ -23,7 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
-from gateway.message import Kind, local_hostname
+from gateway.message import Kind
+from gateway.protocols import AddedKey, registry
+
+if typing.TYPE_CHECKING:
+    from gateway.ports import ListenerEntry
 
 # --- locations and errors ---------------------------------------------------
 
@@ -66,8 +70,28 @@ def suggest(name: str, choices: typing.Iterable[str]) -> str:
 # --- value types with their own syntax ----------------------------------------
 
 
-class Size(int):
+class Value:
+    """A value type written in its own syntax: ``parse`` reads it, ``schema`` describes it.
+
+    Protocols declare their own (DNS names, URLs) the same way; the reader and
+    ``gateway schema`` take any subclass.
+    """
+
+    __slots__ = ()
+    schema: typing.ClassVar[dict[str, Any]] = {"type": "string"}
+
+    @classmethod
+    def parse(cls, text: str) -> Any:
+        raise NotImplementedError
+
+
+class Size(int, Value):
     """A size in bytes written with a unit: 512, 10k, 10KiB, 10MB, 1GiB."""
+
+    schema: typing.ClassVar[dict[str, Any]] = {
+        "type": ["integer", "string"],
+        "pattern": r"^\d+(\.\d+)?\s*([kKmMgG]i?[bB]?|[bB])?$",
+    }
 
     _UNITS: typing.ClassVar[dict[str, int]] = {
         "": 1, "b": 1,
@@ -84,8 +108,13 @@ class Size(int):
         return cls(int(float(m.group(1)) * cls._UNITS[m.group(2).lower()]))
 
 
-class Duration(float):
+class Duration(float, Value):
     """A duration in seconds with a unit: 250ms, 2s, 5m, 1h, 5d; a bare number is seconds."""
+
+    schema: typing.ClassVar[dict[str, Any]] = {
+        "type": ["number", "string"],
+        "pattern": r"^(\d+(\.\d+)?\s*(ms|s|m|h|d|w)?\s*)+$",
+    }
 
     _UNITS: typing.ClassVar[dict[str, float]] = {
         "ms": 0.001, "": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0,
@@ -117,7 +146,7 @@ _SERVER_ENDPOINTS = ("tcp", "tcp6", "ssl", "unix", "systemd", "udp", "tls")
 _CLIENT_ENDPOINTS = ("tcp", "tcp6", "ssl", "unix", "tls", "udp")
 
 
-class Endpoint(str):
+class Endpoint(str, Value):
     """A Twisted server endpoint string, plus ``udp:PORT[:interface=ADDR]`` for UDP.
 
     Sockets passed by systemd (socket activation): ``systemd:domain=INET6:index=N``
@@ -126,6 +155,10 @@ class Endpoint(str):
     """
 
     kinds: typing.ClassVar[tuple[str, ...]] = _SERVER_ENDPOINTS
+    schema: typing.ClassVar[dict[str, Any]] = {
+        "type": "string",
+        "pattern": "^(" + "|".join(_SERVER_ENDPOINTS) + "):",
+    }
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
@@ -166,6 +199,10 @@ class ClientEndpoint(Endpoint):
     """A Twisted client endpoint string such as ``tcp:127.0.0.1:25``."""
 
     kinds = _CLIENT_ENDPOINTS
+    schema: typing.ClassVar[dict[str, Any]] = {
+        "type": "string",
+        "pattern": "^(" + "|".join(_CLIENT_ENDPOINTS) + "):",
+    }
 
     @staticmethod
     def _check_with_twisted(text: str) -> None:
@@ -234,10 +271,14 @@ def udp_endpoint_args(text: str) -> tuple[int, str]:
     return port, interface
 
 
-class Network:
+class Network(Value):
     """An IP network such as 127.0.0.0/8 or ::1 (a bare address is a /32 or /128)."""
 
     __slots__ = ("net",)
+    schema: typing.ClassVar[dict[str, Any]] = {
+        "type": "string",
+        "description": "IP network, e.g. 127.0.0.0/8",
+    }
 
     def __init__(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
         self.net = net
@@ -275,8 +316,10 @@ def client_allowed(networks: tuple[Network, ...], address: str) -> bool:
     return not networks or any(address in n for n in networks)
 
 
-class HostPort(str):
+class HostPort(str, Value):
     """``HOST:PORT`` or ``[IPv6]:PORT`` (port 53 when left out)."""
+
+    schema: typing.ClassVar[dict[str, Any]] = {"type": "string", "description": "HOST:PORT"}
 
     host: str
     port: int
@@ -297,69 +340,20 @@ class HostPort(str):
         return obj
 
 
-class HttpUrl(str):
-    """An ``http://`` or ``https://`` base URL: ``http://127.0.0.1:8080`` or ``https://app/api``."""
-
-    scheme: str
-    host: str
-    port: int
-    path: str
-
-    @classmethod
-    def parse(cls, text: str) -> HttpUrl:
-        from urllib.parse import urlsplit
-
-        value = text.strip()
-        try:
-            parts = urlsplit(value)
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"invalid URL '{text}': {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"expected a URL such as http://127.0.0.1:8080 or https://app.example, got '{text}'"
-            )
-        if parts.query or parts.fragment or parts.username or parts.password:
-            raise ValueError(f"a base URL has no query, fragment or user name, got '{text}'")
-        obj = cls(value)
-        obj.scheme = parts.scheme
-        obj.host = parts.hostname
-        obj.port = port or (443 if parts.scheme == "https" else 80)
-        obj.path = parts.path.rstrip("/")
-        return obj
-
-
-class WebhookUrl(str):
-    """The URL a web hook is POSTed to: ``http(s)://host[:port]/path[?query]``."""
-
-    @classmethod
-    def parse(cls, text: str) -> WebhookUrl:
-        from urllib.parse import urlsplit
-
-        value = text.strip()
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 (raises for a port out of range)
-        except ValueError as exc:
-            raise ValueError(f"invalid URL '{text}': {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname or not value.isascii():
-            raise ValueError(
-                f"expected a URL such as https://hooks.example/mail (ASCII; IDNs and"
-                f" non-ASCII paths encoded), got '{text}'"
-            )
-        if parts.fragment or parts.username or parts.password:
-            raise ValueError(f"a web hook URL has no #fragment or user name, got '{text}'")
-        return cls(value)
-
-
 class ConfigPath(str):
     """A file or folder; relative paths are taken from the configuration file's folder."""
 
+    schema: typing.ClassVar[dict[str, Any]] = {
+        "type": "string",
+        "description": "path, relative to this file",
+    }
 
-class Pattern(str):
+
+class Pattern(str, Value):
     """A regular expression, searched case-insensitively (as Postfix's regexp tables do)."""
 
     compiled: re.Pattern[str]
+    schema: typing.ClassVar[dict[str, Any]] = {"type": "string", "format": "regex"}
 
     @classmethod
     def parse(cls, text: str) -> Pattern:
@@ -376,549 +370,148 @@ class Pattern(str):
         return set(self.compiled.groupindex)
 
 
-class QName(str):
-    """A DNS name to match: ``www.example.test`` (that name), ``*.example.test`` (names below it).
-
-    Stored lower-case with a trailing dot, as the DNS listener compares them.
-    """
-
-    @classmethod
-    def parse(cls, text: str) -> QName:
-        name = text.strip().lower()
-        if name in ("*", "*."):
-            return cls("*.")
-        body = name[2:] if name.startswith("*.") else name
-        if not body.endswith("."):
-            body += "."
-        labels = body[:-1].split(".")
-        if body == "." or any(not label for label in labels):
-            raise ValueError(
-                f"expected a DNS name such as www.example.test or *.example.test, got '{text}'"
-            )
-        if len(body) > 254 or any(len(label) > 63 for label in labels):
-            raise ValueError(
-                f"'{text}' is too long for a DNS name (labels up to 63, names up to 253)"
-            )
-        if "*" in body:
-            raise ValueError(f"'{text}': a wildcard '*' may only be the whole first label")
-        return cls(("*." if name.startswith("*.") else "") + body)
-
-    @property
-    def wildcard(self) -> bool:
-        return self.startswith("*.")
-
-    @property
-    def base(self) -> str:
-        """The name itself, or for ``*.suffix`` the suffix."""
-        return self[2:] if self.wildcard else str(self)
-
-
-class RRType(int):
-    """A DNS record type by name (A, AAAA, MX ...) or number."""
-
-    @classmethod
-    def parse(cls, text: str) -> RRType:
-        import dns.rdatatype
-
-        try:
-            return cls(int(dns.rdatatype.from_text(text.strip().upper())))
-        except Exception:
-            raise ValueError(f"unknown DNS record type '{text}' (e.g. A, AAAA, MX, TXT)") from None
-
-
-class RRClass(int):
-    """A DNS class by name (IN, CH) or number."""
-
-    @classmethod
-    def parse(cls, text: str) -> RRClass:
-        import dns.rdataclass
-
-        try:
-            return cls(int(dns.rdataclass.from_text(text.strip().upper())))
-        except Exception:
-            raise ValueError(f"unknown DNS class '{text}' (e.g. IN, CH)") from None
-
-
-class Record(str):
-    """A DNS record in zone-file form: ``www.example.test. 300 IN A 192.0.2.1``."""
-
-    @classmethod
-    def parse(cls, text: str) -> Record:
-        import dns.exception
-        import dns.rrset
-
-        try:
-            _parse_record(text)
-        except (dns.exception.DNSException, ValueError) as exc:
-            raise ValueError(
-                "expected a record such as 'www.example.test. 300 IN A 192.0.2.1',"
-                f" got '{text}': {exc}"
-            ) from None
-        return cls(text.strip())
-
-
-def _parse_record(text: str) -> Any:
-    import dns.rrset
-
-    parts = text.split()
-    if len(parts) < 4:
-        raise ValueError("a record needs a name, a TTL, a class (optional), a type and data")
-    name, ttl = parts[0], parts[1]
-    if not ttl.isdigit():
-        raise ValueError(f"the TTL '{ttl}' is not a number")
-    rest = parts[2:]
-    rdclass = "IN"
-    if rest[0].upper() in ("IN", "CH", "HS"):
-        rdclass, rest = rest[0].upper(), rest[1:]
-    if len(rest) < 2:
-        raise ValueError("a record needs a type and data after the TTL")
-    return dns.rrset.from_text(name, int(ttl), rdclass, rest[0], " ".join(rest[1:]))
-
-
 # --- the schema ----------------------------------------------------------------
+#
+# The bases below are what every listener and destination has; each protocol
+# package declares its own subclasses (``gateway/protocols/<name>/config.py``)
+# and the registry (``gateway.protocols``) says which ``protocol:`` names them.
 
-Protocol = Literal["smtp", "maildir"]
 
-
-def _yaml(name: str, doc: str = "") -> dict[str, str]:
+def yaml_key(name: str, doc: str = "") -> dict[str, str]:
+    """Field metadata: the key's name in the file (when not the field's) and its help."""
     return {"yaml": name, "doc": doc}
 
 
-def _doc(doc: str) -> dict[str, str]:
-    return {"doc": doc}
+def doc(text: str) -> dict[str, str]:
+    """Field metadata: the key's help, shown by ``gateway schema``."""
+    return {"doc": text}
+
+
+HIDDEN: dict[str, None] = {"yaml": None}  # field metadata: not a key of the file
 
 
 @dataclass(frozen=True, kw_only=True)
 class ListenerConfig:
-    """Fields every listener has."""
+    """Fields every listener has; ``kind`` is the kind of message it produces."""
 
-    name: str = field(default="", metadata={"yaml": None})
+    name: str = field(default="", metadata=HIDDEN)
     protocol: str
-    listen: tuple[Endpoint, ...] = field(metadata=_doc("endpoint string(s) to accept on"))
+    listen: tuple[Endpoint, ...] = field(metadata=doc("endpoint string(s) to accept on"))
     allow: tuple[Network, ...] = field(
-        default=(), metadata=_doc("client networks allowed to connect; empty means any")
+        default=(), metadata=doc("client networks allowed to connect; empty means any")
     )
     kind: typing.ClassVar[Kind]
 
+    def connection_limit(self) -> int:
+        """Connections open at once before new ones are refused (the listener's own key)."""
+        return 1000
 
-@dataclass(frozen=True, kw_only=True)
-class SmtpListenerConfig(ListenerConfig):
-    """An ESMTP server that turns each received mail into a message."""
-
-    kind: typing.ClassVar[Kind] = Kind.MAIL
-    protocol: Literal["smtp"] = "smtp"
-    hostname: str = field(default_factory=local_hostname, metadata=_doc("name in the greeting"))
-    max_size: Size = field(
-        default=Size(10 * 1024 * 1024), metadata=_doc("largest message accepted")
-    )
-    max_recipients: int = field(default=1000, metadata=_doc("recipients per message"))
-    idle_timeout: Duration = field(default=Duration(300), metadata=_doc("drop idle clients after"))
-
-
-@dataclass(frozen=True, kw_only=True)
-class DnsListenerConfig(ListenerConfig):
-    """A DNS server over UDP and TCP (RFC 1035, RFC 7766) whose queries are routed."""
-
-    kind: typing.ClassVar[Kind] = Kind.DNS
-    protocol: Literal["dns"] = "dns"
-    tcp_idle_timeout: Duration = field(
-        default=Duration(10), metadata=_doc("close idle TCP connections after")
-    )
-    max_tcp_connections: int = field(default=1000, metadata=_doc("TCP clients at once"))
-
-
-@dataclass(frozen=True, kw_only=True)
-class DohListenerConfig(ListenerConfig):
-    """DNS over HTTPS (RFC 8484) and the JSON form, answered through the DNS routes."""
-
-    kind: typing.ClassVar[Kind] = Kind.DNS
-    protocol: Literal["doh"] = "doh"
-    path: str = field(default="/dns-query", metadata=_doc("URL path of the endpoint"))
-    max_size: Size = field(default=Size(65535), metadata=_doc("largest query accepted (413)"))
-
-
-@dataclass(frozen=True, kw_only=True)
-class HttpListenerConfig(ListenerConfig):
-    """An HTTP/1.1 server (HTTPS on an ssl: endpoint): requests are proxied or become messages."""
-
-    kind: typing.ClassVar[Kind] = Kind.HTTP
-    protocol: Literal["http"] = "http"
-    max_size: Size = field(
-        default=Size(10 * 1024 * 1024), metadata=_doc("largest request body accepted (413)")
-    )
-    max_header_size: Size = field(
-        default=Size(16 * 1024), metadata=_doc("request line and header fields together (431)")
-    )
-    header_timeout: Duration = field(
-        default=Duration(10), metadata=_doc("a client must send a whole request header within")
-    )
-    idle_timeout: Duration = field(
-        default=Duration(60),
-        metadata=_doc("close a connection with no request, or a body that stalls, after"),
-    )
-    max_connections: int = field(default=1000, metadata=_doc("clients connected at once"))
+    def check(self, config: Config) -> list[tuple[str, str]]:
+        """Checks that need the whole file: (key, problem) pairs; none by default."""
+        return []
 
 
 @dataclass(frozen=True, kw_only=True)
 class BaseDestinationConfig:
     """Fields every destination has."""
 
-    name: str = field(default="", metadata={"yaml": None})
+    name: str = field(default="", metadata=HIDDEN)
     protocol: str
-    kinds: typing.ClassVar[frozenset[Kind]]
-
-
-@dataclass(frozen=True, kw_only=True)
-class DnsDestinationConfig(BaseDestinationConfig):
-    """Forwards DNS queries to DNS servers: UDP first, TCP when the answer is truncated."""
-
-    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.DNS})
-    protocol: Literal["dns"] = "dns"
-    servers: tuple[HostPort, ...] = field(metadata=_doc("servers tried in order: 127.0.0.1:53"))
-    timeout: Duration = field(default=Duration(2), metadata=_doc("per server and query"))
-
-
-@dataclass(frozen=True, kw_only=True)
-class DohDestinationConfig(BaseDestinationConfig):
-    """Sends DNS queries as DNS-over-HTTPS requests (RFC 8484)."""
-
-    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.DNS})
-    protocol: Literal["doh"] = "doh"
-    url: str = field(metadata=_doc("e.g. https://dns.example/dns-query"))
-    method: Literal["POST", "GET"] = "POST"
-    ca: ConfigPath | None = field(default=None, metadata=_doc("CA file to verify the server"))
-    verify: bool = field(default=True, metadata=_doc("verify the server's certificate"))
-    connections: int = field(default=4, metadata=_doc("keep-alive connections in the pool"))
-    timeout: Duration = field(default=Duration(5), metadata=_doc("per query"))
+    kinds: typing.ClassVar[frozenset[Kind]]  # the kinds of message it takes
 
 
 @dataclass(frozen=True, kw_only=True)
 class DestinationConfig(BaseDestinationConfig):
     """A store-and-forward destination: the delivery settings apply to spooled messages."""
 
-    concurrency: int = field(default=10, metadata=_doc("deliveries in progress at once"))
+    concurrency: int = field(default=10, metadata=doc("deliveries in progress at once"))
     retry_min: Duration = field(
-        default=Duration(60), metadata=_doc("first retry after a temporary failure")
+        default=Duration(60), metadata=doc("first retry after a temporary failure")
     )
-    retry_max: Duration = field(default=Duration(3600), metadata=_doc("longest wait between tries"))
+    retry_max: Duration = field(default=Duration(3600), metadata=doc("longest wait between tries"))
     max_age: Duration = field(
-        default=Duration(5 * 86400), metadata=_doc("give up (dead letter, bounce) after")
+        default=Duration(5 * 86400), metadata=doc("give up (dead letter, bounce) after")
     )
     duplicate_window: Duration = field(
         default=Duration(86400),
-        metadata=_doc("a Message-ID delivered here within this time is not delivered again"),
+        metadata=doc("a Message-ID delivered here within this time is not delivered again"),
     )
+
+
+_V = typing.TypeVar("_V")
+
+
+class _Keys:
+    """Keys a protocol adds to ``match:`` or to a route, parsed, with a typed view per protocol."""
+
+    values: Mapping[str, Any]
+
+    def view(self, cls: type[_V]) -> _V:
+        """The keys as ``cls`` (a protocol's frozen dataclass of them), made once per class."""
+        views: dict[type, Any] = self.__dict__.setdefault("_views", {})
+        found = views.get(cls)
+        if found is None:
+            names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+            found = views[cls] = cls(**{k: v for k, v in self.values.items() if k in names})
+        return typing.cast(_V, found)
 
 
 @dataclass(frozen=True, kw_only=True)
-class MaildirDestinationConfig(DestinationConfig):
-    """Files each message into a Maildir folder (tmp/, fsync, rename into new/)."""
+class Match(_Keys):
+    """Conditions a message must meet for its route to apply; all are optional.
 
-    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.MAIL, Kind.ARTICLE})
-    protocol: Literal["maildir"] = "maildir"
-    path: ConfigPath = field(metadata=_doc("the Maildir; created if missing"))
-
-
-@dataclass(frozen=True, kw_only=True)
-class SmtpDestinationConfig(DestinationConfig):
-    """Relays mail to an SMTP server."""
-
-    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.MAIL})
-    protocol: Literal["smtp"] = "smtp"
-    connect: ClientEndpoint = field(metadata=_doc("server to relay to, e.g. tcp:127.0.0.1:25"))
-    helo: str = field(default_factory=local_hostname, metadata=_doc("name sent in EHLO"))
-    max_connections: int = field(default=10, metadata=_doc("connections open at once"))
-    tls: Literal["none", "may", "require"] = field(
-        default="may", metadata=_doc("STARTTLS: never, when offered, or always")
-    )
-    tls_verify: bool = field(default=False, metadata=_doc("verify the server's certificate"))
-    ca: ConfigPath | None = field(default=None, metadata=_doc("CA file for tls_verify"))
-    connect_timeout: Duration = field(default=Duration(30), metadata=_doc("wait to connect"))
-    timeout: Duration = field(default=Duration(300), metadata=_doc("wait for each reply"))
-
-
-@dataclass(frozen=True, kw_only=True)
-class NntpDestinationConfig(DestinationConfig):
-    """Posts articles to a news server: POST (reader), IHAVE or CHECK/TAKETHIS (transit peer)."""
-
-    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.ARTICLE})
-    protocol: Literal["nntp"] = "nntp"
-    connect: ClientEndpoint = field(
-        metadata=_doc("news server, e.g. tcp:127.0.0.1:119 or ssl:news.example:563 (NNTPS)")
-    )
-    mode: Literal["post", "ihave", "stream"] = field(
-        default="post",
-        metadata=_doc("post: MODE READER + POST; ihave: IHAVE; stream: CHECK + TAKETHIS"),
-    )
-    user: str | None = field(default=None, metadata=_doc("AUTHINFO USER name (RFC 4643)"))
-    password: str | None = field(default=None, metadata=_doc("AUTHINFO PASS password"))
-    max_connections: int = field(default=4, metadata=_doc("connections open at once"))
-    connect_timeout: Duration = field(default=Duration(30), metadata=_doc("wait to connect"))
-    timeout: Duration = field(default=Duration(120), metadata=_doc("wait for each reply"))
-    idle_timeout: Duration = field(
-        default=Duration(30), metadata=_doc("close idle connections after")
-    )
-
-    def __post_init__(self) -> None:
-        if self.max_connections < 1:
-            raise ValueError(f"'max_connections' must be 1 or more, not {self.max_connections}")
-        if self.password is not None and self.user is None:
-            raise ValueError("'password' is set but 'user' is not")
-
-
-@dataclass(frozen=True, kw_only=True)
-class NntpListenerConfig(ListenerConfig):
-    """A news server (RFC 3977) that peers feed (IHAVE, CHECK/TAKETHIS) and newsreaders POST to.
-
-    Each article is routed like any message and acknowledged (235, 239, 240)
-    only once it is in the spool.
+    ``client`` applies to every listener; the other keys are declared by the
+    protocols (``rcpt``, ``sender``, ``header`` for mail, ``qname`` for DNS ...)
+    and kept in ``values``; ``view(cls)`` gives them typed.
     """
 
-    kind: typing.ClassVar[Kind] = Kind.ARTICLE
-    protocol: Literal["nntp"] = "nntp"
-    hostname: str = field(
-        default_factory=local_hostname,
-        metadata=_doc("name in the greeting, and the path identity put into posted articles"),
-    )
-    max_size: Size = field(
-        default=Size(10 * 1024 * 1024), metadata=_doc("largest article accepted (441, 437, 439)")
-    )
-    idle_timeout: Duration = field(default=Duration(300), metadata=_doc("drop idle clients after"))
-    posting: bool = field(
-        default=True, metadata=_doc("accept POST from newsreaders; false answers 440")
-    )
-    users: Mapping[str, str] = field(
-        default_factory=lambda: types.MappingProxyType({}),
-        metadata=_doc("AUTHINFO USER/PASS credentials: user name to password"),
-    )
-    users_file: ConfigPath | None = field(
-        default=None,
-        metadata=_doc("a file of user:password lines (# comments); edits apply at the next login"),
-    )
-    require_auth: bool = field(
-        default=False,
-        metadata=_doc("answer 480 to POST, IHAVE, CHECK and TAKETHIS until AUTHINFO succeeded"),
-    )
-    remember: int = field(
-        default=100_000,
-        metadata=_doc("message-ids of accepted articles kept in memory to refuse them again"),
+    client: tuple[Network, ...] = field(default=(), metadata=doc("client networks"))
+    values: Mapping[str, Any] = field(
+        default_factory=lambda: types.MappingProxyType({}), metadata=HIDDEN
     )
 
-    def __post_init__(self) -> None:
-        if self.require_auth and not self.users and self.users_file is None:
-            raise ValueError("require_auth needs 'users' or 'users_file' to authenticate against")
-        if self.remember < 0:
-            raise ValueError(f"'remember' must be 0 or more, not {self.remember}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class NntpPollerConfig(ListenerConfig):
-    """Follows newsgroups on a news server (GROUP, OVER, ARTICLE) and routes each new article.
-
-    It opens no socket of its own: it connects out to ``connect``.  A durable
-    high-water mark per server and group, kept in the spool, makes every article
-    go on exactly once, across restarts too.
-    """
-
-    kind: typing.ClassVar[Kind] = Kind.ARTICLE
-    protocol: Literal["nntp-poll"] = "nntp-poll"
-    listen: tuple[Endpoint, ...] = field(default=(), metadata={"yaml": None})
-    allow: tuple[Network, ...] = field(default=(), metadata={"yaml": None})
-    connect: ClientEndpoint = field(
-        metadata=_doc("news server to read from, e.g. tcp:127.0.0.1:119 or ssl:host:563")
-    )
-    groups: tuple[str, ...] = field(metadata=_doc("newsgroups to follow, e.g. [local.test]"))
-    user: str | None = field(default=None, metadata=_doc("AUTHINFO USER name (RFC 4643)"))
-    password: str | None = field(default=None, metadata=_doc("AUTHINFO PASS password"))
-    interval: Duration = field(default=Duration(60), metadata=_doc("time between polls"))
-    batch: int = field(default=100, metadata=_doc("articles fetched per group and poll at most"))
-    start: Literal["new", "oldest"] = field(
-        default="new",
-        metadata=_doc("on first sight of a group: only articles arriving later, or all it holds"),
-    )
-    connect_timeout: Duration = field(default=Duration(30), metadata=_doc("wait to connect"))
-    timeout: Duration = field(default=Duration(120), metadata=_doc("wait for each reply"))
-
-    def __post_init__(self) -> None:
-        if not self.groups:
-            raise ValueError("'groups' needs at least one newsgroup")
-        for group in self.groups:
-            if not group or any(c.isspace() or c in ",*?![]" for c in group):
-                raise ValueError(f"{group!r} is not a newsgroup name")
-        if len(set(self.groups)) != len(self.groups):
-            raise ValueError("a group appears twice in 'groups'")
-        if self.batch < 1:
-            raise ValueError(f"'batch' must be 1 or more, not {self.batch}")
-        if self.interval <= 0:
-            raise ValueError("'interval' must be longer than 0s")
-        if self.password is not None and self.user is None:
-            raise ValueError("'password' is set but 'user' is not")
-
-
-@dataclass(frozen=True, kw_only=True)
-class WebhookDestinationConfig(DestinationConfig):
-    """POSTs each mail (or article) as JSON to a web hook URL (the mail_to_http conversion)."""
-
-    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.MAIL, Kind.ARTICLE})
-    protocol: Literal["webhook"] = "webhook"
-    url: WebhookUrl = field(metadata=_doc("where to POST, e.g. https://hooks.example/mail"))
-    secret: str | None = field(
-        default=None, metadata=_doc("sign each body with HMAC-SHA256 using this shared secret")
-    )
-    signature_header: str = field(
-        default="X-Hub-Signature-256", metadata=_doc("header that carries sha256=<hex>")
-    )
-    timeout: Duration = field(default=Duration(30), metadata=_doc("per request, connect included"))
-    attachment_limit: Size = field(
-        default=Size(1024 * 1024),
-        metadata=_doc("attachments up to this size are included in base64; all are listed"),
-    )
-    headers: Mapping[str, str] = field(
-        default_factory=lambda: types.MappingProxyType({}),
-        metadata=_doc("extra request header fields, e.g. Authorization"),
-    )
-    ca: ConfigPath | None = field(default=None, metadata=_doc("CA file to verify the server"))
-    verify: bool = field(default=True, metadata=_doc("verify an https server's certificate"))
-
-
-@dataclass(frozen=True, kw_only=True)
-class HttpDestinationConfig(BaseDestinationConfig):
-    """A reverse proxy: each request is streamed to one of the upstream servers, the answer back."""
-
-    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.HTTP})
-    protocol: Literal["http"] = "http"
-    url: tuple[HttpUrl, ...] = field(
-        metadata=_doc("upstream base URL(s), e.g. http://127.0.0.1:8080; a path is put in front")
-    )
-    balance: Literal["round-robin", "least-connections"] = field(
-        default="round-robin", metadata=_doc("how an upstream is chosen for each request")
-    )
-    fail_timeout: Duration = field(
-        default=Duration(10), metadata=_doc("skip an upstream that failed for this long")
-    )
-    connect_timeout: Duration = field(default=Duration(5), metadata=_doc("wait to connect"))
-    timeout: Duration = field(
-        default=Duration(60),
-        metadata=_doc("wait for the response header, and between reads of the body (504)"),
-    )
-    host: Literal["keep", "upstream"] = field(
-        default="keep", metadata=_doc("send the client's Host, or the upstream URL's")
-    )
-    strip_prefix: str = field(
-        default="", metadata=_doc("remove this path prefix before forwarding, e.g. /api")
-    )
-    keepalive: int = field(
-        default=64, metadata=_doc("idle keep-alive connections kept per upstream")
-    )
-    keepalive_timeout: Duration = field(
-        default=Duration(60),
-        metadata=_doc(
-            "close a kept connection that has been idle this long; keep it below the"
-            " upstream's own idle timeout"
-        ),
-    )
-    ca: ConfigPath | None = field(default=None, metadata=_doc("CA file to verify https upstreams"))
-    verify: bool = field(default=True, metadata=_doc("verify an https upstream's certificate"))
-
-
-LISTENER_TYPES: dict[str, type[ListenerConfig]] = {
-    "smtp": SmtpListenerConfig,
-    "dns": DnsListenerConfig,
-    "doh": DohListenerConfig,
-    "http": HttpListenerConfig,
-    "nntp-poll": NntpPollerConfig,
-    "nntp": NntpListenerConfig,
-}
-DESTINATION_TYPES: dict[str, type[BaseDestinationConfig]] = {
-    "maildir": MaildirDestinationConfig,
-    "smtp": SmtpDestinationConfig,
-    "dns": DnsDestinationConfig,
-    "doh": DohDestinationConfig,
-    "http": HttpDestinationConfig,
-    "nntp": NntpDestinationConfig,
-    "webhook": WebhookDestinationConfig,
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class Match:
-    """Conditions a message must meet for its route to apply; all are optional."""
-
-    rcpt: Pattern | None = field(default=None, metadata=_doc("envelope recipient (regex)"))
-    sender: Pattern | None = field(default=None, metadata=_doc("envelope sender (regex)"))
-    header: Mapping[str, Pattern] = field(
-        default_factory=lambda: types.MappingProxyType({}),
-        metadata=_doc("header name to regex; every one must match a field of that name"),
-    )
-    client: tuple[Network, ...] = field(default=(), metadata=_doc("client networks"))
-    qname: tuple[QName, ...] = field(
-        default=(), metadata=_doc("DNS names: www.example.test, or *.example.test for names below")
-    )
-    qname_regex: Pattern | None = field(default=None, metadata=_doc("DNS name (regex)"))
-    qname_file: ConfigPath | None = field(
-        default=None,
-        metadata=_doc("a file of DNS names, one a line (# comments); re-read on reload"),
-    )
-    qtype: tuple[RRType, ...] = field(default=(), metadata=_doc("record types: A, AAAA ..."))
-    qclass: RRClass | None = field(default=None, metadata=_doc("DNS class, e.g. IN"))
-    host: tuple[str, ...] = field(
-        default=(),
-        metadata=_doc("HTTP: Host names (port ignored), or *.example.test for names below"),
-    )
-    path: Pattern | None = field(
-        default=None, metadata=_doc("HTTP: request path without the query (regex)")
-    )
-    prefix: str | None = field(default=None, metadata=_doc("HTTP: request path prefix, plain text"))
-    method: tuple[str, ...] = field(default=(), metadata=_doc("HTTP: methods, e.g. [GET, HEAD]"))
-    file_names: tuple[QName, ...] = field(default=(), compare=True, metadata={"yaml": None})
+    def used(self) -> set[str]:
+        """The keys this match gives."""
+        return set(self.values) | ({"client"} if self.client else set())
 
     def group_names(self) -> set[str]:
+        """Named groups of every regular expression among the keys."""
         names: set[str] = set()
-        for pattern in (self.rcpt, self.sender, self.path, *self.header.values()):
-            if pattern is not None:
-                names |= pattern.groups
+        for value in self.values.values():
+            for item in value.values() if isinstance(value, Mapping) else (value,):
+                if isinstance(item, Pattern):
+                    names |= item.groups
         return names
 
-
-# The match keys that make sense for each kind of message.
-MATCH_KEYS: dict[Kind, frozenset[str]] = {
-    Kind.MAIL: frozenset({"rcpt", "sender", "header", "client"}),
-    Kind.ARTICLE: frozenset({"header", "client"}),
-    Kind.DNS: frozenset({"client", "qname", "qname_regex", "qname_file", "qtype", "qclass"}),
-    Kind.HTTP: frozenset({"header", "client", "host", "path", "prefix", "method"}),
-}
+    def with_values(self, **values: Any) -> Match:
+        return dataclasses.replace(self, values=types.MappingProxyType({**self.values, **values}))
 
 
 @dataclass(frozen=True, kw_only=True)
-class Route:
-    """Where messages from some listeners go, and what is done to them on the way."""
+class Route(_Keys):
+    """Where messages from some listeners go, and what is done to them on the way.
 
-    name: str = field(default="", metadata=_doc("shown in logs; defaults to the route's number"))
-    from_: tuple[str, ...] = field(metadata=_yaml("from", "listener name(s)"))
-    to: tuple[str, ...] = field(default=(), metadata=_doc("destination name(s); each gets a copy"))
-    answer: tuple[Record, ...] = field(
-        default=(), metadata=_doc("DNS: answer with these records instead of forwarding")
-    )
-    action: Literal["refuse", "nxdomain"] | None = field(
-        default=None, metadata=_doc("DNS: answer REFUSED or NXDOMAIN")
-    )
-    cache: bool = field(default=True, metadata=_doc("DNS: cache the answers of this route"))
-    cache_entries: int = field(default=10000, metadata=_doc("DNS: cache size (LRU)"))
-    serve_stale: Duration = field(
-        default=Duration(0),
-        metadata=_doc("DNS: serve expired answers this long when every upstream fails"),
-    )
+    Keys a protocol adds to its routes (DNS: ``answer``, ``action``, ``cache``
+    ...) are kept in ``values``; ``view(cls)`` gives them typed.
+    """
+
+    name: str = field(default="", metadata=doc("shown in logs; defaults to the route's number"))
+    from_: tuple[str, ...] = field(metadata=yaml_key("from", "listener name(s)"))
+    to: tuple[str, ...] = field(default=(), metadata=doc("destination name(s); each gets a copy"))
     match: Match = field(default_factory=Match)
-    transforms: tuple[str, ...] = field(default=(), metadata=_doc("applied in order"))
+    transforms: tuple[str, ...] = field(default=(), metadata=doc("applied in order"))
     options: Mapping[str, Any] = field(
         default_factory=lambda: types.MappingProxyType({}),
-        metadata=_doc("for the transforms; '{group}' takes a named group of a match regex"),
+        metadata=doc("for the transforms; '{group}' takes a named group of a match regex"),
     )
     continue_: bool = field(
-        default=False, metadata=_yaml("continue", "let later routes match too (fan-out)")
+        default=False, metadata=yaml_key("continue", "let later routes match too (fan-out)")
+    )
+    values: Mapping[str, Any] = field(
+        default_factory=lambda: types.MappingProxyType({}), metadata=HIDDEN
     )
     where: Mapping[str, Location] = field(
-        default_factory=lambda: types.MappingProxyType({}), compare=False, metadata={"yaml": None}
+        default_factory=lambda: types.MappingProxyType({}), compare=False, metadata=HIDDEN
     )
 
 
@@ -926,18 +519,18 @@ class Route:
 class Config:
     """The whole routes.yaml."""
 
-    version: Literal[1] = field(metadata=_doc("format version of this file"))
+    version: Literal[1] = field(metadata=doc("format version of this file"))
     spool: ConfigPath | None = field(
         default=None,
-        metadata=_doc(
+        metadata=doc(
             "the durable queue's folder (default: var/spool next to this file;"
             " $STATE_DIRECTORY/spool when systemd sets $STATE_DIRECTORY)"
         ),
     )
-    admin: Endpoint | None = field(default=None, metadata=_doc("endpoint of /healthz, /readyz"))
-    plugins: tuple[ConfigPath, ...] = field(default=(), metadata=_doc("folders of plugin modules"))
+    admin: Endpoint | None = field(default=None, metadata=doc("endpoint of /healthz, /readyz"))
+    plugins: tuple[ConfigPath, ...] = field(default=(), metadata=doc("folders of plugin modules"))
     shutdown_timeout: Duration = field(
-        default=Duration(30), metadata=_doc("how long SIGTERM waits for work in flight")
+        default=Duration(30), metadata=doc("how long SIGTERM waits for work in flight")
     )
     listeners: Mapping[str, ListenerConfig] = field(
         default_factory=lambda: types.MappingProxyType({})
@@ -964,6 +557,12 @@ class _Reader:
         self.filename = filename
         self.base = base
         self.problems: list[Problem] = []
+        self.registry = registry()
+        # The keys protocols add to match: and to routes, with their types.
+        self.added_keys: dict[type, Mapping[str, AddedKey]] = {
+            Match: self.registry.match_keys,
+            Route: self.registry.route_keys,
+        }
         # Names declared in the file, valid or not, so one broken entry does not
         # also make every reference to it an error.
         self.declared: dict[str, set[str]] = {"listeners": set(), "destinations": set()}
@@ -1032,10 +631,7 @@ class _Reader:
                 if value is None or not str(value).strip():
                     raise ValueError("expected a file or folder name")
                 return ConfigPath(str((self.base / str(value)).resolve()))
-            if hint in (
-                Size, Duration, Endpoint, ClientEndpoint, Network, Pattern,
-                QName, RRType, RRClass, Record, HostPort, HttpUrl, WebhookUrl,
-            ):  # fmt: skip
+            if issubclass(hint, Value):
                 if value is None:
                     raise ValueError("expected a value, got nothing")
                 if (
@@ -1093,19 +689,30 @@ class _Reader:
     def dataclass(
         self, node: yaml.Node, cls: type, what: str, extra: dict[str, Any] | None = None
     ) -> Any:
+        """``cls`` from a mapping; for Match and Route, keys the protocols add go to ``values``."""
         if not isinstance(node, yaml.MappingNode):
             self.fail(node, f"{what}: expected a mapping, got a {_node_kind(node)}")
             return _Invalid
         given = self.fields_of(node, what)
         hints = _hints(cls)
         known = {yaml_name(f): f for f in dataclasses.fields(cls) if yaml_name(f) is not None}
+        added = self.added_keys.get(cls, {})
         values: dict[str, Any] = dict(extra or {})
+        more: dict[str, Any] = {}
         where: dict[str, Location] = {"": self.loc(node)}
         ok = True
         for key, (key_node, value_node) in given.items():
             f = known.get(key)
+            if f is None and key in added:
+                value = self.convert(value_node, added[key].hint, f"{what}: '{key}'")
+                where[key] = self.loc(value_node)
+                if value is _Invalid:
+                    ok = False
+                else:
+                    more[key] = value
+                continue
             if f is None:
-                hint = suggest(key, [str(k) for k in known])
+                hint = suggest(key, [*map(str, known), *added])
                 self.fail(key_node, f"{what}: unknown key '{key}'{hint}")
                 ok = False
                 continue
@@ -1115,6 +722,8 @@ class _Reader:
                 ok = False
             else:
                 values[f.name] = value
+        if more:
+            values["values"] = types.MappingProxyType(more)
         for name, f in known.items():
             missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             if missing and f.name not in values and name not in given:
@@ -1250,8 +859,8 @@ def parse(text: str, filename: str = "routes.yaml", base: Path | None = None) ->
 
     given = reader.fields_of(root, "top level")
     special: dict[str, dict[str, Any]] = {
-        "listeners": LISTENER_TYPES,
-        "destinations": DESTINATION_TYPES,
+        "listeners": {n: e.config for n, e in reader.registry.listeners.items()},
+        "destinations": {n: e.config for n, e in reader.registry.destinations.items()},
         "routes": {},
     }
     parsed: dict[str, Any] = {}
@@ -1305,19 +914,55 @@ def load(path: str | Path) -> Config:
     return parse(text, str(path), p.resolve().parent)
 
 
+class RouteContext:
+    """What a protocol's route check gets: the route's label, its listeners and a way to object."""
+
+    def __init__(
+        self, reader: _Reader, config: Config, route: Route, label: str, kinds: set[Kind]
+    ) -> None:
+        self._reader = reader
+        self.config = config
+        self.route = route
+        self.label = label
+        self.kinds = kinds  # of the route's listeners
+
+    def problem(self, key: str, message: str) -> None:
+        """Report ``message`` (prefixed with the route's label) at the route's ``key``."""
+        where = self.route.where.get(key, self.route.where.get(""))
+        self._reader.problems.append(Problem(where, f"{self.label}: {message}"))
+
+    def problems(self, problems: typing.Iterable[Problem]) -> None:
+        """Report problems found elsewhere (in a file the route names, say) as they are."""
+        self._reader.problems.extend(problems)
+
+
+# A protocol's check of the routes from its listeners: reports through the context,
+# returns the route (completed, say with the names of a file it names).
+RouteCheck = typing.Callable[[Route, RouteContext], Route]
+
+
+def require_destination(route: Route, context: RouteContext) -> Route:
+    """The check of routes whose protocol has none of its own: 'to' must name something."""
+    if not route.to:
+        context.problem("to", "'to' names no destination")
+    return route
+
+
 def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
     """Cross-checks that need the whole file: names, match keys, options' placeholders.
 
-    Returns the routes with a name given to those that have none.
+    Returns the routes with a name given to those that have none, as the
+    protocols' route checks completed them.
     """
+    registry = reader.registry
     routes = []
     for index, route in enumerate(config.routes, start=1):
         here = route.where[""]
         label = f"route '{route.name}'" if route.name else f"route {index}"
         if not route.name:
             route = dataclasses.replace(route, name=f"#{index}")
-        routes.append(route)
         kinds = set()
+        protocols: dict[str, ListenerEntry] = {}
         for name in route.from_:
             listener = config.listeners.get(name)
             if listener is None and name in reader.declared["listeners"]:
@@ -1332,22 +977,21 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
                 )
             else:
                 kinds.add(listener.kind)
-        if Kind.DNS in kinds:
-            route = _check_dns_route(reader, route, label, kinds)
-            routes[-1] = route
-        else:
-            for key in ("answer", "action"):
-                if kinds and getattr(route, key):
-                    reader.problems.append(
-                        Problem(
-                            route.where.get(key, here),
-                            f"{label}: '{key}' applies only to routes from DNS listeners",
-                        )
-                    )
-            if not (route.to or route.answer or route.action):
-                reader.problems.append(
-                    Problem(route.where.get("to", here), f"{label}: 'to' names no destination")
+                protocols[listener.protocol] = registry.listeners[listener.protocol]
+        context = RouteContext(reader, config, route, label, kinds)
+        for key in sorted(set(route.values) & set(registry.route_keys)):
+            owners = registry.route_keys[key].owners
+            if protocols and not set(protocols) <= set(owners):
+                context.problem(
+                    key, f"'{key}' applies only to routes from {', '.join(owners)} listeners"
                 )
+        checks = {entry.check_route or require_destination for entry in protocols.values()}
+        if not protocols:
+            checks.add(require_destination)
+        for check in sorted(checks, key=lambda c: c.__qualname__):
+            route = check(route, context)
+            context.route = route
+        routes.append(route)
         if not route.from_:
             reader.problems.append(
                 Problem(route.where.get("from_", here), f"{label}: 'from' names no listener")
@@ -1362,7 +1006,10 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
                     )
                 )
         proxies = [
-            n for n in route.to if isinstance(config.destinations.get(n), HttpDestinationConfig)
+            n
+            for n in route.to
+            if n in config.destinations
+            and registry.destinations[config.destinations[n].protocol].shape == "proxy"
         ]
         if proxies and (len(route.to) > 1 or route.transforms or route.continue_):
             reader.problems.append(
@@ -1372,19 +1019,17 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
                     " takes no transforms, no other destination and no 'continue'",
                 )
             )
-        used = {
-            f.name
-            for f in dataclasses.fields(Match)
-            if yaml_name(f) is not None and getattr(route.match, f.name) not in _UNSET
-        }
-        for kind in kinds:
-            wrong = sorted(used - MATCH_KEYS[kind])
+        used = route.match.used() & {"client", *registry.match_keys}
+        for protocol, entry in sorted(protocols.items()):
+            allowed = registry.match_keys_of(protocol)
+            wrong = sorted(used - allowed)
             if wrong:
+                kind = entry.config.kind
                 reader.problems.append(
                     Problem(
                         route.where.get("match", here),
                         f"{label}: match key(s) {', '.join(wrong)} do not apply to {kind} messages"
-                        f" (use {', '.join(sorted(MATCH_KEYS[kind]))})",
+                        f" (use {', '.join(sorted(allowed))})",
                     )
                 )
         groups = route.match.group_names()
@@ -1412,64 +1057,6 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
             )
             names = [n for n in names if n != route.name]
     return tuple(routes)
-
-
-_UNSET: tuple[Any, ...] = (None, (), types.MappingProxyType({}))
-
-
-def _check_dns_route(reader: _Reader, route: Route, label: str, kinds: set[Kind]) -> Route:
-    """DNS routes: one action, no transforms, and the names of a qname_file loaded."""
-    here = route.where[""]
-    if len(kinds) > 1:
-        reader.problems.append(
-            Problem(
-                route.where.get("from_", here),
-                f"{label}: a route takes either DNS listeners or others, not both",
-            )
-        )
-    chosen = [k for k in ("to", "answer", "action") if getattr(route, k)]
-    if len(chosen) != 1:
-        reader.problems.append(
-            Problem(
-                here,
-                f"{label}: a DNS route needs exactly one of 'to' (forward), 'answer' (local"
-                f" records) or 'action' (refuse, nxdomain); it has {', '.join(chosen) or 'none'}",
-            )
-        )
-    if route.transforms:
-        reader.problems.append(
-            Problem(
-                route.where.get("transforms", here),
-                f"{label}: transforms do not apply to DNS routes",
-            )
-        )
-    if route.match.qname_file is None:
-        return route
-    names, problems = read_name_file(route.match.qname_file)
-    reader.problems.extend(problems)
-    return dataclasses.replace(route, match=dataclasses.replace(route.match, file_names=names))
-
-
-def read_name_file(path: str) -> tuple[tuple[QName, ...], list[Problem]]:
-    """DNS names from a block-list style file: one a line, ``#`` starts a comment.
-
-    A hosts-file line (``0.0.0.0 ads.example``) is taken by its last field.
-    """
-    problems: list[Problem] = []
-    names: list[QName] = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        return (), [Problem(None, f"cannot read the name file {path}: {exc}")]
-    for number, line in enumerate(lines, start=1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        try:
-            names.append(QName.parse(text.split()[-1]))
-        except ValueError as exc:
-            problems.append(Problem(Location(path, number, 1), str(exc)))
-    return tuple(names), problems
 
 
 def _placeholders(value: Any) -> set[str]:
@@ -1536,35 +1123,22 @@ def json_schema() -> dict[str, Any]:
             bool: {"type": "boolean"},
             int: {"type": "integer"},
             str: {"type": "string"},
-            ConfigPath: {"type": "string", "description": "path, relative to this file"},
-            Size: {
-                "type": ["integer", "string"],
-                "pattern": r"^\d+(\.\d+)?\s*([kKmMgG]i?[bB]?|[bB])?$",
-            },
-            Duration: {
-                "type": ["number", "string"],
-                "pattern": r"^(\d+(\.\d+)?\s*(ms|s|m|h|d|w)?\s*)+$",
-            },
-            Endpoint: {"type": "string", "pattern": "^(" + "|".join(_SERVER_ENDPOINTS) + "):"},
-            ClientEndpoint: {
-                "type": "string",
-                "pattern": "^(" + "|".join(_CLIENT_ENDPOINTS) + "):",
-            },
-            Network: {"type": "string", "description": "IP network, e.g. 127.0.0.0/8"},
-            Pattern: {"type": "string", "format": "regex"},
-            QName: {"type": "string", "description": "DNS name, or *.suffix"},
-            RRType: {"type": ["string", "integer"], "description": "record type, e.g. A"},
-            RRClass: {"type": ["string", "integer"], "description": "DNS class, e.g. IN"},
-            Record: {"type": "string", "description": "zone-file record line"},
-            HostPort: {"type": "string", "description": "HOST:PORT"},
-            HttpUrl: {"type": "string", "format": "uri"},
-            WebhookUrl: {"type": "string", "format": "uri"},
         }
-        return dict(simple[hint])
+        if hint in simple:
+            return dict(simple[hint])
+        schema: dict[str, Any] = hint.schema  # a Value type or ConfigPath
+        return dict(schema)
 
     def obj(cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         hints = typing.get_type_hints(cls)
         props: dict[str, Any] = {}
+        for added_name, key in sorted(added.get(cls, {}).items()):
+            schema = one(key.hint)
+            description = key.field.metadata.get("doc")
+            if description:
+                owners = ", ".join(key.owners)
+                schema["description"] = f"{description} ({owners})"
+            props[added_name] = schema
         required = []
         for f in dataclasses.fields(cls):
             name = yaml_name(f)
@@ -1583,14 +1157,19 @@ def json_schema() -> dict[str, Any]:
             out["required"] = required
         return out
 
+    known = registry()
+    added: dict[type, Mapping[str, AddedKey]] = {
+        Match: known.match_keys,
+        Route: known.route_keys,
+    }
     schema = obj(Config)
     schema["properties"]["listeners"] = {
         "type": "object",
-        "additionalProperties": {"oneOf": [obj(c) for c in LISTENER_TYPES.values()]},
+        "additionalProperties": {"oneOf": [obj(e.config) for e in known.listeners.values()]},
     }
     schema["properties"]["destinations"] = {
         "type": "object",
-        "additionalProperties": {"oneOf": [obj(c) for c in DESTINATION_TYPES.values()]},
+        "additionalProperties": {"oneOf": [obj(e.config) for e in known.destinations.values()]},
     }
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "gateway routes.yaml"

@@ -20,11 +20,10 @@ from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from gateway.bounce import Failure as RecipientFailure
 from gateway.bounce import make_bounce
 from gateway.config import DestinationConfig
-from gateway.destination import Outcome, Status
 from gateway.message import MailMessage, Message
+from gateway.ports import Deliverer, Outcome, Reason, RecipientFailure, Status
 from gateway.spool import Delivery, SpoolBackend, SpoolError
 from gateway.stats import Histogram
 
@@ -223,10 +222,7 @@ class DeliveryManager:
 
     async def _poll(self, destination: str, free: int) -> None:
         try:
-            exclude = (
-                frozenset(self.active.get(destination, ()))
-                | frozenset(self._unsaved)
-            )
+            exclude = frozenset(self.active.get(destination, ())) | frozenset(self._unsaved)
             due = await self.spool.due(destination, self.clock(), free, exclude)
             for delivery in due:
                 if self.stopping or self._free(destination) <= 0:
@@ -315,7 +311,7 @@ class DeliveryManager:
         config = self._config(delivery.destination)
         runtime = self.gateway.current()
         destination = runtime.destinations.get(delivery.destination)
-        if config is None or destination is None:
+        if config is None or not isinstance(destination, Deliverer):
             error = f"destination '{delivery.destination}' is not configured"
             await self._record(
                 delivery,
@@ -398,11 +394,17 @@ class DeliveryManager:
                 lambda: self.spool.delivered(delivery, outcome.detail, forget_before),
             )
             return
-        failures = [RecipientFailure(*rejected) for rejected in outcome.rejected]
+        failures = list(outcome.rejected)
         if outcome.status is Status.PERMANENT:
             if not failures:
                 failures = [
-                    RecipientFailure(r, outcome.code, outcome.enhanced or "5.0.0", outcome.detail)
+                    RecipientFailure(
+                        r,
+                        outcome.reason,
+                        outcome.detail,
+                        outcome.dsn_status or "5.0.0",
+                        outcome.diagnostic,
+                    )
                     for r in delivery.recipients
                 ]
             await self._dead(delivery, message, outcome.detail, failures)
@@ -423,9 +425,10 @@ class DeliveryManager:
             expired = [
                 RecipientFailure(
                     r,
-                    outcome.code,
-                    "4.4.7",
+                    Reason.UNAVAILABLE,
                     f"gave up after {age / 3600:.1f} hours: {outcome.detail}",
+                    "4.4.7",
+                    outcome.diagnostic,
                 )
                 for r in remaining
             ]

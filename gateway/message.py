@@ -8,28 +8,48 @@ Line endings inside the gateway are LF; protocol codecs convert at the wire.
 
 from __future__ import annotations
 
-import enum
+import json
 import os
 import random
 import re
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, ClassVar, Self
 
 
-class Kind(enum.Enum):
-    """What a message is; routes and destinations are checked against it."""
+class Kind(str):
+    """What a message is (``mail``, ``article``, ``dns``, ``http``, or one a protocol brings).
 
-    MAIL = "mail"
-    ARTICLE = "article"
-    DNS = "dns"
-    HTTP = "http"
+    Routes and destinations are checked against it before anything starts.
+    Kinds are plain names, so a protocol package can add one without an edit
+    here; ``KindSpec`` says how a kind is stored in the spool.
+    """
+
+    __slots__ = ()
+
+    MAIL: ClassVar[Kind]
+    ARTICLE: ClassVar[Kind]
+    DNS: ClassVar[Kind]
+    HTTP: ClassVar[Kind]
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
 
     def __str__(self) -> str:
-        return self.value
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"Kind({str.__str__(self)!r})"
+
+
+Kind.MAIL = Kind("mail")
+Kind.ARTICLE = Kind("article")
+Kind.DNS = Kind("dns")
+Kind.HTTP = Kind("http")
 
 
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
@@ -283,6 +303,99 @@ class HttpRequest(Message):
     host: str = ""
     http_headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
+
+
+# --- kinds and how the spool stores them ---------------------------------------------------
+
+_COMMON = ("id", "listener", "client", "received")
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """A message kind: its class, and how a stored copy is written and read back.
+
+    ``encode`` gives the kind's own metadata (beyond id, listener, client and
+    received) and the message bytes; ``decode`` makes the message again from
+    them.  A kind without them (DNS queries, HTTP requests) is never stored:
+    its routes answer at once or convert it first.
+    """
+
+    kind: Kind
+    message: type[Message]
+    encode: Callable[[Any], tuple[dict[str, Any], bytes]] | None = None
+    decode: Callable[[Mapping[str, Any], bytes, dict[str, Any]], Message] | None = None
+
+    @property
+    def stored(self) -> bool:
+        return self.encode is not None and self.decode is not None
+
+
+KINDS: dict[str, KindSpec] = {}
+
+
+def register_kind(spec: KindSpec) -> None:
+    """Make a kind known (the protocol registry does this for the kinds protocols bring)."""
+    known = KINDS.get(spec.kind)
+    if known is not None and known != spec:
+        raise ValueError(
+            f"message kind '{spec.kind}' is defined twice: by {known.message.__module__}"
+            f" and by {spec.message.__module__}"
+        )
+    KINDS[spec.kind] = spec
+
+
+class NotStored(Exception):
+    """A message of a kind the spool does not store, or a stored one it cannot read."""
+
+
+def encode_message(message: Message) -> bytes:
+    """A stored message: one JSON line of metadata, then the message bytes."""
+    spec = KINDS.get(message.kind)
+    if spec is None or spec.encode is None:
+        raise NotStored(f"{message.kind} messages are not stored in the spool")
+    extra, body = spec.encode(message)
+    meta: dict[str, Any] = {
+        "kind": str(message.kind),
+        "id": message.id,
+        "listener": message.listener,
+        "client": message.client,
+        "received": message.received,
+        **extra,
+    }
+    return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + body
+
+
+def decode_message(data: bytes) -> Message:
+    line, _, body = data.partition(b"\n")
+    meta = json.loads(line)
+    spec = KINDS.get(meta.get("kind", ""))
+    if spec is None or spec.decode is None:
+        raise NotStored(f"cannot read a stored {meta.get('kind')} message")
+    return spec.decode(meta, body, {k: meta[k] for k in _COMMON})
+
+
+def _encode_mail(message: MailMessage) -> tuple[dict[str, Any], bytes]:
+    return {"sender": message.sender, "recipients": list(message.recipients)}, message.to_bytes()
+
+
+def _decode_mail(meta: Mapping[str, Any], body: bytes, common: dict[str, Any]) -> Message:
+    return MailMessage.from_bytes(
+        body, sender=meta["sender"], recipients=meta["recipients"], **common
+    )
+
+
+def _encode_article(message: Article) -> tuple[dict[str, Any], bytes]:
+    return {}, message.to_bytes()
+
+
+def _decode_article(meta: Mapping[str, Any], body: bytes, common: dict[str, Any]) -> Message:
+    return Article.from_bytes(body, **common)
+
+
+register_kind(KindSpec(Kind.MAIL, MailMessage, _encode_mail, _decode_mail))
+register_kind(KindSpec(Kind.ARTICLE, Article, _encode_article, _decode_article))
+register_kind(KindSpec(Kind.DNS, DnsQuery))
+register_kind(KindSpec(Kind.HTTP, HttpRequest))
 
 
 def local_hostname() -> str:

@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from gateway import __version__
+from gateway.ports import Metric as Published
 from gateway.spool import Stats
 from gateway.stats import Histogram
 
@@ -33,6 +34,62 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], h: Histogram) -
     family.add_metric(labels, h.cumulative(), h.sum)
 
 
+def _merge(families: dict[str, Published], family: Published) -> None:
+    """Add ``family`` to the family of its name; samples with equal labels add up."""
+    known = families.get(family.name)
+    if known is None:
+        families[family.name] = Published(
+            family.name, family.help, family.type, family.labels, list(family.samples)
+        )
+        return
+    if (known.type, known.labels) != (family.type, family.labels):
+        raise ValueError(
+            f"metric {family.name} is published as {known.type} {known.labels} and as"
+            f" {family.type} {family.labels}"
+        )
+    index = {labels: i for i, (labels, _) in enumerate(known.samples)}
+    for labels, value in family.samples:
+        at = index.get(labels)
+        if at is None:
+            index[labels] = len(known.samples)
+            known.samples.append((labels, value))
+            continue
+        old = known.samples[at][1]
+        known.samples[at] = (labels, _add(old, value))
+
+
+def _add(a: float | Histogram, b: float | Histogram) -> float | Histogram:
+    if isinstance(a, Histogram) and isinstance(b, Histogram):
+        merged = Histogram(a.buckets)
+        merged.counts = [x + y for x, y in zip(a.counts, b.counts, strict=True)]
+        merged.sum = a.sum + b.sum
+        merged.count = a.count + b.count
+        return merged
+    if isinstance(a, Histogram) or isinstance(b, Histogram):
+        raise ValueError("a histogram sample cannot be added to a number")
+    return a + b
+
+
+def _export(family: Published) -> Metric:
+    """A published family as prometheus_client's."""
+    labels = list(family.labels)
+    if family.type == "histogram":
+        histogram = HistogramMetricFamily(family.name, family.help, labels=labels)
+        for values, value in family.samples:
+            if isinstance(value, Histogram):
+                _histogram(histogram, list(values), value)
+        return histogram
+    out: CounterMetricFamily | GaugeMetricFamily
+    if family.type == "counter":
+        out = CounterMetricFamily(family.name, family.help, labels=labels)
+    else:
+        out = GaugeMetricFamily(family.name, family.help, labels=labels)
+    for values, value in family.samples:
+        if not isinstance(value, Histogram):
+            out.add_metric(list(values), value)
+    return out
+
+
 class GatewayCollector(Collector):
     """Every gateway metric, from the GatewayService's objects as they are now."""
 
@@ -42,8 +99,7 @@ class GatewayCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         yield from self._service()
-        yield from self._listeners()
-        yield from self._http()
+        yield from self._published()
         yield from self._deliveries()
         yield from self._spool()
 
@@ -70,203 +126,19 @@ class GatewayCollector(Collector):
             routes.add_metric([route, outcome], n)
         yield routes
 
-    def _listeners(self) -> Iterator[Metric]:
-        from gateway.protocols.dns.listener import DnsListener, RouteCounts
-        from gateway.protocols.http.listener import HttpSockets
-        from gateway.protocols.nntp.listener import ListenerFactory as NntpFactory
-        from gateway.protocols.smtp.listener import ListenerFactory
-
-        messages = CounterMetricFamily(
-            "gateway_listener_messages",
-            "Messages a store-and-forward listener was sent, by its answer: accepted,"
-            " rejected (5xx) or tempfail (4xx)",
-            labels=["listener", "outcome"],
-        )
-        recipients = CounterMetricFamily(
-            "gateway_listener_recipients_refused",
-            "Recipients refused because no route takes them",
-            labels=["listener"],
-        )
-        duration = HistogramMetricFamily(
-            "gateway_listener_message_duration_seconds",
-            "From the end of a message to the listener's answer (routing and the spool write)",
-            labels=["listener"],
-        )
-        requests = CounterMetricFamily(
-            "gateway_listener_requests",
-            "Requests a listener received: DNS queries (DNS, DoH), HTTP requests (http)",
-            labels=["listener"],
-        )
-        queries = CounterMetricFamily(
-            "gateway_dns_queries",
-            "DNS queries by route and outcome; route is empty for those no route took",
-            labels=["listener", "route", "outcome"],
-        )
-        hits = CounterMetricFamily(
-            "gateway_dns_cache_hits", "Answers from a route's cache", labels=["listener", "route"]
-        )
-        misses = CounterMetricFamily(
-            "gateway_dns_cache_misses",
-            "Queries a route's cache could not answer",
-            labels=["listener", "route"],
-        )
-        stale = CounterMetricFamily(
-            "gateway_dns_cache_stale_answers",
-            "Expired answers served because every upstream failed (RFC 8767)",
-            labels=["listener", "route"],
-        )
-        entries = GaugeMetricFamily(
-            "gateway_dns_cache_entries", "Answers in a route's cache", labels=["listener", "route"]
-        )
-        upstream: dict[tuple[str, str], int] = {}
-        upstream_duration: dict[str, Histogram] = {}
-        connections = GaugeMetricFamily(
-            "gateway_listener_open_connections",
-            "Open TCP connections of a listener (SMTP, NNTP and HTTP clients, DNS over TCP, DoH)",
-            labels=["listener"],
-        )
-        for name, service in sorted(self.gateway.listeners.items()):
-            factory = service.factory
-            if isinstance(factory, ListenerFactory):
-                smtp = factory.listener
-                for outcome in ("accepted", "rejected", "tempfail"):
-                    messages.add_metric([name, outcome], getattr(smtp, outcome))
-                recipients.add_metric([name], smtp.recipients_refused)
-                _histogram(duration, [name], smtp.duration)
-                connections.add_metric([name], len(factory.connections))
-                continue
-            if isinstance(factory, NntpFactory):
-                nntp = factory.listener
-                for outcome in ("accepted", "rejected", "tempfail"):
-                    messages.add_metric([name, outcome], getattr(nntp, outcome))
-                _histogram(duration, [name], nntp.duration)
-                connections.add_metric([name], len(factory.connections))
-                continue
-            if isinstance(factory, HttpSockets):
-                requests.add_metric([name], factory.listener.requests)
-                connections.add_metric([name], len(factory.factory.connections))
-                continue
-            handler = getattr(factory, "handler", None)
-            if not isinstance(handler, DnsListener):
-                continue
-            tcp = getattr(factory, "tcp", None)
-            if tcp is not None:
-                connections.add_metric([name], len(tcp.connections))
-            counted = getattr(factory, "counted", None)
-            if counted is not None:
-                connections.add_metric([name], len(counted.protocols))
-            requests.add_metric([name], handler.queries)
-            for outcome in ("malformed", "notimp", "unrouted"):
-                queries.add_metric([name, "", outcome], getattr(handler, outcome))
-            for route, counts in sorted(handler.by_route.items()):
-                for outcome in RouteCounts.outcomes:
-                    queries.add_metric([name, route, outcome], getattr(counts, outcome))
-            for route, cache in sorted(handler.caches().items()):
-                hits.add_metric([name, route], cache.hits)
-                misses.add_metric([name, route], cache.misses)
-                stale.add_metric([name, route], cache.stale_hits)
-                entries.add_metric([name, route], len(cache))
-            for key, n in handler.upstream.items():
-                upstream[key] = upstream.get(key, 0) + n
-            for dest, h in handler.upstream_duration.items():
-                merged = upstream_duration.setdefault(dest, Histogram(h.buckets))
-                merged.counts = [a + b for a, b in zip(merged.counts, h.counts, strict=True)]
-                merged.sum += h.sum
-                merged.count += h.count
-        yield from (messages, recipients, duration, requests, queries)
-        yield from (hits, misses, stale, entries, connections)
-        answered = CounterMetricFamily(
-            "gateway_dns_upstream_queries",
-            "Queries sent to a DNS or DoH destination: answered or failed",
-            labels=["destination", "outcome"],
-        )
-        for (dest, outcome), n in sorted(upstream.items()):
-            answered.add_metric([dest, outcome], n)
-        yield answered
-        latency = HistogramMetricFamily(
-            "gateway_dns_upstream_duration_seconds",
-            "Time a DNS or DoH destination took to answer or fail",
-            labels=["destination"],
-        )
-        for dest, h in sorted(upstream_duration.items()):
-            _histogram(latency, [dest], h)
-        yield latency
-
-    def _http(self) -> Iterator[Metric]:
-        from gateway.protocols.http.listener import HttpSockets
-        from gateway.protocols.http.proxy import HttpProxyDestination
-
-        outcomes = CounterMetricFamily(
-            "gateway_http_requests",
-            "HTTP requests by route and outcome: proxied (to an http destination), queued"
-            " (a web hook in the spool), rejected (a 4xx from the gateway) or error (a 5xx"
-            " from the gateway, or no answer); route is empty for those no route took",
-            labels=["listener", "route", "outcome"],
-        )
-        statuses = CounterMetricFamily(
-            "gateway_http_responses",
-            "HTTP responses by route and status class (2xx ... 5xx; none: the connection"
-            " ended before a response began)",
-            labels=["listener", "route", "code"],
-        )
-        malformed = CounterMetricFamily(
-            "gateway_http_malformed_requests",
-            "Requests refused before their head was complete (400, 408, 414, 431, 501)",
-            labels=["listener"],
-        )
-        duration = HistogramMetricFamily(
-            "gateway_http_request_duration_seconds",
-            "From a request's head to the end of its response (or of the connection)",
-            labels=["listener"],
-        )
-        for name, service in sorted(self.gateway.listeners.items()):
-            sockets = service.factory
-            if not isinstance(sockets, HttpSockets):
-                continue
-            listener = sockets.listener
-            for (route, outcome), n in sorted(listener.outcomes.items()):
-                outcomes.add_metric([name, route, outcome], n)
-            for (route, code), n in sorted(listener.statuses.items()):
-                statuses.add_metric([name, route, code], n)
-            malformed.add_metric([name], sockets.factory.bad_heads)
-            _histogram(duration, [name], listener.duration)
-        yield from (outcomes, statuses, malformed, duration)
-        upstream = CounterMetricFamily(
-            "gateway_http_upstream_requests",
-            "Requests an http destination sent to an upstream server, by outcome: ok (it"
-            " answered, whatever the status), connect_failed (502 unless another upstream"
-            " took it), timeout (504) or failed (the connection broke or the response was"
-            " malformed: 502)",
-            labels=["destination", "upstream", "outcome"],
-        )
-        down = GaugeMetricFamily(
-            "gateway_http_upstream_down",
-            "1 while an upstream server is marked down (skipped after a failure)",
-            labels=["destination", "upstream"],
-        )
-        active = GaugeMetricFamily(
-            "gateway_http_upstream_active_requests",
-            "Requests in progress on an upstream server",
-            labels=["destination", "upstream"],
-        )
+    def _published(self) -> Iterator[Metric]:
+        """What the listeners and destinations publish, families of one name merged."""
+        families: dict[str, Published] = {}
         runtime = self.gateway.runtime
         destinations = runtime.destinations if runtime is not None else {}
-        for dest_name, destination in sorted(destinations.items()):
-            if not isinstance(destination, HttpProxyDestination):
-                continue
-            for u in destination.upstreams:
-                url = str(u.url)
-                counts = (
-                    ("ok", u.answered),
-                    ("connect_failed", u.connect_failures),
-                    ("timeout", u.timeouts),
-                    ("failed", u.failures),
-                )
-                for outcome, n in counts:
-                    upstream.add_metric([dest_name, url, outcome], n)
-                down.add_metric([dest_name, url], int(not u.healthy))
-                active.add_metric([dest_name, url], u.active)
-        yield from (upstream, down, active)
+        for _, service in sorted(self.gateway.listeners.items()):
+            for family in service.listener.metrics():
+                _merge(families, family)
+        for _, destination in sorted(destinations.items()):
+            for family in destination.metrics():
+                _merge(families, family)
+        for family in families.values():
+            yield _export(family)
 
     def _deliveries(self) -> Iterator[Metric]:
         delivery = self.gateway.delivery

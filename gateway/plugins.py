@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from gateway.message import Kind, Message
+from gateway.ports import Reason
 
 __all__ = ["PluginError", "Reject", "TransformSpec", "Transforms", "load_transforms", "transform"]
 
@@ -100,22 +101,19 @@ class PluginError(Exception):
 
 
 class Reject(Exception):
-    """Raised by a transform to refuse a message for good; ``reason`` is what the sender sees.
+    """Raised by a transform to refuse a message for good; ``detail`` is what the sender sees.
 
     Any other exception out of a transform is a temporary failure (the sender
-    may try again); a Reject is permanent. The listener answers with the code
-    of its protocol: ``http_status`` (400 when not given) for HTTP,
-    ``smtp_code`` and ``enhanced`` (550 5.7.1 when not given) for SMTP.
+    may try again); a Reject is permanent.  ``reason`` says why in no protocol's
+    words, and each listener answers with its own code for it: a ``POLICY``
+    refusal is ``550 5.7.1`` in SMTP, ``441`` in NNTP and ``403`` in HTTP, a
+    ``BAD_MESSAGE`` one ``550 5.6.0``, ``441`` and ``400``.
     """
 
-    def __init__(
-        self, reason: str, *, http_status: int = 0, smtp_code: int = 0, enhanced: str = ""
-    ) -> None:
-        super().__init__(reason)
+    def __init__(self, detail: str, *, reason: Reason = Reason.POLICY) -> None:
+        super().__init__(detail)
+        self.detail = detail
         self.reason = reason
-        self.http_status = http_status or 400
-        self.smtp_code = smtp_code or 550
-        self.enhanced = enhanced or "5.7.1"
 
 
 class Transforms:

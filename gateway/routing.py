@@ -10,6 +10,7 @@ recipients in one copy, their option values joined (a crosspost).
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,14 +21,19 @@ from twisted.logger import Logger
 from gateway.config import (
     BaseDestinationConfig,
     Config,
+    Match,
+    Pattern,
     Problem,
     Route,
     client_allowed,
+    doc,
     interpolate,
     suggest,
 )
-from gateway.message import HttpRequest, Kind, MailMessage, Message
+from gateway.message import Article, Kind, MailMessage, Message
 from gateway.plugins import Reject, Transforms, call_transform
+from gateway.ports import Matcher
+from gateway.protocols import registry
 
 log = Logger(namespace="gateway.routing")
 
@@ -76,12 +82,71 @@ class Trace:
         self.steps.append(text)
 
 
-def _search_groups(pattern: Any, value: str, groups: dict[str, str]) -> bool:
+def search_groups(pattern: Pattern, value: str, groups: dict[str, str]) -> bool:
+    """Whether ``pattern`` is found in ``value``; its named groups are added to ``groups``."""
     found = pattern.compiled.search(value)
     if found is None:
         return False
     groups.update({k: v for k, v in found.groupdict().items() if v is not None})
     return True
+
+
+# --- the match keys of mail and news ---------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailMatch:
+    """The match keys of routes from listeners of mail (SMTP, and any that produce mail)."""
+
+    rcpt: Pattern | None = field(default=None, metadata=doc("envelope recipient (regex)"))
+    sender: Pattern | None = field(default=None, metadata=doc("envelope sender (regex)"))
+    header: Mapping[str, Pattern] = field(
+        default_factory=lambda: types.MappingProxyType({}),
+        metadata=doc("header name to regex; every one must match a field of that name"),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArticleMatch:
+    """The match keys of routes from listeners of news articles (NNTP, the NNTP poller)."""
+
+    header: Mapping[str, Pattern] = field(
+        default_factory=lambda: types.MappingProxyType({}),
+        metadata=doc("header name to regex; every one must match a field of that name"),
+    )
+
+
+def match_header(patterns: Mapping[str, Pattern], message: Message, groups: dict[str, str]) -> bool:
+    """Every pattern matches some field of its name in the message's header."""
+    if not patterns:
+        return True
+    if not isinstance(message, (MailMessage, Article)):
+        return False
+    fields = message.headers
+    for name, pattern in patterns.items():
+        if not any(search_groups(pattern, v, groups) for v in fields.get_all(name)):
+            return False
+    return True
+
+
+def match_mail(
+    match: Match, message: Message, rcpt: str | None, groups: dict[str, str], headers: bool
+) -> bool:
+    """The Matcher of mail: sender, recipient, then (once it is known) the header."""
+    keys = match.view(MailMatch)
+    if isinstance(message, MailMessage):
+        if keys.sender is not None and not search_groups(keys.sender, message.sender, groups):
+            return False
+        if keys.rcpt is not None and not search_groups(keys.rcpt, rcpt or "", groups):
+            return False
+    return not headers or match_header(keys.header, message, groups)
+
+
+def match_article(
+    match: Match, message: Message, rcpt: str | None, groups: dict[str, str], headers: bool
+) -> bool:
+    """The Matcher of news articles: the header."""
+    return not headers or match_header(match.view(ArticleMatch).header, message, groups)
 
 
 def join_option_values(values: Sequence[Any]) -> Any:
@@ -135,6 +200,11 @@ class Router:
             for name in route.from_:
                 by_listener.setdefault(name, []).append(route)
         self._routes = {name: tuple(routes) for name, routes in by_listener.items()}
+        protocols = registry()
+        self._matchers: dict[str, Matcher | None] = {
+            name: protocols.listener(listener.protocol).matcher
+            for name, listener in config.listeners.items()
+        }
 
     def routes_for(self, listener: str) -> tuple[Route, ...]:
         return self._routes.get(listener, ())
@@ -148,26 +218,9 @@ class Router:
         if m.client and not client_allowed(m.client, msg.client):
             return None
         groups: dict[str, str] = {}
-        if isinstance(msg, MailMessage):
-            if m.sender is not None and not _search_groups(m.sender, msg.sender, groups):
-                return None
-            if m.rcpt is not None and not _search_groups(m.rcpt, rcpt or "", groups):
-                return None
-        if isinstance(msg, HttpRequest):
-            http_fields = msg.http_headers
-
-            def values(name: str) -> list[str]:
-                wanted = name.lower()
-                return [v for k, v in http_fields if k.lower() == wanted]
-
-            return http_match(m, msg.method, msg.host, msg.target, values, groups)
-        if headers and m.header:
-            fields = getattr(msg, "headers", None)
-            if fields is None:
-                return None
-            for name, pattern in m.header.items():
-                if not any(_search_groups(pattern, v, groups) for v in fields.get_all(name)):
-                    return None
+        matcher = self._matchers.get(msg.listener)
+        if matcher is not None and not matcher(m, msg, rcpt, groups, headers):
+            return None
         return groups
 
     def _walk(
@@ -209,8 +262,7 @@ class Router:
         each joined with ",".  Raises NoRoute naming the recipients no route takes.
         """
         return [
-            (c.route, dict(join_option_values(c.groups)), c.recipients)
-            for c in self._copies(msg)
+            (c.route, dict(join_option_values(c.groups)), c.recipients) for c in self._copies(msg)
         ]
 
     def _copies(self, msg: Message) -> list[_Copy]:
@@ -304,7 +356,7 @@ class Router:
                     transform=name,
                     route=route.name,
                     msgid=message.id,
-                    reason=exc.reason,
+                    reason=exc.detail,
                 )
                 raise TransformFailed(route.name, name, exc) from exc
             except Exception as exc:
@@ -380,216 +432,3 @@ def check_routes(config: Config, transforms: Transforms) -> list[Problem]:
                         )
                     )
     return problems
-
-
-# --- DNS routes --------------------------------------------------------------------
-
-
-_CANDIDATE_MEMO_SIZE = 4096
-
-
-class DnsRoutes:
-    """The DNS routes of one listener, indexed by name so lookups stay fast with thousands.
-
-    Exact names and ``*.suffix`` names go into hash tables keyed by name; a query
-    looks up its own name and each of its parent names, so the cost grows with
-    the number of labels in the query, not with the number of routes.  Routes
-    with no name condition (or only a regex) are checked in order as well.  Of
-    all candidates, the first in file order whose other conditions hold wins.
-    """
-
-    def __init__(self, routes: tuple[Route, ...]) -> None:
-        self.routes = routes
-        self._exact: dict[str, list[int]] = {}
-        self._below: dict[str, list[int]] = {}
-        self._always: list[int] = []
-        # Candidates by query name: traffic repeats names, so most look-ups are one dict hit
-        # whatever the number of routes. Cleared when full, which bounds a flood of new names.
-        self._memo: dict[str, list[int]] = {}
-        for index, route in enumerate(routes):
-            names = route.match.qname + route.match.file_names
-            if not names:
-                self._always.append(index)
-                continue
-            for name in names:
-                table = self._below if name.wildcard else self._exact
-                bucket = table.setdefault(name.base, [])
-                if not bucket or bucket[-1] != index:
-                    bucket.append(index)
-
-    def candidates(self, qname: str) -> list[int]:
-        """Indexes of the routes whose names match ``qname``, in file order (shared: read only)."""
-        found = self._memo.get(qname)
-        if found is None:
-            if len(self._memo) >= _CANDIDATE_MEMO_SIZE:
-                self._memo.clear()
-            found = self._memo[qname] = self._find(qname)
-        return found
-
-    def _find(self, qname: str) -> list[int]:
-        found: list[int] = []
-        exact = self._exact.get(qname)
-        if exact:
-            found.extend(exact)
-        if self._below:
-            # Parent names of "a.b.example.test.": "b.example.test.", "example.test.", "test.", "."
-            pos = qname.find(".")
-            while 0 <= pos < len(qname) - 1:
-                parent = qname[pos + 1 :]
-                below = self._below.get(parent)
-                if below:
-                    found.extend(below)
-                pos = qname.find(".", pos + 1)
-            root = self._below.get(".")
-            if root and qname != ".":
-                found.extend(root)
-        if self._always:
-            found.extend(self._always)
-        if len(found) > 1:
-            found = sorted(set(found))
-        return found
-
-    def select(self, qname: str, qtype: int, qclass: int, client: str) -> Route | None:
-        """The route for a query: ``qname`` lower-case with a trailing dot."""
-        routes = self.routes
-        for index in self.candidates(qname):
-            route = routes[index]
-            m = route.match
-            if m.qtype and qtype not in m.qtype:
-                continue
-            if m.qclass is not None and qclass != m.qclass:
-                continue
-            if m.qname_regex is not None and m.qname_regex.compiled.search(qname) is None:
-                continue
-            if m.client and not client_allowed(m.client, client):
-                continue
-            return route
-        return None
-
-
-# --- HTTP routes --------------------------------------------------------------------
-
-
-def http_host(host: str) -> str:
-    """A Host value as routes compare it: lower case, without the port or a trailing dot."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
-
-
-def _host_matches(names: tuple[str, ...], host: str) -> bool:
-    for name in names:
-        name = name.lower()
-        if name.startswith("*."):
-            if host.endswith(name[1:]) and len(host) > len(name) - 1:
-                return True
-        elif host == name:
-            return True
-    return False
-
-
-def http_match(
-    m: Any,
-    method: str,
-    host: str,
-    target: str,
-    header_values: Any,
-    groups: dict[str, str],
-) -> dict[str, str] | None:
-    """The named groups if a request meets ``m`` (a Match), else None.
-
-    ``header_values(name)`` gives every value of one header field.  Shared by
-    the listener's fast path and the router, so a route means the same in both.
-    """
-    if m.method and method.upper() not in {x.upper() for x in m.method}:
-        return None
-    if m.host and not _host_matches(m.host, http_host(host)):
-        return None
-    path = target.split("?", 1)[0]
-    if m.prefix is not None and not path.startswith(m.prefix):
-        return None
-    if m.path is not None and not _search_groups(m.path, path, groups):
-        return None
-    for name, pattern in m.header.items():
-        if not any(_search_groups(pattern, v, groups) for v in header_values(name)):
-            return None
-    return groups
-
-
-class HttpRoutes:
-    """The routes of one HTTP listener, indexed so that choosing one stays fast with hundreds.
-
-    A route with a ``prefix`` is filed under it; one with only ``host`` names under
-    each name; the rest are always candidates.  A request looks up its path cut at
-    each distinct prefix length and its host, so the cost grows with the number of
-    distinct prefix lengths, not with the number of routes.  Of the candidates,
-    the first in file order whose every condition holds wins.
-    """
-
-    def __init__(self, routes: tuple[Route, ...]) -> None:
-        self.routes = routes
-        self._prefix: dict[str, list[int]] = {}
-        self._hosts: dict[str, list[int]] = {}
-        self._below: dict[str, list[int]] = {}
-        self._always: list[int] = []
-        for index, route in enumerate(routes):
-            m = route.match
-            if m.prefix:
-                self._prefix.setdefault(m.prefix, []).append(index)
-            elif m.host:
-                for name in {h.lower().rstrip(".") for h in m.host}:
-                    if name.startswith("*."):
-                        self._below.setdefault(name[2:], []).append(index)
-                    else:
-                        self._hosts.setdefault(name, []).append(index)
-            else:
-                self._always.append(index)
-        self._lengths = sorted({len(p) for p in self._prefix})
-
-    def candidates(self, host: str, path: str) -> list[int]:
-        """Indexes of routes that may match, in file order."""
-        found: list[int] = []
-        if self._lengths:
-            table = self._prefix
-            size = len(path)
-            for length in self._lengths:
-                if length > size:
-                    break
-                hit = table.get(path[:length])
-                if hit:
-                    found.extend(hit)
-        if self._hosts or self._below:
-            name = http_host(host)
-            hit = self._hosts.get(name)
-            if hit:
-                found.extend(hit)
-            if self._below:
-                pos = name.find(".")
-                while pos >= 0:
-                    hit = self._below.get(name[pos + 1 :])
-                    if hit:
-                        found.extend(hit)
-                    pos = name.find(".", pos + 1)
-        if self._always:
-            found.extend(self._always)
-        if len(found) > 1:
-            found = sorted(set(found))
-        return found
-
-    def select(
-        self, method: str, host: str, target: str, header_values: Any, client: str
-    ) -> tuple[Route, dict[str, str]] | None:
-        """The route for a request and its named groups, or None."""
-        path = target.split("?", 1)[0]
-        routes = self.routes
-        for index in self.candidates(host, path):
-            route = routes[index]
-            m = route.match
-            if m.client and not client_allowed(m.client, client):
-                continue
-            groups = http_match(m, method, host, target, header_values, {})
-            if groups is not None:
-                return route, groups
-        return None

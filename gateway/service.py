@@ -20,11 +20,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.config import Config, ConfigError, ListenerConfig, Problem, load
+from gateway.config import Config, ConfigError, ListenerConfig, Problem, Route, load
 from gateway.delivery import DeliveryManager
-from gateway.destination import Destination, Status, build_destination
+from gateway.destination import build_destination
+from gateway.listening import Listener
 from gateway.message import Message, local_hostname
 from gateway.plugins import PluginError, Transforms, load_transforms
+from gateway.ports import Destination, Reason, RouteTable, Status, Verdict
+from gateway.protocols import registry
 from gateway.routing import NoRoute, Router, TransformFailed, check_routes
 from gateway.spool import QUEUED, SpoolError, SqliteSpool, Stored
 from gateway.systemd import server_endpoint
@@ -52,20 +55,7 @@ def load_checked(path: str | Path) -> tuple[Config, Transforms]:
     return config, transforms
 
 
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """What a listener should answer once a message has been handled."""
-
-    status: Status
-    detail: str
-    code: int = 0
-    enhanced: str = ""
-    no_route: tuple[str, ...] = ()
-    # For HTTP listeners: the status of a permanent refusal (0: the listener's default).
-    http_status: int = 0
-
-
-class Runtime:
+class Runtime(RouteTable):
     """One configuration in force: its router and its destinations."""
 
     def __init__(
@@ -95,125 +85,27 @@ class Runtime:
         self._idle.append(d)
         return d
 
+    # RouteTable, for the listeners
+    def routes_for(self, listener: str) -> tuple[Route, ...]:
+        return self.router.routes_for(listener)
 
-def _select_alpn(connection: Any, offered: list[bytes]) -> Any:
-    """Pick the first protocol the listener speaks that the client offers; else go on without.
-
-    Twisted's own choice aborts the handshake ("tlsv1 alert internal error")
-    when nothing overlaps, which fails every ALPN client (curl, openssl -alpn)
-    on an SMTP or NNTP listener, whose factories name no protocols.
-    """
-    from OpenSSL.SSL import NO_OVERLAPPING_PROTOCOLS
-    from twisted.internet.interfaces import IProtocolNegotiationFactory
-
-    factory = getattr(getattr(connection.get_app_data(), "factory", None), "wrappedFactory", None)
-    negotiation: Any = IProtocolNegotiationFactory(factory, None)
-    if negotiation is not None:
-        for protocol in negotiation.acceptableProtocols():
-            if protocol in offered:
-                return protocol
-    return NO_OVERLAPPING_PROTOCOLS
-
-
-def _tolerate_alpn(endpoint: Any) -> None:
-    """Let clients that offer ALPN protocols the listener lacks connect to an ``ssl:`` endpoint."""
-    options = getattr(endpoint, "_sslContextFactory", None)
-    get_context = getattr(options, "getContext", None)
-    if get_context is not None:
-        # The context is made once and cached; each connection is made from it.
-        get_context().set_alpn_select_callback(_select_alpn)
+    def destination(self, name: str) -> Destination | None:
+        return self.destinations.get(name)
 
 
 class ListenerService(Service):
-    """The sockets of one listener; the protocol factory comes from the protocol module."""
+    """One listener as a child service; its protocol's registry entry builds it."""
 
-    def __init__(self, config: ListenerConfig, gateway: GatewayService, reactor: Any) -> None:
-        self.config = config
-        self.gateway = gateway
-        self.reactor = reactor
-        self.ports: list[Any] = []
-        self.factory: Any = None
+    def __init__(self, config: ListenerConfig, port: ServicePort, reactor: Any) -> None:
+        self.listener: Listener[Any] = (
+            registry().listener(config.protocol).build(config, port, reactor)
+        )
         self.setName(config.name)  # type: ignore[no-untyped-call]
 
-    def build_factory(self) -> Any:
-        """The protocol's factory, or an object with ``listen_on(description)``."""
-        if self.config.protocol == "smtp":
-            from gateway.protocols.smtp.listener import build_factory
-
-            return build_factory(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
-        if self.config.protocol == "dns":
-            from gateway.protocols.dns.listener import DnsSockets
-
-            return DnsSockets(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
-        if self.config.protocol == "doh":
-            from gateway.protocols.dns.listener import DohSockets
-
-            return DohSockets(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
-        if self.config.protocol == "nntp":
-            from gateway.protocols.nntp.listener import build_factory as build_nntp_factory
-
-            return build_nntp_factory(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
-        if self.config.protocol == "nntp-poll":
-            from gateway.protocols.nntp.poller import NntpPoller
-
-            return NntpPoller(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
-        if self.config.protocol == "http":
-            from gateway.protocols.http.listener import HttpSockets
-
-            return HttpSockets(self.config, self.gateway, self.reactor)  # type: ignore[arg-type]
-        raise ValueError(f"no listener for protocol '{self.config.protocol}'")
-
-    async def listen(self) -> None:
-        self.factory = self.build_factory()
-        try:
-            if hasattr(self.factory, "start_polling"):
-                # A poller has no socket; its handle stands in for one (stopListening stops it).
-                self.ports.append(await self.factory.start_polling())
-                log.info(
-                    "listener {listener} ({protocol}) started",
-                    listener=self.config.name,
-                    protocol=self.config.protocol,
-                )
-            for description in self.config.listen:
-                if hasattr(self.factory, "listen_on"):
-                    port = await self.factory.listen_on(str(description))
-                else:
-                    endpoint = server_endpoint(self.reactor, str(description))
-                    _tolerate_alpn(endpoint)
-                    port = await endpoint.listen(self.factory)
-                self.ports.append(port)
-                log.info(
-                    "listener {listener} ({protocol}) accepting on {endpoint}",
-                    listener=self.config.name,
-                    protocol=self.config.protocol,
-                    endpoint=description,
-                )
-        except Exception:
-            await self.close()
-            raise
-
-    def reconfigure(self, config: ListenerConfig) -> None:
-        """New settings on the same sockets: later connections use them."""
-        self.config = config
-        if hasattr(self.factory, "reconfigure"):
-            self.factory.reconfigure(config)
-
-    async def close(self) -> None:
-        ports, self.ports = self.ports, []
-        for port in ports:
-            stopped: Any = port.stopListening()
-            if stopped is not None:
-                await stopped
-
-    async def drain(self, timeout: float) -> None:
-        if hasattr(self.factory, "drain"):
-            await self.factory.drain(timeout)
-
-
-def _same_sockets(a: ListenerConfig, b: ListenerConfig) -> bool:
-    if a.protocol == "doh":
-        return a == b  # the web site is built with its path and limits
-    return a.protocol == b.protocol and a.listen == b.listen
+    @property
+    def config(self) -> ListenerConfig:
+        config: ListenerConfig = self.listener.config
+        return config
 
 
 class GatewayService(MultiService):
@@ -231,6 +123,7 @@ class GatewayService(MultiService):
         self.on_ready: list[Callable[[], None]] = []
         # Told "ready", "reloading" and "stopping" (systemd's notifications hang here).
         self.on_state: list[Callable[[str], None]] = []
+        self.port = ServicePort(self)
         self.admin_port: Any = None
         self.admin_endpoint: str | None = None
         self.spool: SqliteSpool | None = None
@@ -261,7 +154,7 @@ class GatewayService(MultiService):
         elif self._reloading is not None:
             problems.append("reloading the configuration")
         for name, service in self.listeners.items():
-            if not service.ports:
+            if not service.listener.ports:
                 problems.append(f"listener {name} has no open socket")
         refused = self.spool_refused_at
         if refused is not None:
@@ -292,15 +185,15 @@ class GatewayService(MultiService):
             f"{len(self.listeners)} listener(s), {len(config.destinations)} destination(s),"
             f" {len(config.routes)} route(s)"
         ]
-        accepted = queries = 0
+        accepted = requests = 0
         for service in self.listeners.values():
-            factory = service.factory
-            accepted += getattr(getattr(factory, "listener", None), "accepted", 0)
-            queries += getattr(getattr(factory, "handler", None), "queries", 0)
+            taken, answered = service.listener.activity()
+            accepted += taken
+            requests += answered
         if accepted:
             parts.append(f"{accepted} message(s) accepted")
-        if queries:
-            parts.append(f"{queries} DNS quer{'y' if queries == 1 else 'ies'}")
+        if requests:
+            parts.append(f"{requests} request(s) answered")
         if self.delivery is not None:
             c = self.delivery.counters
             parts.append(f"{c.delivered} delivered, {c.deferred} deferred, {c.dead} dead")
@@ -345,8 +238,8 @@ class GatewayService(MultiService):
         self.delivery.start()
         await self._open_admin(config.admin)
         for name, lconf in config.listeners.items():
-            service = ListenerService(lconf, self, self.reactor)
-            await service.listen()
+            service = ListenerService(lconf, self.port, self.reactor)
+            await service.listener.open()
             service.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners[name] = service
         self.ready = True
@@ -385,14 +278,14 @@ class GatewayService(MultiService):
             timeout=timeout,
         )
         for service in self.listeners.values():
-            await service.close()
+            await service.listener.close()
         # The admin site stays open to the end: /readyz says "shutting down" meanwhile.
         deadline = self.reactor.seconds() + timeout
         if runtime is not None:
             await self._bounded(runtime.when_idle(), timeout, "messages in flight")
         # Sessions between messages get a moment to say QUIT, then a 421.
         for service in self.listeners.values():
-            await service.drain(min(1.0, max(0.0, deadline - self.reactor.seconds())))
+            await service.listener.drain(min(1.0, max(0.0, deadline - self.reactor.seconds())))
         if self.delivery is not None:
             await self.delivery.stop(max(0.0, deadline - self.reactor.seconds()))
         if runtime is not None:
@@ -478,8 +371,8 @@ class GatewayService(MultiService):
         # listener can bind its port again.
         for name, service in list(self.listeners.items()):
             lconf = config.listeners.get(name)
-            if lconf is None or not _same_sockets(service.config, lconf):
-                await service.close()
+            if lconf is None or not service.listener.keeps_sockets(lconf):
+                await service.listener.close()
                 service.disownServiceParent()  # type: ignore[no-untyped-call]
                 del self.listeners[name]
                 log.info("listener {listener} closed", listener=name)
@@ -488,11 +381,11 @@ class GatewayService(MultiService):
                 existing = self.listeners.get(name)
                 if existing is not None:
                     if existing.config != lconf:
-                        existing.reconfigure(lconf)
+                        existing.listener.reconfigure(lconf)
                     new_services[name] = existing
                     continue
-                service = ListenerService(lconf, self, self.reactor)
-                await service.listen()
+                service = ListenerService(lconf, self.port, self.reactor)
+                await service.listener.open()
                 opened.append(service)
                 new_services[name] = service
         except Exception as exc:
@@ -538,9 +431,7 @@ class GatewayService(MultiService):
         config = self.current().config.listeners.get(listener)
         return str(getattr(config, "hostname", "") or local_hostname())
 
-    async def submit(
-        self, message: Message, *, state: Mapping[str, str] | None = None
-    ) -> Verdict:
+    async def submit(self, message: Message, *, state: Mapping[str, str] | None = None) -> Verdict:
         """Route ``message`` and store every copy in the spool.
 
         The verdict decides the listener's reply: success only once every copy
@@ -564,25 +455,19 @@ class GatewayService(MultiService):
             routed = await runtime.router.route(message)
         except NoRoute as exc:
             log.info("message {id} refused: {reason}", id=message.id, reason=str(exc))
-            return Verdict(Status.PERMANENT, str(exc), 550, "5.1.1", exc.recipients)
+            return Verdict(Status.PERMANENT, Reason.NO_ROUTE, str(exc), exc.recipients)
         except TransformFailed as exc:
             reject = exc.rejected
             if reject is not None:
                 self._count_route(exc.route, "rejected")
-                return Verdict(
-                    Status.PERMANENT,
-                    reject.reason,
-                    reject.smtp_code,
-                    reject.enhanced,
-                    http_status=reject.http_status,
-                )
+                return Verdict(Status.PERMANENT, reject.reason, reject.detail)
             self._count_route(exc.route, "failed")
-            return Verdict(Status.TEMPORARY, str(exc), 451, "4.3.0")
+            return Verdict(Status.TEMPORARY, Reason.FAILED, str(exc))
         if not routed:
             log.info("message {id} dropped by the transforms of its route(s)", id=message.id)
-            return Verdict(Status.DELIVERED, "dropped by a transform")
+            return Verdict(Status.DELIVERED, Reason.NONE, "dropped by a transform")
         if self.spool is None or self.delivery is None:
-            return Verdict(Status.TEMPORARY, "the spool is not open", 451, "4.3.0")
+            return Verdict(Status.TEMPORARY, Reason.UNAVAILABLE, "the spool is not open")
         items = [Stored(r.message, r.route.name, r.destinations) for r in routed]
         try:
             deliveries = await self.spool.put(items, state)
@@ -591,7 +476,7 @@ class GatewayService(MultiService):
             self.spool_refused_at = self.reactor.seconds()
             self.spool_error = str(exc)
             log.error("message {id} not accepted: {error}", id=message.id, error=str(exc))
-            return Verdict(Status.TEMPORARY, str(exc), 452, "4.3.1")
+            return Verdict(Status.TEMPORARY, Reason.UNAVAILABLE, str(exc))
         self.spool_refused_at = None
         msgid = getattr(message, "message_id", None) or ""
         for item in routed:
@@ -608,8 +493,47 @@ class GatewayService(MultiService):
         payload_ids = list(dict.fromkeys(d.message_id for d in deliveries))
         messages = {pid: item.message for pid, item in zip(payload_ids, items, strict=True)}
         self.delivery.offer(deliveries, messages)
-        return Verdict(Status.DELIVERED, f"queued as {message.id}")
+        return Verdict(
+            Status.DELIVERED, Reason.NONE, f"queued as {message.id}", queue_id=message.id
+        )
 
     def _count_route(self, route: str, outcome: str) -> None:
         key = (route, outcome)
         self.routed[key] = self.routed.get(key, 0) + 1
+
+
+class ServicePort:
+    """The GatewayPort of a GatewayService: the few calls listeners make, nothing more."""
+
+    def __init__(self, service: GatewayService) -> None:
+        self._service = service
+
+    @property
+    def stopping(self) -> bool:
+        return self._service.stopping
+
+    def seconds(self) -> float:
+        now: float = self._service.reactor.seconds()
+        return now
+
+    def current(self) -> RouteTable:
+        return self._service.current()
+
+    def accepts_recipient(self, listener: str, sender: str, recipient: str, client: str) -> bool:
+        router = self._service.current().router
+        return router.accepts_recipient(listener, sender, recipient, client)
+
+    async def submit(self, message: Message, *, state: Mapping[str, str] | None = None) -> Verdict:
+        return await self._service.submit(message, state=state)
+
+    async def get_state(self, key: str) -> str | None:
+        spool = self._service.spool
+        if spool is None:
+            raise SpoolError("the spool is not open")
+        return await spool.get_state(key)
+
+    async def set_state(self, key: str, value: str) -> None:
+        spool = self._service.spool
+        if spool is None:
+            raise SpoolError("the spool is not open")
+        await spool.set_state(key, value)

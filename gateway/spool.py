@@ -30,7 +30,14 @@ from typing import Any, Protocol, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from gateway.message import Article, Kind, MailMessage, Message, new_message_id
+from gateway.message import (
+    MailMessage,
+    Message,
+    NotStored,
+    decode_message,
+    encode_message,
+    new_message_id,
+)
 
 log = Logger(namespace="gateway.spool")
 
@@ -155,43 +162,6 @@ class SpoolBackend(Protocol):
     async def drop(self, delivery_id: str) -> bool: ...
 
     async def stats(self) -> Stats: ...
-
-
-# --- message serialisation -----------------------------------------------------
-
-
-def encode_message(message: Message) -> bytes:
-    """A stored message: one JSON line of metadata, then the message bytes."""
-    meta: dict[str, Any] = {
-        "kind": message.kind.value,
-        "id": message.id,
-        "listener": message.listener,
-        "client": message.client,
-        "received": message.received,
-    }
-    if isinstance(message, MailMessage):
-        meta["sender"] = message.sender
-        meta["recipients"] = list(message.recipients)
-        body = message.to_bytes()
-    elif isinstance(message, Article):
-        body = message.to_bytes()
-    else:
-        raise SpoolError(f"{message.kind} messages are not stored in the spool")
-    return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + body
-
-
-def decode_message(data: bytes) -> Message:
-    line, _, body = data.partition(b"\n")
-    meta = json.loads(line)
-    common = {k: meta[k] for k in ("id", "listener", "client", "received")}
-    kind = Kind(meta["kind"])
-    if kind is Kind.MAIL:
-        return MailMessage.from_bytes(
-            body, sender=meta["sender"], recipients=meta["recipients"], **common
-        )
-    if kind is Kind.ARTICLE:
-        return Article.from_bytes(body, **common)
-    raise SpoolError(f"cannot read a stored {kind} message")
 
 
 # --- the embedded backend ---------------------------------------------------------
@@ -540,7 +510,10 @@ class SqliteSpool:
         payloads: list[tuple[str, bytes]] = []
         for item in items:
             payload_id = new_message_id(now)
-            payloads.append((payload_id, encode_message(item.message)))
+            try:
+                payloads.append((payload_id, encode_message(item.message)))
+            except NotStored as exc:
+                raise SpoolError(str(exc)) from None
             recipients = item.message.recipients if isinstance(item.message, MailMessage) else ()
             msgid = getattr(item.message, "message_id", None) or ""
             for destination in item.destinations:
@@ -629,7 +602,10 @@ class SqliteSpool:
         data = await self._submit(query, write=False)
         if data is None:
             raise SpoolError(f"message {delivery.message_id} of delivery {delivery.id} is missing")
-        message = decode_message(data)
+        try:
+            message = decode_message(data)
+        except NotStored as exc:
+            raise SpoolError(str(exc)) from None
         if isinstance(message, MailMessage):
             message = message.with_recipients(delivery.recipients)
         return message

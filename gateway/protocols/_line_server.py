@@ -21,6 +21,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from gateway.listening import Admission, Guard
+
 __all__ = [
     "Clock",
     "DelayedCall",
@@ -153,7 +155,7 @@ class _Factory(Protocol):
     @property
     def idle_timeout(self) -> float: ...
     @property
-    def connections(self) -> set[Any]: ...
+    def guard(self) -> Guard[Any]: ...
 
 
 class _Transport(Protocol):
@@ -206,9 +208,10 @@ class LineServerProtocol(TwistedProtocol):
 
     # --- what each protocol says ---
 
-    def _refusal(self) -> tuple[bytes, bool] | None:
-        """Asked once connected: None to greet the client, or a refusal to send instead and
-        whether to close at once (else the codec answers what the client says next)."""
+    def _refusal(self, admission: Admission) -> tuple[bytes, bool] | None:
+        """Asked once connected, with the listener guard's admission: None to greet the
+        client, or a refusal to send instead and whether to close at once (else the codec
+        answers what the client says next)."""
         raise NotImplementedError
 
     def _handle_event(self, event: object) -> None:
@@ -256,7 +259,7 @@ class LineServerProtocol(TwistedProtocol):
         if isinstance(address, (IPv4Address, IPv6Address)):
             self._peer_host, self._peer_port = address.host, address.port
         self._tls = bool(ISSLTransport.providedBy(self.transport))
-        refusal = self._refusal()
+        refusal = self._refusal(self._factory.guard.connect(self, self._peer_host))
         if refusal is None:
             self._write(self._codec.greeting().to_bytes())
         else:
@@ -287,7 +290,7 @@ class LineServerProtocol(TwistedProtocol):
         self._close()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._factory.connections.discard(self)
+        self._factory.guard.disconnect(self)
         if self._in_progress() or self._waiting:
             log.debug(
                 "{kind} connection from {peer} lost during a transaction: {reason}",
@@ -432,9 +435,7 @@ class LineServerProtocol(TwistedProtocol):
         elif not self._idle.running:
             self._arm_timer()
         buffered = self._codec.buffered
-        pause = (self._waiting and buffered > 0) or (
-            self._write_blocked and buffered >= READ_AHEAD
-        )
+        pause = (self._waiting and buffered > 0) or (self._write_blocked and buffered >= READ_AHEAD)
         if pause and not self._paused:
             self._paused = True
             self._transport().pauseProducing()

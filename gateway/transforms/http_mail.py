@@ -67,7 +67,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from gateway.message import Headers, HttpRequest, Kind, MailMessage, local_hostname
 from gateway.plugins import Reject, transform
-from gateway.protocols.http.webhook import signature_matches
+from gateway.ports import Reason
+from gateway.signing import signature_matches
 
 __all__ = ["http_to_mail", "render"]
 
@@ -156,7 +157,7 @@ def find(data: Any, path: str, source: str, what: str) -> Any:
             raise Reject(
                 f"the {what} of this web hook needs '{path}', but the posted {source} has no"
                 f" {missing} '{segment}'{where}",
-                http_status=400,
+                reason=Reason.BAD_MESSAGE,
             )
         walked.append(segment)
     return node
@@ -183,13 +184,13 @@ def _media_type(value: str) -> tuple[str, dict[str, str]]:
 
 def _parse_json(body: bytes) -> Payload:
     if not body.strip():
-        raise Reject("the body is empty; expected a JSON document", http_status=400)
+        raise Reject("the body is empty; expected a JSON document", reason=Reason.BAD_MESSAGE)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Reject(
             f"the body is not UTF-8 text: byte 0x{body[exc.start]:02x} at offset {exc.start}",
-            http_status=400,
+            reason=Reason.BAD_MESSAGE,
         ) from None
 
     def no_constant(name: str) -> Any:
@@ -200,10 +201,10 @@ def _parse_json(body: bytes) -> Payload:
     except json.JSONDecodeError as exc:
         raise Reject(
             f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-            http_status=400,
+            reason=Reason.BAD_MESSAGE,
         ) from None
     except (ValueError, RecursionError) as exc:
-        raise Reject(f"the body is not valid JSON: {exc}", http_status=400) from None
+        raise Reject(f"the body is not valid JSON: {exc}", reason=Reason.BAD_MESSAGE) from None
     return Payload(data, "JSON")
 
 
@@ -218,7 +219,7 @@ def _parse_urlencoded(body: bytes) -> Payload:
         raise Reject(
             f"the form is not URL-encoded: byte 0x{body[exc.start]:02x} at offset {exc.start}"
             " must be percent-encoded",
-            http_status=400,
+            reason=Reason.BAD_MESSAGE,
         ) from None
     try:
         pairs = parse_qsl(
@@ -230,10 +231,10 @@ def _parse_urlencoded(body: bytes) -> Payload:
         )
     except UnicodeDecodeError:
         raise Reject(
-            "the form holds a percent-encoded value that is not UTF-8", http_status=400
+            "the form holds a percent-encoded value that is not UTF-8", reason=Reason.BAD_MESSAGE
         ) from None
     except ValueError as exc:
-        raise Reject(f"the form cannot be read: {exc}", http_status=400) from None
+        raise Reject(f"the form cannot be read: {exc}", reason=Reason.BAD_MESSAGE) from None
     fields: dict[str, list[str]] = {}
     for key, value in pairs:
         fields.setdefault(key, []).append(value)
@@ -265,7 +266,7 @@ def _parse_multipart(body: bytes, content_type: str, params: Mapping[str, str]) 
     if not params.get("boundary"):
         raise Reject(
             "the multipart/form-data body has no boundary parameter in its Content-Type",
-            http_status=400,
+            reason=Reason.BAD_MESSAGE,
         )
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
     parsed = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
@@ -273,16 +274,16 @@ def _parse_multipart(body: bytes, content_type: str, params: Mapping[str, str]) 
     if not isinstance(parts, list) or not parts:
         raise Reject(
             "the multipart/form-data body holds no part with the boundary its Content-Type names",
-            http_status=400,
+            reason=Reason.BAD_MESSAGE,
         )
     missing_end = any(type(d).__name__ == "CloseBoundaryNotFoundDefect" for d in parsed.defects)
     if missing_end:
         raise Reject(
             "the multipart/form-data body is cut short: its closing boundary is missing",
-            http_status=400,
+            reason=Reason.BAD_MESSAGE,
         )
     if len(parts) > _MAX_FORM_FIELDS:
-        raise Reject(f"the form has more than {_MAX_FORM_FIELDS} fields", http_status=400)
+        raise Reject(f"the form has more than {_MAX_FORM_FIELDS} fields", reason=Reason.BAD_MESSAGE)
     fields: dict[str, list[str]] = {}
     files: list[tuple[str, str, bytes]] = []
     raw_bodies: list[bytes] | None = None
@@ -293,7 +294,7 @@ def _parse_multipart(body: bytes, content_type: str, params: Mapping[str, str]) 
         if part.get_content_disposition() != "form-data" or not name:
             raise Reject(
                 f"part {number} of the form has no Content-Disposition: form-data; name=...",
-                http_status=400,
+                reason=Reason.BAD_MESSAGE,
             )
         name = email.utils.collapse_rfc2231_value(name)
         raw = part.get_payload(decode=True)
@@ -314,7 +315,9 @@ def _parse_multipart(body: bytes, content_type: str, params: Mapping[str, str]) 
         try:
             fields.setdefault(name, []).append(data.decode(charset))
         except (LookupError, UnicodeDecodeError):
-            raise Reject(f"form field '{name}' is not {charset} text", http_status=400) from None
+            raise Reject(
+                f"form field '{name}' is not {charset} text", reason=Reason.BAD_MESSAGE
+            ) from None
     return Payload({k: _form_value(v) for k, v in fields.items()}, "form", files)
 
 
@@ -325,7 +328,7 @@ def parse_payload(request: HttpRequest) -> Payload:
         raise Reject(
             "the request has no Content-Type; send application/json,"
             " application/x-www-form-urlencoded or multipart/form-data",
-            http_status=415,
+            reason=Reason.UNSUPPORTED_FORMAT,
         )
     media, params = _media_type(value)
     if media == "application/json" or (
@@ -333,7 +336,9 @@ def parse_payload(request: HttpRequest) -> Payload:
     ):
         charset = params.get("charset", "utf-8").lower()
         if charset not in ("utf-8", "utf8"):
-            raise Reject(f"JSON must be sent as UTF-8, not {charset}", http_status=415)
+            raise Reject(
+                f"JSON must be sent as UTF-8, not {charset}", reason=Reason.UNSUPPORTED_FORMAT
+            )
         return _parse_json(request.body)
     if media == "application/x-www-form-urlencoded":
         return _parse_urlencoded(request.body)
@@ -342,7 +347,7 @@ def parse_payload(request: HttpRequest) -> Payload:
     raise Reject(
         f"a web hook takes application/json, application/x-www-form-urlencoded or"
         f" multipart/form-data, not {media or value!r}",
-        http_status=415,
+        reason=Reason.UNSUPPORTED_FORMAT,
     )
 
 
@@ -356,10 +361,12 @@ def check_signature(request: HttpRequest, options: Mapping[str, Any]) -> None:
         raise Reject(
             f"the request has no {header} header; sign the body with the shared secret"
             " (sha256=<hex of HMAC-SHA256>)",
-            http_status=401,
+            reason=Reason.UNAUTHENTICATED,
         )
     if not signature_matches(str(secret), request.body, given):
-        raise Reject(f"the {header} signature does not match the body", http_status=401)
+        raise Reject(
+            f"the {header} signature does not match the body", reason=Reason.UNAUTHENTICATED
+        )
 
 
 # --------------------------------------------------------------------------- the mail
@@ -427,7 +434,9 @@ def _safe_filename(name: str) -> str:
 def http_to_mail(request: HttpRequest, options: Mapping[str, Any]) -> MailMessage:
     """Turn a web hook into a mail (see the module docstring)."""
     if request.method.upper() != "POST":
-        raise Reject(f"a web hook is sent with POST, not {request.method}", http_status=405)
+        raise Reject(
+            f"a web hook is sent with POST, not {request.method}", reason=Reason.UNSUPPORTED_METHOD
+        )
     check_signature(request, options)
     payload = parse_payload(request)
 

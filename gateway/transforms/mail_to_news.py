@@ -94,6 +94,7 @@ from twisted.logger import Logger
 
 from gateway.message import Article, Headers, Kind, MailMessage, local_hostname
 from gateway.plugins import Reject, transform
+from gateway.ports import Reason
 
 __all__ = [
     "LOOP_HEADER",
@@ -248,8 +249,7 @@ def _group_list(value: Any, option: str) -> list[str]:
     else:
         raise Reject(
             f"route option '{option}' must be a group name or a list of them",
-            smtp_code=554,
-            enhanced="5.3.5",
+            reason=Reason.MISCONFIGURED,
         )
     return list(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
 
@@ -259,13 +259,12 @@ def _checked_groups(value: Any, option: str, *, followup: bool = False) -> list[
     if not groups:
         raise Reject(
             f"route option '{option}' names no newsgroup (a placeholder matched nothing?)",
-            smtp_code=553,
-            enhanced="5.1.3",
+            reason=Reason.BAD_ADDRESS,
         )
     for group in groups:
         problem = newsgroup_problem(group, followup=followup)
         if problem is not None:
-            raise Reject(problem, smtp_code=553, enhanced="5.1.3")
+            raise Reject(problem, reason=Reason.BAD_ADDRESS)
     return groups
 
 
@@ -413,8 +412,7 @@ def _mandatory_fields(msg: MailMessage, headers: Headers) -> Headers:
             raise Reject(
                 "the mail has no From: and no envelope sender, so the article would have no"
                 " author; a news server refuses that (RFC 5536 3.1.2)",
-                smtp_code=550,
-                enhanced="5.6.0",
+                reason=Reason.BAD_MESSAGE,
             )
         headers = headers.remove("From").add("From", msg.sender)
     if not (headers.get("Date") or "").strip():
@@ -468,8 +466,7 @@ def mail_to_news(msg: MailMessage, options: Mapping[str, Any]) -> Article | None
     if "newsgroups" not in options:
         raise Reject(
             "the route sets no 'newsgroups' option, so the mail has no group to go to",
-            smtp_code=554,
-            enhanced="5.3.5",
+            reason=Reason.MISCONFIGURED,
         )
     groups = _checked_groups(options["newsgroups"], "newsgroups")
     headers = msg.headers

@@ -56,6 +56,7 @@ from twisted.logger import Logger
 
 from gateway.message import Article, Headers, Kind, MailMessage
 from gateway.plugins import Reject, transform
+from gateway.ports import Reason
 from gateway.transforms.mail_to_news import LOOP_HEADER, gateway_name, loop_seen
 
 __all__ = ["news_to_mail"]
@@ -86,15 +87,13 @@ def _address_list(value: Any, option: str) -> list[str]:
     else:
         raise Reject(
             f"route option '{option}' must be an address or a list of addresses",
-            smtp_code=554,
-            enhanced="5.3.5",
+            reason=Reason.MISCONFIGURED,
         )
     addresses = [addr for _name, addr in getaddresses(items) if addr and "@" in addr]
     if not addresses:
         raise Reject(
             f"route option '{option}' holds no mail address: {value!r}",
-            smtp_code=554,
-            enhanced="5.3.5",
+            reason=Reason.MISCONFIGURED,
         )
     return addresses
 
@@ -142,8 +141,7 @@ def list_id_value(option: str) -> str:
             f"route option 'list_id' is {option!r}: a List-Id is an optional name and an id"
             " like <dev.lists.example.test>, a list label and a domain joined by a dot, at"
             " most 255 characters (RFC 2919)",
-            smtp_code=554,
-            enhanced="5.3.5",
+            reason=Reason.MISCONFIGURED,
         )
     if phrase and not phrase.isascii():
         phrase = email.header.Header(phrase, "utf-8").encode()
@@ -176,15 +174,13 @@ def list_post_value(option: Any) -> str:
                 f"route option 'list_post' holds {item!r}: List-Post takes mail addresses or"
                 " URLs (each written <mailto:list@example.test> in the field, commas between"
                 " them) or NO (RFC 2369)",
-                smtp_code=554,
-                enhanced="5.3.5",
+                reason=Reason.MISCONFIGURED,
             )
         urls.append(f"<{url}>")
     if not urls:
         raise Reject(
             "route option 'list_post' holds no address or URL (RFC 2369)",
-            smtp_code=554,
-            enhanced="5.3.5",
+            reason=Reason.MISCONFIGURED,
         )
     return ", ".join(urls)
 
@@ -232,8 +228,7 @@ def news_to_mail(article: Article, options: Mapping[str, Any]) -> MailMessage | 
     if "to" not in options:
         raise Reject(
             "the route sets no 'to' option, so the article has no mail recipient",
-            smtp_code=554,
-            enhanced="5.3.5",
+            reason=Reason.MISCONFIGURED,
         )
     to_text = _header_text(options["to"])
     recipients = (

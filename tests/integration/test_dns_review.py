@@ -104,7 +104,6 @@ def test_cached_answers_repeat_the_clients_question_case(
     assert reply.answer[0][0].address == "192.0.2.10"
 
 
-
 def test_malformed_edns_and_other_opcodes_get_the_right_error(
     gateway: tuple[GatewayProcess, int],
 ) -> None:

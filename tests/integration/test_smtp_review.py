@@ -16,16 +16,16 @@ from tests.peers import SmtpSink, SwaksExit, data_reply_code, sendmail_raw, swak
 REFUSING_PLUGIN = """
 from gateway.plugins import Reject, transform
 
-@transform("refuse_with_250")
-def refuse_with_250(msg, options):
-    raise Reject("refused by policy", smtp_code=250, enhanced="2.0.0")
+@transform("refuse")
+def refuse(msg, options):
+    raise Reject("refused by policy")
 """
 
 REFUSING_ROUTE = """
   - name: refused
     from: mail-in
     match: {rcpt: '@refused\\.test$'}
-    transforms: [refuse_with_250]
+    transforms: [refuse]
     to: box
 """
 
@@ -73,12 +73,13 @@ def test_smuggled_transaction_after_bare_lf_dot_is_content(
         gw.stop()
 
 
-def test_a_transform_refusal_with_a_success_code_is_not_acknowledged(
+def test_a_transform_refusal_is_a_5xx_and_the_session_goes_on(
     tmp_path: Path,
     sink: SmtpSink,  # noqa: F811
 ) -> None:
-    """Defect: a transform's Reject(smtp_code=250) was answered "250": the client was told
-    the message was taken while nothing was stored (lost mail). A refusal is a 5xx."""
+    """A transform's Reject is a permanent refusal in SMTP's words (550 5.7.1 for a
+    policy refusal), never a success: nothing was stored. (It once was answered with a
+    code the plugin chose, 250 included.)"""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "refusing.py").write_text(REFUSING_PLUGIN)
@@ -86,8 +87,8 @@ def test_a_transform_refusal_with_a_success_code_is_not_acknowledged(
     try:
         code, transcript = swaks_send(port, "carol@refused.test")
         assert code == SwaksExit.MESSAGE_REJECTED, transcript
-        assert data_reply_code(transcript) == 554, transcript
-        assert "554 5.0.0 refused by policy" in transcript
+        assert data_reply_code(transcript) == 550, transcript
+        assert "550 5.7.1 refused by policy" in transcript
         # The session's next message is handled as usual.
         code, transcript = swaks_send(port, "dave@local.test")
         assert code == SwaksExit.OK, transcript

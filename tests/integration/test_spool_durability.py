@@ -573,7 +573,9 @@ def test_an_unwritable_spool_gets_452_and_recovers(
     gw.start(port)
     # Not the -shm file: SQLite maps it into memory, and a write to a mapped page of an
     # immutable file kills the process with SIGBUS, which says nothing about the spool.
-    files = [str(p) for p in (disk_tmp_path / "var" / "spool").iterdir() if not p.name.endswith("-shm")]
+    files = [
+        str(p) for p in (disk_tmp_path / "var" / "spool").iterdir() if not p.name.endswith("-shm")
+    ]
     acked: set[int] = set()
     refused: set[int] = set()
 

@@ -352,7 +352,9 @@ def test_readyz_is_503_while_the_spool_refuses_messages(disk_tmp_path: Path) -> 
         # Not the -shm file: SQLite maps it, and writing a mapped page of an immutable
         # file kills the process with SIGBUS.
         files = [
-            str(p) for p in (disk_tmp_path / "var" / "spool").iterdir() if not p.name.endswith("-shm")
+            str(p)
+            for p in (disk_tmp_path / "var" / "spool").iterdir()
+            if not p.name.endswith("-shm")
         ]
         _chattr("+i", files)
         try:

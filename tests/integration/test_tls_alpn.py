@@ -82,9 +82,7 @@ def test_smtps_with_alpn_offer_takes_mail(tmp_path: Path) -> None:
     cert = tmp_path / "tls" / "cert.pem"
     with GatewayProcess(path) as gw:
         gw.start([smtps, nntps])
-        with smtplib.SMTP_SSL(
-            "127.0.0.1", smtps, context=tls_context(cert), timeout=20
-        ) as client:
+        with smtplib.SMTP_SSL("127.0.0.1", smtps, context=tls_context(cert), timeout=20) as client:
             sock = client.sock
             assert isinstance(sock, ssl.SSLSocket)
             assert sock.selected_alpn_protocol() is None  # no ALPN, but no failure either

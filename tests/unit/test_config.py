@@ -10,17 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config import (
-    ConfigError,
-    Duration,
-    Network,
-    Size,
-    SmtpDestinationConfig,
-    SmtpListenerConfig,
-    interpolate,
-    json_schema,
-    parse,
-)
+from gateway.config import ConfigError, Duration, Network, Size, interpolate, json_schema, parse
+from gateway.protocols.smtp.config import SmtpDestinationConfig, SmtpListenerConfig
+from gateway.routing import MailMatch
 
 GOOD = textwrap.dedent(
     r"""
@@ -77,7 +69,8 @@ def test_good_file_becomes_typed_frozen_values() -> None:
     assert config.plugins == ("/srv/plugins",)
     first, second = config.routes
     assert first.name == "lists" and first.to == ("box",)
-    assert first.match.rcpt is not None and first.match.rcpt.groups == {"list"}
+    rcpt = first.match.view(MailMatch).rcpt
+    assert rcpt is not None and rcpt.groups == {"list"}
     assert second.name == "#2" and second.continue_ and second.to == ("box", "relay")
     with pytest.raises(AttributeError):
         first.name = "x"  # type: ignore[misc]

@@ -18,9 +18,8 @@ from twisted.internet.task import Clock
 
 from gateway.config import DestinationConfig, Duration
 from gateway.delivery import DeliveryManager, backoff
-from gateway.destination import Outcome, Status
 from gateway.message import Kind, MailMessage, Message
-from gateway.service import Verdict
+from gateway.ports import Deliverer, Outcome, Reason, RecipientFailure, Status, Verdict
 from gateway.spool import DEAD, QUEUED, Delivery, SpoolError, SqliteSpool, Stored
 from tests.unit.test_spool import run
 
@@ -29,7 +28,7 @@ START = 1_700_000_000.0
 Respond = Callable[[MailMessage], "Outcome | Deferred[Outcome]"]
 
 
-class FakeDestination:
+class FakeDestination(Deliverer):
     """Answers each delivery with ``respond(message)``: an Outcome, or a Deferred the test
     fires later (a slow destination); raises if ``respond`` raises."""
 
@@ -108,7 +107,7 @@ class FakeGateway:
 
     async def accept(self, message: Message) -> Verdict:
         self.accepted.append(message)
-        return Verdict(Status.DELIVERED, "queued")
+        return Verdict(Status.DELIVERED, Reason.NONE, "queued")
 
 
 class MidRng(random.Random):
@@ -275,7 +274,10 @@ def test_max_age_makes_a_dead_letter_and_one_bounce_to_the_sender(world: World) 
 def test_permanent_failure_is_dead_at_once_with_exactly_one_bounce(world: World) -> None:
     dest = world.gateway.add(
         FakeDestination(
-            "a", lambda m: Outcome.permanent("550 5.1.1 no such user", code=550, enhanced="5.1.1")
+            "a",
+            lambda m: Outcome.permanent(
+                "550 5.1.1 no such user", diagnostic="smtp; 550 5.1.1 no", dsn_status="5.1.1"
+            ),
         )
     )
     world.submit(world.mail(recipients=("nobody@x.test",)), "a")
@@ -292,7 +294,9 @@ def test_permanent_failure_is_dead_at_once_with_exactly_one_bounce(world: World)
 
 
 def test_no_bounce_for_a_bounce(world: World) -> None:
-    world.gateway.add(FakeDestination("a", lambda m: Outcome.permanent("550 no", code=550)))
+    world.gateway.add(
+        FakeDestination("a", lambda m: Outcome.permanent("550 no", diagnostic="smtp; 550 no"))
+    )
     world.submit(world.mail(sender=""), "a")
     assert len(world.dead()) == 1
     assert world.gateway.accepted == []
@@ -324,7 +328,15 @@ def test_rejected_recipients_are_bounced_while_the_others_are_retried(world: Wor
             Outcome.temporary(
                 "mixed",
                 failed=("b@x.test",),
-                rejected=(("c@x.test", 550, "5.1.1", "550 5.1.1 unknown user"),),
+                rejected=(
+                    RecipientFailure(
+                        "c@x.test",
+                        Reason.REFUSED,
+                        "550 5.1.1 unknown user",
+                        "5.1.1",
+                        "smtp; 550 5.1.1",
+                    ),
+                ),
             ),
             Outcome.delivered("250 ok"),
         ]
@@ -347,7 +359,14 @@ def test_rejected_recipients_are_not_retried_when_failed_is_left_empty(world: Wo
     """``failed`` empty means "all of them" -- all but those refused for good."""
     answers = iter(
         [
-            Outcome.temporary("mixed", rejected=(("c@x.test", 550, "5.1.1", "unknown"),)),
+            Outcome.temporary(
+                "mixed",
+                rejected=(
+                    RecipientFailure(
+                        "c@x.test", Reason.REFUSED, "unknown", "5.1.1", "smtp; 550 5.1.1"
+                    ),
+                ),
+            ),
             Outcome.delivered("250 ok"),
         ]
     )
@@ -365,7 +384,13 @@ def test_every_recipient_rejected_on_a_temporary_outcome_is_dead_with_one_bounce
 ) -> None:
     dest = world.gateway.add(
         FakeDestination(
-            "a", lambda m: Outcome.temporary("x", rejected=(("c@x.test", 550, "5.1.1", "no"),))
+            "a",
+            lambda m: Outcome.temporary(
+                "x",
+                rejected=(
+                    RecipientFailure("c@x.test", Reason.REFUSED, "no", "5.1.1", "smtp; 550 5.1.1"),
+                ),
+            ),
         )
     )
     world.submit(world.mail(recipients=("c@x.test",)), "a")

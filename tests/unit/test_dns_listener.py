@@ -11,15 +11,17 @@ import dns.rrset
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from gateway.config import parse
-from gateway.plugins import Transforms
+from gateway.message import Kind
+from gateway.ports import Resolver
 from gateway.protocols.dns.cache import DnsCache
 from gateway.protocols.dns.client import UpstreamError
 from gateway.protocols.dns.listener import DnsListener
 from gateway.protocols.dns.server import DnsUdpProtocol
 from gateway.protocols.dns.wire import Question
-from gateway.service import Runtime
+from tests.support.port import FakePort, runtime_of
 
 CONFIG = """\
 version: 1
@@ -39,8 +41,14 @@ routes:
 """
 
 
-class FakeDestination:
-    """A destination whose answers the test decides, query by query, through a Deferred."""
+class FakeDestination(Resolver[Question]):
+    """A destination whose answers the test decides, query by query, through a Deferred.
+
+    A bug (any exception but UpstreamError) is raised from ``ask`` itself.
+    """
+
+    name = "fake"
+    kinds = frozenset({Kind.DNS})
 
     def __init__(self, *results: Any) -> None:
         self.results = list(results)
@@ -62,34 +70,36 @@ class FakeDestination:
             return result()
         return succeed(result)
 
-
-class FakeAskDestination(FakeDestination):
-    """The same with plain callbacks, as a ``dns`` destination offers them (ask)."""
-
     def ask(self, data: bytes, question: Question, on_answer: Any, on_error: Any) -> None:
         d = self.resolve(data, question)
+        d.addCallbacks(on_answer, lambda f: on_error(f.value if f.check(UpstreamError) else f))
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeAskDestination(FakeDestination):
+    """The same, with every outcome through the callbacks: a bug arrives as a Failure."""
+
+    def ask(self, data: bytes, question: Question, on_answer: Any, on_error: Any) -> None:
+        try:
+            d = self.resolve(data, question)
+        except Exception:
+            on_error(Failure())
+            return
         # The Deferred only stands for "now or later" here; the listener sees plain callbacks:
         # an UpstreamError as the exception, anything else (a bug) as a Failure.
         d.addCallbacks(on_answer, lambda f: on_error(f.value if f.check(UpstreamError) else f))
 
 
-class FakeGateway:
-    def __init__(self, runtime: Runtime, reactor: Clock) -> None:
-        self.runtime = runtime
-        self.reactor = reactor
-
-    def current(self) -> Runtime:
-        return self.runtime
-
-
 def make_listener(
     *destinations: Any, cache: bool = False
-) -> tuple[DnsListener, Clock, FakeGateway]:
+) -> tuple[DnsListener, Clock, FakePort]:
     config = parse(CONFIG.replace("CACHE", "true" if cache else "false"))
     clock = Clock()
-    runtime = Runtime(config, Transforms(), dict(zip(["first", "second"], destinations, strict=True)))
-    gateway = FakeGateway(runtime, clock)
-    return DnsListener(config.listeners["dns-in"], gateway), clock, gateway  # type: ignore[arg-type]
+    runtime = runtime_of(config, dict(zip(["first", "second"], destinations, strict=True)))
+    gateway = FakePort(runtime, reactor=clock)
+    return DnsListener(config.listeners["dns-in"], gateway), clock, gateway
 
 
 def query(name: str = "www.example.test.", qid: int = 0x1234, payload: int = 0) -> bytes:
@@ -243,16 +253,6 @@ def test_route_to_something_that_is_not_a_dns_destination_is_skipped(mode: str) 
     assert response.rcode() == dns.rcode.SERVFAIL
 
 
-def test_awaitable_resolve_is_accepted() -> None:
-    data = query()
-
-    async def resolve() -> bytes:
-        return answer_to(data)
-
-    listener, _, _ = make_listener(FakeDestination(resolve), FakeDestination())
-    assert dns.message.from_wire(ask("resolve", listener, data)).answer
-
-
 def test_large_answer_truncated_for_udp_only(mode: str) -> None:
     data = query(payload=512)
     big = answer_to(data, addresses=60)
@@ -299,15 +299,16 @@ def test_cache_survives_a_reload_with_an_equal_route_and_not_a_changed_one() -> 
     data = query()
     first = FakeDestination(answer_to(data), answer_to(data))
     listener, _, gateway = make_listener(first, FakeDestination(), cache=True)
+    destinations = {"first": first, "second": FakeDestination()}
     ask("resolve", listener, data)
     cache = listener.caches()["everything"]
     # A reload with the same text: equal Route objects, not the same ones.
     config = parse(CONFIG.replace("CACHE", "true"))
-    gateway.runtime = Runtime(config, Transforms(), gateway.runtime.destinations)
+    gateway.table = runtime_of(config, destinations)
     assert isinstance(listener.answer(data, ("::1", 1), "udp"), bytes)
     assert listener.caches()["everything"] is cache
     config = parse(CONFIG.replace("CACHE", "true").replace("serve_stale: 1h", "serve_stale: 2h"))
-    gateway.runtime = Runtime(config, Transforms(), gateway.runtime.destinations)
+    gateway.table = runtime_of(config, destinations)
     assert ask("resolve", listener, data)
     assert listener.caches()["everything"] is not cache
     assert len(first.asked) == 2

@@ -21,12 +21,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from gateway.config import parse
-from gateway.plugins import Transforms
 from gateway.protocols.dns.doh_server import cache_control
 from gateway.protocols.dns.listener import DnsListener
 from gateway.protocols.dns.server import DnsTcpFactory
-from gateway.service import Runtime
-from tests.unit.test_dns_listener import FakeDestination, FakeGateway, answer_to, ask, make_listener
+from tests.support.port import FakePort, runtime_of
+from tests.unit.test_dns_listener import FakeDestination, answer_to, ask, make_listener
 
 SOA = "ns.example.test. hostmaster.example.test. 1 3600 900 604800 60"
 
@@ -105,7 +104,7 @@ def test_tcp_max_pending_holds_back_queries_that_arrived_in_one_segment() -> Non
     already read: 200 pipelined queries in one segment were all put in flight at once
     (RFC 7766 §6.2.1.1 lets a server bound a client's concurrent queries; ours did not)."""
     handler = _Pending()
-    factory = DnsTcpFactory(handler, Clock(), idle_timeout=30, max_connections=4)
+    factory = DnsTcpFactory(handler, Clock(), idle_timeout=30)
     protocol = factory.buildProtocol(None)
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
     protocol.makeConnection(transport)
@@ -139,7 +138,7 @@ def test_a_tcp_client_trickling_a_query_is_closed_at_the_idle_timeout() -> None:
     """Defect: every byte read restarted the TCP idle timer, so a client sending one byte
     of a query per period held its connection for ever; only whole messages count now."""
     clock = Clock()
-    factory = DnsTcpFactory(_Echo(), clock, idle_timeout=10, max_connections=4)
+    factory = DnsTcpFactory(_Echo(), clock, idle_timeout=10)
 
     def connect(port: int) -> tuple[Any, StringTransport]:
         protocol = factory.buildProtocol(None)
@@ -220,7 +219,7 @@ routes:
 
 def local_listener() -> DnsListener:
     config = parse(LOCAL)
-    gateway = FakeGateway(Runtime(config, Transforms(), {}), Clock())
+    gateway = FakePort(runtime_of(config), reactor=Clock())
     return DnsListener(config.listeners["dns-in"], gateway)  # type: ignore[arg-type]
 
 
@@ -307,7 +306,6 @@ def test_doh_cache_control_of_nxdomain_after_a_cname_uses_the_soa_minimum() -> N
     assert cache_control(nxdomain) == b"max-age=60"
     nodata = _response(cname=True, soa=True).to_wire()
     assert cache_control(nodata) == b"max-age=60"
-
 
 
 # --------------------------------------------------------------------------- opcodes

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, QName, parse
-from gateway.routing import DnsRoutes
+from gateway.config import ConfigError, parse
+from gateway.protocols.dns.config import QName
+from gateway.protocols.dns.routes import DnsRoutes
 
 BASE = """
 version: 1

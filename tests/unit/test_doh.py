@@ -1299,20 +1299,24 @@ def test_verification_fails_when_the_certificate_is_for_another_name(
 
 
 def test_open_connections_are_counted_for_metrics_and_alpn_passes_through() -> None:
+    from gateway.listening import Admission, Guard
     from gateway.protocols.dns import listener
 
     site = doh_site(Handler(), reactor=MemoryReactorClock())
-    counted = listener._CountingFactory(site)
+    guard: Guard[object] = Guard("doh-in", (), 2)
+    counted = listener._GuardedSite(site, guard)
     assert counted.acceptableProtocols() == site.acceptableProtocols()
     first = counted.buildProtocol(PEER)
     first.makeConnection(StringTransport(peerAddress=PEER))
     second = counted.buildProtocol(PEER)
     second_transport = StringTransport(peerAddress=PEER)
     second.makeConnection(second_transport)
-    assert len(counted.protocols) == 2
+    assert len(guard.connections) == 2
+    assert counted.buildProtocol(PEER) is None  # over max_connections: refused
+    assert guard.refused[Admission.TOO_MANY] == 1 and len(guard.connections) == 2
     second.dataReceived(post_request(query()))
-    assert second_transport.value().startswith(b"HTTP/1.1 200 ") and len(counted.protocols) == 2
+    assert second_transport.value().startswith(b"HTTP/1.1 200 ") and len(guard.connections) == 2
     second.connectionLost(Failure(ConnectionDone()))
-    assert list(counted.protocols) == [first]
+    assert list(guard.connections) == [first]
     first.connectionLost(Failure(ConnectionDone()))
-    assert not counted.protocols
+    assert not guard.connections

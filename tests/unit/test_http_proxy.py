@@ -9,7 +9,8 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from gateway.config import Duration, HttpDestinationConfig, HttpUrl
+from gateway.config import Duration
+from gateway.protocols.http.config import HttpDestinationConfig, HttpUrl
 from gateway.protocols.http.proxy import HttpProxyDestination
 from gateway.protocols.http.server import Exchange, HttpServerFactory, HttpServerProtocol
 
@@ -115,7 +116,9 @@ def test_streamed_chunked_upload_and_interim_responses() -> None:
     assert wire.value().endswith(b"\r\n\r\n3\r\nabc\r\n")  # sent on before the body ends
     client.dataReceived(b"0\r\n\r\n")
     assert wire.value().endswith(b"3\r\nabc\r\n0\r\n\r\n")
-    upstream.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    upstream.dataReceived(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+    )
     assert out.value().count(b"100 Continue") == 1
     assert b"HTTP/1.1 201 Created" in out.value()
 
@@ -197,9 +200,7 @@ def test_least_connections_and_round_robin() -> None:
     h = Harness("http://127.0.0.1:8081", "http://127.0.0.1:8082", "http://127.0.0.1:8083")
     picks = [h.proxy.choose([]).url.port for _ in range(6)]  # type: ignore[union-attr]
     assert picks == [8081, 8082, 8083, 8081, 8082, 8083]
-    h = Harness(
-        "http://127.0.0.1:8081", "http://127.0.0.1:8082", balance="least-connections"
-    )
+    h = Harness("http://127.0.0.1:8081", "http://127.0.0.1:8082", balance="least-connections")
     a, b = h.proxy.upstreams
     a.active = 3
     assert h.proxy.choose([]) is b

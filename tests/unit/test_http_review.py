@@ -7,9 +7,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from gateway.config import Duration
-from gateway.destination import Status
+from gateway.ports import Status, Verdict
 from gateway.protocols.http.codec import END, Head, ParseError, RequestReader
-from gateway.service import Verdict
 from tests.unit.test_http_proxy import RESPONSE, Harness
 from tests.unit.test_http_server import Recorder, connect, factory_for, post
 

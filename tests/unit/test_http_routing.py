@@ -12,10 +12,12 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from gateway.config import ConfigError, HttpUrl, parse
+from gateway.config import ConfigError, parse
 from gateway.message import HttpRequest
 from gateway.plugins import load_transforms
-from gateway.routing import HttpRoutes, NoRoute, Router, http_host
+from gateway.protocols.http.config import HttpUrl
+from gateway.protocols.http.routes import HttpRoutes, http_host
+from gateway.routing import NoRoute, Router
 
 T = TypeVar("T")
 
@@ -112,7 +114,11 @@ def test_router_agrees_with_the_listener_index_and_fills_options() -> None:
         ("PUT", "h", "/hooks/x", {}),
     ]:
         msg = HttpRequest(
-            listener="web", method=method, target=target, host=host, http_headers=tuple(hdrs.items())
+            listener="web",
+            method=method,
+            target=target,
+            host=host,
+            http_headers=tuple(hdrs.items()),
         )
         [(route, _, _)] = router.match(msg)
         assert route.name == select(cfg, method, host, target, hdrs)[0]
@@ -130,7 +136,9 @@ def test_config_errors() -> None:
     assert any("do not apply to http" in p for p in found)
     found = problems("  - {from: web, match: {path: '(unclosed'}, to: app}\n")
     assert any("invalid regular expression" in p for p in found)
-    found = problems("  - {from: web, options: {x: '{nope}'}, match: {path: '^/(?P<team>x)'}, to: app}\n")
+    found = problems(
+        "  - {from: web, options: {x: '{nope}'}, match: {path: '^/(?P<team>x)'}, to: app}\n"
+    )
     assert any("'{nope}'" in p and "team" in p for p in found)
     with pytest.raises(ConfigError) as info:
         parse(

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import textwrap
-from pathlib import Path
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from gateway.config import Network, parse
-from gateway.destination import Status
-from gateway.message import HttpRequest, Message
-from gateway.plugins import load_transforms
-from gateway.protocols.http.listener import HttpListener
+from gateway.config import Network
+from gateway.listening import Admission, Guard
+from gateway.message import HttpRequest
+from gateway.ports import Reason, Status, Verdict
+from gateway.protocols.http.listener import HttpListener, HttpSockets
 from gateway.protocols.http.server import Exchange, HttpServerFactory, HttpServerProtocol
-from gateway.service import Runtime, Verdict
+from tests.support.port import FakePort, runtime_of
 
 
 class Recorder:
@@ -111,7 +109,7 @@ def test_a_stalled_body_is_cut_off_after_idle_timeout() -> None:
 
 def test_too_many_connections_get_503() -> None:
     reactor = MemoryReactorClock()
-    factory = factory_for(Recorder(), reactor, max_connections=1)
+    factory = factory_for(Recorder(), reactor, guard=Guard("web", (), 1))
     _, first = connect(factory)
     _, second = connect(factory, 40001)
     assert first.value() == b"" and not first.disconnecting
@@ -119,7 +117,7 @@ def test_too_many_connections_get_503() -> None:
     assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer
     # A request already on its way is read and dropped (a lingering close), so the
     # client gets the 503 rather than a reset; then the connection closes.
-    protocol = next(p for p in factory.connections if p.transport is second)
+    protocol = next(p for p in factory.guard.connections if p.transport is second)
     protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 9\r\n\r\nsome body")
     assert second.value() == answer and not second.disconnecting
     reactor.advance(5.1)
@@ -257,43 +255,27 @@ def test_expect_100_continue_is_answered_when_the_body_is_wanted() -> None:
 # --- the listener's store-and-forward answers --------------------------------------------
 
 
-class Gateway:
-    """The listener's view of the gateway: the routes in force and submit()."""
+HOOKS = """
+version: 1
+listeners:
+  web: {protocol: http, listen: "tcp:8080", max_size: 100}
+destinations:
+  box: {protocol: maildir, path: box}
+routes:
+  - {name: hooks, from: web, match: {prefix: /hooks/}, transforms: [http_to_mail], to: box}
+"""
 
-    def __init__(self, verdict: Verdict) -> None:
-        cfg = parse(
-            textwrap.dedent(
-                """
-                version: 1
-                listeners:
-                  web: {protocol: http, listen: "tcp:8080", max_size: 100}
-                destinations:
-                  box: {protocol: maildir, path: box}
-                routes:
-                  - {name: hooks, from: web, match: {prefix: /hooks/}, transforms: [http_to_mail], to: box}
-                """
-            ),
-            "routes.yaml",
-            Path("/tmp"),
-        )
-        self.runtime = Runtime(cfg, load_transforms(), {})
-        self.config = cfg
-        self.verdict = verdict
-        self.submitted: list[Message] = []
 
-    def current(self) -> Runtime:
-        return self.runtime
-
-    async def submit(self, message: Message) -> Verdict:
-        self.submitted.append(message)
-        return self.verdict
+def hooks_port(verdict: Verdict) -> FakePort:
+    """A FakePort with one web hook route, answering ``verdict``."""
+    return FakePort(runtime_of(HOOKS), verdict=verdict)
 
 
 def post(
     verdict: Verdict, target: bytes = b"/hooks/a", body: bytes = b'{"a": 1}'
-) -> tuple[Gateway, bytes]:
-    gateway = Gateway(verdict)
-    listener = HttpListener(gateway.config.listeners["web"], gateway)  # type: ignore[arg-type]
+) -> tuple[FakePort, bytes]:
+    gateway = hooks_port(verdict)
+    listener = HttpListener(gateway.current().config.listeners["web"], gateway)
     reactor = MemoryReactorClock()
     factory = factory_for(listener, reactor, max_body=100)
     protocol, transport = connect(factory)
@@ -307,7 +289,7 @@ def post(
 
 
 def test_delivered_is_202_with_the_message_id() -> None:
-    gateway, out = post(Verdict(Status.DELIVERED, "queued"))
+    gateway, out = post(Verdict(Status.DELIVERED, Reason.NONE, "queued"))
     [message] = gateway.submitted
     assert isinstance(message, HttpRequest)
     assert message.method == "POST" and message.target == "/hooks/a" and message.body == b'{"a": 1}'
@@ -318,29 +300,32 @@ def test_delivered_is_202_with_the_message_id() -> None:
 
 
 def test_refusals_and_temporary_failures() -> None:
-    _, out = post(Verdict(Status.PERMANENT, "bad signature", http_status=401))
+    _, out = post(Verdict(Status.PERMANENT, Reason.UNAUTHENTICATED, "bad signature"))
     assert out.startswith(b"HTTP/1.1 401 ") and b"bad signature" in out
-    _, out = post(Verdict(Status.PERMANENT, "no route", 550, "5.1.1"))
+    _, out = post(Verdict(Status.PERMANENT, Reason.NO_ROUTE, "no route"))
     assert out.startswith(b"HTTP/1.1 404 ")
-    _, out = post(Verdict(Status.PERMANENT, "not JSON", 554, "5.6.0"))
+    _, out = post(Verdict(Status.PERMANENT, Reason.BAD_MESSAGE, "not JSON"))
     assert out.startswith(b"HTTP/1.1 400 ")
-    _, out = post(Verdict(Status.TEMPORARY, "the spool is full", 452, "4.3.1"))
+    _, out = post(Verdict(Status.PERMANENT, Reason.POLICY, "not from you"))
+    assert out.startswith(b"HTTP/1.1 403 ")
+    _, out = post(Verdict(Status.TEMPORARY, Reason.UNAVAILABLE, "the spool is full"))
     assert out.startswith(b"HTTP/1.1 503 ") and b"Retry-After: " in out
 
 
 def test_clients_outside_allow_get_403() -> None:
-    gateway = Gateway(Verdict(Status.DELIVERED, "queued"))
+    gateway = hooks_port(Verdict(Status.DELIVERED, Reason.NONE, "queued"))
     config = dataclasses.replace(
-        gateway.config.listeners["web"], allow=(Network.parse("10.0.0.0/8"),)
+        gateway.current().config.listeners["web"], allow=(Network.parse("10.0.0.0/8"),)
     )
-    listener = HttpListener(config, gateway)  # type: ignore[arg-type]
-    protocol, transport = connect(factory_for(listener, MemoryReactorClock()))
+    sockets = HttpSockets(config, gateway, MemoryReactorClock())
+    protocol, transport = connect(sockets.factory())
     protocol.dataReceived(b"POST /hooks/a HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}")
     assert transport.value().startswith(b"HTTP/1.1 403 ") and not gateway.submitted
+    assert sockets.guard.refused[Admission.NOT_ALLOWED] == 1
 
 
 def test_no_route_and_too_large_are_answered_without_submitting() -> None:
-    gateway, out = post(Verdict(Status.DELIVERED, "queued"), target=b"/elsewhere")
+    gateway, out = post(Verdict(Status.DELIVERED, Reason.NONE, "queued"), target=b"/elsewhere")
     assert out.startswith(b"HTTP/1.1 404 ") and not gateway.submitted
-    gateway, out = post(Verdict(Status.DELIVERED, "queued"), body=b"x" * 101)
+    gateway, out = post(Verdict(Status.DELIVERED, Reason.NONE, "queued"), body=b"x" * 101)
     assert out.startswith(b"HTTP/1.1 413 ") and not gateway.submitted

@@ -754,9 +754,9 @@ def test_bad_command_argument_is_refused_before_sending(endpoint: MemoryEndpoint
 
 # ----------------------------------------------------------------------------- properties
 
-_TEXT = st.text(
-    st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=60
-).map(str.strip)
+_TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=60).map(
+    str.strip
+)
 _BLOCK = st.binary(max_size=300).map(lambda b: b.replace(b"\r", b""))
 
 
@@ -790,7 +790,9 @@ def test_replies_survive_any_chunking(
     protocol.makeConnection(StringTransport())
     waiters = [protocol.expect(keyword) for keyword, _, _, _ in exchanges]
     wire = b"".join(
-        f"{code} {text}".rstrip().encode() + b"\r\n" + (b"" if block is None else encode_block(block))
+        f"{code} {text}".rstrip().encode()
+        + b"\r\n"
+        + (b"" if block is None else encode_block(block))
         for _, code, text, block in exchanges
     )
     pos = 0

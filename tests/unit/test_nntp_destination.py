@@ -7,10 +7,12 @@ from typing import Any
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from gateway.config import ConfigError, NntpDestinationConfig, parse
-from gateway.destination import Status, build_destination
+from gateway.config import ConfigError, parse
+from gateway.destination import build_destination
 from gateway.message import Article, MailMessage
+from gateway.ports import Status
 from gateway.protocols.nntp.client import Reply
+from gateway.protocols.nntp.config import NntpDestinationConfig
 from gateway.protocols.nntp.destination import NntpDestination, outcome_for
 from tests.unit.test_nntp_client import MemoryEndpoint, Script, result, start
 
@@ -28,7 +30,10 @@ def destination(
     clock = MemoryReactorClock()
     endpoint = MemoryEndpoint(clock, script)
     config = NntpDestinationConfig(
-        name="news", connect="tcp:127.0.0.1:119", mode=mode, **options  # type: ignore[arg-type]
+        name="news",
+        connect="tcp:127.0.0.1:119",
+        mode=mode,
+        **options,  # type: ignore[arg-type]
     )
     return NntpDestination(config, clock, endpoint=endpoint), endpoint
 
@@ -55,10 +60,10 @@ def deliver(dest: NntpDestination, endpoint: MemoryEndpoint, message: Any) -> An
         (440, "Posting not permitted", Status.TEMPORARY),
         (480, "Authentication required", Status.TEMPORARY),
         (403, "internal fault", Status.TEMPORARY),
-        (437, "Unapproved for \"local.moderated\"", Status.PERMANENT),
+        (437, 'Unapproved for "local.moderated"', Status.PERMANENT),
         (439, "<x@y> rejected", Status.PERMANENT),
-        (441, "Article posted in the future -- \"Date\" header field", Status.PERMANENT),
-        (441, "Can't set system \"Injection-Info\" header field", Status.PERMANENT),
+        (441, 'Article posted in the future -- "Date" header field', Status.PERMANENT),
+        (441, 'Can\'t set system "Injection-Info" header field', Status.PERMANENT),
         (502, "Permission denied", Status.PERMANENT),
         (500, "What?", Status.PERMANENT),
         (340, "go on", Status.TEMPORARY),
@@ -106,7 +111,7 @@ def test_ihave_modes() -> None:
     ("reply", "status"),
     [
         (b"436 Retry later\r\n", Status.TEMPORARY),
-        (b"437 Unapproved for \"local.mod\"\r\n", Status.PERMANENT),
+        (b'437 Unapproved for "local.mod"\r\n', Status.PERMANENT),
     ],
 )
 def test_ihave_refusals(reply: bytes, status: Status) -> None:

@@ -10,42 +10,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
 
-from gateway.config import ConfigError, Duration, NntpPollerConfig, parse
-from gateway.destination import Status
-from gateway.message import Article, Message
+from gateway.config import ConfigError, Duration, parse
+from gateway.message import Message
+from gateway.ports import Reason, Status, Verdict
+from gateway.protocols.nntp.config import NntpPollerConfig
 from gateway.protocols.nntp.poller import Mark, NntpPoller, _overview, mark_key
-from gateway.service import Verdict
-from gateway.spool import SqliteSpool, Stored
+from gateway.spool import SqliteSpool
+from tests.support.port import FakePort
 from tests.unit.test_nntp_client import MemoryEndpoint, Script, result, start
 
 GROUP = "local.test"
 CONNECT = "tcp:127.0.0.1:119"
 
 
-class FakeGateway:
-    """What the poller needs from GatewayService: submit (storing like the real one) and spool."""
-
-    def __init__(self, spool: SqliteSpool) -> None:
-        self.spool = spool
-        self.submitted: list[Article] = []
-        self.verdicts: dict[str, Status] = {}  # by Message-ID; DELIVERED when absent
-        self.crash_after_store: set[str] = set()
-
-    async def submit(self, message: Message, *, state: Any = None) -> Verdict:
-        assert isinstance(message, Article)
-        msgid = message.message_id or ""
-        self.submitted.append(message)
-        status = self.verdicts.get(msgid, Status.DELIVERED)
-        if status is Status.DELIVERED:
-            await self.spool.put([Stored(message, "r", ("d",))], state)
-            if msgid in self.crash_after_store:
-                # The process dies after the spool committed, before the verdict came back.
-                raise SystemExit("crash")
-        return Verdict(status, f"verdict {status}")
-
-    @property
-    def msgids(self) -> list[str]:
-        return [a.message_id or "" for a in self.submitted]
+def msgids(port: FakePort) -> list[str]:
+    return [getattr(a, "message_id", None) or "" for a in port.submitted]
 
 
 class Rig:
@@ -55,8 +34,18 @@ class Rig:
         self.store = self.endpoint.store
         self.spool = SqliteSpool(tmp_path / "spool")
         result(start(self.spool.open()))
-        self.gateway = FakeGateway(self.spool)
+        self.gateway = FakePort(reactor=self.clock, spool=self.spool)
+        self.crash_after_store: set[str] = set()
+        self.gateway.on_submit = self._crash
         self.poller: NntpPoller | None = None
+
+    async def _crash(self, message: Message, state: Any) -> None:
+        if getattr(message, "message_id", None) in self.crash_after_store:
+            # The process dies after the spool committed, before the verdict came back.
+            raise SystemExit("crash")
+
+    def verdict(self, msgid: str, status: Status) -> None:
+        self.gateway.verdicts[msgid] = Verdict(status, Reason.NONE, f"verdict {status}")
 
     def config(self, **kw: Any) -> NntpPollerConfig:
         kw.setdefault("groups", (GROUP,))
@@ -67,7 +56,7 @@ class Rig:
     def start(self, **kw: Any) -> NntpPoller:
         self.poller = NntpPoller(
             self.config(**kw),
-            self.gateway,  # type: ignore[arg-type]
+            self.gateway,
             self.clock,
             endpoint=self.endpoint,
         )
@@ -113,10 +102,10 @@ def test_start_new_skips_what_is_there_and_takes_later_articles(rig: Rig) -> Non
     assert rig.mark() == Mark(2)
     rig.store.add(GROUP, "<new3@x>")
     rig.next_poll()
-    assert rig.gateway.msgids == ["<new3@x>"]
+    assert msgids(rig.gateway) == ["<new3@x>"]
     assert rig.mark() == Mark(3, "<new3@x>")
     rig.next_poll()
-    assert rig.gateway.msgids == ["<new3@x>"]
+    assert msgids(rig.gateway) == ["<new3@x>"]
     article = rig.gateway.submitted[0]
     assert article.listener == "poll" and article.newsgroups == (GROUP,)
     assert article.headers.get("Subject") == "article 3"
@@ -126,7 +115,7 @@ def test_start_oldest_takes_everything_once_in_batches(rig: Rig) -> None:
     for i in range(7):
         rig.store.add(GROUP, f"<a{i}@x>")
     rig.start(start="oldest", batch=3)
-    assert rig.gateway.msgids == [f"<a{i}@x>" for i in range(7)]
+    assert msgids(rig.gateway) == [f"<a{i}@x>" for i in range(7)]
     assert rig.mark() == Mark(7, "<a6@x>")
     commands = [c for c in rig.endpoint.commands if c.startswith("OVER")]
     assert commands == ["OVER 1-3", "OVER 4-6", "OVER 7-7"]
@@ -140,43 +129,43 @@ def test_restart_hands_nothing_on_twice(rig: Rig, tmp_path: Path) -> None:
     rig.stop()
     rig.store.add(GROUP, "<r2@x>")
     rig.start(start="oldest")  # a new poller on the same spool
-    assert rig.gateway.msgids == ["<r1@x>", "<r2@x>"]
+    assert msgids(rig.gateway) == ["<r1@x>", "<r2@x>"]
 
 
 def test_crash_after_the_spool_committed_does_not_repeat_the_article(rig: Rig) -> None:
     rig.store.add(GROUP, "<c1@x>")
     rig.store.add(GROUP, "<c2@x>")
-    rig.gateway.crash_after_store = {"<c1@x>"}
+    rig.crash_after_store = {"<c1@x>"}
     rig.start(start="oldest")
     # The crash stopped the loop after <c1@x> was stored together with its mark.
-    assert rig.gateway.msgids == ["<c1@x>"]
+    assert msgids(rig.gateway) == ["<c1@x>"]
     assert rig.mark() == Mark(1, "<c1@x>")
-    rig.gateway.crash_after_store = set()
+    rig.crash_after_store = set()
     rig.start(start="oldest")
-    assert rig.gateway.msgids == ["<c1@x>", "<c2@x>"]
+    assert msgids(rig.gateway) == ["<c1@x>", "<c2@x>"]
 
 
 def test_temporary_verdict_stops_the_group_until_the_next_poll(rig: Rig) -> None:
     for i in range(3):
         rig.store.add(GROUP, f"<t{i}@x>")
-    rig.gateway.verdicts["<t1@x>"] = Status.TEMPORARY
+    rig.verdict("<t1@x>", Status.TEMPORARY)
     rig.start(start="oldest")
-    assert rig.gateway.msgids == ["<t0@x>", "<t1@x>"]
+    assert msgids(rig.gateway) == ["<t0@x>", "<t1@x>"]
     assert rig.mark() == Mark(1, "<t0@x>")
     rig.next_poll()
-    assert rig.gateway.msgids == ["<t0@x>", "<t1@x>", "<t1@x>"]
+    assert msgids(rig.gateway) == ["<t0@x>", "<t1@x>", "<t1@x>"]
     del rig.gateway.verdicts["<t1@x>"]
     rig.next_poll()
-    assert rig.gateway.msgids == ["<t0@x>", "<t1@x>", "<t1@x>", "<t1@x>", "<t2@x>"]
+    assert msgids(rig.gateway) == ["<t0@x>", "<t1@x>", "<t1@x>", "<t1@x>", "<t2@x>"]
     assert rig.mark() == Mark(3, "<t2@x>")
 
 
 def test_permanent_verdict_skips_the_article(rig: Rig) -> None:
     for i in range(3):
         rig.store.add(GROUP, f"<p{i}@x>")
-    rig.gateway.verdicts["<p1@x>"] = Status.PERMANENT
+    rig.verdict("<p1@x>", Status.PERMANENT)
     rig.start(start="oldest")
-    assert rig.gateway.msgids == ["<p0@x>", "<p1@x>", "<p2@x>"]
+    assert msgids(rig.gateway) == ["<p0@x>", "<p1@x>", "<p2@x>"]
     assert rig.mark() == Mark(3, "<p2@x>")
     assert rig.poller is not None and rig.poller.accepted == 2
 
@@ -184,11 +173,11 @@ def test_permanent_verdict_skips_the_article(rig: Rig) -> None:
 def test_missing_group_is_retried_and_other_groups_go_on(rig: Rig) -> None:
     rig.store.add("other.group", "<o1@x>")
     rig.start(start="oldest", groups=(GROUP, "other.group"))
-    assert rig.gateway.msgids == ["<o1@x>"]
+    assert msgids(rig.gateway) == ["<o1@x>"]
     assert rig.mark(GROUP) is None
     rig.store.add(GROUP, "<g1@x>")
     rig.next_poll()
-    assert rig.gateway.msgids == ["<o1@x>", "<g1@x>"]
+    assert msgids(rig.gateway) == ["<o1@x>", "<g1@x>"]
 
 
 def test_server_down_backs_off_and_recovers(rig: Rig) -> None:
@@ -207,7 +196,7 @@ def test_server_down_backs_off_and_recovers(rig: Rig) -> None:
     rig.endpoint.refuse = False
     rig.clock.advance(40)
     rig.settle()
-    assert rig.gateway.msgids == ["<d1@x>"]
+    assert msgids(rig.gateway) == ["<d1@x>"]
     assert poller.failures == 0
 
 
@@ -224,7 +213,7 @@ def test_group_renumbered_backwards_is_found_by_message_id(rig: Rig) -> None:
         del rig.store.groups[GROUP][n]
     rig.store.renumber(GROUP, 1)
     rig.next_poll()
-    assert rig.gateway.msgids == [f"<n{i}@x>" for i in range(7)]
+    assert msgids(rig.gateway) == [f"<n{i}@x>" for i in range(7)]
     assert rig.mark() == Mark(4, "<n6@x>")
 
 
@@ -236,7 +225,7 @@ def test_group_renumbered_upwards_is_noticed_by_stat(rig: Rig) -> None:
     rig.store.renumber(GROUP, 2)
     rig.store.add(GROUP, "<u3@x>")
     rig.next_poll()
-    assert rig.gateway.msgids == ["<u0@x>", "<u1@x>", "<u2@x>", "<u3@x>"]
+    assert msgids(rig.gateway) == ["<u0@x>", "<u1@x>", "<u2@x>", "<u3@x>"]
     assert rig.mark() == Mark(5, "<u3@x>")
 
 
@@ -248,7 +237,7 @@ def test_renumbered_group_without_the_last_article_starts_from_low(rig: Rig) -> 
     rig.store.low[GROUP] = rig.store.next[GROUP] = 1
     rig.store.add(GROUP, "<w0@x>")
     rig.next_poll()
-    assert rig.gateway.msgids[-1] == "<w0@x>"
+    assert msgids(rig.gateway)[-1] == "<w0@x>"
     assert rig.mark() == Mark(1, "<w0@x>")
 
 
@@ -258,7 +247,7 @@ def test_gaps_and_expired_articles(rig: Rig) -> None:
     for n in (2, 4, 6):
         del rig.store.groups[GROUP][n]
     rig.start(start="oldest")
-    assert rig.gateway.msgids == ["<e0@x>", "<e2@x>", "<e4@x>"]
+    assert msgids(rig.gateway) == ["<e0@x>", "<e2@x>", "<e4@x>"]
     assert rig.mark() == Mark(5, "<e4@x>")
 
 
@@ -268,7 +257,7 @@ def test_without_overview_each_number_is_probed(tmp_path: Path) -> None:
         rig.store.add(GROUP, f"<x{i}@x>")
     del rig.store.groups[GROUP][2]
     rig.start(start="oldest")
-    assert rig.gateway.msgids == ["<x0@x>", "<x2@x>", "<x3@x>"]
+    assert msgids(rig.gateway) == ["<x0@x>", "<x2@x>", "<x3@x>"]
     assert rig.mark() == Mark(4, "<x3@x>")
 
 
@@ -276,7 +265,7 @@ def test_authinfo_is_used(tmp_path: Path) -> None:
     rig = Rig(tmp_path, Script(user="gw", password="pw"))
     rig.store.add(GROUP, "<au@x>")
     rig.start(start="oldest", user="gw", password="pw")
-    assert rig.gateway.msgids == ["<au@x>"]
+    assert msgids(rig.gateway) == ["<au@x>"]
     assert rig.endpoint.commands[:3] == ["MODE READER", "AUTHINFO USER gw", "AUTHINFO PASS pw"]
 
 
@@ -308,14 +297,14 @@ def test_reconfigure_takes_new_groups_now(rig: Rig) -> None:
     assert rig.gateway.submitted == []
     poller.reconfigure(rig.config(groups=(GROUP, "other.group"), start="oldest"))
     rig.settle()
-    assert rig.gateway.msgids == ["<rc@x>"]
+    assert msgids(rig.gateway) == ["<rc@x>"]
 
 
 def test_unreadable_mark_starts_afresh(rig: Rig) -> None:
     rig.store.add(GROUP, "<m1@x>")
     result(start(rig.spool.set_state(mark_key(CONNECT, GROUP), "garbage")))
     rig.start(start="oldest")
-    assert rig.gateway.msgids == ["<m1@x>"]
+    assert msgids(rig.gateway) == ["<m1@x>"]
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -388,7 +377,7 @@ def test_renumbered_group_with_a_mark_from_start_new_takes_only_later_articles(r
     assert rig.mark() == Mark(4)
     rig.store.add(GROUP, "<y5@x>")
     rig.next_poll()
-    assert rig.gateway.msgids == ["<y5@x>"]
+    assert msgids(rig.gateway) == ["<y5@x>"]
 
 
 # ----------------------------------------------------------------------------- properties

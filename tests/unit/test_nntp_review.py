@@ -20,7 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from gateway.destination import Status
+from gateway.ports import Status, Verdict
 from gateway.protocols.nntp.client import NntpSessionError, Reply, _NntpClientProtocol
 from gateway.protocols.nntp.codec import (
     ArticleReceived,
@@ -35,7 +35,6 @@ from gateway.protocols.nntp.codec import (
 )
 from gateway.protocols.nntp.destination import outcome_for
 from gateway.protocols.nntp.server import NntpServerFactory
-from gateway.service import Verdict
 from tests.peers import make_tls_cert
 from tests.unit._flow import SmallBufferTransport
 from tests.unit.test_nntp_client import (
@@ -306,9 +305,7 @@ def test_idle_timeout_aborts_a_client_that_reads_nothing() -> None:
 # --------------------------------------------------------------------------- listener
 
 
-@pytest.mark.parametrize(
-    ("command", "code"), [("POST", 441), ("IHAVE", 437), ("TAKETHIS", 439)]
-)
+@pytest.mark.parametrize(("command", "code"), [("POST", 441), ("IHAVE", 437), ("TAKETHIS", 439)])
 @pytest.mark.parametrize("name", ["Message-ID", "Subject", "Newsgroups", "From", "Date"])
 def test_listener_refuses_a_header_field_that_appears_twice(
     command: str, code: int, name: str
@@ -440,7 +437,7 @@ def test_quit_over_tls_closes_the_connection(tmp_path: Path) -> None:
         (437, "Duplicate", Status.DELIVERED),
         (437, "Duplicate article", Status.DELIVERED),
         (439, "<a@b> Duplicate", Status.DELIVERED),
-        (437, "Unapproved for \"local.mod\"", Status.PERMANENT),
+        (437, 'Unapproved for "local.mod"', Status.PERMANENT),
         (437, "Article already expired", Status.PERMANENT),
     ],
 )

@@ -21,9 +21,10 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
-from gateway.config import ConfigError, Network, NntpListenerConfig, parse
-from gateway.destination import Status
-from gateway.message import Article, Message
+from gateway.config import ConfigError, Network, parse
+from gateway.listening import Admission
+from gateway.message import Article
+from gateway.ports import Reason, Status, Verdict
 from gateway.protocols.nntp.codec import (
     ArticleReceived,
     AuthRequest,
@@ -36,10 +37,10 @@ from gateway.protocols.nntp.codec import (
     encode_block,
     parse_capabilities,
 )
+from gateway.protocols.nntp.config import NntpListenerConfig
 from gateway.protocols.nntp.listener import (
     NntpListener,
     RecentIds,
-    build_factory,
     read_users_file,
 )
 from gateway.protocols.nntp.server import (
@@ -47,7 +48,7 @@ from gateway.protocols.nntp.server import (
     NntpServerProtocol,
     NntpSession,
 )
-from gateway.service import Verdict
+from tests.support.port import FakePort
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 ARTICLE = (
@@ -435,23 +436,10 @@ def test_shell_ignores_answers_after_the_client_left() -> None:
 # --------------------------------------------------------------------------- the listener
 
 
-class Gateway:
-    """Stands in for GatewayService: records submitted articles, answers the chosen verdict."""
-
-    def __init__(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.reactor.advance(1_764_072_000)
-        self.stopping = False
-        self.submitted: list[Message] = []
-        self.verdict = Verdict(Status.DELIVERED, "queued")
-        self.hold: Deferred[None] | None = None
-
-    async def submit(self, message: Message) -> Verdict:
-        self.submitted.append(message)
-        verdict = self.verdict  # the verdict chosen when the article arrived
-        if self.hold is not None:
-            await self.hold
-        return verdict
+def clock() -> MemoryReactorClock:
+    reactor = MemoryReactorClock()
+    reactor.advance(1_764_072_000)
+    return reactor
 
 
 def listener_config(**kw: Any) -> NntpListenerConfig:
@@ -461,9 +449,11 @@ def listener_config(**kw: Any) -> NntpListenerConfig:
     return NntpListenerConfig(**kw)
 
 
-def make_listener(gateway: Gateway | None = None, **kw: Any) -> tuple[NntpListener, Gateway]:
-    gw = gateway or Gateway()
-    return NntpListener(listener_config(**kw), gw), gw  # type: ignore[arg-type]
+def make_listener(
+    gateway: FakePort | None = None, **kw: Any
+) -> tuple[NntpListener, FakePort]:
+    gw = gateway or FakePort(reactor=clock())
+    return NntpListener(listener_config(**kw), gw, gw.reactor), gw
 
 
 SESSION = NntpSession("192.0.2.7", 40000, None, False)
@@ -508,7 +498,7 @@ def test_listener_relays_ihave_and_records_duplicates() -> None:
 )
 def test_listener_verdicts(status: Status, command: str, code: int) -> None:
     listener, gw = make_listener()
-    gw.verdict = Verdict(status, "no route for local.test", 550)
+    gw.verdict = Verdict(status, Reason.NO_ROUTE, "no route for local.test")
     mid = "" if command == "POST" else "<a1@example.org>"
     answer = run(listener.on_article(SESSION, command, mid, article()))
     assert answer.code == code
@@ -611,7 +601,7 @@ def test_listener_same_article_on_two_connections_goes_in_once() -> None:
 def test_listener_second_copy_goes_in_when_the_first_failed() -> None:
     listener, gw = make_listener()
     gw.hold = Deferred()
-    gw.verdict = Verdict(Status.TEMPORARY, "spool full")
+    gw.verdict = Verdict(Status.TEMPORARY, Reason.UNAVAILABLE, "spool full")
     first: list[Response] = []
     second: list[Response] = []
     ensureDeferred(
@@ -621,23 +611,44 @@ def test_listener_second_copy_goes_in_when_the_first_failed() -> None:
         listener.on_article(SESSION, "TAKETHIS", "<a1@example.org>", article())
     ).addCallback(second.append)
     hold, gw.hold = gw.hold, None
-    gw.verdict = Verdict(Status.DELIVERED, "queued")
+    gw.verdict = Verdict(Status.DELIVERED, Reason.NONE, "queued")
     hold.callback(None)
     assert [r.code for r in first] == [400]
     assert [r.code for r in second] == [239]
     assert len(gw.submitted) == 2
 
 
+def greeting(listener: NntpListener, host: str) -> list[bytes]:
+    """What a client from ``host`` reads on connecting to the listener's factory."""
+    peer = IPv4Address("TCP", host, 40000)
+    protocol = listener.factory().buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
+    protocol.makeConnection(transport)
+    return transport.value().split(b"\r\n")[:-1]
+
+
 def test_listener_connect_and_shutdown() -> None:
     listener, gw = make_listener(allow=(Network.parse("10.0.0.0/8"),))
-    refusal = listener.on_connect(SESSION)
-    assert refusal is not None and refusal.code == 502
+    [refusal] = greeting(listener, "192.0.2.7")
+    assert refusal.startswith(b"502 ")
+    assert greeting(listener, "10.1.2.3")[0][:3] in (b"200", b"201")
     assert listener.on_connect(NntpSession("10.1.2.3", 1, None, False)) is None
+    assert listener.guard.refused[Admission.NOT_ALLOWED] == 1
     gw.stopping = True
     refusal = listener.on_connect(NntpSession("10.1.2.3", 1, None, False))
     assert refusal is not None and refusal.code == 400
     assert listener.on_offer(SESSION, "IHAVE", "<x@y>").code == 436
     assert listener.on_offer(SESSION, "CHECK", "<x@y>").code == 431
+
+
+def test_listener_refuses_connections_over_max_connections() -> None:
+    listener, _ = make_listener(max_connections=2)
+    assert greeting(listener, "10.1.2.3")[0][:3] in (b"200", b"201")
+    assert greeting(listener, "10.1.2.4")[0][:3] in (b"200", b"201")
+    [refusal] = greeting(listener, "10.1.2.5")
+    assert refusal.startswith(b"400 ")
+    assert listener.guard.refused[Admission.TOO_MANY] == 1
+    assert len(listener.guard.connections) == 3  # until the refused one is closed
 
 
 def test_listener_auth(tmp_path: Path) -> None:
@@ -705,23 +716,20 @@ routes:
         )
 
 
-def test_build_factory_follows_the_config() -> None:
-    gw = Gateway()
-    config = listener_config(users={"a": "b"}, require_auth=True, posting=False, max_size=5000)
-    factory = build_factory(config, gw, gw.reactor)  # type: ignore[arg-type]
+def test_the_factory_follows_the_config() -> None:
+    listener, _ = make_listener(users={"a": "b"}, require_auth=True, posting=False, max_size=5000)
+    factory = listener.factory()
     assert factory.auth_available and factory.auth_required and not factory.posting
     assert factory.max_size == 5000
-    factory.reconfigure(listener_config(posting=True))
+    listener.reconfigure(listener_config(posting=True))
     assert not factory.auth_available and not factory.auth_required and factory.posting
 
 
 def test_users_file_edits_apply_at_the_next_login(tmp_path: Path, quiet_log: Any) -> None:
     users = tmp_path / "users"
     users.write_text("")
-    gw = Gateway()
-    config = listener_config(users_file=str(users), require_auth=True)
-    factory = build_factory(config, gw, gw.reactor)  # type: ignore[arg-type]
-    listener = factory.listener
+    listener, _ = make_listener(users_file=str(users), require_auth=True)
+    factory = listener.factory()
     assert factory.auth_available and factory.auth_required
     assert listener.on_auth(SESSION, "feeder", "pw").code == 481
     users.write_text("feeder:pw\n")
@@ -730,7 +738,7 @@ def test_users_file_edits_apply_at_the_next_login(tmp_path: Path, quiet_log: Any
     users.write_text("feeder:pw\nbroken line\n")
     assert listener.on_auth(SESSION, "feeder", "pw").code == 281
     assert any("users:2" in str(e.get("error", "")) for e in quiet_log)
-    factory.reconfigure(listener_config(users_file=str(tmp_path / "gone"), require_auth=True))
+    listener.reconfigure(listener_config(users_file=str(tmp_path / "gone"), require_auth=True))
     assert listener.on_auth(SESSION, "feeder", "pw").code == 281
 
 

@@ -11,9 +11,9 @@ import pytest
 from twisted.internet.task import Clock
 
 from gateway.config import parse
-from gateway.destination import Status
 from gateway.message import Kind, MailMessage
 from gateway.plugins import Reject, Transforms, load_transforms, transform
+from gateway.ports import Reason, Status
 from gateway.routing import Router, TransformFailed
 from gateway.service import GatewayService, Runtime
 from tests.unit.test_routing import run
@@ -46,7 +46,7 @@ def gatekeeper(msg: MailMessage, options: Mapping[str, Any]) -> MailMessage:
     if b"spam" in msg.body:
         if options.get("codes") == "plain":
             raise Reject("no spam here")
-        raise Reject("no spam, thanks", http_status=403, smtp_code=554, enhanced="5.7.0")
+        raise Reject("no spam, thanks", reason=Reason.BAD_MESSAGE)
     return msg
 
 
@@ -62,12 +62,12 @@ def message(rcpt: str, body: bytes) -> MailMessage:
     )
 
 
-def test_reject_defaults_are_the_usual_permanent_codes() -> None:
+def test_a_reject_is_a_policy_refusal_unless_it_says_why() -> None:
     reject = Reject("go away")
-    assert str(reject) == "go away" and reject.reason == "go away"
-    assert (reject.http_status, reject.smtp_code, reject.enhanced) == (400, 550, "5.7.1")
-    custom = Reject("nope", http_status=401, smtp_code=554, enhanced="5.7.0")
-    assert (custom.http_status, custom.smtp_code, custom.enhanced) == (401, 554, "5.7.0")
+    assert str(reject) == "go away" and reject.detail == "go away"
+    assert reject.reason is Reason.POLICY
+    custom = Reject("nope", reason=Reason.UNAUTHENTICATED)
+    assert custom.reason is Reason.UNAUTHENTICATED and custom.detail == "nope"
 
 
 def test_the_router_says_which_failures_are_rejections() -> None:
@@ -75,7 +75,7 @@ def test_the_router_says_which_failures_are_rejections() -> None:
     with pytest.raises(TransformFailed) as info:
         run(router.route(message("x@strict.test", b"spam")))
     assert info.value.rejected is not None
-    assert info.value.rejected.reason == "no spam, thanks"
+    assert info.value.rejected.detail == "no spam, thanks"
     assert info.value.route == "strict" and info.value.transform == "gatekeeper"
     with pytest.raises(TransformFailed) as info:
         run(router.route(message("x@strict.test", b"crash")))
@@ -90,21 +90,19 @@ def service(tmp_path: Path) -> GatewayService:
     return gw
 
 
-def test_a_reject_is_a_permanent_verdict_with_its_codes(service: GatewayService) -> None:
+def test_a_reject_is_a_permanent_verdict_with_its_reason(service: GatewayService) -> None:
     verdict = run(service.submit(message("x@strict.test", b"spam")))
     assert verdict.status is Status.PERMANENT
     assert verdict.detail == "no spam, thanks"
-    assert (verdict.code, verdict.enhanced, verdict.http_status) == (554, "5.7.0", 403)
+    assert verdict.reason is Reason.BAD_MESSAGE
     assert service.routed[("strict", "rejected")] == 1
     verdict = run(service.submit(message("x@plain.test", b"spam")))
-    assert (verdict.status, verdict.code, verdict.enhanced, verdict.http_status) == (
-        Status.PERMANENT, 550, "5.7.1", 400,
-    )  # fmt: skip
+    assert (verdict.status, verdict.reason) == (Status.PERMANENT, Reason.POLICY)
 
 
 def test_any_other_transform_error_stays_temporary(service: GatewayService) -> None:
     verdict = run(service.submit(message("x@strict.test", b"crash")))
     assert verdict.status is Status.TEMPORARY
-    assert (verdict.code, verdict.enhanced, verdict.http_status) == (451, "4.3.0", 0)
+    assert verdict.reason is Reason.FAILED
     assert "the plugin broke" in verdict.detail
     assert service.routed[("strict", "failed")] == 1

@@ -199,7 +199,7 @@ def test_one_bad_group_refuses_the_copy_with_its_name() -> None:
     with pytest.raises(TransformFailed) as info:
         run(router().route(mail("comp.a@news.test", "control.cancel@news.test")))
     rejected = info.value.rejected
-    assert rejected is not None and "control.cancel" in rejected.reason
+    assert rejected is not None and "control.cancel" in rejected.detail
 
 
 def test_continue_routes_still_fan_out_next_to_the_one_copy() -> None:

@@ -123,4 +123,3 @@ def test_reused_connection_lost_before_mail_reply_retries() -> None:
     env.server().transport.loseConnection()
     assert codes(env.wait(sending)) == [250]
     assert env.endpoint.connects == 2
-

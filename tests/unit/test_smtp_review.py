@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock
 
-from gateway.config import SmtpListenerConfig
-from gateway.destination import Status
+from gateway.ports import Reason, Status, Verdict
 from gateway.protocols.smtp.codec import MailRequest, Reply, parse_mail_argument
+from gateway.protocols.smtp.config import SmtpListenerConfig
 from gateway.protocols.smtp.listener import SmtpListener
 from gateway.protocols.smtp.server import SmtpSession
-from gateway.service import Verdict
+from tests.support.port import FakePort
 from tests.unit.test_smtp_codec import TRANSACTION, Driver
 from tests.unit.test_smtp_server import Conn, Handler
 
@@ -211,32 +208,10 @@ def test_a_delivered_message_starts_the_junk_count_afresh() -> None:
 # ----------------------------------------------------------------------------- listener replies
 
 
-@dataclass
-class _Runtime:
-    router: Any = None
-
-
-@dataclass
-class _Gateway:
-    """What SmtpListener uses of the service: submit() answers with a fixed verdict."""
-
-    verdict: Verdict
-    stopping: bool = False
-    reactor: MemoryReactorClock = field(default_factory=MemoryReactorClock)
-    submitted: list[Any] = field(default_factory=list)
-
-    async def submit(self, message: Any) -> Verdict:
-        self.submitted.append(message)
-        return self.verdict
-
-    def current(self) -> _Runtime:
-        return _Runtime()
-
-
 def _answer(verdict: Verdict) -> Reply:
     config = SmtpListenerConfig(name="mail-in", listen=(), hostname="gw.test")
-    gateway = _Gateway(verdict)
-    listener = SmtpListener(config, gateway)  # type: ignore[arg-type]
+    gateway = FakePort(verdict=verdict)
+    listener = SmtpListener(config, gateway, gateway.reactor)
     session = SmtpSession("192.0.2.7", 40000, "c.test", True, False)
     coroutine = listener.on_message(session, "a@example.org", ("b@example.net",), b"x\n")
     reply = asyncio.run(coroutine)  # type: ignore[arg-type]
@@ -244,30 +219,37 @@ def _answer(verdict: Verdict) -> Reply:
     return reply
 
 
-@pytest.mark.parametrize("code", [250, 354, 450, 99, 999])
-def test_permanent_refusal_is_never_answered_with_a_non_5xx_code(code: int) -> None:
-    """Defect: a permanent verdict (a transform's Reject(smtp_code=...)) was answered with
-    its code as is: 250 acknowledged a message that was never stored (lost mail), 450
-    made the client retry a refusal, a 2-digit or 4-digit code broke the reply syntax."""
-    reply = _answer(Verdict(Status.PERMANENT, "no thanks", code, "5.7.1"))
-    assert 500 <= reply.code <= 599
-    assert reply.status.startswith("5.")
-    assert reply.to_bytes().startswith(f"{reply.code} 5.7.1 no thanks".encode())
+@pytest.mark.parametrize("reason", list(Reason))
+@pytest.mark.parametrize("status", [Status.PERMANENT, Status.TEMPORARY])
+def test_every_refusal_is_answered_in_the_class_of_its_status(
+    status: Status, reason: Reason
+) -> None:
+    """A message that was not stored is never acknowledged (2xx, 3xx), a permanent
+    refusal is a 5xx and a temporary one a 4xx, and the enhanced status is of the same
+    class as the reply code (RFC 3463 section 2), whatever the reason."""
+    reply = _answer(Verdict(status, reason, "why"))
+    klass = "5" if status is Status.PERMANENT else "4"
+    assert str(reply.code).startswith(klass) and reply.status.startswith(klass + ".")
+    assert b"why" in reply.to_bytes()
 
 
 @pytest.mark.parametrize(
-    ("status", "code", "enhanced", "expect"),
+    ("reason", "code", "enhanced"),
     [
-        (Status.PERMANENT, 550, "4.7.1", "5.7.1"),
-        (Status.PERMANENT, 550, "2.0.0", "5.0.0"),
-        (Status.PERMANENT, 550, "bogus", "5.0.0"),
-        (Status.TEMPORARY, 451, "5.7.1", "4.7.1"),
+        (Reason.NO_ROUTE, 550, "5.1.1"),
+        (Reason.POLICY, 550, "5.7.1"),
+        (Reason.TOO_BIG, 552, "5.3.4"),
+        (Reason.BAD_ADDRESS, 553, "5.1.3"),
+        (Reason.MISCONFIGURED, 554, "5.3.5"),
     ],
 )
-def test_enhanced_status_class_matches_the_reply_code(
-    status: Status, code: int, enhanced: str, expect: str
-) -> None:
-    """Defect: the enhanced status code was copied from the verdict even when its class
-    disagreed with the reply code (RFC 3463 2: the class must match), e.g. "550 4.7.1"."""
-    reply = _answer(Verdict(status, "why", code, enhanced))
-    assert (reply.code, reply.status) == (code, expect)
+def test_permanent_reasons_get_their_smtp_codes(reason: Reason, code: int, enhanced: str) -> None:
+    reply = _answer(Verdict(Status.PERMANENT, reason, "why"))
+    assert (reply.code, reply.status) == (code, enhanced)
+
+
+def test_a_full_spool_is_452_and_other_temporary_failures_451() -> None:
+    full = _answer(Verdict(Status.TEMPORARY, Reason.UNAVAILABLE, "disk full"))
+    assert (full.code, full.status) == (452, "4.3.1")
+    broken = _answer(Verdict(Status.TEMPORARY, Reason.FAILED, "a transform failed"))
+    assert (broken.code, broken.status) == (451, "4.3.0")

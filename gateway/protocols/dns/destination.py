@@ -1,7 +1,8 @@
 """DNS destinations: forward queries to DNS servers or to a DNS-over-HTTPS server.
 
-These are request/response destinations: ``resolve`` returns a Deferred of the answer.
-They take no stored messages.
+These are request/response destinations (``Resolver``): ``ask`` calls back
+with the answer, or with the reason there is none.  They take no stored
+messages.
 """
 
 from __future__ import annotations
@@ -9,15 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
-from gateway.config import DnsDestinationConfig, DohDestinationConfig
-from gateway.destination import Outcome
-from gateway.message import Kind, Message
-from gateway.protocols.dns.client import DnsUpstream, OnAnswer, OnError
+from gateway.message import Kind
+from gateway.ports import OnAnswer, OnError, Resolver
+from gateway.protocols.dns.client import DnsUpstream, UpstreamError
+from gateway.protocols.dns.config import DnsDestinationConfig, DohDestinationConfig
 from gateway.protocols.dns.wire import Question
 
 
-class DnsDestination:
+class DnsDestination(Resolver[Question]):
     kinds = frozenset({Kind.DNS})
 
     def __init__(self, config: DnsDestinationConfig, reactor: Any) -> None:
@@ -35,14 +37,11 @@ class DnsDestination:
         """resolve() with plain callbacks (DnsUpstream.ask): the listener's fast path."""
         self.upstream.ask(data, question, on_answer, on_error)
 
-    async def deliver(self, message: Message) -> Outcome:
-        return Outcome.permanent("a DNS destination answers queries; it takes no stored messages")
-
     async def close(self) -> None:
         self.upstream.close()
 
 
-class DohDestination:
+class DohDestination(Resolver[Question]):
     kinds = frozenset({Kind.DNS})
 
     def __init__(self, config: DohDestinationConfig, reactor: Any) -> None:
@@ -64,8 +63,13 @@ class DohDestination:
         """The DoH server's answer; fails with UpstreamError on any failure."""
         return Deferred.fromCoroutine(self.upstream.resolve(data, question))
 
-    async def deliver(self, message: Message) -> Outcome:
-        return Outcome.permanent("a DoH destination answers queries; it takes no stored messages")
+    def ask(self, data: bytes, question: Question, on_answer: OnAnswer, on_error: OnError) -> None:
+        def failed(failure: Failure) -> None:
+            # An UpstreamError is the reason there is no answer; anything else is a bug.
+            value = failure.value
+            on_error(value if isinstance(value, UpstreamError) else failure)
+
+        self.resolve(data, question).addCallbacks(on_answer, failed)
 
     async def close(self) -> None:
         closing: Any = self.upstream.close()

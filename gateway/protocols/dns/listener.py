@@ -10,25 +10,28 @@ TC=1 so the client retries over TCP.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from gateway.config import (
-    DnsListenerConfig,
-    DohListenerConfig,
-    Route,
-    _parse_record,
-    systemd_endpoint_args,
-    udp_endpoint_args,
-)
+from gateway.config import Route, client_allowed, systemd_endpoint_args, udp_endpoint_args
+from gateway.listening import Admission, Guard, ListeningPort, StreamListener
+from gateway.ports import GatewayPort, Metric, Resolver, RouteTable
 from gateway.protocols.dns.cache import DnsCache
 from gateway.protocols.dns.client import UpstreamError
+from gateway.protocols.dns.config import (
+    DnsListenerConfig,
+    DnsRoute,
+    DohListenerConfig,
+    parse_record,
+)
+from gateway.protocols.dns.routes import DnsRoutes
 from gateway.protocols.dns.server import DnsTcpFactory, DnsUdpProtocol, Reply
 from gateway.protocols.dns.wire import (
     ANY,
@@ -49,12 +52,8 @@ from gateway.protocols.dns.wire import (
     truncate,
     with_id,
 )
-from gateway.routing import DnsRoutes
 from gateway.stats import Histogram
-from gateway.systemd import inherited_datagram_socket, server_endpoint
-
-if TYPE_CHECKING:
-    from gateway.service import GatewayService, Runtime
+from gateway.systemd import inherited_datagram_socket
 
 log = Logger(namespace="gateway.dns.listener")
 
@@ -68,7 +67,7 @@ class LocalZone:
         self.rrsets: dict[tuple[str, int], list[dns.rrset.RRset]] = {}
         self.names: set[str] = set()
         for text in records:
-            rrset = _parse_record(text)
+            rrset = parse_record(text)
             name = rrset.name.to_text().lower()
             if not name.endswith("."):
                 name += "."
@@ -117,32 +116,37 @@ class RouteCounts:
 
 
 class DnsListener:
-    """Answers queries for one configured DNS or DoH listener (the DnsHandler)."""
+    """Answers queries for one configured DNS or DoH listener (the DnsHandler).
 
-    def __init__(
-        self, config: DnsListenerConfig | DohListenerConfig, gateway: GatewayService
-    ) -> None:
+    Clients outside the listener's ``allow`` get REFUSED for every query, so a
+    listener on a public address is not an open resolver.
+    """
+
+    def __init__(self, config: DnsListenerConfig | DohListenerConfig, gateway: GatewayPort) -> None:
         self.config = config
         self.gateway = gateway
-        self._runtime: Runtime | None = None
+        self._table: RouteTable | None = None
         self._routes: DnsRoutes | None = None
         # Caches and local zones outlive reloads as long as their route is unchanged.
         self._caches: dict[str, tuple[Route, DnsCache]] = {}
         self._zones: dict[str, tuple[Route, LocalZone]] = {}
+        self._keys: dict[int, DnsRoute] = {}  # id(route) -> its DNS keys, for this table
         # For /metrics. Queries that reach no route count here, the rest per route.
         self.queries = 0
         self.malformed = 0
         self.notimp = 0
         self.unrouted = 0
+        self.not_allowed = 0
         self.by_route: dict[str, RouteCounts] = {}
         self.upstream: dict[tuple[str, str], int] = {}  # (destination, answered|failed)
         self.upstream_duration: dict[str, Histogram] = {}
 
-    def _index(self, runtime: Runtime) -> DnsRoutes:
-        if runtime is not self._runtime or self._routes is None:
-            routes = runtime.router.routes_for(self.config.name)
+    def _index(self, table: RouteTable) -> DnsRoutes:
+        if table is not self._table or self._routes is None:
+            routes = table.routes_for(self.config.name)
             self._routes = DnsRoutes(routes)
-            self._runtime = runtime
+            self._keys = {id(r): r.view(DnsRoute) for r in routes}
+            self._table = table
             names = {r.name for r in routes}
             self._caches = {k: v for k, v in self._caches.items() if k in names}
             self._zones = {k: v for k, v in self._zones.items() if k in names}
@@ -157,25 +161,25 @@ class DnsListener:
         """The response cache of each route that has one, by route name."""
         return {name: cache for name, (_, cache) in self._caches.items()}
 
-    def _cache(self, route: Route) -> DnsCache | None:
-        if not route.cache:
+    def _cache(self, route: Route, keys: DnsRoute) -> DnsCache | None:
+        if not keys.cache:
             return None
         held = self._caches.get(route.name)
         # The same Route object until a reload: compare all its fields only then.
         if held is None or (held[0] is not route and held[0] != route):
             cache = DnsCache(
-                route.cache_entries,
-                clock=self.gateway.reactor.seconds,
-                serve_stale=float(route.serve_stale),
+                keys.cache_entries,
+                clock=self.gateway.seconds,
+                serve_stale=float(keys.serve_stale),
             )
             held = (route, cache)
             self._caches[route.name] = held
         return held[1]
 
-    def _zone(self, route: Route) -> LocalZone:
+    def _zone(self, route: Route, keys: DnsRoute) -> LocalZone:
         held = self._zones.get(route.name)
         if held is None or held[0] != route:
-            held = (route, LocalZone(route.answer))
+            held = (route, LocalZone(keys.answer))
             self._zones[route.name] = held
         return held[1]
 
@@ -209,28 +213,34 @@ class DnsListener:
         if question.opcode != 0:
             self.notimp += 1
             return error_response(data, NOTIMP, question)
-        runtime = self.gateway.current()
-        route = self._index(runtime).select(
+        allow = self.config.allow
+        if allow and not client_allowed(allow, client[0]):
+            self.not_allowed += 1
+            return error_response(data, REFUSED, question)
+        table = self.gateway.current()
+        route = self._index(table).select(
             question.qname, question.qtype, question.qclass, client[0]
         )
         if route is None:
             self.unrouted += 1
             return error_response(data, REFUSED, question)
         counts = self.by_route.get(route.name) or self._counts(route.name)
-        if route.action is not None:
-            if route.action == "refuse":
+        keys = self._keys[id(route)]
+        if keys.action is not None:
+            if keys.action == "refuse":
                 counts.refused += 1
                 return error_response(data, REFUSED, question)
             counts.nxdomain += 1
             return error_response(data, NXDOMAIN, question)
-        if route.answer:
+        if keys.answer:
             counts.local += 1
             try:
-                return self._fit(self._zone(route).answer(data, question), question, transport)
+                zone = self._zone(route, keys)
+                return self._fit(zone.answer(data, question), question, transport)
             except Exception:
                 log.failure("local answer of route {route} failed", route=route.name)
                 return error_response(data, SERVFAIL, question)
-        cache = self._cache(route)
+        cache = self._cache(route, keys)
         if cache is not None:
             hit = cache.get(question.key, question.id)
             if hit is not None:
@@ -241,8 +251,69 @@ class DnsListener:
                 if hit[12:end] != data[12:end] or (hit[2] ^ data[2]) & 1:
                     hit = like_query(hit, data, end)
                 return self._fit(hit, question, transport)
-        forward = _Forward(self, runtime, route, data, question, client, transport, cache, counts)
+        forward = _Forward(self, table, route, data, question, client, transport, cache, counts)
         return forward.start(reply)
+
+    def metrics(self) -> Iterable[Metric]:
+        """What this listener's queries did: per route, per outcome, per cache, per upstream."""
+        name = self.config.name
+        yield Metric(
+            "gateway_listener_requests",
+            "Requests a listener received: DNS queries (DNS, DoH), HTTP requests (http)",
+            "counter",
+            ("listener",),
+        ).add([name], self.queries)
+        queries = Metric(
+            "gateway_dns_queries",
+            "DNS queries by route and outcome; route is empty for those no route took",
+            "counter",
+            ("listener", "route", "outcome"),
+        )
+        for outcome in ("malformed", "notimp", "unrouted", "not_allowed"):
+            queries.add([name, "", outcome], getattr(self, outcome))
+        for route, counts in sorted(self.by_route.items()):
+            for outcome in RouteCounts.outcomes:
+                queries.add([name, route, outcome], getattr(counts, outcome))
+        yield queries
+        labels = ("listener", "route")
+        hits = Metric("gateway_dns_cache_hits", "Answers from a route's cache", "counter", labels)
+        misses = Metric(
+            "gateway_dns_cache_misses",
+            "Queries a route's cache could not answer",
+            "counter",
+            labels,
+        )
+        stale = Metric(
+            "gateway_dns_cache_stale_answers",
+            "Expired answers served because every upstream failed (RFC 8767)",
+            "counter",
+            labels,
+        )
+        entries = Metric("gateway_dns_cache_entries", "Answers in a route's cache", "gauge", labels)
+        for route, cache in sorted(self.caches().items()):
+            hits.add([name, route], cache.hits)
+            misses.add([name, route], cache.misses)
+            stale.add([name, route], cache.stale_hits)
+            entries.add([name, route], len(cache))
+        yield from (hits, misses, stale, entries)
+        answered = Metric(
+            "gateway_dns_upstream_queries",
+            "Queries sent to a DNS or DoH destination: answered or failed",
+            "counter",
+            ("destination", "outcome"),
+        )
+        for (destination, outcome), n in sorted(self.upstream.items()):
+            answered.add([destination, outcome], n)
+        yield answered
+        latency = Metric(
+            "gateway_dns_upstream_duration_seconds",
+            "Time a DNS or DoH destination took to answer or fail",
+            "histogram",
+            ("destination",),
+        )
+        for destination, histogram in sorted(self.upstream_duration.items()):
+            latency.add([destination], histogram)
+        yield latency
 
     def _upstream(self, destination: str, outcome: str, seconds: float) -> None:
         key = (destination, outcome)
@@ -281,15 +352,15 @@ class _Forward:
         "question",
         "reply",
         "route",
-        "runtime",
         "started",
+        "table",
         "transport",
     )
 
     def __init__(
         self,
         listener: DnsListener,
-        runtime: Runtime,
+        table: RouteTable,
         route: Route,
         data: bytes,
         question: Question,
@@ -299,7 +370,7 @@ class _Forward:
         counts: RouteCounts,
     ) -> None:
         self.listener = listener
-        self.runtime = runtime
+        self.table = table
         self.route = route
         self.data = data
         self.question = question
@@ -327,28 +398,19 @@ class _Forward:
     def next(self) -> None:
         """Ask the next destination, or answer stale or SERVFAIL when there is none left."""
         to = self.route.to
-        destinations = self.runtime.destinations
+        table = self.table
         while self.index < len(to):
             name = self.name = to[self.index]
             self.index += 1
-            destination: Any = destinations.get(name)
-            self.started = self.listener.gateway.reactor.seconds()
+            destination = table.destination(name)
+            if not isinstance(destination, Resolver):
+                self._problem(f"{name}: not a DNS destination")
+                continue
+            self.started = self.listener.gateway.seconds()
             try:
-                ask = getattr(destination, "ask", None)
-                if ask is not None:
-                    ask(self.data, self.question, self._answered, self._failed)
-                    return
-                resolve = getattr(destination, "resolve", None)
-                if resolve is None:
-                    self._problem(f"{name}: not a DNS destination")
-                    continue
-                asking: Any = resolve(self.data, self.question)
-                if asking.__class__ is not Deferred:
-                    asking = ensureDeferred(asking)
-            except Exception:
-                self._failed(Failure())  # type: ignore[no-untyped-call]
-                return
-            asking.addCallbacks(self._answered, self._failed)
+                destination.ask(self.data, self.question, self._answered, self._failed)
+            except Exception as exc:
+                self._failed(exc)
             return
         self._finish(self._exhausted())
 
@@ -356,9 +418,7 @@ class _Forward:
         listener = self.listener
         question = self.question
         try:
-            listener._upstream(
-                self.name, "answered", listener.gateway.reactor.seconds() - self.started
-            )
+            listener._upstream(self.name, "answered", listener.gateway.seconds() - self.started)
             if self.cache is not None:
                 self.cache.put(question.key, answer)
             self.counts.forwarded += 1
@@ -380,7 +440,7 @@ class _Forward:
     def _failed(self, error: BaseException | Failure) -> None:
         listener = self.listener
         name = self.name
-        listener._upstream(name, "failed", listener.gateway.reactor.seconds() - self.started)
+        listener._upstream(name, "failed", listener.gateway.seconds() - self.started)
         value = error.value if isinstance(error, Failure) else error
         if isinstance(value, UpstreamError):
             self._problem(f"{name}: {value}")
@@ -432,20 +492,23 @@ class _Forward:
             deferred.callback(response)
 
 
-class DnsSockets:
-    """The sockets of a DNS listener: UDP and TCP endpoints share one DnsListener."""
+class DnsSockets(StreamListener[DnsListenerConfig]):
+    """A DNS listener: its UDP and TCP endpoints share one DnsListener."""
 
-    def __init__(self, config: DnsListenerConfig, gateway: GatewayService, reactor: Any) -> None:
+    def __init__(self, config: DnsListenerConfig, gateway: GatewayPort, reactor: Any) -> None:
+        super().__init__(config, gateway, reactor)
         self.handler = DnsListener(config, gateway)
-        self.reactor = reactor
         self.tcp = DnsTcpFactory(
             self.handler,
             reactor,
             idle_timeout=float(config.tcp_idle_timeout),
-            max_connections=config.max_tcp_connections,
+            guard=self.guard,
         )
 
-    async def listen_on(self, description: str) -> Any:
+    def factory(self) -> DnsTcpFactory:
+        return self.tcp
+
+    async def listen_on(self, description: str) -> ListeningPort:
         if description.lower().startswith("udp:systemd:"):
             # Socket activation: the UDP socket systemd bound (ListenDatagram=).
             domain, index, name = systemd_endpoint_args(description)
@@ -454,47 +517,87 @@ class DnsSockets:
             # it non-blocking (systemd-socket-activate passes blocking ones): we must.
             os.set_blocking(fd, False)
             protocol = DnsUdpProtocol(self.handler)
-            return self.reactor.adoptDatagramPort(fd, family, protocol)
+            port: ListeningPort = self.reactor.adoptDatagramPort(fd, family, protocol)
+            return port
         if description.lower().startswith("udp:"):
-            port, interface = udp_endpoint_args(description)
-            return self.reactor.listenUDP(port, DnsUdpProtocol(self.handler), interface=interface)
-        return await server_endpoint(self.reactor, description).listen(self.tcp)
+            number, interface = udp_endpoint_args(description)
+            udp: ListeningPort = self.reactor.listenUDP(
+                number, DnsUdpProtocol(self.handler), interface=interface
+            )
+            return udp
+        return await super().listen_on(description)
 
     def reconfigure(self, config: DnsListenerConfig) -> None:
+        super().reconfigure(config)
         self.handler.config = config
         self.tcp.idle_timeout = float(config.tcp_idle_timeout)
-        self.tcp.max_connections = config.max_tcp_connections
 
     async def drain(self, timeout: float) -> None:
-        for protocol in list(self.tcp.connections):
+        for protocol in list(self.guard.connections):
             protocol._transport.loseConnection()
+
+    def metrics(self) -> Iterable[Metric]:
+        yield from super().metrics()
+        yield from self.handler.metrics()
+
+    def activity(self) -> tuple[int, int]:
+        return 0, self.handler.queries
 
 
 @implementer(IProtocolNegotiationFactory)
-class _CountingFactory(WrappingFactory):
-    """The site, with its open connections kept in ``protocols`` (ALPN passed through)."""
+class _GuardedSite(WrappingFactory):
+    """The DoH site behind the listener's guard: connections counted and limited (ALPN kept).
+
+    A client outside ``allow`` is served, and each of its queries answered REFUSED.
+    """
 
     noisy = False
+
+    def __init__(self, site: Any, guard: Guard[Any]) -> None:
+        super().__init__(site)  # type: ignore[no-untyped-call]
+        self.guard = guard
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        host = str(getattr(addr, "host", ""))
+        if self.guard.connect(protocol, host, check_allow=False) is not Admission.OK:
+            self.guard.disconnect(protocol)
+            return None
+        return protocol
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
+        self.guard.disconnect(p)
 
     def acceptableProtocols(self) -> list[bytes]:
         protocols: list[bytes] = self.wrappedFactory.acceptableProtocols()
         return protocols
 
 
-class DohSockets:
-    """The sockets of a DoH listener."""
+class DohSockets(StreamListener[DohListenerConfig]):
+    """A DNS-over-HTTPS listener."""
 
-    def __init__(self, config: DohListenerConfig, gateway: GatewayService, reactor: Any) -> None:
+    def __init__(self, config: DohListenerConfig, gateway: GatewayPort, reactor: Any) -> None:
         from gateway.protocols.dns.doh_server import doh_site
 
+        super().__init__(config, gateway, reactor)
         self.handler = DnsListener(config, gateway)
-        self.reactor = reactor
         self.site = doh_site(self.handler, path=config.path, max_size=config.max_size)
-        # Keeps the open connections (``protocols``) for /metrics.
-        self.counted = _CountingFactory(self.site)  # type: ignore[no-untyped-call]
+        self.guarded = _GuardedSite(self.site, self.guard)
 
-    async def listen_on(self, description: str) -> Any:
-        return await server_endpoint(self.reactor, description).listen(self.counted)
+    def factory(self) -> _GuardedSite:
+        return self.guarded
+
+    def keeps_sockets(self, config: DohListenerConfig) -> bool:
+        return config == self.config  # the web site is built with its path and limits
 
     def reconfigure(self, config: DohListenerConfig) -> None:
+        super().reconfigure(config)
         self.handler.config = config
+
+    def metrics(self) -> Iterable[Metric]:
+        yield from super().metrics()
+        yield from self.handler.metrics()
+
+    def activity(self) -> tuple[int, int]:
+        return 0, self.handler.queries

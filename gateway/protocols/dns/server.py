@@ -17,6 +17,7 @@ from twisted.internet.protocol import DatagramProtocol, Factory, Protocol, conne
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.listening import Admission, Guard
 from gateway.protocols.dns.batch import ReadBatch, read_batch
 
 log = Logger(namespace="gateway.dns.server")
@@ -128,18 +129,13 @@ class DnsTcpProtocol(Protocol):
         return self.transport
 
     def connectionMade(self) -> None:
-        if len(self.factory.connections) >= self.factory.max_connections:
-            log.warn(
-                "too many DNS TCP clients ({count}); refusing {peer}",
-                count=len(self.factory.connections),
-                peer=self._transport.getPeer(),
-            )
+        peer = self._transport.getPeer()
+        self._peer = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        # A client outside 'allow' is served, and each query answered REFUSED by the handler.
+        if self.factory.guard.connect(self, self._peer[0], check_allow=False) is not Admission.OK:
             self._transport.loseConnection()
             return
         self._open = True
-        self.factory.connections.add(self)
-        peer = self._transport.getPeer()
-        self._peer = (getattr(peer, "host", ""), getattr(peer, "port", 0))
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
@@ -221,20 +217,28 @@ class DnsTcpProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._open = False
         self._cancel_timer()
-        self.factory.connections.discard(self)
+        self.factory.guard.disconnect(self)
 
 
 class DnsTcpFactory(Factory):
     noisy = False
 
     def __init__(
-        self, handler: DnsHandler, reactor: Any, *, idle_timeout: float, max_connections: int
+        self,
+        handler: DnsHandler,
+        reactor: Any,
+        *,
+        idle_timeout: float,
+        guard: Guard[DnsTcpProtocol] | None = None,
     ) -> None:
         self.handler = handler
         self.reactor = reactor
         self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
-        self.connections: set[DnsTcpProtocol] = set()
+        self.guard: Guard[DnsTcpProtocol] = guard or Guard("dns", (), 2**31)
+
+    @property
+    def connections(self) -> set[DnsTcpProtocol]:
+        return self.guard.connections
 
     def buildProtocol(self, addr: Any) -> DnsTcpProtocol:
         return DnsTcpProtocol(self)

@@ -12,26 +12,25 @@ from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from gateway.config import HttpListenerConfig, Route, client_allowed
-from gateway.destination import Status
+from gateway.config import Route
+from gateway.listening import StreamListener
 from gateway.message import HttpRequest
+from gateway.ports import GatewayPort, Metric, Proxy, Reason, RouteTable, Status, Verdict
+from gateway.protocols.http.config import HttpListenerConfig
+from gateway.protocols.http.routes import HeaderValues, HttpRoutes
 from gateway.protocols.http.server import Exchange, HttpServerFactory
-from gateway.routing import HttpRoutes
 from gateway.stats import Histogram
-from gateway.systemd import server_endpoint
-
-if TYPE_CHECKING:
-    from gateway.service import GatewayService, Runtime, Verdict
 
 log = Logger(namespace="gateway.http.listener")
 
 
-def _header_values(exchange: Exchange) -> Any:
+def _header_values(exchange: Exchange) -> HeaderValues:
     headers = exchange.head.headers
 
     def values(name: str) -> list[str]:
@@ -80,13 +79,28 @@ class _BodyCollector:
             self.listener.submit(self.exchange, self.route, b"".join(self.parts))
 
 
+# What the gateway's reasons are in HTTP, for a request that became a message.
+_STATUS = {
+    Reason.NO_ROUTE: 404,
+    Reason.TOO_BIG: 413,
+    Reason.POLICY: 403,
+    Reason.BAD_MESSAGE: 400,
+    Reason.BAD_ADDRESS: 400,
+    Reason.UNSUPPORTED_FORMAT: 415,
+    Reason.UNSUPPORTED_METHOD: 405,
+    Reason.UNAUTHENTICATED: 401,
+    Reason.MISCONFIGURED: 500,
+    Reason.DUPLICATE: 409,
+}
+
+
 class HttpListener:
     """Handles the requests of one configured http listener."""
 
-    def __init__(self, config: HttpListenerConfig, gateway: GatewayService) -> None:
+    def __init__(self, config: HttpListenerConfig, gateway: GatewayPort) -> None:
         self.config = config
         self.gateway = gateway
-        self._runtime: Runtime | None = None
+        self._table: RouteTable | None = None
         self._routes: HttpRoutes | None = None
         # For the status line and /metrics.
         self.requests = 0
@@ -99,10 +113,10 @@ class HttpListener:
         self.statuses: dict[tuple[str, str], int] = {}
         self.duration = Histogram()
 
-    def _index(self, runtime: Runtime) -> HttpRoutes:
-        if runtime is not self._runtime or self._routes is None:
-            self._routes = HttpRoutes(runtime.router.routes_for(self.config.name))
-            self._runtime = runtime
+    def _index(self, table: RouteTable) -> HttpRoutes:
+        if table is not self._table or self._routes is None:
+            self._routes = HttpRoutes(table.routes_for(self.config.name))
+            self._table = table
         return self._routes
 
     def handle(self, exchange: Exchange) -> None:
@@ -116,17 +130,7 @@ class HttpListener:
             exchange.close_after()
             exchange.respond(405, b"CONNECT is not supported\n", extra=[(b"Allow", b"GET, POST")])
             return
-        allow = self.config.allow
-        if allow and not client_allowed(allow, exchange.client):
-            log.info(
-                "listener {listener} refused client {client}: not in allow",
-                listener=self.config.name,
-                client=exchange.client,
-            )
-            exchange.close_after()
-            exchange.error(403, f"listener '{self.config.name}' does not take requests from you")
-            return
-        runtime = self.gateway.current()
+        table = self.gateway.current()
         method = head.method.decode("latin-1")
         target = head.target.decode("latin-1")
         host = head.host.decode("latin-1")
@@ -140,7 +144,7 @@ class HttpListener:
             # serve a path no route allowed.  Clients send paths already resolved.
             exchange.error(400, "a . or .. segment in the request path is not accepted")
             return
-        chosen = self._index(runtime).select(
+        chosen = self._index(table).select(
             method, host, target, _header_values(exchange), exchange.client
         )
         if chosen is None:
@@ -151,20 +155,17 @@ class HttpListener:
         exchange.route = route.name
         length = head.length
         for name in route.to:
-            destination = runtime.destinations.get(name)
-            proxy = getattr(destination, "proxy", None)
-            if proxy is not None:
+            destination = table.destination(name)
+            if isinstance(destination, Proxy):
                 if length > self.config.max_size:
                     exchange.error(413, f"the request body is larger than {self.config.max_size}")
                     return
                 self.proxied += 1
                 exchange.outcome = "proxied"
-                proxy(exchange, route.name)
+                destination.proxy(exchange, route.name)
                 return
         if length > self.config.max_size:
-            exchange.error(
-                413, f"the request body is larger than {self.config.max_size} bytes"
-            )
+            exchange.error(413, f"the request body is larger than {self.config.max_size} bytes")
             return
         collector = _BodyCollector(self, exchange, route)
         if exchange.body_done:
@@ -180,9 +181,7 @@ class HttpListener:
             method=head.method.decode("latin-1"),
             target=head.target.decode("latin-1"),
             host=head.host.decode("latin-1"),
-            http_headers=tuple(
-                (n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers
-            ),
+            http_headers=tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers),
             body=body,
         )
         d = Deferred.fromCoroutine(self.gateway.submit(request))
@@ -199,11 +198,7 @@ class HttpListener:
             exchange.outcome = "queued"
             exchange.json(202, {"id": request.id, "status": "queued"})
         elif verdict.status is Status.PERMANENT:
-            status = verdict.http_status
-            if not status:
-                # A refusal from the router (no route) carries 5.1.1, as in SMTP.
-                status = 404 if verdict.enhanced == "5.1.1" else 400
-            exchange.json(status, {"error": verdict.detail})
+            exchange.json(_STATUS.get(verdict.reason, 400), {"error": verdict.detail})
         else:
             exchange.json(503, {"error": verdict.detail}, [(b"Retry-After", b"30")])
 
@@ -229,35 +224,82 @@ class HttpListener:
             )
 
 
-class HttpSockets:
-    """The sockets of an http listener; every endpoint shares one handler and its limits."""
+class HttpSockets(StreamListener[HttpListenerConfig]):
+    """An http listener: every endpoint shares one handler, one factory and its limits."""
 
-    def __init__(self, config: HttpListenerConfig, gateway: GatewayService, reactor: Any) -> None:
+    def __init__(self, config: HttpListenerConfig, gateway: GatewayPort, reactor: Any) -> None:
+        super().__init__(config, gateway, reactor)
         self.listener = HttpListener(config, gateway)
-        self.reactor = reactor
-        self.factory = HttpServerFactory(
+        self._factory = HttpServerFactory(
             self.listener,
             reactor,
             max_header_size=int(config.max_header_size),
             header_timeout=float(config.header_timeout),
             idle_timeout=float(config.idle_timeout),
-            max_connections=config.max_connections,
             max_body=int(config.max_size),
+            guard=self.guard,
         )
 
-    async def listen_on(self, description: str) -> Any:
-        return await server_endpoint(self.reactor, description).listen(self.factory)
+    def factory(self) -> HttpServerFactory:
+        return self._factory
 
     def reconfigure(self, config: HttpListenerConfig) -> None:
+        super().reconfigure(config)
         self.listener.config = config
-        self.factory.max_header_size = int(config.max_header_size)
-        self.factory.header_timeout = float(config.header_timeout)
-        self.factory.idle_timeout = float(config.idle_timeout)
-        self.factory.max_connections = config.max_connections
-        self.factory.max_body = int(config.max_size)
+        self._factory.max_header_size = int(config.max_header_size)
+        self._factory.header_timeout = float(config.header_timeout)
+        self._factory.idle_timeout = float(config.idle_timeout)
+        self._factory.max_body = int(config.max_size)
 
     async def drain(self, timeout: float) -> None:
-        for protocol in list(self.factory.connections):
+        for protocol in list(self.guard.connections):
             if protocol.exchange is None:
                 protocol.transport.loseConnection()
-        self.factory.stop()
+        self._factory.stop()
+
+    def activity(self) -> tuple[int, int]:
+        return self.listener.accepted, self.listener.requests
+
+    def metrics(self) -> Iterable[Metric]:
+        yield from super().metrics()
+        name = self.name
+        listener = self.listener
+        yield Metric(
+            "gateway_listener_requests",
+            "Requests a listener received: DNS queries (DNS, DoH), HTTP requests (http)",
+            "counter",
+            ("listener",),
+        ).add([name], listener.requests)
+        outcomes = Metric(
+            "gateway_http_requests",
+            "HTTP requests by route and outcome: proxied (to an http destination), queued"
+            " (a web hook in the spool), rejected (a 4xx from the gateway) or error (a 5xx"
+            " from the gateway, or no answer); route is empty for those no route took",
+            "counter",
+            ("listener", "route", "outcome"),
+        )
+        for (route, outcome), n in sorted(listener.outcomes.items()):
+            outcomes.add([name, route, outcome], n)
+        yield outcomes
+        statuses = Metric(
+            "gateway_http_responses",
+            "HTTP responses by route and status class (2xx ... 5xx; none: the connection"
+            " ended before a response began)",
+            "counter",
+            ("listener", "route", "code"),
+        )
+        for (route, code), n in sorted(listener.statuses.items()):
+            statuses.add([name, route, code], n)
+        yield statuses
+        yield Metric(
+            "gateway_http_malformed_requests",
+            "Requests refused before their head was complete (400, 408, 414, 431, 501)",
+            "counter",
+            ("listener",),
+        ).add([name], self._factory.bad_heads)
+        yield Metric(
+            "gateway_http_request_duration_seconds",
+            "From a request's head to the end of its response (or of the connection)",
+            "histogram",
+            ("listener",),
+        ).add([name], listener.duration)

@@ -18,7 +18,8 @@ that closes under it gives 502 rather than a retry (RFC 9112 section 9.3.1).
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 from twisted.internet import defer, endpoints
 from twisted.internet.protocol import Factory, connectionDone
@@ -27,9 +28,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.config import HttpDestinationConfig, HttpUrl
-from gateway.destination import Outcome
-from gateway.message import Kind, Message
+from gateway.message import Kind
+from gateway.ports import Metric, Proxy
 from gateway.protocols.http.codec import (
     END,
     HOP_BY_HOP,
@@ -38,10 +38,8 @@ from gateway.protocols.http.codec import (
     ResponseReader,
     chunk,
 )
-from gateway.protocols.http.server import send_now
-
-if TYPE_CHECKING:
-    from gateway.protocols.http.server import Exchange
+from gateway.protocols.http.config import HttpDestinationConfig, HttpUrl
+from gateway.protocols.http.server import Exchange, send_now
 
 log = Logger(namespace="gateway.http.proxy")
 
@@ -381,10 +379,7 @@ class ProxyCall:
     def _response_done(self, conn: UpstreamConnection) -> None:
         response = self.response
         reuse = (
-            response is not None
-            and response.keep_alive
-            and self.request_done
-            and conn.reader.idle
+            response is not None and response.keep_alive and self.request_done and conn.reader.idle
         )
         self.upstream_release(conn, reuse=reuse)
         self.finished = True
@@ -434,12 +429,7 @@ class ProxyCall:
         """The upstream connection failed or talked nonsense during this call."""
         # Retried only when the method is idempotent: a POST may have been acted on before
         # the connection closed, and a proxy must not repeat it (RFC 9112 section 9.3.1).
-        stale = (
-            conn.reused
-            and self.response is None
-            and not self.sent_body
-            and not self.retried
-        )
+        stale = conn.reused and self.response is None and not self.sent_body and not self.retried
         retry = stale and self.exchange.head.method in _IDEMPOTENT
         self.upstream_release(conn, reuse=False)
         if self.finished:
@@ -508,7 +498,7 @@ class ProxyCall:
 _REPLACED_RESPONSE = HOP_BY_HOP
 
 
-class HttpProxyDestination:
+class HttpProxyDestination(Proxy[Exchange]):
     """The running ``http`` destination."""
 
     kinds = frozenset({Kind.HTTP})
@@ -602,7 +592,9 @@ class HttpProxyDestination:
         node = b'"[' + client + b']"' if b":" in client else client
         if host:
             element = b'for=%s;proto=%s;host="%s"' % (
-                node, scheme, host.replace(b'"', b"").replace(b"\\", b"")
+                node,
+                scheme,
+                host.replace(b'"', b"").replace(b"\\", b""),
             )
         else:
             element = b"for=%s;proto=%s" % (node, scheme)
@@ -632,13 +624,44 @@ class HttpProxyDestination:
             self._sweeper.stop()
             self._sweeper = None
 
-    # --- the Destination protocol ---------------------------------------------------------
+    # --- the Destination ----------------------------------------------------------------
 
-    async def deliver(self, message: Message) -> Outcome:
-        return Outcome.permanent(
-            f"destination '{self.name}' is a reverse proxy: it answers requests from an http"
-            " listener and does not take spooled messages"
+    def metrics(self) -> Iterable[Metric]:
+        labels = ("destination", "upstream")
+        upstream = Metric(
+            "gateway_http_upstream_requests",
+            "Requests an http destination sent to an upstream server, by outcome: ok (it"
+            " answered, whatever the status), connect_failed (502 unless another upstream"
+            " took it), timeout (504) or failed (the connection broke or the response was"
+            " malformed: 502)",
+            "counter",
+            ("destination", "upstream", "outcome"),
         )
+        down = Metric(
+            "gateway_http_upstream_down",
+            "1 while an upstream server is marked down (skipped after a failure)",
+            "gauge",
+            labels,
+        )
+        active = Metric(
+            "gateway_http_upstream_active_requests",
+            "Requests in progress on an upstream server",
+            "gauge",
+            labels,
+        )
+        for u in self.upstreams:
+            url = str(u.url)
+            counts = (
+                ("ok", u.answered),
+                ("connect_failed", u.connect_failures),
+                ("timeout", u.timeouts),
+                ("failed", u.failures),
+            )
+            for outcome, n in counts:
+                upstream.add([self.name, url, outcome], n)
+            down.add([self.name, url], int(not u.healthy))
+            active.add([self.name, url], u.active)
+        return (upstream, down, active)
 
     async def close(self) -> None:
         self.closed = True

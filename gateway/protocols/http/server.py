@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from gateway.listening import Admission, Guard
 from gateway.protocols.http.codec import END, Head, ParseError, RequestReader, chunk, response_head
 
 log = Logger(namespace="gateway.http.server")
@@ -312,19 +313,22 @@ class HttpServerProtocol(TwistedProtocol):
         self.client = getattr(peer, "host", "") or ""
         if interfaces.ISSLTransport.providedBy(self.transport):
             self.scheme = b"https"
-        factory.connections.add(self)
+        admission = factory.guard.connect(self, self.client)
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
         self._wait(factory.idle_timeout, 0)
-        if len(factory.connections) > factory.max_connections:
-            self.closing = True
-            self.transport.write(
-                closing_response(503, b"too many connections\n", [(b"Retry-After", b"1")])
-            )
-            # The client may be sending its request already: closing at once would reset
-            # the connection under it and could lose the 503.
-            self._linger()
+        if admission is Admission.OK:
+            return
+        self.closing = True
+        if admission is Admission.NOT_ALLOWED:
+            refusal = closing_response(403, b"this listener does not take requests from you\n")
+        else:
+            refusal = closing_response(503, b"too many connections\n", [(b"Retry-After", b"1")])
+        self.transport.write(refusal)
+        # The client may be sending its request already: closing at once would reset
+        # the connection under it and could lose the answer.
+        self._linger()
 
     def _wait(self, limit: float, status: int) -> None:
         self.since = self.factory.clock()
@@ -550,7 +554,7 @@ class HttpServerProtocol(TwistedProtocol):
         if self._h2 is not None:
             self._h2.connectionLost(reason)
         self.closed = True
-        self.factory.connections.discard(self)
+        self.factory.guard.disconnect(self)
         exchange, self.exchange = self.exchange, None
         if exchange is not None and self.factory.on_done is not None:
             self.factory.on_done(exchange)  # aborted, refused or cut short: never finished
@@ -579,8 +583,8 @@ class HttpServerFactory(Factory):
         max_header_size: int = 16 * 1024,
         header_timeout: float = 10.0,
         idle_timeout: float = 60.0,
-        max_connections: int = 1000,
         max_body: int = 10 * 1024 * 1024,
+        guard: Guard[HttpServerProtocol] | None = None,
     ) -> None:
         self.handler = handler
         self.reactor = reactor
@@ -588,9 +592,9 @@ class HttpServerFactory(Factory):
         self.max_header_size = max_header_size
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
         self.max_body = max_body
-        self.connections: set[HttpServerProtocol] = set()
+        # The listener's connection rules (allow, max_connections) and its open connections.
+        self.guard: Guard[HttpServerProtocol] = guard or Guard("http", (), 1000)
         self._sweeper: LoopingCall | None = None
         # Told about each exchange once it is over (answered or not), for /metrics.
         self.on_done: Callable[[Exchange], None] | None = getattr(handler, "done", None)
@@ -610,7 +614,7 @@ class HttpServerFactory(Factory):
 
     def sweep(self) -> None:
         now = self.clock()
-        for protocol in list(self.connections):
+        for protocol in list(self.guard.connections):
             if protocol.limit and now - protocol.since > protocol.limit:
                 protocol.timed_out()
 

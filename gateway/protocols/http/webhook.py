@@ -46,8 +46,6 @@ import email.headerregistry
 import email.message
 import email.policy
 import email.utils
-import hashlib
-import hmac
 import json
 import re
 import time
@@ -82,19 +80,18 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from gateway.config import WebhookDestinationConfig
-from gateway.destination import Outcome
 from gateway.message import Article, Kind, MailMessage, Message
+from gateway.ports import Deliverer, Outcome
 from gateway.protocols.http.body import BytesProducer
 from gateway.protocols.http.client_tls import UnverifiedTls, load_trust_root
+from gateway.protocols.http.config import WebhookDestinationConfig
+from gateway.signing import sign
 
 __all__ = [
     "WebhookDestination",
     "message_document",
     "outcome_for_status",
     "parse_retry_after",
-    "sign",
-    "signature_matches",
 ]
 
 log = Logger(namespace="gateway.http.webhook")
@@ -108,27 +105,6 @@ _USER_AGENT = b"gateway-webhook/1"
 # A Retry-After longer than this (about 31 years) is taken as this; the destination's
 # retry_max caps the wait anyway.
 _MAX_RETRY_AFTER = 10**9
-
-# --------------------------------------------------------------------------- signatures
-
-
-def sign(secret: str | bytes, body: bytes) -> str:
-    """``sha256=<hex>``: the HMAC-SHA256 of ``body`` under ``secret`` (GitHub's form)."""
-    key = secret.encode("utf-8") if isinstance(secret, str) else secret
-    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
-
-
-def signature_matches(secret: str | bytes, body: bytes, header: str | None) -> bool:
-    """Whether ``header`` is ``sha256=<hex>`` of ``body`` under ``secret``; constant time."""
-    if not header:
-        return False
-    expected = sign(secret, body).encode("ascii")
-    # The prefix is case-insensitive in practice, the hex digits too.
-    given = header.strip()
-    if given[:7].lower() == "sha256=":
-        given = "sha256=" + given[7:].lower()
-    return hmac.compare_digest(expected, given.encode("utf-8", "replace"))
-
 
 # --------------------------------------------------------------------------- Retry-After
 
@@ -180,7 +156,7 @@ def outcome_for_status(
     if 300 <= status < 500:
         if 300 <= status < 400:
             detail += "; the web hook does not follow redirects: put the new URL in the destination"
-        return Outcome.permanent(detail, enhanced="5.0.0")
+        return Outcome.permanent(detail, diagnostic=f"http; {status} {phrase}".rstrip())
     return Outcome.temporary(f"{detail} (not a valid HTTP status)")
 
 
@@ -426,7 +402,7 @@ def _describe(exc: BaseException, origin: str) -> str:
     return f"request to {origin} failed: {'; '.join(str(v) or type(v).__name__ for v in reasons)}"
 
 
-class WebhookDestination:
+class WebhookDestination(Deliverer):
     """POSTs spooled mail and articles as JSON over a pool of keep-alive connections."""
 
     def __init__(

@@ -18,9 +18,9 @@ from twisted.internet import threads
 from twisted.internet.interfaces import IReactorCore, IReactorThreads
 from twisted.logger import Logger
 
-from gateway.config import MaildirDestinationConfig
-from gateway.destination import Outcome
 from gateway.message import Article, Kind, MailMessage, Message
+from gateway.ports import Deliverer, Outcome
+from gateway.protocols.maildir.config import MaildirDestinationConfig
 
 log = Logger(namespace="gateway.maildir")
 
@@ -75,7 +75,7 @@ def write_maildir(root: Path, data: bytes) -> Path:
     return final
 
 
-class MaildirDestination:
+class MaildirDestination(Deliverer):
     kinds = frozenset({Kind.MAIL, Kind.ARTICLE})
 
     def __init__(self, config: MaildirDestinationConfig, reactor: IReactorCore) -> None:
@@ -101,9 +101,7 @@ class MaildirDestination:
             # operator, so the sender should try again rather than bounce.
             reason = errno.errorcode.get(exc.errno or 0, "error")
             return Outcome.temporary(
-                f"cannot write to Maildir {self.root}: {exc.strerror or exc} ({reason})",
-                code=451,
-                enhanced="4.3.0",
+                f"cannot write to Maildir {self.root}: {exc.strerror or exc} ({reason})"
             )
         return Outcome.delivered(f"saved as {path.name}")
 

@@ -17,10 +17,10 @@ import re
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorCore, IStreamClientEndpoint
 
-from gateway.config import NntpDestinationConfig
-from gateway.destination import Outcome
 from gateway.message import Article, Kind, Message
+from gateway.ports import Deliverer, Outcome, Reason
 from gateway.protocols.nntp.client import NntpClientPool, NntpSessionError, Reply
+from gateway.protocols.nntp.config import NntpDestinationConfig
 
 __all__ = ["NntpDestination", "outcome_for"]
 
@@ -61,14 +61,14 @@ def outcome_for(reply: Reply, server: str) -> Outcome:
     if code == 440:
         return Outcome.temporary(f"{said}: the server does not allow posting from the gateway")
     if code in (437, 439, 441) or 500 <= code < 600:
-        return Outcome.permanent(said)
+        return Outcome.permanent(said, diagnostic=f"nntp; {reply}")
     if 400 <= code < 500:
         return Outcome.temporary(said)
     # 1xx/2xx/3xx we did not ask for: the exchange went wrong, try again later.
     return Outcome.temporary(f"{said}, which is not an answer to an offered article")
 
 
-class NntpDestination:
+class NntpDestination(Deliverer):
     kinds = frozenset({Kind.ARTICLE})
 
     def __init__(
@@ -103,7 +103,8 @@ class NntpDestination:
         if self.config.mode != "post" and not msgid:
             return Outcome.permanent(
                 f"the article has no Message-ID, which {self.config.mode.upper()} needs"
-                " (mode: post lets the server make one)"
+                " (mode: post lets the server make one)",
+                reason=Reason.BAD_MESSAGE,
             )
         try:
             reply = await self.pool.send(msgid, message.to_bytes())

@@ -48,23 +48,21 @@ import hmac
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
-from gateway.config import NntpListenerConfig, client_allowed
-from gateway.destination import Status
+from gateway.listening import StreamListener, duration_metric, message_metric
 from gateway.message import Article, new_message_id
+from gateway.ports import GatewayPort, Metric, Status
 from gateway.protocols._line_server import drain_sessions
 from gateway.protocols.nntp.codec import Response, is_message_id
+from gateway.protocols.nntp.config import NntpListenerConfig
 from gateway.protocols.nntp.server import NntpServerFactory, NntpSession
 from gateway.stats import Histogram
-
-if TYPE_CHECKING:
-    from gateway.service import GatewayService
 
 log = Logger(namespace="gateway.nntp.listener")
 
@@ -178,23 +176,63 @@ _ANSWERS = {
 }
 
 
-class NntpListener:
-    """Implements the server's NntpHandler for one configured listener."""
+class NntpListener(StreamListener[NntpListenerConfig]):
+    """One configured NNTP listener: its server factory, and the server's NntpHandler."""
 
-    def __init__(self, config: NntpListenerConfig, gateway: GatewayService) -> None:
-        self.gateway = gateway
-        self.config = config
+    def __init__(self, config: NntpListenerConfig, gateway: GatewayPort, reactor: Any) -> None:
+        super().__init__(config, gateway, reactor)
         self.users: dict[str, str] = {}
         self.recent = RecentIds(config.remember)
         self._users_stamp: tuple[int, int] | None = None
         # Message-ids being handled now, with who waits for each one's verdict.
         self._inflight: dict[str, list[Deferred[None]]] = {}
         # For /metrics: articles by the answer they got, and the time to that answer.
-        self.accepted = 0
         self.rejected = 0
         self.tempfail = 0
         self.duration = Histogram()
         self.configure(config)
+        self._factory = NntpServerFactory(
+            self,
+            reactor=reactor,
+            hostname=config.hostname,
+            max_size=config.max_size,
+            idle_timeout=config.idle_timeout,
+            posting=config.posting,
+            auth_available=self.auth_available,
+            auth_required=config.require_auth,
+            guard=self.guard,
+        )
+
+    # ----------------------------------------------------------------- Listener
+
+    def factory(self) -> NntpServerFactory:
+        return self._factory
+
+    def reconfigure(self, config: NntpListenerConfig) -> None:
+        super().reconfigure(config)
+        self.configure(config, strict=False)
+        factory = self._factory
+        factory.hostname = config.hostname
+        factory.max_size = config.max_size
+        factory.idle_timeout = config.idle_timeout
+        factory.posting = config.posting
+        factory.auth_available = self.auth_available
+        factory.auth_required = config.require_auth
+
+    async def drain(self, timeout: float) -> None:
+        """Close idle sessions now; give busy ones ``timeout`` seconds to finish their article."""
+        response = Response(400, f"{self.config.hostname} service shutting down")
+        await drain_sessions(
+            self.guard.connections,
+            self.reactor,
+            timeout,
+            lambda session: session.close_with(response),
+        )
+
+    def metrics(self) -> Iterable[Metric]:
+        yield from super().metrics()
+        yield message_metric(self.name, self.accepted, self.rejected, self.tempfail)
+        yield duration_metric(self.name, self.duration)
 
     def configure(self, config: NntpListenerConfig, *, strict: bool = True) -> None:
         """Take new settings and read the users file again.
@@ -248,13 +286,6 @@ class NntpListener:
     def on_connect(self, session: NntpSession) -> Response | None:
         if self.gateway.stopping:
             return Response(400, f"{self.config.hostname} service shutting down")
-        if not client_allowed(self.config.allow, session.peer_host):
-            log.info(
-                "listener {listener} refused client {client}: not in allow",
-                listener=self.config.name,
-                client=session.peer_host,
-            )
-            return Response(502, f"Access denied for {session.peer_host}")
         return None
 
     def on_auth(self, session: NntpSession, user: str, password: str) -> Response:
@@ -307,7 +338,7 @@ class NntpListener:
         self, session: NntpSession, command: str, message_id: str, data: bytes
     ) -> Response:
         answers = _ANSWERS[command]
-        clock = self.gateway.reactor.seconds
+        clock = self.gateway.seconds
         started = clock()
         qid = new_message_id()
         article = Article.from_bytes(
@@ -441,7 +472,7 @@ class NntpListener:
             headers = headers.add("Message-ID", message_id)
         elif not is_message_id(message_id, strict=True):
             return f"Bad Message-ID {message_id[:250]!r}: expected <left@right>", article
-        now = self.gateway.reactor.seconds()
+        now = self.gateway.seconds()
         if "Date" not in headers:
             headers = headers.add("Date", email.utils.formatdate(now, usegmt=True))
         path = headers.get("Path")
@@ -458,44 +489,3 @@ class NntpListener:
             info += f'; posting-account="{account}"'
         headers = headers.add("Injection-Info", info)
         return "", article.replace_headers(headers)
-
-
-class ListenerFactory(NntpServerFactory):
-    """The server factory with the listener's settings, replaceable on reload."""
-
-    listener: NntpListener
-
-    def reconfigure(self, config: NntpListenerConfig) -> None:
-        self.listener.configure(config, strict=False)
-        self.hostname = config.hostname
-        self.max_size = config.max_size
-        self.idle_timeout = config.idle_timeout
-        self.posting = config.posting
-        self.auth_available = self.listener.auth_available
-        self.auth_required = config.require_auth
-
-    async def drain(self, timeout: float) -> None:
-        """Close idle sessions now; give busy ones ``timeout`` seconds to finish their article."""
-        response = Response(400, f"{self.hostname} service shutting down")
-        await drain_sessions(
-            self.connections, self.reactor, timeout, lambda session: session.close_with(response)
-        )
-
-
-def build_factory(
-    config: NntpListenerConfig, gateway: GatewayService, reactor: IReactorCore
-) -> ListenerFactory:
-    listener = NntpListener(config, gateway)
-    reactor_time: IReactorTime = reactor
-    factory = ListenerFactory(
-        listener,
-        reactor=reactor_time,
-        hostname=config.hostname,
-        max_size=config.max_size,
-        idle_timeout=config.idle_timeout,
-        posting=config.posting,
-        auth_available=listener.auth_available,
-        auth_required=config.require_auth,
-    )
-    factory.listener = listener
-    return factory

@@ -18,8 +18,9 @@ article handed on.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred
@@ -28,18 +29,16 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.config import NntpPollerConfig
-from gateway.destination import Status
+from gateway.listening import Listener, ListeningPort, message_metric
 from gateway.message import Article
+from gateway.ports import GatewayPort, Metric, Status
 from gateway.protocols.nntp.client import (
     NntpSession,
     NntpSessionError,
     describe_endpoint,
     open_session,
 )
-
-if TYPE_CHECKING:
-    from gateway.service import GatewayService
+from gateway.protocols.nntp.config import NntpPollerConfig
 
 __all__ = ["Mark", "NntpPoller", "mark_key"]
 
@@ -77,27 +76,26 @@ def mark_key(connect: str, group: str) -> str:
     return f"nntp-poll {connect} {group}"
 
 
-class NntpPoller:
+class NntpPoller(Listener[NntpPollerConfig]):
     """One ``nntp-poll`` listener: a loop that polls its groups until stopped.
 
-    ``start_polling`` (called by ListenerService) starts the loop and returns
-    the poller as its "port": ``stopListening`` stops it.
+    It opens no socket: ``open`` starts the loop and keeps the poller itself
+    as its "port", whose ``stopListening`` stops it.
     """
 
     def __init__(
         self,
         config: NntpPollerConfig,
-        gateway: GatewayService,
+        gateway: GatewayPort,
         reactor: Any,
         *,
         endpoint: IStreamClientEndpoint | None = None,
     ) -> None:
         """``endpoint`` replaces the one made from ``connect`` (for tests)."""
+        super().__init__(config, gateway, reactor)
         self.endpoint = endpoint
-        self.config = config
-        self.gateway = gateway
-        self.reactor = reactor
-        self.accepted = 0  # articles handed on (for the status line)
+        self.rejected = 0  # articles refused for good (skipped)
+        self.tempfail = 0  # articles not taken for now (tried again at the next poll)
         self.polls = 0  # completed poll rounds (tests wait on it)
         self.failures = 0  # consecutive rounds that could not reach the server
         self._running: Deferred[None] | None = None
@@ -113,6 +111,20 @@ class NntpPoller:
         return str(self.config.connect)
 
     # ----------------------------------------------------------------- life cycle
+
+    async def open(self) -> None:
+        self.ports.append(await self.start_polling())
+        log.info(
+            "listener {listener} ({protocol}) started",
+            listener=self.name,
+            protocol=self.config.protocol,
+        )
+
+    async def listen_on(self, description: str) -> ListeningPort:
+        raise ValueError("an nntp-poll listener opens no socket; it connects to 'connect'")
+
+    def metrics(self) -> Iterable[Metric]:
+        yield message_metric(self.name, self.accepted, self.rejected, self.tempfail)
 
     async def start_polling(self) -> NntpPoller:
         if self._running is None:
@@ -253,10 +265,7 @@ class NntpPoller:
     # ----------------------------------------------------------------- one group
 
     async def _load_mark(self, group: str) -> Mark | None:
-        spool = self.gateway.spool
-        if spool is None:
-            raise NntpSessionError("the spool is not open")
-        text = await spool.get_state(mark_key(self.server, group))
+        text = await self.gateway.get_state(mark_key(self.server, group))
         if text is None:
             return None
         mark = Mark.decode(text)
@@ -271,10 +280,7 @@ class NntpPoller:
         return mark
 
     async def _save_mark(self, group: str, mark: Mark) -> None:
-        spool = self.gateway.spool
-        if spool is None:
-            raise NntpSessionError("the spool is not open")
-        await spool.set_state(mark_key(self.server, group), mark.encode())
+        await self.gateway.set_state(mark_key(self.server, group), mark.encode())
 
     async def _select(self, session: NntpSession, group: str) -> tuple[int, int, int] | None:
         """GROUP: (count, low, high), or None when the group cannot be read now."""
@@ -437,6 +443,7 @@ class NntpPoller:
             finally:
                 self._submitting = False
             if verdict.status is Status.TEMPORARY:
+                self.tempfail += 1
                 log.warn(
                     "NNTP poller {listener}: article {number} {msgid} of {group} not taken"
                     " ({detail}); trying again at the next poll",
@@ -449,6 +456,7 @@ class NntpPoller:
                 await self._save_mark(group, mark)
                 return None
             if verdict.status is Status.PERMANENT:
+                self.rejected += 1
                 log.error(
                     "NNTP poller {listener}: article {number} {msgid} of {group} refused for"
                     " good ({detail}); skipped",

@@ -15,6 +15,8 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 
+from gateway.listening import Admission, Guard
+
 from .._line_server import Clock, LineServerProtocol
 from .codec import (
     ArticleReceived,
@@ -121,7 +123,12 @@ class NntpServerProtocol(LineServerProtocol):
     def _in_progress(self) -> bool:
         return self._nntp_codec.busy
 
-    def _refusal(self) -> tuple[bytes, bool] | None:
+    def _refusal(self, admission: Admission) -> tuple[bytes, bool] | None:
+        if admission is Admission.NOT_ALLOWED:
+            return Response(502, f"Access denied for {self._peer_host}").to_bytes(), True
+        if admission is Admission.TOO_MANY:
+            # RFC 3977 5.1.1: 400 is "service temporarily unavailable".
+            return Response(400, "Too many connections, try again later").to_bytes(), True
         try:
             refusal = self._nntp_factory.handler.on_connect(self.session)
         except Exception:
@@ -188,6 +195,7 @@ class NntpServerFactory(Factory):
         posting: bool = True,
         auth_available: bool = False,
         auth_required: bool = False,
+        guard: Guard[NntpServerProtocol] | None = None,
     ) -> None:
         if max_size < 0:
             raise ValueError(f"max_size must be 0 (no limit) or a positive size, not {max_size}")
@@ -208,11 +216,15 @@ class NntpServerFactory(Factory):
         self.posting = posting
         self.auth_available = auth_available
         self.auth_required = auth_required
-        # Open connections, so a shutdown can tell idle sessions to go away.
-        self.connections: set[NntpServerProtocol] = set()
+        # The listener's connection rules; its open connections let a shutdown tell idle
+        # sessions to go away.
+        self.guard: Guard[NntpServerProtocol] = guard or Guard(hostname, (), 2**31)
+
+    @property
+    def connections(self) -> set[NntpServerProtocol]:
+        return self.guard.connections
 
     def buildProtocol(self, addr: IAddress | None) -> NntpServerProtocol:
         protocol = NntpServerProtocol(self)
         protocol.factory = self
-        self.connections.add(protocol)
         return protocol

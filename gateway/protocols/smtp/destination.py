@@ -10,10 +10,10 @@ from __future__ import annotations
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorCore
 
-from gateway.config import SmtpDestinationConfig
-from gateway.destination import Outcome
 from gateway.message import Kind, MailMessage, Message
+from gateway.ports import Deliverer, Outcome, Reason, RecipientFailure
 from gateway.protocols.smtp.client import RecipientResult, SmtpClientPool
+from gateway.protocols.smtp.config import SmtpDestinationConfig
 
 
 def _describe(server: str, result: RecipientResult) -> str:
@@ -23,7 +23,15 @@ def _describe(server: str, result: RecipientResult) -> str:
     return f"{server} answered {result.code}{status} {result.text}"
 
 
-class SmtpDestination:
+def _diagnostic(result: RecipientResult) -> str:
+    """The server's reply as a DSN's Diagnostic-Code (RFC 3464 section 2.3.6)."""
+    if result.code == 0:
+        return ""
+    status = f" {result.status}" if result.status else ""
+    return f"smtp; {result.code}{status} {result.text}"
+
+
+class SmtpDestination(Deliverer):
     kinds = frozenset({Kind.MAIL})
 
     def __init__(self, config: SmtpDestinationConfig, reactor: IReactorCore) -> None:
@@ -57,18 +65,24 @@ class SmtpDestination:
         if len(failed) < len(results):
             detail += f" (for {', '.join(failed)}; the other recipients were delivered)"
         rejected = tuple(
-            (r.recipient, r.code, r.status, _describe(self.config.connect, r)) for r in permanent
+            RecipientFailure(
+                r.recipient,
+                Reason.REFUSED,
+                _describe(self.config.connect, r),
+                r.status,
+                _diagnostic(r),
+            )
+            for r in permanent
         )
         if temporary:
             return Outcome.temporary(
                 detail,
                 failed=tuple(r.recipient for r in temporary),
                 rejected=rejected,
-                code=worst.code,
-                enhanced=worst.status,
+                diagnostic=_diagnostic(worst),
             )
         return Outcome.permanent(
-            detail, failed=failed, rejected=rejected, code=worst.code, enhanced=worst.status
+            detail, rejected=rejected, diagnostic=_diagnostic(worst), dsn_status=worst.status
         )
 
     async def close(self) -> None:

@@ -8,23 +8,19 @@ is never an open relay), and what to answer once the message is handled.
 from __future__ import annotations
 
 import email.utils
-import re
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
-from gateway.config import SmtpListenerConfig, client_allowed
-from gateway.destination import Status
+from gateway.listening import StreamListener, duration_metric, message_metric
 from gateway.message import MailMessage, new_message_id
+from gateway.ports import GatewayPort, Metric, Reason, Status, Verdict
 from gateway.protocols._line_server import drain_sessions
+from gateway.protocols.smtp.config import SmtpListenerConfig
 from gateway.protocols.smtp.server import Reply, SmtpServerFactory, SmtpSession
 from gateway.stats import Histogram
-
-if TYPE_CHECKING:
-    from gateway.service import GatewayService
 
 log = Logger(namespace="gateway.smtp.listener")
 
@@ -59,39 +55,94 @@ def _date(second: int) -> str:
     return date
 
 
-_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
+# What the gateway's reasons are in SMTP (RFC 5321 codes, RFC 3463 enhanced status).
+_PERMANENT: dict[Reason, tuple[int, str]] = {
+    Reason.NO_ROUTE: (550, "5.1.1"),
+    Reason.TOO_BIG: (552, "5.3.4"),
+    Reason.POLICY: (550, "5.7.1"),
+    Reason.BAD_MESSAGE: (550, "5.6.0"),
+    Reason.BAD_ADDRESS: (553, "5.1.3"),
+    Reason.UNSUPPORTED_FORMAT: (554, "5.6.1"),
+    Reason.UNSUPPORTED_METHOD: (502, "5.5.1"),
+    Reason.UNAUTHENTICATED: (530, "5.7.0"),
+    Reason.MISCONFIGURED: (554, "5.3.5"),
+    Reason.DUPLICATE: (554, "5.6.0"),
+}
+_TEMPORARY: dict[Reason, tuple[int, str]] = {
+    Reason.UNAVAILABLE: (452, "4.3.1"),
+    Reason.SHUTTING_DOWN: (421, "4.3.2"),
+}
 
 
-def _status(enhanced: str, klass: str, default: str) -> str:
-    """``enhanced`` in the class of the reply code (RFC 3463 section 2), else ``default``."""
-    if not _ENHANCED.match(enhanced):
-        return default
-    return klass + enhanced[1:] if enhanced[0] != "2" else default
+def reply_for(verdict: Verdict) -> Reply:
+    """The SMTP reply to the end of DATA for a message the gateway did not take."""
+    if verdict.status is Status.TEMPORARY:
+        code, status = _TEMPORARY.get(verdict.reason, (451, "4.3.0"))
+        return Reply(code, status, f"Try again later: {verdict.detail}")
+    code, status = _PERMANENT.get(verdict.reason, (554, "5.0.0"))
+    return Reply(code, status, verdict.detail)
 
 
-class SmtpListener:
-    """Implements the server's SmtpHandler for one configured listener."""
+class SmtpListener(StreamListener[SmtpListenerConfig]):
+    """One configured SMTP listener: its server factory, and the server's SmtpHandler."""
 
-    def __init__(self, config: SmtpListenerConfig, gateway: GatewayService) -> None:
-        self.config = config
-        self.gateway = gateway
+    def __init__(self, config: SmtpListenerConfig, gateway: GatewayPort, reactor: Any) -> None:
+        super().__init__(config, gateway, reactor)
         # For /metrics: messages by the reply they got, and the time to that reply.
-        self.accepted = 0
         self.rejected = 0
         self.tempfail = 0
         self.recipients_refused = 0
         self.duration = Histogram()
+        self._factory = SmtpServerFactory(
+            self,
+            reactor=reactor,
+            hostname=config.hostname,
+            max_size=config.max_size,
+            max_recipients=config.max_recipients,
+            idle_timeout=config.idle_timeout,
+            guard=self.guard,
+        )
+
+    # --- Listener ---
+
+    def factory(self) -> SmtpServerFactory:
+        return self._factory
+
+    def reconfigure(self, config: SmtpListenerConfig) -> None:
+        super().reconfigure(config)
+        factory = self._factory
+        factory.hostname = config.hostname
+        factory.max_size = config.max_size
+        factory.max_recipients = config.max_recipients
+        factory.idle_timeout = config.idle_timeout
+
+    async def drain(self, timeout: float) -> None:
+        """Close idle sessions now; give busy ones ``timeout`` seconds to finish their message."""
+        reply = Reply(421, "4.3.2", f"{self.config.hostname} Service shutting down")
+        await drain_sessions(
+            self.guard.connections,
+            self.reactor,
+            timeout,
+            lambda session: session.close_with(reply),
+        )
+
+    def metrics(self) -> Iterable[Metric]:
+        yield from super().metrics()
+        name = self.name
+        yield message_metric(name, self.accepted, self.rejected, self.tempfail)
+        yield Metric(
+            "gateway_listener_recipients_refused",
+            "Recipients refused because no route takes them",
+            "counter",
+            ("listener",),
+        ).add([name], self.recipients_refused)
+        yield duration_metric(name, self.duration)
+
+    # --- SmtpHandler ---
 
     def on_connect(self, session: SmtpSession) -> Reply | None:
         if self.gateway.stopping:
             return Reply(421, "4.3.2", f"{self.config.hostname} Service shutting down")
-        if not client_allowed(self.config.allow, session.peer_host):
-            log.info(
-                "listener {listener} refused client {client}: not in allow",
-                listener=self.config.name,
-                client=session.peer_host,
-            )
-            return Reply(554, "5.7.1", f"Access denied for {session.peer_host}")
         return None
 
     def on_sender(
@@ -105,8 +156,7 @@ class SmtpListener:
     def on_recipient(
         self, session: SmtpSession, sender: str, recipient: str, params: Mapping[str, str | None]
     ) -> Reply | None:
-        router = self.gateway.current().router
-        if router.accepts_recipient(self.config.name, sender, recipient, session.peer_host):
+        if self.gateway.accepts_recipient(self.config.name, sender, recipient, session.peer_host):
             return None
         self.recipients_refused += 1
         log.info(
@@ -131,7 +181,7 @@ class SmtpListener:
             listener=self.config.name,
             client=session.peer_host,
         )
-        clock = self.gateway.reactor.seconds
+        clock = self.gateway.seconds
         started = clock()
         verdict = await self.gateway.submit(message)
         self.duration.observe(clock() - started)
@@ -140,48 +190,6 @@ class SmtpListener:
             return Reply(250, "2.0.0", f"Ok: queued as {qid}")
         if verdict.status is Status.TEMPORARY:
             self.tempfail += 1
-            code = verdict.code if 400 <= verdict.code < 500 else 451
-            status = _status(verdict.enhanced, "4", "4.3.0")
-            return Reply(code, status, f"Try again later: {verdict.detail}")
-        self.rejected += 1
-        # The code comes from a destination or a transform's Reject: anything but a 5xx
-        # would acknowledge (2xx, 3xx) or defer (4xx) a message that was not stored.
-        code = verdict.code if 500 <= verdict.code < 600 else 554
-        return Reply(code, _status(verdict.enhanced, "5", "5.0.0"), verdict.detail)
-
-
-class ListenerFactory(SmtpServerFactory):
-    """The server factory with the listener's settings, replaceable on reload."""
-
-    listener: SmtpListener
-
-    def reconfigure(self, config: SmtpListenerConfig) -> None:
-        self.listener.config = config
-        self.hostname = config.hostname
-        self.max_size = config.max_size
-        self.max_recipients = config.max_recipients
-        self.idle_timeout = config.idle_timeout
-
-    async def drain(self, timeout: float) -> None:
-        """Close idle sessions now; give busy ones ``timeout`` seconds to finish their message."""
-        reply = Reply(421, "4.3.2", f"{self.hostname} Service shutting down")
-        await drain_sessions(
-            self.connections, self.reactor, timeout, lambda session: session.close_with(reply)
-        )
-
-
-def build_factory(
-    config: SmtpListenerConfig, gateway: GatewayService, reactor: IReactorCore
-) -> ListenerFactory:
-    listener = SmtpListener(config, gateway)
-    reactor_time: IReactorTime = reactor
-    factory = ListenerFactory(
-        listener,
-        reactor=reactor_time,
-        hostname=config.hostname,
-        max_size=config.max_size,
-        max_recipients=config.max_recipients,
-        idle_timeout=config.idle_timeout,
-    )
-    factory.listener = listener
-    return factory
+        else:
+            self.rejected += 1
+        return reply_for(verdict)

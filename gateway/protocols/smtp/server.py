@@ -14,6 +14,8 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 
+from gateway.listening import Admission, Guard
+
 from .._line_server import Clock, LineServerProtocol
 from .codec import (
     MailRequest,
@@ -117,14 +119,13 @@ class SmtpServerProtocol(LineServerProtocol):
     def _in_progress(self) -> bool:
         return self._smtp_codec.in_transaction
 
-    def _refusal(self) -> tuple[bytes, bool] | None:
-        try:
-            refusal = self._smtp_factory.handler.on_connect(self.session)
-        except Exception:
-            log.failure(
-                "SMTP handler on_connect failed for {peer}", peer=self.peer, level=LogLevel.error
-            )
-            return self._codec.abort().to_bytes(), True
+    def _refusal(self, admission: Admission) -> tuple[bytes, bool] | None:
+        if admission is Admission.NOT_ALLOWED:
+            refusal: object = Reply(554, "5.7.1", f"Access denied for {self._peer_host}")
+        elif admission is Admission.TOO_MANY:
+            refusal = Reply(421, "4.7.0", f"{self._smtp_factory.hostname} Too many connections")
+        else:
+            refusal = self._ask_connect()
         if refusal is None:
             return None
         if not isinstance(refusal, Reply):
@@ -139,6 +140,15 @@ class SmtpServerProtocol(LineServerProtocol):
             self._smtp_codec.refuse()
             return refusal.to_bytes(), False
         return refusal.to_bytes(), True
+
+    def _ask_connect(self) -> object:
+        try:
+            return self._smtp_factory.handler.on_connect(self.session)
+        except Exception:
+            log.failure(
+                "SMTP handler on_connect failed for {peer}", peer=self.peer, level=LogLevel.error
+            )
+            return self._codec.abort()
 
     def _handle_event(self, event: object) -> None:
         if isinstance(event, SendReply):
@@ -204,6 +214,7 @@ class SmtpServerFactory(Factory):
         idle_timeout: float = 300.0,
         max_errors: int = 20,
         max_junk: int = 100,
+        guard: Guard[SmtpServerProtocol] | None = None,
     ) -> None:
         if max_size < 0:
             raise ValueError(f"max_size must be 0 (no limit) or a positive size, not {max_size}")
@@ -228,11 +239,15 @@ class SmtpServerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.max_errors = max_errors
         self.max_junk = max_junk
-        # Open connections, so a shutdown can tell idle sessions to go away.
-        self.connections: set[SmtpServerProtocol] = set()
+        # The listener's connection rules; its open connections let a shutdown tell idle
+        # sessions to go away.
+        self.guard: Guard[SmtpServerProtocol] = guard or Guard(hostname, (), 2**31)
+
+    @property
+    def connections(self) -> set[SmtpServerProtocol]:
+        return self.guard.connections
 
     def buildProtocol(self, addr: IAddress | None) -> SmtpServerProtocol:
         protocol = SmtpServerProtocol(self)
         protocol.factory = self
-        self.connections.add(protocol)
         return protocol

@@ -105,7 +105,9 @@ def mail(mid: str | None, subject: str) -> bytes:
         b"From: Alice <alice@mail.test>\n"
         b"To: two groups\n"
         b"Subject: " + subject.encode() + b"\n"
-        b"Date: " + formatdate(localtime=True).encode() + b"\n"
+        b"Date: "
+        + formatdate(localtime=True).encode()
+        + b"\n"
         + (b"Message-ID: " + mid.encode() + b"\n" if mid else b"")
         + b"\ncrossposted\n"
     )

@@ -132,7 +132,9 @@ def mail(
         b"From: Alice <alice@mail.test>\n"
         b"To: " + GROUP.encode() + b"@news.test\n"
         b"Subject: " + subject + b"\n"
-        b"Date: " + (date or formatdate(localtime=True)).encode() + b"\n"
+        b"Date: "
+        + (date or formatdate(localtime=True)).encode()
+        + b"\n"
         + (b"Message-ID: " + mid.encode() + b"\n" if mid else b"")
         + b"MIME-Version: 1.0\n"
         b"Content-Type: text/plain; charset=utf-8\n"
@@ -285,9 +287,7 @@ def test_the_same_mail_twice_is_one_article(inn: Inn, gateway: Gateway) -> None:
     assert not [d for d in gateway.dead() if d["msgid"] == mid]
 
 
-def test_the_same_mail_without_message_id_twice_is_one_article(
-    inn: Inn, gateway: Gateway
-) -> None:
+def test_the_same_mail_without_message_id_twice_is_one_article(inn: Inn, gateway: Gateway) -> None:
     subject = fresh_message_id("noid").strip("<>")
     data = mail(None, subject=subject.encode(), date=formatdate(localtime=True))
     sent_ok(gateway.send(data))
@@ -322,9 +322,7 @@ def test_mail_queued_while_inn_is_down_is_posted_when_it_is_back(
 # --- moderated groups ---------------------------------------------------------------------------
 
 
-def test_moderated_group_without_approved_goes_to_the_moderator(
-    inn: Inn, gateway: Gateway
-) -> None:
+def test_moderated_group_without_approved_goes_to_the_moderator(inn: Inn, gateway: Gateway) -> None:
     mid = fresh_message_id("mod")
     data = mail(mid, extra=b"Approved: forged@moderator.test\n")
     sent_ok(gateway.send(data, rcpt=f"{MODERATED_GROUP}@news.test"))
@@ -338,9 +336,7 @@ def test_moderated_group_without_approved_goes_to_the_moderator(
     assert not [d for d in gateway.dead() if d["msgid"] == mid]
 
 
-def test_moderated_group_with_approved_from_the_route_is_posted(
-    inn: Inn, gateway: Gateway
-) -> None:
+def test_moderated_group_with_approved_from_the_route_is_posted(inn: Inn, gateway: Gateway) -> None:
     mid = fresh_message_id("approved")
     sent_ok(gateway.send(mail(mid), rcpt=f"{MODERATED_GROUP}@approved.news.test"))
     article = inn.wait_for_article(mid, timeout=60)
@@ -352,9 +348,7 @@ def test_moderated_group_with_approved_from_the_route_is_posted(
 # --- refusals -----------------------------------------------------------------------------------
 
 
-def test_a_date_too_old_becomes_a_dead_letter_with_inns_reason(
-    inn: Inn, gateway: Gateway
-) -> None:
+def test_a_date_too_old_becomes_a_dead_letter_with_inns_reason(inn: Inn, gateway: Gateway) -> None:
     mid = fresh_message_id("old")
     old = format_datetime(datetime.now(UTC) - timedelta(days=30))
     sent_ok(gateway.send(mail(mid, date=old)))
@@ -379,9 +373,7 @@ def test_a_reserved_group_is_refused_at_once_with_the_reason(
     assert inn.stat(mid) == 430
 
 
-def test_mail_this_gateway_already_gated_is_not_posted_again(
-    inn: Inn, gateway: Gateway
-) -> None:
+def test_mail_this_gateway_already_gated_is_not_posted_again(inn: Inn, gateway: Gateway) -> None:
     mid = fresh_message_id("loop")
     mark = gateway.process.log_mark()
     sent_ok(gateway.send(mail(mid, extra=f"X-Gateway-Loop: {GW}\n".encode())))

@@ -50,7 +50,8 @@ class Gateway:
         return [
             line
             for line in self.process.log_text(since).splitlines()
-            if f"msgid={msgid} " in line and f"destination={destination} " in line
+            if f"msgid={msgid} " in line
+            and f"destination={destination} " in line
             and " outcome=" in line
         ]
 

@@ -1,0 +1,280 @@
+"""What every listener owes, written once: the listener's life cycle and its connection rules.
+
+``Listener`` is the interface the service drives (open, reconfigure, drain,
+close, metrics).  ``StreamListener`` adds what a listener on stream sockets
+gets without writing it: the endpoints opened (``ssl:`` and ``systemd:``
+included), and a ``Guard`` that holds the ``allow`` networks, counts the open
+connections, enforces ``max_connections`` and publishes both for /metrics.
+A protocol's factory takes the guard and asks it at each connection; what
+a refused client is told stays in the protocol's own words.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from twisted.logger import Logger
+
+from gateway.config import ListenerConfig, Network, client_allowed
+from gateway.ports import GatewayPort, Metric
+from gateway.stats import Histogram
+from gateway.systemd import server_endpoint
+
+if TYPE_CHECKING:
+    from twisted.internet.protocol import Factory
+
+__all__ = [
+    "Admission",
+    "Guard",
+    "Listener",
+    "ListeningPort",
+    "StreamListener",
+    "duration_metric",
+    "message_metric",
+]
+
+log = Logger(namespace="gateway.listening")
+
+C = TypeVar("C", bound=ListenerConfig)
+P = TypeVar("P")
+
+
+class ListeningPort(Protocol):
+    """An open socket (or a poller's handle): stopping it stops accepting."""
+
+    def stopListening(self) -> Any: ...
+
+
+class Admission(enum.Enum):
+    """Whether a new connection is served."""
+
+    OK = "ok"
+    NOT_ALLOWED = "not-allowed"  # its address is not in the listener's allow list
+    TOO_MANY = "too-many"  # max_connections are open already
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Guard(Generic[P]):
+    """The connection rules of one listener: allow list, connection count and limit.
+
+    ``connect`` counts a connection (refused ones too: they hold a socket until
+    the protocol has said so and closed) and ``disconnect`` forgets it; the
+    open ones are in ``connections`` for draining at shutdown.
+    """
+
+    def __init__(self, listener: str, allow: tuple[Network, ...], max_connections: int) -> None:
+        self.listener = listener
+        self.allow = allow
+        self.max_connections = max_connections
+        self.connections: set[P] = set()
+        self.refused: dict[Admission, int] = {Admission.NOT_ALLOWED: 0, Admission.TOO_MANY: 0}
+
+    def configure(self, allow: tuple[Network, ...], max_connections: int) -> None:
+        """New rules, for connections from now on."""
+        self.allow = allow
+        self.max_connections = max_connections
+
+    def allows(self, host: str) -> bool:
+        """Whether ``host`` is in the allow list (an empty list allows everybody)."""
+        return client_allowed(self.allow, host)
+
+    def connect(self, connection: P, host: str, *, check_allow: bool = True) -> Admission:
+        """Count a new connection from ``host`` and say whether it is served.
+
+        ``check_allow=False`` for protocols that answer each request of a client
+        outside ``allow`` (DNS says REFUSED) rather than refusing the connection.
+        """
+        self.connections.add(connection)
+        if check_allow and not client_allowed(self.allow, host):
+            self.refused[Admission.NOT_ALLOWED] += 1
+            log.info(
+                "listener {listener} refused client {client}: not in allow",
+                listener=self.listener,
+                client=host,
+            )
+            return Admission.NOT_ALLOWED
+        if len(self.connections) > self.max_connections:
+            self.refused[Admission.TOO_MANY] += 1
+            log.warn(
+                "listener {listener} refused client {client}: {count} connections are open"
+                " (max_connections {limit})",
+                listener=self.listener,
+                client=host,
+                count=len(self.connections) - 1,
+                limit=self.max_connections,
+            )
+            return Admission.TOO_MANY
+        return Admission.OK
+
+    def disconnect(self, connection: P) -> None:
+        self.connections.discard(connection)
+
+    def metrics(self) -> Iterable[Metric]:
+        yield Metric(
+            "gateway_listener_open_connections",
+            "Open connections of a listener (SMTP, NNTP and HTTP clients, DNS over TCP, DoH)",
+            "gauge",
+            ("listener",),
+        ).add([self.listener], len(self.connections))
+        refused = Metric(
+            "gateway_listener_connections_refused",
+            "Connections a listener refused: not_allowed (outside allow) or too_many"
+            " (max_connections reached)",
+            "counter",
+            ("listener", "reason"),
+        )
+        for admission, count in self.refused.items():
+            refused.add([self.listener, admission.value.replace("-", "_")], count)
+        yield refused
+
+
+class Listener(ABC, Generic[C]):
+    """One configured listener at run time, as the service drives it.
+
+    Subclasses count what they took in ``accepted`` (messages) and
+    ``requests`` (queries and requests answered) for the status line, and say
+    the rest in ``metrics()``.
+    """
+
+    def __init__(self, config: C, gateway: GatewayPort, reactor: Any) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.reactor = reactor
+        self.ports: list[ListeningPort] = []
+        self.accepted = 0
+        self.requests = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def activity(self) -> tuple[int, int]:
+        """(messages taken, requests answered) since start, for the status line."""
+        return self.accepted, self.requests
+
+    async def open(self) -> None:
+        """Start accepting on every endpoint of ``listen``; on failure close what opened."""
+        try:
+            for description in self.config.listen:
+                self.ports.append(await self.listen_on(str(description)))
+                log.info(
+                    "listener {listener} ({protocol}) accepting on {endpoint}",
+                    listener=self.name,
+                    protocol=self.config.protocol,
+                    endpoint=description,
+                )
+        except Exception:
+            await self.close()
+            raise
+
+    @abstractmethod
+    async def listen_on(self, description: str) -> ListeningPort:
+        """Open one endpoint of ``listen``."""
+
+    def keeps_sockets(self, config: C) -> bool:
+        """Whether a reload to ``config`` keeps this listener's sockets (and ``reconfigure``s)."""
+        return config.protocol == self.config.protocol and config.listen == self.config.listen
+
+    @abstractmethod
+    def reconfigure(self, config: C) -> None:
+        """New settings on the same sockets: later connections and requests use them."""
+
+    async def drain(self, timeout: float) -> None:
+        """At shutdown, after close(): end idle sessions, give busy ones ``timeout`` seconds."""
+        return None
+
+    async def close(self) -> None:
+        """Stop accepting (connections already open go on until drained)."""
+        ports, self.ports = self.ports, []
+        for port in ports:
+            stopped: Any = port.stopListening()
+            if stopped is not None:
+                await stopped
+
+    @abstractmethod
+    def metrics(self) -> Iterable[Metric]:
+        """The counters this listener publishes for /metrics."""
+
+
+class StreamListener(Listener[C]):
+    """A listener on stream sockets (TCP, TLS, UNIX, systemd's), guarded by one ``Guard``."""
+
+    def __init__(self, config: C, gateway: GatewayPort, reactor: Any) -> None:
+        super().__init__(config, gateway, reactor)
+        self.guard: Guard[Any] = Guard(config.name, config.allow, config.connection_limit())
+
+    @abstractmethod
+    def factory(self) -> Factory[Any]:
+        """The protocol's factory, built with ``self.guard`` (the same one for every endpoint)."""
+
+    async def listen_on(self, description: str) -> ListeningPort:
+        endpoint = server_endpoint(self.reactor, description)
+        tolerate_alpn(endpoint)
+        port: ListeningPort = await endpoint.listen(self.factory())
+        return port
+
+    def reconfigure(self, config: C) -> None:
+        self.config = config
+        self.guard.configure(config.allow, config.connection_limit())
+
+    def metrics(self) -> Iterable[Metric]:
+        return self.guard.metrics()
+
+
+def message_metric(listener: str, accepted: int, rejected: int, tempfail: int) -> Metric:
+    """Messages a store-and-forward listener was sent, by its answer (SMTP, NNTP, pollers)."""
+    return (
+        Metric(
+            "gateway_listener_messages",
+            "Messages a store-and-forward listener was sent, by its answer: accepted,"
+            " rejected (5xx) or tempfail (4xx)",
+            "counter",
+            ("listener", "outcome"),
+        )
+        .add([listener, "accepted"], accepted)
+        .add([listener, "rejected"], rejected)
+        .add([listener, "tempfail"], tempfail)
+    )
+
+
+def duration_metric(listener: str, duration: Histogram) -> Metric:
+    """From the end of a message to the listener's answer."""
+    return Metric(
+        "gateway_listener_message_duration_seconds",
+        "From the end of a message to the listener's answer (routing and the spool write)",
+        "histogram",
+        ("listener",),
+    ).add([listener], duration)
+
+
+def _select_alpn(connection: Any, offered: list[bytes]) -> Any:
+    """Pick the first protocol the listener speaks that the client offers; else go on without.
+
+    Twisted's own choice aborts the handshake ("tlsv1 alert internal error")
+    when nothing overlaps, which fails every ALPN client (curl, openssl -alpn)
+    on an SMTP or NNTP listener, whose factories name no protocols.
+    """
+    from OpenSSL.SSL import NO_OVERLAPPING_PROTOCOLS
+    from twisted.internet.interfaces import IProtocolNegotiationFactory
+
+    app = connection.get_app_data()
+    factory = app.factory.wrappedFactory if hasattr(app, "factory") else None
+    negotiation: Any = IProtocolNegotiationFactory(factory, None)
+    if negotiation is not None:
+        for protocol in negotiation.acceptableProtocols():
+            if protocol in offered:
+                return protocol
+    return NO_OVERLAPPING_PROTOCOLS
+
+
+def tolerate_alpn(endpoint: Any) -> None:
+    """Let clients that offer ALPN protocols the listener lacks connect to an ``ssl:`` endpoint."""
+    options = getattr(endpoint, "_sslContextFactory", None)
+    if options is not None and hasattr(options, "getContext"):
+        # The context is made once and cached; each connection is made from it.
+        options.getContext().set_alpn_select_callback(_select_alpn)

@@ -1,0 +1,29 @@
+"""The registry entries of HTTP: a listener (reverse proxy and web hooks in), a reverse proxy
+destination, and the web hook destination (mail and articles POSTed as JSON)."""
+
+from __future__ import annotations
+
+from gateway.ports import ProtocolEntry, destination_entry, listener_entry
+from gateway.protocols.http.config import (
+    HttpDestinationConfig,
+    HttpListenerConfig,
+    HttpMatch,
+    WebhookDestinationConfig,
+)
+from gateway.protocols.http.listener import HttpSockets
+from gateway.protocols.http.proxy import HttpProxyDestination
+from gateway.protocols.http.routes import match_request
+from gateway.protocols.http.webhook import WebhookDestination
+
+PROTOCOLS = (
+    ProtocolEntry(
+        "http",
+        listener=listener_entry(
+            HttpListenerConfig, HttpSockets, match=HttpMatch, matcher=match_request
+        ),
+        destination=destination_entry(HttpDestinationConfig, HttpProxyDestination, shape="proxy"),
+    ),
+    ProtocolEntry(
+        "webhook", destination=destination_entry(WebhookDestinationConfig, WebhookDestination)
+    ),
+)

@@ -1,0 +1,54 @@
+"""The settings of SMTP listeners and destinations, as routes.yaml gives them."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gateway.config import (
+    ClientEndpoint,
+    ConfigPath,
+    DestinationConfig,
+    Duration,
+    ListenerConfig,
+    Size,
+    doc,
+)
+from gateway.message import Kind, local_hostname
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpListenerConfig(ListenerConfig):
+    """An ESMTP server that turns each received mail into a message."""
+
+    kind: typing.ClassVar[Kind] = Kind.MAIL
+    protocol: Literal["smtp"] = "smtp"
+    hostname: str = field(default_factory=local_hostname, metadata=doc("name in the greeting"))
+    max_size: Size = field(default=Size(10 * 1024 * 1024), metadata=doc("largest message accepted"))
+    max_recipients: int = field(default=1000, metadata=doc("recipients per message"))
+    idle_timeout: Duration = field(default=Duration(300), metadata=doc("drop idle clients after"))
+    max_connections: int = field(
+        default=1000, metadata=doc("clients connected at once; more get 421 4.7.0")
+    )
+
+    def connection_limit(self) -> int:
+        return self.max_connections
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpDestinationConfig(DestinationConfig):
+    """Relays mail to an SMTP server."""
+
+    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.MAIL})
+    protocol: Literal["smtp"] = "smtp"
+    connect: ClientEndpoint = field(metadata=doc("server to relay to, e.g. tcp:127.0.0.1:25"))
+    helo: str = field(default_factory=local_hostname, metadata=doc("name sent in EHLO"))
+    max_connections: int = field(default=10, metadata=doc("connections open at once"))
+    tls: Literal["none", "may", "require"] = field(
+        default="may", metadata=doc("STARTTLS: never, when offered, or always")
+    )
+    tls_verify: bool = field(default=False, metadata=doc("verify the server's certificate"))
+    ca: ConfigPath | None = field(default=None, metadata=doc("CA file for tls_verify"))
+    connect_timeout: Duration = field(default=Duration(30), metadata=doc("wait to connect"))
+    timeout: Duration = field(default=Duration(300), metadata=doc("wait for each reply"))
