@@ -193,8 +193,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from gateway.config import json_schema
+    from gateway.plugins import load_transforms
 
-    json.dump(json_schema(), sys.stdout, indent=2)
+    options: dict[str, tuple[str, dict[str, Any]]] = {}
+    for spec in load_transforms().specs():
+        for option in spec.options or ():
+            options.setdefault(option.name, (spec.name, option.schema()))
+    json.dump(json_schema(options), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 

@@ -566,6 +566,8 @@ class _Reader:
         # Names declared in the file, valid or not, so one broken entry does not
         # also make every reference to it an error.
         self.declared: dict[str, set[str]] = {"listeners": set(), "destinations": set()}
+        # Where some values are, for checks across the file: a listener's 'listen', 'admin'.
+        self.where: dict[str, Location] = {}
         self._loader = _Constructor()
 
     def loc(self, node: yaml.Node) -> Location:
@@ -718,6 +720,13 @@ class _Reader:
                 continue
             value = self.convert(value_node, hints[f.name], f"{what}: '{key}'")
             where[f.name] = self.loc(value_node)
+            if isinstance(value_node, yaml.MappingNode):
+                # Each key of a mapping, and its value, for checks made later (options).
+                for sub_key, sub_value in value_node.value:
+                    name = self.scalar(sub_key)
+                    if isinstance(name, str):
+                        where[f"{f.name}.{name}"] = self.loc(sub_key)
+                        where[f"{f.name}.{name}="] = self.loc(sub_value)
             if value is _Invalid:
                 ok = False
             else:
@@ -815,6 +824,8 @@ def _by_protocol(
                 + suggest(str(proto), types_),
             )
             continue
+        listen = fields.get("listen")
+        reader.where[f"{what}.{name}"] = reader.loc(listen[1] if listen else value_node)
         value = reader.dataclass(value_node, cls, label, extra={"name": name})
         if value is not _Invalid:
             out[name] = value
@@ -881,6 +892,9 @@ def parse(text: str, filename: str = "routes.yaml", base: Path | None = None) ->
     if config is _Invalid:
         raise ConfigError(reader.problems)
     config = dataclasses.replace(config, routes=_check_references(reader, config))
+    if "admin" in given:
+        reader.where["admin"] = reader.loc(given["admin"][1])
+    _check_addresses(reader, config)
     if config.spool is None:
         config = dataclasses.replace(config, spool=ConfigPath(str(default_spool(reader.base))))
     if reader.problems:
@@ -1049,14 +1063,83 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
                         ),
                     )
                 )
-    names = [r.name for r in routes]
+    first: dict[str, Route] = {}
     for route in routes:
-        if names.count(route.name) > 1 and not route.name.startswith("#"):
+        earlier = first.setdefault(route.name, route)
+        if earlier is not route:
             reader.problems.append(
-                Problem(route.where[""], f"route name '{route.name}' is used twice")
+                Problem(
+                    route.where.get("name", route.where[""]),
+                    f"route name '{route.name}' is used twice (first at {earlier.where['']})",
+                )
             )
-            names = [n for n in names if n != route.name]
     return tuple(routes)
+
+
+def _socket_address(endpoint: str) -> tuple[str, str, str] | None:
+    """(transport, host, port) an endpoint binds, to find two that clash; None if unknown.
+
+    A host of "" is every address of the family: "0.0.0.0" for IPv4, "::" for both
+    (Linux binds IPv6 wildcard sockets for IPv4 too).  systemd's sockets are
+    bound already, and port 0 is any free port: neither clashes.
+    """
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind in ("systemd", "tls") or endpoint.lower().startswith("udp:systemd:"):
+        return None
+    if kind == "unix":
+        path = endpoint.split(":", 2)[1] if endpoint.count(":") else ""
+        return ("unix", "", path.replace("\\:", ":"))
+    parts = re.split(r"(?<!\\):", endpoint)
+    if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) == 0:
+        return None
+    options = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
+    host = options.get("interface", "").replace("\\:", ":")
+    if kind == "udp":
+        return ("udp", host or "0.0.0.0", parts[1])
+    return ("tcp", host or ("::" if kind == "tcp6" else "0.0.0.0"), parts[1])
+
+
+def _clash(a: tuple[str, str, str], b: tuple[str, str, str]) -> bool:
+    if a[0] != b[0] or a[2] != b[2]:
+        return False
+    if a[0] == "unix" or a[1] == b[1]:
+        return True
+    hosts = {a[1], b[1]}
+    if "::" in hosts:
+        return True  # every address, IPv4 included
+    if "0.0.0.0" in hosts:
+        other = (hosts - {"0.0.0.0"}).pop()
+        return ":" not in other  # an IPv4 address
+    return False
+
+
+def _check_addresses(reader: _Reader, config: Config) -> None:
+    """Two listeners (or a listener and the admin site) that would bind the same socket."""
+    seen: list[tuple[tuple[str, str, str], str, str, Location | None]] = []
+    sockets: list[tuple[str, str, Location | None]] = []
+    if config.admin is not None:
+        sockets.append(("the admin site", str(config.admin), reader.where.get("admin")))
+    for name, listener in config.listeners.items():
+        for listen in listener.listen:
+            at = reader.where.get(f"listeners.{name}")
+            sockets.append((f"listener '{name}'", str(listen), at))
+    for owner, endpoint, where in sockets:
+        address = _socket_address(endpoint)
+        if address is None:
+            continue
+        for other in seen:
+            if _clash(address, other[0]):
+                earlier = f" at {other[3]}" if other[3] else ""
+                what = ("path", "path") if address[0] == "unix" else ("address and port", "port")
+                reader.problems.append(
+                    Problem(
+                        where,
+                        f"{owner} ({endpoint}) and {other[1]}{earlier} ({other[2]}) would"
+                        f" listen on the same {what[0]}; give one of them another {what[1]}",
+                    )
+                )
+                break
+        seen.append((address, owner, endpoint, where))
 
 
 def _placeholders(value: Any) -> set[str]:
@@ -1099,8 +1182,11 @@ class _Defaulting(dict[str, str]):
 # --- JSON Schema ----------------------------------------------------------------
 
 
-def json_schema() -> dict[str, Any]:
-    """A JSON Schema (draft 2020-12) of routes.yaml, for editors."""
+def json_schema(options: Mapping[str, tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) of routes.yaml, for editors.
+
+    ``options`` are the transforms' route options: name -> (transform, schema).
+    """
 
     def one(hint: Any) -> dict[str, Any]:
         origin = typing.get_origin(hint)
@@ -1171,6 +1257,20 @@ def json_schema() -> dict[str, Any]:
         "type": "object",
         "additionalProperties": {"oneOf": [obj(e.config) for e in known.destinations.values()]},
     }
+    if options:
+        route = schema["properties"]["routes"]
+        route_schema = route["anyOf"][-1]["items"] if "anyOf" in route else route
+        properties = {}
+        for name, (transform, option) in sorted(options.items()):
+            described = dict(option)
+            help_text = described.get("description", "")
+            described["description"] = f"{transform}: {help_text}".rstrip(": ")
+            properties[name] = described
+        route_schema["properties"]["options"] = {
+            "type": "object",
+            "description": "for the transforms; '{group}' takes a named group of a match regex",
+            "properties": properties,
+        }
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "gateway routes.yaml"
     return schema

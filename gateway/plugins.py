@@ -21,8 +21,10 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import re
 import sys
 import types
+import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,15 @@ from twisted.logger import Logger
 from gateway.message import Kind, Message
 from gateway.ports import Reason
 
-__all__ = ["PluginError", "Reject", "TransformSpec", "Transforms", "load_transforms", "transform"]
+__all__ = [
+    "Option",
+    "PluginError",
+    "Reject",
+    "TransformSpec",
+    "Transforms",
+    "load_transforms",
+    "transform",
+]
 
 log = Logger(namespace="gateway.plugins")
 
@@ -46,6 +56,105 @@ _MARK = "__gateway_transform__"
 
 
 @dataclass(frozen=True)
+class Option:
+    """One route option a transform takes, declared with the transform (as mitmproxy's add-ons
+    declare theirs): ``gateway check`` refuses a route that misses a required one, misspells
+    one or gives one of the wrong type, and ``gateway schema`` lists them.
+
+    ``type`` is ``str``, ``bool``, ``int``, ``float``, ``list[str]``, ``dict[str, str]``,
+    or a union of these (``str | list[str]``: one address or several).  A string holding a
+    ``{placeholder}`` stands for any type: it is filled in per message.
+    """
+
+    name: str
+    type: Any = str
+    required: bool = False
+    help: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` (as routes.yaml gave it) is not of this option's type, or None."""
+        if isinstance(value, str) and _PLACEHOLDER.search(value):
+            return None
+        if _is_a(value, self.type):
+            return None
+        return f"expected {_describe_type(self.type)}, got {_describe_value(value)}"
+
+    def schema(self) -> dict[str, Any]:
+        schema = _json_type(self.type)
+        if self.help:
+            schema["description"] = self.help
+        return schema
+
+
+_PLACEHOLDER = re.compile(r"(?<!\{)\{[A-Za-z_][A-Za-z0-9_]*\}(?!\})")
+_BOOL_WORDS = ("true", "false", "yes", "no", "on", "off")
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_is_a(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_is_a(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, Mapping) and all(
+            _is_a(k, args[0]) and _is_a(v, args[1]) for k, v in value.items()
+        )
+    if hint is bool:
+        return isinstance(value, bool) or (isinstance(value, str) and value.lower() in _BOOL_WORDS)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        # Numbers are written as they are (a list id of digits, say): text is what they mean.
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if hint is Any:
+        return True
+    raise TypeError(f"an option cannot be of type {hint!r}")
+
+
+def _describe_type(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe_type(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe_type(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a mapping of names to text"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(
+        hint, "any value"
+    )
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "nothing"
+    return repr(value)
+
+
+def _json_type(hint: Any) -> dict[str, Any]:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return {"anyOf": [_json_type(a) for a in args]}
+    if origin is list:
+        return {"type": "array", "items": _json_type(args[0])}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _json_type(args[1])}
+    simple = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    return {"type": simple[hint]} if hint in simple else {}
+
+
+@dataclass(frozen=True)
 class TransformSpec:
     """A registered transform.
 
@@ -53,7 +162,8 @@ class TransformSpec:
     kind it turns them into (None: the kind it was given).  ``one_copy``: the
     recipients of a route with this transform travel as one copy even when
     their named groups differ; option values that differ between them are
-    joined with "," (see ``Router.match``).
+    joined with "," (see ``Router.match``).  ``options``: the route options it
+    takes, or None when it does not say (then any option is let through).
     """
 
     name: str
@@ -62,6 +172,7 @@ class TransformSpec:
     produces: Kind | None
     origin: str
     one_copy: bool = False
+    options: tuple[Option, ...] | None = None
 
     def output_kind(self, kind: Kind) -> Kind:
         return self.produces if self.produces is not None else kind
@@ -73,13 +184,24 @@ def transform(
     accepts: Iterable[Kind | str] = (),
     produces: Kind | str | None = None,
     one_copy: bool = False,
+    options: Iterable[Option] | None = None,
 ) -> Callable[[F], F]:
     """Register the decorated function as the transform ``name``.
 
     ``one_copy=True`` makes every recipient of a mail that takes a route with
     this transform travel in one copy (a crosspost, for ``mail_to_news``)
-    instead of one copy per distinct set of named groups.
+    instead of one copy per distinct set of named groups.  ``options`` declares
+    the route options it takes (``Option``); a transform that declares them
+    has them checked before the gateway starts.
     """
+    declared = None if options is None else tuple(options)
+    if declared is not None:
+        names = [o.name for o in declared]
+        if len(set(names)) != len(names):
+            raise PluginError(f"transform '{name}' declares an option twice")
+        for option in declared:
+            _json_type(option.type)
+            _is_a(None, option.type)  # raises TypeError for a type options cannot have
 
     def mark(func: F) -> F:
         spec = TransformSpec(
@@ -89,6 +211,7 @@ def transform(
             produces=Kind(produces) if produces is not None else None,
             origin=f"{func.__module__}.{func.__qualname__}",
             one_copy=one_copy,
+            options=declared,
         )
         setattr(func, _MARK, spec)
         return func
@@ -147,6 +270,9 @@ class Transforms:
 
     def names(self) -> list[str]:
         return sorted(self._specs)
+
+    def specs(self) -> list[TransformSpec]:
+        return [self._specs[name] for name in sorted(self._specs)]
 
     def __contains__(self, name: object) -> bool:
         return name in self._specs

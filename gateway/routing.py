@@ -31,7 +31,7 @@ from gateway.config import (
     suggest,
 )
 from gateway.message import Article, Kind, MailMessage, Message
-from gateway.plugins import Reject, Transforms, call_transform
+from gateway.plugins import Option, Reject, Transforms, TransformSpec, call_transform
 from gateway.ports import Matcher
 from gateway.protocols import registry
 
@@ -373,6 +373,54 @@ class Router:
 # --- static checks ------------------------------------------------------------------
 
 
+def _check_options(route: Route, label: str, specs: list[TransformSpec]) -> list[Problem]:
+    """The route's options against what its transforms declare: names, required, types."""
+    problems: list[Problem] = []
+    here = route.where.get("options", route.where.get(""))
+    declared: dict[str, tuple[str, Option]] = {}
+    for spec in specs:
+        for option in spec.options or ():
+            declared.setdefault(option.name, (spec.name, option))
+    for name, value in route.options.items():
+        known = declared.get(name)
+        if known is not None:
+            problem = known[1].problem(value)
+            if problem is not None:
+                problems.append(
+                    Problem(
+                        route.where.get(f"options.{name}=", here),
+                        f"{label}: option '{name}' of transform '{known[0]}': {problem}",
+                    )
+                )
+        elif specs and all(spec.options is not None for spec in specs):
+            takes = ", ".join(sorted(declared)) or "no options"
+            which = ", ".join(f"'{spec.name}'" for spec in specs)
+            verb = "takes" if len(specs) == 1 else "take"
+            problems.append(
+                Problem(
+                    route.where.get(f"options.{name}", here),
+                    f"{label}: unknown option '{name}'{suggest(name, declared)}"
+                    f" ({which} {verb} {takes})",
+                )
+            )
+    if route.options and not specs:
+        problems.append(
+            Problem(here, f"{label}: 'options' are for the route's transforms, and it has none")
+        )
+    for spec in specs:
+        for option in spec.options or ():
+            if option.required and route.options.get(option.name) in (None, "", (), []):
+                help_text = f" ({option.help})" if option.help else ""
+                problems.append(
+                    Problem(
+                        here,
+                        f"{label}: transform '{spec.name}' needs the option"
+                        f" '{option.name}'{help_text}",
+                    )
+                )
+    return problems
+
+
 def _transform_hint(name: str, transforms: Transforms) -> str:
     if name.lower().replace("-", "_") in ("mail_to_http", "mail_to_webhook", "news_to_http"):
         return "; mail becomes a web hook in a destination with 'protocol: webhook'"
@@ -401,6 +449,7 @@ def check_routes(config: Config, transforms: Transforms) -> list[Problem]:
                 specs.append(spec)
         if len(specs) != len(route.transforms):
             continue
+        problems.extend(_check_options(route, label, specs))
         for start in sorted(kinds, key=str):
             kind: Kind = start
             broken = False

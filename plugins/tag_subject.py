@@ -5,10 +5,14 @@ whose Subject already carries the tag, as replies do, is left alone.
 """
 
 from gateway.message import Kind
-from gateway.plugins import transform
+from gateway.plugins import Option, transform
 
 
-@transform("tag_subject", accepts=[Kind.MAIL, Kind.ARTICLE])
+@transform(
+    "tag_subject",
+    accepts=[Kind.MAIL, Kind.ARTICLE],
+    options=[Option("tag", str, required=True, help="the text put in front of the Subject")],
+)
 def tag_subject(msg, options):
     tag = str(options.get("tag", "")).strip()
     if not tag:

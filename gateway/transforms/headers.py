@@ -10,10 +10,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.message import Article, Kind, MailMessage
-from gateway.plugins import transform
+from gateway.plugins import Option, transform
 
 
-@transform("headers", accepts=[Kind.MAIL, Kind.ARTICLE])
+@transform(
+    "headers",
+    accepts=[Kind.MAIL, Kind.ARTICLE],
+    options=[
+        Option("add_headers", dict[str, str], help="field name to value, added to the header"),
+        Option("remove_headers", str | list[str], help="field names removed from the header"),
+    ],
+)
 def edit_headers(msg: MailMessage | Article, options: Mapping[str, Any]) -> MailMessage | Article:
     headers = msg.headers
     remove = options.get("remove_headers", ())

@@ -66,7 +66,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from gateway.message import Headers, HttpRequest, Kind, MailMessage, local_hostname
-from gateway.plugins import Reject, transform
+from gateway.plugins import Option, Reject, transform
 from gateway.ports import Reason
 from gateway.signing import signature_matches
 
@@ -430,7 +430,22 @@ def _safe_filename(name: str) -> str:
     return _one_line(name) or "upload"
 
 
-@transform("http_to_mail", accepts=[Kind.HTTP], produces=Kind.MAIL)
+@transform(
+    "http_to_mail",
+    accepts=[Kind.HTTP],
+    produces=Kind.MAIL,
+    options=[
+        Option("from", str, required=True, help="the From: field, e.g. 'Bot <bot@example.test>'"),
+        Option("to", str | list[str], required=True, help="recipient address(es)"),
+        Option("sender", str, help="the envelope sender (default: the address in 'from')"),
+        Option("subject", str, help="a template; default 'Web hook {{@path}}'"),
+        Option("body", str, help="a template for the mail's text"),
+        Option("body_field", str, help="the payload field that is the mail's text"),
+        Option("secret", str, help="check the HMAC-SHA256 signature of the body with it"),
+        Option("signature_header", str, help="where the signature is (X-Hub-Signature-256)"),
+        Option("message_id_domain", str, help="right side of the Message-ID (this host's name)"),
+    ],
+)
 def http_to_mail(request: HttpRequest, options: Mapping[str, Any]) -> MailMessage:
     """Turn a web hook into a mail (see the module docstring)."""
     if request.method.upper() != "POST":

@@ -93,7 +93,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from gateway.message import Article, Headers, Kind, MailMessage, local_hostname
-from gateway.plugins import Reject, transform
+from gateway.plugins import Option, Reject, transform
 from gateway.ports import Reason
 
 __all__ = [
@@ -451,7 +451,20 @@ def _client_address(client: str) -> str:
 # --- the transform --------------------------------------------------------------------
 
 
-@transform("mail_to_news", accepts=[Kind.MAIL], produces=Kind.ARTICLE, one_copy=True)
+@transform(
+    "mail_to_news",
+    accepts=[Kind.MAIL],
+    produces=Kind.ARTICLE,
+    one_copy=True,
+    options=[
+        Option("newsgroups", str | list[str], required=True, help="the group(s) to post to"),
+        Option("approved", str, help="Approved: for posts to moderated groups"),
+        Option("gateway", str, help="the gateway's name in Path: (this host's name)"),
+        Option("sender", str, help="the Sender: address (mail-to-news@<gateway>)"),
+        Option("followup_to", str | list[str], help="Followup-To: for the article"),
+        Option("inject", bool, help="true when the article goes straight into a news feed"),
+    ],
+)
 def mail_to_news(msg: MailMessage, options: Mapping[str, Any]) -> Article | None:
     gateway = gateway_name(options)
     if loop_seen(msg.headers, gateway):

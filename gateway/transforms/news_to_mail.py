@@ -55,7 +55,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from gateway.message import Article, Headers, Kind, MailMessage
-from gateway.plugins import Reject, transform
+from gateway.plugins import Option, Reject, transform
 from gateway.ports import Reason
 from gateway.transforms.mail_to_news import LOOP_HEADER, gateway_name, loop_seen
 
@@ -202,7 +202,20 @@ def control_reason(article: Article) -> str | None:
     return None
 
 
-@transform("news_to_mail", accepts=[Kind.ARTICLE], produces=Kind.MAIL)
+@transform(
+    "news_to_mail",
+    accepts=[Kind.ARTICLE],
+    produces=Kind.MAIL,
+    options=[
+        Option("to", str | list[str], required=True, help="address(es) for To:"),
+        Option("from", str, help="replaces From: (the article's is kept as X-Original-From:)"),
+        Option("envelope_from", str, help="the SMTP envelope sender, where bounces go"),
+        Option("envelope_to", str | list[str], help="the envelope recipients (those of 'to')"),
+        Option("list_id", str, help="adds List-Id: (RFC 2919)"),
+        Option("list_post", str | list[str], help="adds List-Post: (RFC 2369), or NO"),
+        Option("gateway", str, help="the gateway's name (this host's name)"),
+    ],
+)
 def news_to_mail(article: Article, options: Mapping[str, Any]) -> MailMessage | None:
     gateway = gateway_name(options)
     msgid = article.message_id or ""

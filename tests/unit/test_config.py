@@ -258,3 +258,108 @@ def test_route_needs_a_destination_and_a_listener() -> None:
         "routes.yaml:5:12: route 1: 'from' names no listener",
         "routes.yaml:5:20: route 1: 'to' names no destination",
     ]
+
+
+# --- checks across the whole file --------------------------------------------------------
+
+CLASH = """\
+version: 1
+admin: ADMIN
+listeners:
+  first: {protocol: smtp, listen: 'FIRST'}
+  second:
+    protocol: smtp
+    listen: SECOND
+destinations:
+  box: {protocol: maildir, path: box}
+routes:
+  - {from: [first, second], to: box}
+"""
+
+
+def clash(first: str, second: str, admin: str = "tcp:9100:interface=127.0.0.1") -> list[str]:
+    text = CLASH.replace("FIRST", first).replace("SECOND", second).replace("ADMIN", admin)
+    try:
+        parse(text, "routes.yaml", Path("/etc/gateway"))
+    except ConfigError as exc:
+        return [str(p) for p in exc.problems]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("tcp:2525:interface=127.0.0.1", "tcp:2525:interface=127.0.0.1"),
+        ("tcp:2525:interface=127.0.0.1", "tcp:2525"),  # the wildcard takes every address
+        ("tcp:2525", "tcp:2525:interface=192.0.2.1"),
+        ("tcp:2525:interface=127.0.0.1", "tcp6:2525"),  # [::] takes IPv4 too
+        ("tcp6:2525:interface=\\:\\:1", "tcp6:2525"),
+        ("unix:/run/gw.sock", "unix:/run/gw.sock"),
+    ],
+)
+def test_two_listeners_on_one_socket_are_refused_at_the_second(first: str, second: str) -> None:
+    found = clash(first, second)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"routes.yaml:7:13: listener 'second' ({second}) and listener")
+    assert "listener 'first' at routes.yaml:4:35" in found[0]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("tcp:2525:interface=127.0.0.1", "tcp:2526:interface=127.0.0.1"),
+        ("tcp:2525:interface=127.0.0.1", "tcp:2525:interface=127.0.0.2"),
+        ("tcp:2525:interface=127.0.0.1", "udp:2525:interface=127.0.0.1"),
+        ("tcp:2525:interface=\\:\\:1", "tcp:2525"),  # 0.0.0.0 is IPv4 only
+        ("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"),  # any free port
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ],
+)
+def test_listeners_on_different_sockets_pass(first: str, second: str) -> None:
+    assert clash(first, second) == []
+
+
+def test_a_listener_on_the_admin_sites_port_is_refused() -> None:
+    found = clash("tcp:2525", "tcp:9100", admin="tcp:9100:interface=127.0.0.1")
+    assert found == [
+        "routes.yaml:7:13: listener 'second' (tcp:9100) and the admin site at routes.yaml:2:8"
+        " (tcp:9100:interface=127.0.0.1) would listen on the same address and port; give one"
+        " of them another port"
+    ]
+
+
+def test_a_route_name_used_twice_is_reported_at_the_second() -> None:
+    found = problems(
+        """\
+        version: 1
+        listeners:
+          in: {protocol: smtp, listen: "tcp:2525"}
+        destinations:
+          box: {protocol: maildir, path: box}
+        routes:
+          - {name: same, from: in, to: box}
+          - {name: other, from: in, to: box}
+          - {name: same, from: in, to: box}
+        """
+    )
+    assert found == ["routes.yaml:9:12: route name 'same' is used twice (first at routes.yaml:7:5)"]
+
+
+def test_a_listener_or_destination_name_used_twice_is_reported_at_the_second() -> None:
+    found = problems(
+        """\
+        version: 1
+        listeners:
+          in: {protocol: smtp, listen: "tcp:2525"}
+          in: {protocol: smtp, listen: "tcp:2526"}
+        destinations:
+          box: {protocol: maildir, path: box}
+          box: {protocol: maildir, path: box2}
+        routes:
+          - {from: in, to: box}
+        """
+    )
+    assert found == [
+        "routes.yaml:4:3: listeners: 'in' appears twice",
+        "routes.yaml:7:3: destinations: 'box' appears twice",
+    ]
