@@ -64,9 +64,7 @@ class FakePort:
         self.states: list[Mapping[str, str] | None] = []
         self.state: dict[str, str] = {}
         self.hold: Deferred[None] | None = None
-        self.on_submit: Callable[[Message, Mapping[str, str] | None], Awaitable[None]] | None = (
-            None
-        )
+        self.on_submit: Callable[[Message, Mapping[str, str] | None], Awaitable[None]] | None = None
         self._accepts = accepts
         self.spool = spool  # when given, what is taken and the state are stored in it
 
