@@ -40,6 +40,7 @@ from gateway.plugins import Transforms  # noqa: E402
 from gateway.protocols.dns.listener import DnsListener  # noqa: E402
 from gateway.protocols.dns.server import DnsUdpProtocol  # noqa: E402
 from gateway.service import Runtime  # noqa: E402
+from tests.support.port import FakePort as GatewayPortFake  # noqa: E402
 
 CLIENT = ("127.0.0.1", 40000)
 UPSTREAM = ("127.0.0.1", 5301)
@@ -76,15 +77,6 @@ class FakeReactor(Clock):
         return fake
 
 
-class FakeGateway:
-    def __init__(self, runtime: Runtime, reactor: FakeReactor) -> None:
-        self.runtime = runtime
-        self.reactor = reactor
-
-    def current(self) -> Runtime:
-        return self.runtime
-
-
 def answers() -> dict[bytes, bytes]:
     """Query (ID 0) -> unbound's answer (ID 0) for every name of bench/dns_forwarding.py's zone."""
     out = {}
@@ -116,7 +108,7 @@ def main() -> int:
         name: build_destination(dest, reactor) for name, dest in config.destinations.items()
     }
     runtime = Runtime(config, Transforms(), destinations)
-    listener = DnsListener(config.listeners["dns-in"], FakeGateway(runtime, reactor))  # type: ignore[arg-type]
+    listener = DnsListener(config.listeners["dns-in"], GatewayPortFake(runtime, reactor=reactor))
     server = DnsUdpProtocol(listener)
     client_port = FakePort(server)
     server.makeConnection(client_port)

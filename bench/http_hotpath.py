@@ -40,6 +40,7 @@ from gateway.destination import build_destination  # noqa: E402
 from gateway.plugins import Transforms  # noqa: E402
 from gateway.protocols.http.listener import HttpSockets  # noqa: E402
 from gateway.service import Runtime  # noqa: E402
+from tests.support.port import FakePort as GatewayPortFake  # noqa: E402
 
 PORT = 8080
 UPSTREAM = 8081
@@ -102,14 +103,6 @@ class FakeTransport:
     abortConnection = loseConnection
 
 
-class FakeGateway:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    def current(self) -> Runtime:
-        return self.runtime
-
-
 def build(routes: int) -> tuple[Any, FakeTransport, Any, FakeTransport, MemoryReactorClock]:
     """The listener's connection from wrk and the destination's kept-alive upstream connection."""
     reactor = MemoryReactorClock()
@@ -119,8 +112,10 @@ def build(routes: int) -> tuple[Any, FakeTransport, Any, FakeTransport, MemoryRe
         name: build_destination(dest, reactor) for name, dest in config.destinations.items()
     }
     runtime = Runtime(config, Transforms(), destinations)
-    sockets = HttpSockets(config.listeners["web"], FakeGateway(runtime), reactor)  # type: ignore[arg-type]
-    server = sockets.factory.buildProtocol(CLIENT)
+    sockets = HttpSockets(
+        config.listeners["web"], GatewayPortFake(runtime, reactor=reactor), reactor
+    )
+    server = sockets.factory().buildProtocol(CLIENT)
     client_side = FakeTransport(CLIENT)
     server.makeConnection(client_side)
     # The first request makes the destination connect: complete that connection by hand.

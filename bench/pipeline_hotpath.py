@@ -50,7 +50,7 @@ from twisted.internet.address import IPv4Address  # noqa: E402
 
 from gateway.cli import start_logging  # noqa: E402
 from gateway.message import Kind, MailMessage, Message  # noqa: E402
-from gateway.ports import Outcome  # noqa: E402
+from gateway.ports import Deliverer, Outcome  # noqa: E402
 from gateway.service import GatewayService  # noqa: E402
 
 CONFIG = """\
@@ -87,7 +87,7 @@ routes:
 """
 
 
-class InstantDestination:
+class InstantDestination(Deliverer):
     """Says "delivered" for every message: at once, or after ``delay`` seconds (a peer's
     round trips, during which the delivery holds one of the destination's slots)."""
 
@@ -244,14 +244,14 @@ async def one_run(service: GatewayService, args: argparse.Namespace, base: int) 
                     client="127.0.0.1",
                 )
                 verdict = await service.submit(message)
-                if verdict.code >= 400:
+                if not verdict.ok:
                     raise SystemExit(f"submit refused: {verdict}")
 
         await defer.gatherResults(
             [defer.Deferred.fromCoroutine(session()) for _ in range(args.sessions)]
         )
     else:
-        factory = service.listeners["bench-in"].factory
+        factory = service.listeners["bench-in"].listener.factory()  # type: ignore[attr-defined]
         domain = "news.test" if args.mode == "news" else "bench.test"
         driver = Driver(args.messages, args.size, domain)
         driver.next = base

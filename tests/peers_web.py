@@ -11,9 +11,13 @@ connection number, so tests can count upstream connections.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import signal
+import socket
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -253,3 +257,73 @@ http {{
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def raw_exchange(
+    port: int, data: bytes | list[bytes], *, pause: float = 0.0, timeout: float = 15.0
+) -> bytes:
+    """Send bytes (pieces with a pause between them), then read until the gateway closes."""
+    pieces = [data] if isinstance(data, bytes) else data
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+        try:
+            for piece in pieces:
+                sock.sendall(piece)
+                if pause:
+                    time.sleep(pause)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the gateway gave up on us; its answer is in the socket
+        received = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+class HangingServer:
+    """Accepts connections, reads what comes, never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server((LOOPBACK, 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.sock.settimeout(0.2)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()

@@ -11,10 +11,12 @@ import email.policy
 import itertools
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -705,3 +707,209 @@ def test_sigterm_when_idle_exits_0(tmp_path: Path, sink: SmtpSink) -> None:
         assert gw.wait(20) == 0
         data = idle.recv(200)
         assert data == b"" or data.startswith(b"421")
+
+
+REFUSING_PLUGIN = """
+from gateway.plugins import Reject, transform
+
+@transform("refuse")
+def refuse(msg, options):
+    raise Reject("refused by policy")
+"""
+
+
+REFUSING_ROUTE = """
+  - name: refused
+    from: mail-in
+    match: {rcpt: '@refused\\.test$'}
+    transforms: [refuse]
+    to: box
+"""
+
+
+def _codes(reply: bytes) -> list[str]:
+    text = reply.decode("latin-1")
+    return [line[:3] for line in text.splitlines() if line[3:4] == " "]
+
+
+def test_smuggled_transaction_after_bare_lf_dot_is_content(
+    tmp_path: Path,
+    sink: SmtpSink,
+) -> None:
+    """Defect: "\\n.\\n" (and "\\n.\\r\\n") ended the DATA, so a sender whose outbound MTA
+    passes bare LFs through could append a second transaction with a forged sender to
+    the message (SMTP smuggling). Only CRLF.CRLF may end it (RFC 5321 4.1.1.4)."""
+    gw, port = start_gateway(tmp_path, sink.port)
+    try:
+        reply = sendmail_raw(
+            port,
+            b"EHLO relay.client.test\r\n"
+            b"MAIL FROM:<mallory@client.test>\r\n"
+            b"RCPT TO:<alice@local.test>\r\n"
+            b"DATA\r\n"
+            b"Subject: harmless\r\n\r\nhello\n.\n"
+            b"MAIL FROM:<ceo@bank.test>\r\n"
+            b"RCPT TO:<bob@local.test>\r\n"
+            b"DATA\r\n"
+            b"Subject: forged\r\n\r\npay now\n.\r\n"
+            b"still the first message\r\n"
+            b".\r\n"
+            b"QUIT\r\n",
+        )
+        assert _codes(reply) == ["220", "250", "250", "250", "354", "250", "221"], reply
+        [boxed] = wait_maildir(tmp_path, 1)
+        assert boxed["Return-Path"] == "<mallory@client.test>"
+        assert boxed.get_all("Delivered-To") == ["alice@local.test"]
+        body = boxed.get_payload()
+        assert isinstance(body, str)
+        assert "MAIL FROM:<ceo@bank.test>" in body and "still the first message" in body
+        time.sleep(0.5)
+        assert len(maildir_messages(tmp_path)) == 1
+        assert "bob@local.test" not in gw.log_text()
+    finally:
+        gw.stop()
+
+
+def test_a_transform_refusal_is_a_5xx_and_the_session_goes_on(
+    tmp_path: Path,
+    sink: SmtpSink,
+) -> None:
+    """A transform's Reject is a permanent refusal in SMTP's words (550 5.7.1 for a
+    policy refusal), never a success: nothing was stored. (It once was answered with a
+    code the plugin chose, 250 included.)"""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "refusing.py").write_text(REFUSING_PLUGIN)
+    gw, port = start_gateway(tmp_path, sink.port, extra_routes=REFUSING_ROUTE)
+    try:
+        code, transcript = swaks_send(port, "carol@refused.test")
+        assert code == SwaksExit.MESSAGE_REJECTED, transcript
+        assert data_reply_code(transcript) == 550, transcript
+        assert "550 5.7.1 refused by policy" in transcript
+        # The session's next message is handled as usual.
+        code, transcript = swaks_send(port, "dave@local.test")
+        assert code == SwaksExit.OK, transcript
+        [boxed] = wait_maildir(tmp_path, 1)
+        assert boxed.get_all("Delivered-To") == ["dave@local.test"]
+    finally:
+        gw.stop()
+
+
+def test_recipient_probing_is_cut_off_after_max_errors(
+    tmp_path: Path,
+    sink: SmtpSink,
+) -> None:
+    """Defect: refused recipients did not count as errors: one connection could try
+    recipients without end (directory harvesting). Postfix counts them toward
+    smtpd_hard_error_limit (20) and ends the session with 421 4.7.0."""
+    gw, port = start_gateway(tmp_path, sink.port)
+    try:
+        probes = b"".join(b"RCPT TO:<guess%d@elsewhere.test>\r\n" % n for n in range(40))
+        reply = sendmail_raw(
+            port, b"EHLO c.test\r\nMAIL FROM:<a@client.test>\r\n" + probes, until=421
+        )
+        codes = _codes(reply)
+        assert codes == ["220", "250", "250"] + ["550"] * 20 + ["421"], reply
+        assert b"421 4.7.0 gw.test Error: too many errors" in reply
+    finally:
+        gw.stop()
+
+
+class _Peer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int, bad_data_reply: bytes, bad_times: int) -> None:
+        self.bad_data_reply = bad_data_reply
+        self.bad_left = bad_times
+        self.bodies: list[bytes] = []
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", port), _Session)
+
+
+class _Session(socketserver.StreamRequestHandler):
+    server: _Peer
+    timeout = 60
+
+    def handle(self) -> None:
+        out = self.wfile
+        out.write(b"220 peer.test ESMTP\r\n")
+        while True:
+            line = self.rfile.readline(4096)
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                out.write(b"250-peer.test\r\n250 8BITMIME\r\n")
+            elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                out.write(b"250 2.0.0 Ok\r\n")
+            elif verb == b"DATA":
+                with self.server.lock:
+                    bad = self.server.bad_left > 0
+                    self.server.bad_left -= 1
+                if bad:
+                    out.write(self.server.bad_data_reply)
+                    continue
+                out.write(b"354 go ahead\r\n")
+                body = b""
+                while (chunk := self.rfile.readline(65536)) not in (b".\r\n", b""):
+                    body += chunk
+                with self.server.lock:
+                    self.server.bodies.append(body)
+                out.write(b"250 2.0.0 Ok: queued\r\n")
+            elif verb == b"QUIT":
+                out.write(b"221 Bye\r\n")
+                return
+            else:
+                out.write(b"502 5.5.2 what\r\n")
+
+
+@pytest.fixture
+def peer_port() -> int:
+    return free_port()
+
+
+def _serve(port: int, reply: bytes, times: int) -> Iterator[_Peer]:
+    peer = _Peer(port, reply, times)
+    thread = threading.Thread(target=peer.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield peer
+    finally:
+        peer.shutdown()
+        peer.server_close()
+
+
+def _wait_bodies(peer: _Peer, count: int, timeout: float) -> list[bytes]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with peer.lock:
+            if len(peer.bodies) >= count:
+                return list(peer.bodies)
+        time.sleep(0.2)
+    with peer.lock:
+        return list(peer.bodies)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"250 2.0.0 Ok\r\n", b"250-2.0.0 fine\r\n550 5.7.1 no\r\n"],
+    ids=["data-answered-250", "inconsistent-multiline"],
+)
+def test_confused_data_reply_is_retried_not_delivered(tmp_path: Path, reply: bytes) -> None:
+    """Defect: a 2xx (or mixed-code) reply to DATA made the gateway drop the message as delivered."""
+    port = free_port()
+    for peer in _serve(port, reply, 1):
+        gw, gw_port = start_gateway(tmp_path, port)
+        try:
+            code, transcript = swaks_send(
+                gw_port, "bob@relay.test", headers={"Subject": "confused peer"}
+            )
+            assert code == 0, transcript
+            bodies = _wait_bodies(peer, 1, 30)
+            assert len(bodies) == 1, gw.log_text()
+            assert b"Subject: confused peer" in bodies[0]
+        finally:
+            gw.stop()
+    with socket.socket() as probe:  # the peer is gone: nothing listens any more
+        assert probe.connect_ex(("127.0.0.1", port)) != 0

@@ -8,7 +8,6 @@ and TLS with HTTP/2 when h2 is installed). No sockets, no global reactor, no sle
 from __future__ import annotations
 
 import base64
-import datetime
 import functools
 import json
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, quote_from_bytes
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.name
@@ -23,10 +23,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -50,6 +47,7 @@ from gateway.protocols.dns.doh_server import (
     doh_site,
 )
 from gateway.protocols.dns.wire import WireError, error_response, parse_query
+from tests.support.tls import server_key_and_certificate
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 DNS_MESSAGE = "application/dns-message"
@@ -1159,28 +1157,6 @@ def test_h2_oversized_answer_is_refused_and_the_stream_reset() -> None:
 # --------------------------------------------------------------------------- HTTP/2 end to end over TLS in memory
 
 
-@functools.cache
-def _server_key_and_certificate() -> tuple[Any, Any]:
-    """A self-signed certificate for doh.test only (no IP address in it)."""
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "doh.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("doh.test")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
 def tls_site(handler: Handler, reactor: MemoryReactorClock) -> Any:
     """doh_site behind TLS, speaking HTTP/2 (ALPN) when h2 is installed."""
     site = doh_site(handler, reactor=reactor)
@@ -1188,7 +1164,7 @@ def tls_site(handler: Handler, reactor: MemoryReactorClock) -> Any:
 
 
 def server_tls_options(alpn: list[bytes] | None = None) -> CertificateOptions:
-    key, cert = _server_key_and_certificate()
+    key, cert = server_key_and_certificate()
     return CertificateOptions(privateKey=key, certificate=cert, acceptableProtocols=alpn)
 
 
@@ -1285,7 +1261,7 @@ def test_verification_fails_when_the_certificate_is_for_another_name(
     site_clock: MemoryReactorClock, tmp_path: Any
 ) -> None:
     ca_file = tmp_path / "ca.pem"
-    ca_file.write_bytes(_server_key_and_certificate()[1].public_bytes(serialization.Encoding.PEM))
+    ca_file.write_bytes(server_key_and_certificate()[1].public_bytes(serialization.Encoding.PEM))
     up = Upstream(
         tls_site(Handler(), site_clock),
         url="https://127.0.0.1:8053/dns-query",
@@ -1320,3 +1296,43 @@ def test_open_connections_are_counted_for_metrics_and_alpn_passes_through() -> N
     assert list(guard.connections) == [first]
     first.connectionLost(Failure(ConnectionDone()))
     assert not guard.connections
+
+
+SOA = "ns.example.test. hostmaster.example.test. 1 3600 900 604800 60"
+
+
+def _response(rcode: int = dns.rcode.NOERROR, *, cname: bool = False, soa: bool = False) -> Any:
+    query = dns.message.make_query("nx.example.test.", "A")
+    response = dns.message.make_response(query)
+    response.set_rcode(rcode)
+    if cname:
+        response.answer.append(
+            dns.rrset.from_text("nx.example.test.", 300, "IN", "CNAME", "gone.example.test.")
+        )
+    if soa:
+        response.authority.append(dns.rrset.from_text("example.test.", 3600, "IN", "SOA", SOA))
+    return response
+
+
+def test_doh_cache_control_is_zero_for_servfail_refused_and_truncated_answers() -> None:
+    """Defect: Cache-Control max-age came from the records whatever the RCODE: a SERVFAIL with
+    an SOA got max-age=60, a REFUSED or truncated answer with records their TTL, so HTTP caches
+    kept failures and partial answers (RFC 8484 §5.1, RFC 2308 §7)."""
+    servfail = _response(dns.rcode.SERVFAIL, soa=True).to_wire()
+    assert cache_control(servfail) == b"max-age=0"
+    refused = _response(dns.rcode.REFUSED, cname=True).to_wire()
+    assert cache_control(refused) == b"max-age=0"
+    truncated = _response(cname=True)
+    truncated.flags |= dns.flags.TC
+    assert cache_control(truncated.to_wire()) == b"max-age=0"
+    assert cache_control(_response(cname=True).to_wire()) == b"max-age=300"
+
+
+def test_doh_cache_control_of_nxdomain_after_a_cname_uses_the_soa_minimum() -> None:
+    """Defect: an NXDOMAIN reached through a CNAME (an answer record, and an SOA in the
+    authority section) got max-age=300 from the CNAME instead of the negative TTL,
+    min(SOA TTL, SOA MINIMUM) = 60 (RFC 2308 §5)."""
+    nxdomain = _response(dns.rcode.NXDOMAIN, cname=True, soa=True).to_wire()
+    assert cache_control(nxdomain) == b"max-age=60"
+    nodata = _response(cname=True, soa=True).to_wire()
+    assert cache_control(nodata) == b"max-age=60"

@@ -11,12 +11,12 @@ from OpenSSL import SSL
 from twisted.internet.protocol import Factory
 
 from gateway.protocols.http.client_tls import UnverifiedTls, is_ip, load_trust_root
-from tests.unit.test_doh import _server_key_and_certificate
+from tests.support.tls import server_key_and_certificate
 
 
 def handshake(creator: UnverifiedTls, alpn: list[bytes]) -> dict[str, object]:
     """Run a handshake against a server with a self-signed certificate; what the server saw."""
-    key, cert = _server_key_and_certificate()  # self-signed, for doh.test
+    key, cert = server_key_and_certificate()  # self-signed, for doh.test
     seen: dict[str, object] = {"sni": None, "offered": None}
     context = SSL.Context(SSL.TLS_METHOD)
     context.use_certificate(cert)
@@ -83,7 +83,7 @@ def test_is_ip() -> None:
 
 
 def test_load_trust_root(tmp_path: Path) -> None:
-    _, cert = _server_key_and_certificate()
+    _, cert = server_key_and_certificate()
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     good = tmp_path / "ca.pem"
     good.write_bytes(b"a comment first\n" + cert_pem)

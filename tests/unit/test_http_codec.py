@@ -225,3 +225,180 @@ def test_garbage_never_raises_anything_but_parse_error(data: bytes) -> None:
         events(reader, data, eof=True)
     except ParseError as exc:
         assert 400 <= exc.status < 600
+
+
+def _heads(data: bytes) -> list[Head]:
+    reader = RequestReader(16 * 1024)
+    reader.receive(data)
+    out: list[Head] = []
+    while True:
+        event = reader.next_event()
+        if event is None:
+            return out
+        if isinstance(event, Head):
+            out.append(event)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET foo HTTP/1.1",  # origin-form must start with "/"
+        b"GET * HTTP/1.1",  # asterisk-form is for OPTIONS only
+        b"GET example.test:80 HTTP/1.1",  # authority-form is for CONNECT only
+        b"GET ../etc/passwd HTTP/1.1",
+        b"GET http://user@evil.test/ HTTP/1.1",  # the authority is a Host value, no userinfo
+        b'GET http://a"b/ HTTP/1.1',
+        b"GET http://a.test?x=/ HTTP/1.1",  # the authority must end with "/" or the target
+        b"GET ftp://a.test/x HTTP/1.1",  # only http and https are proxied
+    ],
+)
+def test_a_request_target_of_the_wrong_form_is_400(line: bytes) -> None:
+    with pytest.raises(ParseError) as info:
+        _heads(line + b"\r\nHost: h\r\n\r\n")
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET /a?b HTTP/1.1",
+        b"OPTIONS * HTTP/1.1",
+        b"GET http://example.test/x HTTP/1.1",
+        b"GET http://example.test:8080 HTTP/1.1",
+        b"GET https://[::1]:8443/a?b HTTP/1.1",
+        b"CONNECT example.test:443 HTTP/1.1",
+    ],
+)
+def test_request_targets_of_the_four_forms_are_taken(line: bytes) -> None:
+    assert len(_heads(line + b"\r\nHost: h\r\n\r\n")) == 1
+
+
+def test_expect_100_continue_is_ignored_in_an_http10_request() -> None:
+    # RFC 9110 section 10.1.1: an HTTP/1.0 client would take "100 Continue" as the answer.
+    (head,) = _heads(b"POST /x HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    assert not head.expect_continue
+    (head,) = _heads(
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert head.expect_continue
+
+
+@pytest.mark.parametrize(
+    "size_line",
+    [
+        b"5;ext\rX\r\n",  # a bare CR inside the line: some parsers end the line there
+        b"5;ext=\x00\r\n",  # NUL
+        b"5;ext=\x7f\r\n",
+    ],
+)
+def test_control_characters_in_a_chunk_size_line_are_400(size_line: bytes) -> None:
+    data = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + size_line
+    reader = RequestReader(16 * 1024)
+    reader.receive(data + b"hello\r\n0\r\n\r\n")
+    assert isinstance(reader.next_event(), Head)
+    with pytest.raises(ParseError) as info:
+        while reader.next_event() not in (None, END):
+            pass
+    assert info.value.status == 400
+
+
+def test_chunk_extensions_with_quoted_values_are_still_taken() -> None:
+    data = (
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5 ; name="a b";x=1\r\nhello\r\n0\r\n\r\n'
+    )
+    reader = RequestReader(16 * 1024)
+    reader.receive(data)
+    events = []
+    while (event := reader.next_event()) is not None:
+        events.append(event)
+        if event is END:
+            break
+    assert events[1:] == [b"hello", END]
+
+
+@pytest.mark.parametrize(
+    "host", [b"a b", b"a/b", b"a\\b", b"evil.test/..", b"a@b", b'a"b', b"[::1", b"a:b:c"]
+)
+def test_an_invalid_host_field_value_is_400(host: bytes) -> None:
+    # RFC 9112 section 3.2: uri-host [":" port], or 400.
+    with pytest.raises(ParseError) as info:
+        _heads(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"example.test",
+        b"example.test:8080",
+        b"[::1]:80",
+        b"[fe80::1%25eth0]",
+        b"127.0.0.1",
+        b"",
+        b"xn--bcher-kva.test",
+    ],
+)
+def test_valid_host_field_values_are_taken(host: bytes) -> None:
+    (head,) = _heads(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert head.host == host
+
+
+_POST = b"POST / HTTP/1.1\r\nHost: h\r\n"
+
+
+_CHUNKED = _POST + b"Transfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (_POST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (_POST + b"Content-Length: 5, 5\r\n\r\n", 400),
+        (_POST + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\n", 400),
+        (_POST + b"Content-Length: -1\r\n\r\n", 400),
+        (_POST + b"Content-Length: +5\r\n\r\n", 400),
+        (_POST + b"Content-Length: 0x5\r\n\r\n", 400),
+        (_POST + b"Content-Length: 1" + b"0" * 20 + b"\r\n\r\n", 400),
+        (_POST + b"Transfer-Encoding: chunked, identity\r\n\r\n", 400),
+        (_POST + b"Transfer-Encoding: identity\r\n\r\n", 400),
+        (_POST + b"Transfer-Encoding: xchunked\r\n\r\n", 400),
+        (_POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+        (_POST + b"Content-Length : 5\r\n\r\n", 400),  # whitespace before the colon
+        (_POST + b"X: a\r\n b\r\n\r\n", 400),  # obs-fold
+        (_POST + b"X: a\x00b\r\n\r\n", 400),
+        (_POST + b"X: a\rb\r\n\r\n", 400),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (_CHUNKED + b"1" + b"0" * 16 + b"\r\n", 400),  # chunk size over 2**60
+        (_CHUNKED + b"0x5\r\nhello\r\n0\r\n\r\n", 400),
+        (_CHUNKED + b"-5\r\nhello\r\n0\r\n\r\n", 400),
+        (_CHUNKED + b"5\nhello\r\n0\r\n\r\n", 400),  # bare LF after the size
+        (_CHUNKED + b"5\r\nhelloXX0\r\n\r\n", 400),  # no CRLF after the data
+        (_CHUNKED + b"5;" + b"e" * 5000, 400),  # an endless chunk-size line
+        (_CHUNKED + b"0\r\n" + b"X: y\r\n" * 5000, 431),  # an endless trailer
+    ],
+)
+def test_smuggling_and_framing_cases_are_refused(data: bytes, status: int) -> None:
+    reader = RequestReader(16 * 1024)
+    reader.receive(data)
+    with pytest.raises(ParseError) as info:
+        for _ in range(100):
+            if reader.next_event() is None:
+                break
+    assert info.value.status == status
+
+
+def test_a_long_chunk_size_with_leading_zeros_is_taken_within_the_limit() -> None:
+    reader = RequestReader(16 * 1024)
+    reader.receive(_CHUNKED + b"0000000005\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n")
+    events = [reader.next_event() for _ in range(3)]
+    assert events[1:] == [b"hello", END]
+
+
+def test_a_chunk_size_line_over_the_limit_is_400_even_when_it_comes_whole() -> None:
+    reader = RequestReader(16 * 1024)
+    reader.receive(_CHUNKED + b"5;" + b"e" * 5000 + b"\r\nhello\r\n0\r\n\r\n")
+    assert isinstance(reader.next_event(), Head)
+    with pytest.raises(ParseError) as info:
+        reader.next_event()
+    assert info.value.status == 400

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -217,3 +218,229 @@ def test_client_gone_mid_response_closes_the_upstream_connection() -> None:
     client.connectionLost(Failure(ConnectionError()))
     assert wire.disconnecting
     assert not h.proxy.upstreams[0].idle
+
+
+def _forwarded_head(wire: bytes) -> dict[bytes, bytes]:
+    head = wire.partition(b"\r\n\r\n")[0]
+    return {
+        name.lower(): value
+        for name, _, value in (line.partition(b": ") for line in head.split(b"\r\n")[1:])
+    }
+
+
+def test_connection_naming_content_length_does_not_strip_the_request_framing() -> None:
+    # Dropping Content-Length because Connection names it would make the upstream read the
+    # body as the next request: request smuggling.
+    h = Harness("http://127.0.0.1:8081")
+    client, _ = h.client()
+    client.dataReceived(
+        b"POST /x HTTP/1.1\r\nHost: h\r\nConnection: Content-Length\r\nContent-Length: 33\r\n\r\n"
+        b"GET /admin HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+    _upstream, wire = h.accept()
+    fields = _forwarded_head(wire.value())
+    assert fields.get(b"content-length") == b"33" or fields.get(b"transfer-encoding") == b"chunked"
+
+
+def test_connection_naming_content_length_does_not_strip_the_response_framing() -> None:
+    h = Harness("http://127.0.0.1:8081")
+    client, out = h.client()
+    client.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    upstream, _ = h.accept()
+    upstream.dataReceived(
+        b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    answer = out.value()
+    assert b"\r\nContent-Length: 5\r\n" in answer or b"Transfer-Encoding: chunked" in answer
+    assert answer.endswith(b"hello") or answer.endswith(b"0\r\n\r\n")
+
+
+def test_a_post_is_not_sent_again_when_a_pooled_connection_dies() -> None:
+    # RFC 9112 section 9.3.1: a proxy must not retry a non-idempotent request by itself;
+    # the upstream may have acted on the first copy before its connection closed.
+    h = Harness("http://127.0.0.1:8081")
+    client, out = h.client()
+    client.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    first, wire = h.accept()
+    first.dataReceived(RESPONSE)
+    out.clear()
+    wire.clear()
+    client.dataReceived(b"POST /pay HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    assert wire.value().startswith(b"POST /pay ")
+    first.connectionLost(Failure(ConnectionError()))
+    assert len(h.reactor.tcpClients) == 1  # no second connection, no second POST
+    assert out.value().startswith(b"HTTP/1.1 502 ")
+    # A kept-alive connection closing is no sign of a failing upstream: not skipped.
+    assert h.proxy.upstreams[0].healthy
+
+
+def test_an_absolute_form_target_sets_the_host_sent_upstream() -> None:
+    # RFC 9112 section 3.2.2: the authority in the target wins over the Host field (the
+    # listener routes on it, so the upstream must get the same).
+    h = Harness("http://127.0.0.1:8081")
+    client, _ = h.client()
+    client.dataReceived(b"GET http://right.example/x?y HTTP/1.1\r\nHost: wrong.example\r\n\r\n")
+    _upstream, wire = h.accept()
+    assert wire.value().startswith(b"GET /x?y HTTP/1.1\r\n")
+    fields = _forwarded_head(wire.value())
+    assert fields[b"host"] == b"right.example"
+    assert b'host="right.example"' in fields[b"forwarded"]
+
+
+def test_a_head_response_with_content_length_does_not_wait_for_a_body() -> None:
+    h = Harness("http://127.0.0.1:8081")
+    client, out = h.client()
+    client.dataReceived(b"HEAD /big HTTP/1.1\r\nHost: h\r\n\r\n")
+    upstream, wire = h.accept()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+    answer = out.value()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\n")
+    assert b"\r\nContent-Length: 1000000\r\n" in answer
+    assert b"Transfer-Encoding" not in answer
+    # Done: the next request on the same client connection reuses the upstream connection.
+    out.clear()
+    wire.clear()
+    client.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert len(h.reactor.tcpClients) == 1
+    assert wire.value().startswith(b"GET /a ")
+    upstream.dataReceived(RESPONSE)
+    assert out.value().endswith(b"hello")
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_responses_without_a_body_end_at_their_head(status: int) -> None:
+    h = Harness("http://127.0.0.1:8081")
+    client, out = h.client()
+    client.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    upstream, _ = h.accept()
+    upstream.dataReceived(b'HTTP/1.1 %d X\r\nETag: "1"\r\n\r\n' % status)
+    answer = out.value()
+    assert answer.startswith(b"HTTP/1.1 %d " % status) and answer.endswith(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in answer
+    assert h.proxy.upstreams[0].idle  # complete: back in the pool
+
+
+def test_an_early_response_closes_both_connections_and_pools_nothing() -> None:
+    h = Harness("http://127.0.0.1:8081")
+    client, out = h.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    upstream, wire = h.accept()
+    upstream.dataReceived(b"HTTP/1.1 413 Too Big\r\nContent-Length: 3\r\n\r\nno\n")
+    answer = out.value()
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in answer
+    assert wire.disconnecting and not h.proxy.upstreams[0].idle
+    # The rest of the body is read and dropped (a lingering close), never parsed as a
+    # request, and the connection closes once the client has been quiet for a while.
+    assert not out.disconnecting
+    client.dataReceived(b"GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n" + b"x" * 40)
+    assert out.value() == answer and len(h.reactor.tcpClients) == 1
+    h.reactor.advance(6)
+    client.factory.sweep()
+    assert out.disconnecting
+
+
+def test_a_client_that_stalls_its_upload_does_not_mark_the_upstream_failed() -> None:
+    # Waiting on the client is not the upstream's fault: no 504, no "skipped for a while";
+    # the listener's idle timeout ends it with 408.
+    h = Harness("http://127.0.0.1:8081", "http://127.0.0.1:8082", timeout=Duration(5))
+    client, out = h.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    _upstream, wire = h.accept()
+    for _ in range(20):
+        h.reactor.advance(0.5)
+    assert out.value() == b""
+    assert all(u.healthy for u in h.proxy.upstreams)
+    for _ in range(110):
+        h.reactor.advance(0.5)
+    assert out.value().startswith(b"HTTP/1.1 408 ")
+    assert wire.disconnecting and not h.proxy.upstreams[0].idle
+    assert all(u.healthy for u in h.proxy.upstreams)
+
+
+def test_an_upstream_that_stops_reading_the_upload_is_a_504() -> None:
+    h = Harness("http://127.0.0.1:8081", timeout=Duration(5))
+    client, out = h.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n")
+    _upstream, wire = h.accept()
+    wire.producer.pauseProducing()  # the upstream's socket buffer is full
+    client.dataReceived(b"x" * 10)
+    for _ in range(14):
+        h.reactor.advance(0.5)
+    assert out.value().startswith(b"HTTP/1.1 504 ")
+    assert not h.proxy.upstreams[0].healthy
+
+
+def test_a_client_gone_mid_upload_to_a_slow_upstream_really_closes_the_upstream() -> None:
+    # Twisted's loseConnection() waits on a paused streaming producer: with the request
+    # body still registered as the upstream's producer, the connection would never close
+    # (it would resume the producer and stop there).  Closing must unregister it.
+    h = Harness("http://127.0.0.1:8081")
+    client, _ = h.client()
+    client.dataReceived(
+        b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 10
+    )
+    _upstream, wire = h.accept()
+    assert wire.producer is not None
+    wire.producer.pauseProducing()  # the upstream reads slowly
+    client.connectionLost(Failure(ConnectionError()))
+    assert wire.disconnecting
+    assert wire.producer is None
+    assert not h.proxy.upstreams[0].idle
+
+
+def test_connection_close_from_the_upstream_is_not_pooled_nor_passed_on() -> None:
+    h = Harness("http://127.0.0.1:8081")
+    client, out = h.client()
+    client.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    upstream, wire = h.accept()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+    assert wire.disconnecting and not h.proxy.upstreams[0].idle
+    answer = out.value()
+    assert answer.endswith(b"\r\n\r\nok") and b"Connection: close" not in answer
+    assert not out.disconnecting
+
+
+@pytest.mark.parametrize(
+    ("request_line", "closes"),
+    [
+        (b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", True),
+        (b"GET /x HTTP/1.0\r\n\r\n", True),
+        (b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", False),
+    ],
+)
+def test_the_client_s_connection_wishes_are_kept(request_line: bytes, closes: bool) -> None:
+    h = Harness("http://127.0.0.1:8081")
+    client, out = h.client()
+    client.dataReceived(request_line)
+    upstream, wire = h.accept()
+    assert b"Connection" not in wire.value()  # the upstream connection is the proxy's
+    upstream.dataReceived(RESPONSE)
+    answer = out.value()
+    assert answer.endswith(b"hello")
+    assert out.disconnecting is closes
+    assert (b"Connection: close" in answer) is closes
+    if request_line.startswith(b"GET /x HTTP/1.0") and not closes:
+        assert b"Connection: keep-alive" in answer
+    assert h.proxy.upstreams[0].idle  # the upstream connection is kept either way
+
+
+@pytest.mark.parametrize("reason", [b"OK\rX-Injected: 1", b"O\x00K", b"OK\x1b[31m"])
+def test_control_characters_in_the_upstream_s_status_line_are_502(reason: bytes) -> None:
+    # Passed on, a bare CR would split the client's response head (RFC 9112 section 2.2).
+    h = Harness("http://127.0.0.1:8081")
+    client, out = h.client()
+    client.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    upstream, _ = h.accept()
+    upstream.dataReceived(b"HTTP/1.1 200 " + reason + b"\r\nContent-Length: 2\r\n\r\nok")
+    answer = out.value()
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    assert reason not in answer
+
+
+def test_an_absolute_form_target_s_scheme_is_case_insensitive() -> None:
+    h = Harness("http://127.0.0.1:8081/base")
+    client, _ = h.client()
+    client.dataReceived(b"GET HTTP://right.example/x HTTP/1.1\r\nHost: wrong.example\r\n\r\n")
+    _upstream, wire = h.accept()
+    assert wire.value().startswith(b"GET /base/x HTTP/1.1\r\n")
+    assert _forwarded_head(wire.value())[b"host"] == b"right.example"

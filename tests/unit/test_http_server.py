@@ -6,6 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -329,3 +330,37 @@ def test_no_route_and_too_large_are_answered_without_submitting() -> None:
     assert out.startswith(b"HTTP/1.1 404 ") and not gateway.submitted
     gateway, out = post(Verdict(Status.DELIVERED, Reason.NONE, "queued"), body=b"x" * 101)
     assert out.startswith(b"HTTP/1.1 413 ") and not gateway.submitted
+
+
+def test_the_server_sends_no_100_continue_to_an_http10_client() -> None:
+    reactor = MemoryReactorClock()
+    protocol, transport = connect(factory_for(Recorder(), reactor))
+    protocol.dataReceived(b"PUT /x HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    assert transport.value() == b""
+    protocol.dataReceived(b"ok")
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    assert b"PUT /x ok" in transport.value()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/hooks/../admin",
+        b"/hooks/%2e%2e/admin",
+        b"/hooks/.%2E/admin",
+        b"/hooks/..%2fadmin",
+        b"/hooks/..\\admin",
+        b"/hooks/./a",
+        b"/hooks/..",
+    ],
+)
+def test_dot_segments_that_would_leave_the_route_s_prefix_are_400(target: bytes) -> None:
+    # The route matched "/hooks/"; an upstream that resolves ".." would serve "/admin".
+    gateway, out = post(Verdict(Status.DELIVERED, Reason.NONE, "queued"), target=target)
+    assert out.startswith(b"HTTP/1.1 400 ") and not gateway.submitted
+
+
+@pytest.mark.parametrize("target", [b"/hooks/.well-known/a", b"/hooks/a..b", b"/hooks/a?x=/../y"])
+def test_dots_that_are_not_dot_segments_are_taken(target: bytes) -> None:
+    gateway, out = post(Verdict(Status.DELIVERED, Reason.NONE, "queued"), target=target)
+    assert out.startswith(b"HTTP/1.1 202 ") and gateway.submitted

@@ -40,8 +40,8 @@ from gateway.protocols.http.webhook import (
 from gateway.routing import check_routes
 from gateway.signing import sign, signature_matches
 from gateway.transforms.http_mail import http_to_mail, render
-from tests.unit.test_delivery import START, FakeDestination, World
-from tests.unit.test_routing import run
+from tests.support.deferreds import run
+from tests.support.delivery import START, FakeDestination, World
 
 # --------------------------------------------------------------------------- helpers
 
@@ -995,3 +995,146 @@ def test_any_mail_bytes_give_valid_json(raw: bytes) -> None:
 def test_any_retry_after_value_is_a_wait_or_none(value: str) -> None:
     wait = parse_retry_after(value, NOW)
     assert wait is None or wait >= 0
+
+
+def hook(body: bytes, content_type: str = "application/json") -> HttpRequest:
+    return HttpRequest(
+        method="POST",
+        target="/hooks/x",
+        host="gw.test",
+        http_headers=(("Host", "gw.test"), ("Content-Type", content_type)),
+        body=body,
+        client="127.0.0.9",
+        listener="web-in",
+        received=1_700_000_000.0,
+    )
+
+
+INJECTIONS = [
+    "=?utf-8?q?a=0D=0ABcc:_evil@x.test?=",
+    "=?utf-8?b?YQ0KQmNjOiBldmlsQHgudGVzdA==?=",
+    "=?us-ascii?q?a=0ABcc:_evil@x.test?=",
+    "a\r\nBcc: evil@x.test",
+]
+
+
+@pytest.mark.parametrize("text", INJECTIONS)
+def test_payload_text_cannot_add_header_fields_through_the_subject(text: str) -> None:
+    # RFC 5322 2.2: a field ends at CRLF. An encoded word decoding to CR/LF (RFC 2047 text
+    # from the payload) must stay text in the Subject, never become a new field.
+    msg = http_to_mail(hook(json.dumps({"t": text}).encode()), {**OPTIONS, "subject": "x {t}"})
+    assert msg.headers.get("Bcc") is None
+    assert b"\nBcc:" not in msg.to_bytes().split(b"\n\n", 1)[0]
+    subject = parsed(msg)["Subject"]
+    assert "\r" not in subject and "\n" not in subject
+    assert subject == "x " + " ".join(text.split())  # the text is kept, as text
+
+
+def test_literal_encoded_word_text_in_a_subject_reads_back_literally() -> None:
+    text = "=?utf-8?q?hello?= world"
+    msg = http_to_mail(hook(json.dumps({"t": text}).encode()), {**OPTIONS, "subject": "{t}"})
+    assert parsed(msg)["Subject"] == text
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "bell\x07", "esc\x1b[31m", "del\x7f", "c1\x85x\x9b"])
+def test_control_characters_never_reach_a_header(text: str) -> None:
+    # RFC 5322 3.2.5/2.2: header text is VCHAR and WSP; NUL and other controls are not allowed.
+    msg = http_to_mail(hook(json.dumps({"t": text}).encode()), {**OPTIONS, "subject": "s {t}"})
+    head = msg.to_bytes().split(b"\n\n", 1)[0]
+    assert not any((b < 32 and b not in (9, 10)) or b == 127 for b in head)
+    subject = parsed(msg)["Subject"]
+    assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in subject)
+
+
+def test_a_non_ascii_subject_is_rfc2047_encoded_and_reads_back() -> None:
+    text = "Grüße aus Köln " + "ü" * 80
+    msg = http_to_mail(hook(json.dumps({"t": text}).encode()), {**OPTIONS, "subject": "{t}"})
+    head = msg.to_bytes().split(b"\n\n", 1)[0]
+    assert head.isascii()
+    assert all(len(line) <= 78 for line in head.split(b"\n"))
+    assert parsed(msg)["Subject"] == text
+
+
+def test_a_long_subject_is_folded_under_998_octets() -> None:
+    text = "x" * 2000
+    msg = http_to_mail(hook(json.dumps({"t": text}).encode()), {**OPTIONS, "subject": "{t}"})
+    head = msg.to_bytes().split(b"\n\n", 1)[0]
+    assert all(len(line) <= 998 for line in head.split(b"\n"))
+    assert parsed(msg)["Subject"] == text
+
+
+def upload(disposition: str, ctype: str = "text/plain") -> HttpRequest:
+    body = (
+        b"--XX\r\nContent-Disposition: " + disposition.encode() + b"\r\n"
+        b"Content-Type: " + ctype.encode() + b"\r\n\r\nhello\r\n--XX--\r\n"
+    )
+    return hook(body, "multipart/form-data; boundary=XX")
+
+
+def test_an_upload_file_name_with_line_breaks_is_made_safe() -> None:
+    # RFC 2231 lets a file name carry %0D%0A; it must not break the mail or the request.
+    req = upload("form-data; name=\"f\"; filename*=utf-8''a%0D%0ABcc%3A%20e%40v.test")
+    msg = http_to_mail(req, OPTIONS)
+    assert msg.headers.get("Bcc") is None
+    parts = [p for p in parsed(msg).iter_attachments()]
+    assert len(parts) == 1
+    name = parts[0].get_filename()
+    assert name is not None and "\n" not in name and "\r" not in name
+    assert parts[0].get_content() in (b"hello", "hello")
+
+
+@pytest.mark.parametrize("ctype", ["multipart/mixed", "message/rfc822", "multipart/alternative"])
+def test_an_upload_declared_multipart_or_message_is_sent_as_octets(ctype: str) -> None:
+    # RFC 2045 6.4: a multipart or message entity may only be 7bit, 8bit or binary; the
+    # upload is base64-encoded bytes, so it cannot keep such a type.
+    msg = http_to_mail(upload('form-data; name="f"; filename="a.bin"', ctype), OPTIONS)
+    parts = [p for p in parsed(msg).iter_attachments()]
+    assert len(parts) == 1
+    assert parts[0].get_content_type() == "application/octet-stream"
+    assert parts[0].get_payload(decode=True) == b"hello"
+    assert not parsed(msg).defects and not parts[0].defects
+
+
+@pytest.mark.parametrize("digits", [400, 5000])
+def test_a_huge_retry_after_does_not_raise(digits: int) -> None:
+    # delay-seconds = 1*DIGIT: any number of digits is syntactically valid.
+    wait = parse_retry_after("9" * digits, 1.7e9)
+    assert wait is not None and wait >= 86400
+
+
+def test_a_success_with_a_huge_retry_after_is_still_delivered() -> None:
+    retry = parse_retry_after("9" * 5000, 1.7e9)
+    outcome = outcome_for_status("http://h.test/x", 200, "OK", b"", retry)
+    assert outcome.status.name == "DELIVERED"
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "esc\x1b[0m", "bare\rcr", "del\x7f"])
+def test_control_characters_in_the_text_are_quoted_printable_not_7bit(text: str) -> None:
+    # RFC 2045 2.7: 7bit data has no NUL, and CR and LF only together as a line break.
+    msg = http_to_mail(hook(json.dumps({"t": text}).encode()), {**OPTIONS, "body": "{t}"})
+    head, _, body = msg.to_bytes().partition(b"\n\n")
+    assert b"Content-Transfer-Encoding: quoted-printable" in head
+    assert not any((b < 32 and b not in (9, 10)) or b == 127 for b in body)
+    part = parsed(msg).get_body(("plain",))
+    assert part is not None
+    assert part.get_content().rstrip("\n") == text.replace("\r", "\n") or text in part.get_content()
+
+
+@pytest.mark.parametrize(
+    "date",
+    [
+        "Tue, 25 Nov 2025 10:00:00 +99999999999999999999",
+        "25 Nov 99999999999999999999 10:00:00 +0000",
+        "Tue, 25 Nov 2025 99:99:99 +0000",
+    ],
+)
+def test_an_unreadable_date_gives_null_date_iso_not_a_dead_letter(date: str) -> None:
+    msg = MailMessage.from_bytes(
+        b"Date: " + date.encode() + b"\nFrom: a@b.test\n\ntext\n",
+        sender="a@b.test",
+        recipients=("c@d.test",),
+    )
+    doc = message_document(msg, attachment_limit=100)
+    assert doc["date"] == date and doc["date_iso"] is None
+    assert doc["text"] == "text\n"
+    assert json.loads(encode_document(doc))["id"] == msg.id

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import email
+import email.message
+import email.policy
 import textwrap
 from collections.abc import Coroutine, Mapping
 from email.utils import parsedate_to_datetime
@@ -22,7 +25,9 @@ from gateway.ports import Reason
 from gateway.routing import Router, TransformFailed, check_routes
 from gateway.transforms.mail_to_news import (
     LOOP_HEADER,
+    MAX_MESSAGE_ID,
     fold_groups,
+    gateway_name,
     is_valid_message_id,
     mail_to_news,
     newsgroup_problem,
@@ -709,3 +714,212 @@ def test_any_newsgroups_option_posts_only_valid_groups_or_refuses(value: str) ->
         return
     assert art.newsgroups
     assert all(newsgroup_problem(g) is None for g in art.newsgroups)
+
+
+GW = "gw.example.test"
+
+
+def list_mail(extra: bytes, *, body: bytes = b"body\n") -> MailMessage:
+    head = b"From: Alice <alice@mail.test>\nSubject: hello\nDate: Wed, 25 Nov 2026 10:00:00 +0000\n"
+    return MailMessage.from_bytes(
+        head + extra + b"\n" + body,
+        sender="alice@mail.test",
+        recipients=("dev@lists.test",),
+        listener="in",
+        client="127.0.0.1",
+    )
+
+
+def gated(msg: MailMessage, **options: Any) -> Article:
+    result = mail_to_news(msg, {"newsgroups": "test.gateway", "gateway": GW, **options})
+    assert isinstance(result, Article)
+    return result
+
+
+def raw_fields(headers: Any, name: str) -> list[bytes]:
+    return [value for key, value in headers if key.lower() == name.lower()]
+
+
+def test_a_folded_message_id_goes_out_unfolded_and_is_kept() -> None:
+    # RFC 5536 3.1.3: the Message-ID field is the msg-id-core with optional WSP, no folding;
+    # RFC 5322 allowed the fold in the mail, the article must not carry it.
+    art = gated(list_mail(b"Message-ID:\n <abc.1@mail.test>\n"))
+    assert raw_fields(art.headers, "Message-ID") == [b" <abc.1@mail.test>"]
+    assert art.headers.get("X-Original-Message-ID") is None
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"Message-ID: <abc.2@mail.test> (added by an MUA)\n",
+        b"Message-ID: (comment) <abc.2@mail.test>\n",
+        b"Message-ID: <abc.2@mail.test>\t\n",
+    ],
+)
+def test_the_msg_id_core_of_a_mail_message_id_with_comments_is_reused(field: bytes) -> None:
+    # Mail's msg-id is [CFWS] msg-id-core [CFWS]; netnews takes only the core (RFC 5536 3.1.3).
+    # Reusing the core keeps the same mail gated twice (or by two gateways) one article.
+    art = gated(list_mail(field))
+    assert raw_fields(art.headers, "Message-ID") == [b" <abc.2@mail.test>"]
+
+
+def test_a_derived_message_id_never_exceeds_250_octets() -> None:
+    # RFC 5536 3.1.3: msg-id-core at most 250 octets; a long gateway name must not break it.
+    long_name = ".".join(["a" * 60] * 4)  # a 243-character host name, valid as such
+    art = gated(list_mail(b""), gateway=long_name)
+    msgid = art.message_id
+    assert msgid is not None
+    assert len(msgid.encode()) <= MAX_MESSAGE_ID
+    assert is_valid_message_id(msgid)
+    assert gated(list_mail(b""), gateway=long_name).message_id == msgid  # still deterministic
+
+
+def test_a_gateway_name_longer_than_a_host_name_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="gateway"):
+        gateway_name({"gateway": "a" * 300})
+
+
+def list_article() -> Article:
+    return Article.from_bytes(
+        b"Path: news.test!not-for-mail\n"
+        b"From: Bob <bob@news.test>\n"
+        b"Newsgroups: test.gateway\n"
+        b"Subject: hi\n"
+        b"Message-ID: <n.1@news.test>\n"
+        b"Date: Wed, 25 Nov 2026 10:00:00 +0000\n"
+        b"\nbody\n",
+        listener="news-in",
+        client="127.0.0.1",
+    )
+
+
+def to_mail(**options: Any) -> MailMessage:
+    result = news_to_mail(list_article(), {"to": "list@lists.test", "gateway": GW, **options})
+    assert isinstance(result, MailMessage)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("test-gateway.lists.example.test", b" <test-gateway.lists.example.test>"),
+        ("<test-gateway.lists.example.test>", b" <test-gateway.lists.example.test>"),
+        ("Gateway list <gw.lists.example.test>", b" Gateway list <gw.lists.example.test>"),
+    ],
+)
+def test_valid_list_ids(given: str, expected: bytes) -> None:
+    assert raw_fields(to_mail(list_id=given).headers, "List-Id") == [expected]
+
+
+@pytest.mark.parametrize(
+    "bad", ["test gateway list", "nodot", "<a b.example.test>", "x <bad@list.example.test>"]
+)
+def test_an_invalid_list_id_is_refused_with_the_rule(bad: str) -> None:
+    # RFC 2919: list-id = list-label "." list-id-namespace, dot-atom text in angle brackets.
+    with pytest.raises(Reject, match="RFC 2919"):
+        to_mail(list_id=bad)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("list@lists.test", b" <mailto:list@lists.test>"),
+        ("mailto:list@lists.test", b" <mailto:list@lists.test>"),
+        ("<mailto:list@lists.test>", b" <mailto:list@lists.test>"),
+        (
+            "list@lists.test, https://lists.test/post",
+            b" <mailto:list@lists.test>, <https://lists.test/post>",
+        ),
+        (
+            ["list@lists.test", "<https://lists.test/post>"],
+            b" <mailto:list@lists.test>, <https://lists.test/post>",
+        ),
+        ("NO", b" NO"),
+    ],
+)
+def test_list_post_is_a_list_of_bracketed_urls(given: Any, expected: bytes) -> None:
+    # RFC 2369: each URL in angle brackets, several separated by commas; NO for no posting.
+    assert raw_fields(to_mail(list_post=given).headers, "List-Post") == [expected]
+
+
+@pytest.mark.parametrize("bad", ["a list@lists.test", "<mailto:a b@lists.test>"])
+def test_an_unusable_list_post_is_refused(bad: str) -> None:
+    with pytest.raises(Reject, match="RFC 2369"):
+        to_mail(list_post=bad)
+
+
+OPTIONS: dict[str, Any] = {
+    "from": "Hook bot <bot@gw.test>",
+    "to": ["ops@example.test"],
+    "message_id_domain": "gw.test",
+}
+
+
+def bare_mail(head: bytes, *, sender: str = "alice@mail.test") -> MailMessage:
+    return MailMessage.from_bytes(
+        head + b"\nbody\n",
+        sender=sender,
+        recipients=("dev@lists.test",),
+        listener="in",
+        client="127.0.0.1",
+        received=1_764_064_800.0,  # 2025-11-25 10:00:00 UTC
+    )
+
+
+def test_a_mail_without_date_gets_the_time_it_was_received() -> None:
+    msg = bare_mail(b"From: a@mail.test\nSubject: s\nMessage-ID: <d.1@mail.test>\n")
+    art = gated(msg)
+    assert art.headers.get("Date") == "Tue, 25 Nov 2025 10:00:00 +0000"
+    assert gated(msg).to_bytes() == art.to_bytes()  # a retry makes the same article
+
+
+def test_a_mail_without_subject_gets_one() -> None:
+    art = gated(bare_mail(b"From: a@mail.test\nDate: Wed, 25 Nov 2026 10:00:00 +0000\n"))
+    assert art.headers.get("Subject") == "(no subject)"
+
+
+def test_a_mail_without_from_takes_the_envelope_sender() -> None:
+    art = gated(bare_mail(b"Subject: s\nDate: Wed, 25 Nov 2026 10:00:00 +0000\n"))
+    assert art.headers.get("From") == "alice@mail.test"
+
+
+def test_a_mail_without_any_originator_is_refused_saying_why() -> None:
+    with pytest.raises(Reject, match="From"):
+        gated(bare_mail(b"Subject: s\n", sender=""))
+
+
+def long_id(n: int) -> str:
+    # 250 octets, the longest msg-id-core RFC 5536 3.1.3 allows.
+    left = f"{n}." + "x" * (250 - len(f"{n}.") - len("@mail.test") - 2)
+    return f"<{left}@mail.test>"
+
+
+def test_references_keep_the_first_and_last_three_even_when_they_need_two_lines() -> None:
+    ids = [long_id(n) for n in range(6)]
+    assert all(len(i) == 250 for i in ids)
+    art = gated(
+        list_mail(b"Message-ID: <r.1@mail.test>\nReferences: " + "\n ".join(ids).encode() + b"\n")
+    )
+    raw = raw_fields(art.headers, "References")
+    assert len(raw) == 1
+    assert art.headers.get_all("References")[0].split() == [ids[0], *ids[-3:]]
+    lines = (b"References:" + raw[0]).split(b"\n")
+    assert all(len(line) <= 998 for line in lines)
+    assert all(line.startswith(b" ") for line in lines[1:])
+
+
+@pytest.mark.parametrize("option", ["to", "from"])
+def test_non_ascii_display_names_from_route_options_are_rfc2047_encoded(option: str) -> None:
+    # RFC 2047 5(3): a display name (phrase) outside ASCII is written as encoded words; raw
+    # UTF-8 in a header needs SMTPUTF8 (RFC 6532), which the next hop may not offer.
+    out = to_mail(**{option: "Jörg Müller <jm@lists.test>, plain@lists.test"})
+    head = out.to_bytes().split(b"\n\n", 1)[0]
+    name = option.capitalize()
+    value = raw_fields(out.headers, name)[0]
+    assert value.isascii(), head
+    parsed_mail = email.message_from_bytes(out.to_bytes(), policy=email.policy.default)
+    addresses = parsed_mail[name].addresses
+    assert [(a.display_name, a.addr_spec) for a in addresses] == [
+        ("Jörg Müller", "jm@lists.test"),
+        ("", "plain@lists.test"),
+    ]

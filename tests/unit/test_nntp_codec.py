@@ -9,12 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.protocols.nntp.codec import (
+    ArticleReceived,
     Block,
     Command,
     LineTooLong,
     NntpError,
     NntpSyntaxError,
     Response,
+    SendResponse,
+    ServerCodec,
     StreamReader,
     decode_block,
     encode_block,
@@ -382,3 +385,65 @@ def test_size_limit_is_exact_with_a_stuffed_last_line_split_before_lf() -> None:
         block = reader.read_block()
         assert block is not None and block.too_large is refused
         assert block.data == (b"" if refused else content)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b".\n",  # a line that is exactly "."
+        b"..\n",  # a line that is exactly ".."
+        b"a\n.\nb\n",
+        b"a\n..\n.\n",
+        b"no final line feed",
+        b"ends in a dot .",
+        b".",  # a body that is one dot without LF
+        b"cr\rinside\n",
+        b"cr before lf\r\n",
+        b"\r",
+        b"\n\n.\n\n",
+        b"",
+    ],
+)
+def test_block_edge_cases_round_trip_in_any_split(content: bytes) -> None:
+    wire = encode_block(content)
+    assert decode_block(wire) == normalise_block(content)
+    # One byte at a time, with the next command right behind the terminator.
+    reader = StreamReader()
+    block = None
+    for byte in wire + b"QUIT\r\n":
+        reader.receive_data(bytes([byte]))
+        if block is None:
+            block = reader.read_block()
+    assert block is not None and block.data == normalise_block(content)
+    assert reader.read_line() == b"QUIT"
+
+
+def test_a_lone_dot_inside_a_takethis_article_ends_it_and_the_rest_is_answered() -> None:
+    # The peer forgot to dot-stuff: the article ends at the lone ".", the lines
+    # after it are read as commands and get 500; nothing raises, the session goes on.
+    codec = ServerCodec(hostname="gw.test")
+    codec.receive_data(b"TAKETHIS <x@y>\r\nSubject: s\r\n\r\nbody\r\n.\r\nmore: text\r\n.\r\n")
+    events = []
+    while (event := codec.next_event()) is not None:
+        events.append(event)
+    assert isinstance(events[0], ArticleReceived)
+    assert events[0].data == b"Subject: s\n\nbody\n"
+    codec.answer(Response(239, "<x@y>"))
+    codes = []
+    while (event := codec.next_event()) is not None:
+        assert isinstance(event, SendResponse)
+        codes.append(event.response.code)
+    assert codes == [239, 500, 500]
+    assert not codec.closed
+
+
+def test_block_follows_only_for_commands_that_have_one() -> None:
+    """RFC 3977 3.2: whether a block follows depends on the command, not on the code alone."""
+    for keyword in ("POST", "IHAVE", "CHECK", "TAKETHIS", "DATE", "QUIT", "MODE", "AUTHINFO"):
+        for code in (100, 101, 220, 224, 230, 282):
+            assert not response_has_block(code, keyword), (code, keyword)
+    assert response_has_block(220, "ARTICLE") and response_has_block(221, "HEAD")
+    assert response_has_block(221, "XHDR") and response_has_block(224, "XOVER")
+    assert response_has_block(211, "LISTGROUP") and not response_has_block(211, "GROUP")
+    assert response_has_block(101, "CAPABILITIES") and response_has_block(100, "HELP")
+    assert response_has_block(224)  # a command the table does not know: by the code

@@ -14,7 +14,8 @@ from gateway.ports import Status
 from gateway.protocols.nntp.client import Reply
 from gateway.protocols.nntp.config import NntpDestinationConfig
 from gateway.protocols.nntp.destination import NntpDestination, outcome_for
-from tests.unit.test_nntp_client import MemoryEndpoint, Script, result, start
+from tests.support.deferreds import result, start
+from tests.support.news_server import MemoryEndpoint, Script
 
 
 def article(msgid: str = "<d1@example.test>", body: bytes = b"hello\n") -> Article:
@@ -244,3 +245,39 @@ def test_config_parses_and_builds() -> None:
 def test_config_errors(options: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse(config_text(options))
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "status"),
+    [
+        # INN answers an article that became a duplicate while it was sent with
+        # "437 Duplicate" (IHAVE) / "439 <id> Duplicate" (TAKETHIS): the server has it.
+        (437, "Duplicate", Status.DELIVERED),
+        (437, "Duplicate article", Status.DELIVERED),
+        (439, "<a@b> Duplicate", Status.DELIVERED),
+        (437, 'Unapproved for "local.mod"', Status.PERMANENT),
+        (437, "Article already expired", Status.PERMANENT),
+    ],
+)
+def test_destination_counts_a_duplicate_refusal_as_delivered(
+    code: int, text: str, status: Status
+) -> None:
+    assert outcome_for(Reply(code, text), "news:119").status is status
+
+
+@pytest.mark.parametrize(
+    ("text", "status"),
+    [
+        # INN's nnrpd answers POST with 441 and the code innd gave inside the text.
+        ("436 Can't write history", Status.TEMPORARY),
+        ("400 Throttled: disk full", Status.TEMPORARY),
+        ("436 Try again later: spool full", Status.TEMPORARY),
+        ("437 Unwanted distribution", Status.PERMANENT),
+        ("Header line too long", Status.PERMANENT),
+        ("435 Duplicate", Status.DELIVERED),
+    ],
+)
+def test_destination_reads_the_code_inside_a_441(text: str, status: Status) -> None:
+    """Defect: "441 436 ..." (a temporary failure behind the posting server) was
+    taken as permanent, and the article went to the dead letters."""
+    assert outcome_for(Reply(441, text), "news:119").status is status

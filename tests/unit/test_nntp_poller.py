@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from gateway.config import ConfigError, Duration, parse
 from gateway.message import Message
@@ -16,8 +17,9 @@ from gateway.ports import Reason, Status, Verdict
 from gateway.protocols.nntp.config import NntpPollerConfig
 from gateway.protocols.nntp.poller import Mark, NntpPoller, _overview, mark_key
 from gateway.spool import SqliteSpool
+from tests.support.deferreds import result, start
+from tests.support.news_server import MemoryEndpoint, Script
 from tests.support.port import FakePort
-from tests.unit.test_nntp_client import MemoryEndpoint, Script, result, start
 
 GROUP = "local.test"
 CONNECT = "tcp:127.0.0.1:119"
@@ -399,3 +401,40 @@ def test_mark_decode_never_raises(text: str) -> None:
 def test_overview_parser_never_raises(block: bytes) -> None:
     for number, msgid in _overview(block):
         assert isinstance(number, int) and isinstance(msgid, str)
+
+
+def test_an_unreachable_server_is_logged_while_backing_off_then_once_an_hour(
+    tmp_path: Path,
+) -> None:
+    """In memory, hours of an absent news server (the poller of the default file, say)."""
+    lines: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == "gateway.nntp.poller":
+            lines.append(formatEvent(event))
+
+    poll = Rig(tmp_path)
+    poll.endpoint.refuse = True
+    globalLogPublisher.addObserver(observe)
+    try:
+        poller = poll.start(interval=Duration(60))
+        for _ in range(12 * 10):  # ten hours in 5-minute steps
+            poll.clock.advance(300)
+            poll.settle()
+        refused = [line for line in lines if "connection refused" in line]
+        # 60, 120, 240 s waits, then the longest (300 s): from there on once an hour.
+        assert refused[:3] == [
+            f"NNTP poller poll: connection refused by MemoryEndpoint; next attempt in {s}s"
+            for s in (60, 120, 240)
+        ]
+        reminders = refused[3:]
+        assert 9 <= len(reminders) <= 10, refused
+        assert all(r.startswith("NNTP poller poll: still failing after") for r in reminders)
+        assert poller.failures > 100
+        poll.endpoint.refuse = False
+        poll.clock.advance(300)
+        poll.settle()
+        assert poller.failures == 0
+        assert lines[-1].startswith(f"NNTP poller poll: {CONNECT} answers again after")
+    finally:
+        globalLogPublisher.removeObserver(observe)

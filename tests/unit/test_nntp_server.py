@@ -16,15 +16,21 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test import iosim
 
 from gateway.config import ConfigError, Network, parse
 from gateway.listening import Admission
 from gateway.message import Article
 from gateway.ports import Reason, Status, Verdict
+from gateway.protocols.nntp.client import Reply
 from gateway.protocols.nntp.codec import (
     ArticleReceived,
     AuthRequest,
@@ -38,6 +44,7 @@ from gateway.protocols.nntp.codec import (
     parse_capabilities,
 )
 from gateway.protocols.nntp.config import NntpListenerConfig
+from gateway.protocols.nntp.destination import outcome_for
 from gateway.protocols.nntp.listener import (
     NntpListener,
     RecentIds,
@@ -48,7 +55,9 @@ from gateway.protocols.nntp.server import (
     NntpServerProtocol,
     NntpSession,
 )
+from tests.peers import make_tls_cert
 from tests.support.port import FakePort
+from tests.support.transports import SmallBufferTransport
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 ARTICLE = (
@@ -449,9 +458,7 @@ def listener_config(**kw: Any) -> NntpListenerConfig:
     return NntpListenerConfig(**kw)
 
 
-def make_listener(
-    gateway: FakePort | None = None, **kw: Any
-) -> tuple[NntpListener, FakePort]:
+def make_listener(gateway: FakePort | None = None, **kw: Any) -> tuple[NntpListener, FakePort]:
     gw = gateway or FakePort(reactor=clock())
     return NntpListener(listener_config(**kw), gw, gw.reactor), gw
 
@@ -808,3 +815,167 @@ def test_codec_imports_without_twisted() -> None:
         "assert not any(m.startswith('twisted') for m in sys.modules), 'twisted was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_server_stops_answering_and_reading_while_the_client_reads_no_replies() -> None:
+    """Defect: the server answered every pipelined command at once, whatever the
+    client read, so its write buffer grew without bound."""
+    conn = Conn()
+    transport = SmallBufferTransport(PEER)
+    conn.transport = transport
+    conn.protocol = conn.factory.buildProtocol(PEER)
+    conn.protocol.makeConnection(transport)
+    assert transport.producer is conn.protocol and transport.streaming
+    transport.drain()
+    conn.send(b"DATE\r\n" * 100)  # a little is read on (a TLS handshake needs that)
+    assert len(transport.value()) < 2000
+    assert transport.producerState == "producing"
+    conn.send(b"DATE\r\n" * 19_900)
+    assert len(transport.value()) < 2000
+    assert transport.producerState == "paused"  # much more: no more reading either
+    answered = 0
+    for _ in range(5000):
+        answered += transport.drain().count(b"111 ")
+        if answered == 20_000:
+            break
+    assert answered == 20_000
+    assert transport.producerState == "producing"
+
+
+def test_idle_timeout_aborts_a_client_that_reads_nothing() -> None:
+    conn = Conn(idle_timeout=30)
+    transport = SmallBufferTransport(PEER)
+    conn.transport = transport
+    conn.protocol = conn.factory.buildProtocol(PEER)
+    conn.protocol.makeConnection(transport)
+    conn.send(b"HELP\r\n" * 100)
+    assert transport.full
+    conn.clock.advance(31)
+    # loseConnection would wait for a write buffer that never drains.
+    assert transport.disconnecting and transport.disconnected
+
+
+@pytest.mark.parametrize(("command", "code"), [("POST", 441), ("IHAVE", 437), ("TAKETHIS", 439)])
+@pytest.mark.parametrize("name", ["Message-ID", "Subject", "Newsgroups", "From", "Date"])
+def test_listener_refuses_a_header_field_that_appears_twice(
+    command: str, code: int, name: str
+) -> None:
+    """Defect: two Message-ID (or Subject, ...) fields were accepted; INN answers
+    "441 Duplicate Subject header field", and which Message-ID counts was unclear."""
+    listener, gw = make_listener()
+    data = article("<d1@example.org>")
+    value = "<d2@example.org>" if name == "Message-ID" else "second"
+    data = data.replace(b"\n\n", f"\n{name}: {value}\n\n".encode(), 1)
+    msgid = "" if command == "POST" else "<d1@example.org>"
+    response = run(listener.on_article(SESSION, command, msgid, data))
+    assert response.code == code
+    assert f"Duplicate {name}" in response.text
+    assert gw.submitted == []
+
+
+@pytest.mark.parametrize(("command", "code"), [("IHAVE", 437), ("TAKETHIS", 439)])
+def test_listener_refuses_a_relayed_message_id_without_left_and_right_parts(
+    command: str, code: int
+) -> None:
+    """Defect: a relayed article whose Message-ID is not <left@right> (RFC 5536 3.1.3)
+    was acknowledged, and the news server it went to refused it later."""
+    listener, gw = make_listener()
+    response = run(listener.on_article(SESSION, command, "<nodomain>", article("<nodomain>")))
+    assert response.code == code and "Message-ID" in response.text
+    assert gw.submitted == []
+
+
+def test_listener_does_not_want_offers_of_malformed_message_ids() -> None:
+    listener, _ = make_listener()
+    assert listener.on_offer(SESSION, "IHAVE", "<nodomain>").code == 435
+    check = listener.on_offer(SESSION, "CHECK", "<nodomain>")
+    assert check.code == 438 and check.text.startswith("<nodomain> ")
+    assert listener.on_offer(SESSION, "CHECK", "<a@b>").code == 238
+
+
+def test_quit_after_a_pipelined_batch_keeps_every_reply_for_a_slow_reader() -> None:
+    conn = Conn()
+    transport = SmallBufferTransport(PEER)
+    conn.transport = transport
+    conn.protocol = conn.factory.buildProtocol(PEER)
+    conn.protocol.makeConnection(transport)
+    conn.send(b"DATE\r\n" * 500 + b"QUIT\r\n")
+    received = b""
+    for _ in range(1000):
+        received += transport.drain()
+        if transport.disconnecting:
+            received += transport.drain()
+            break
+    assert received.count(b"111 ") == 500 and received.endswith(b"205 Bye\r\n")
+    assert not transport.disconnected  # closed gently, the replies written first
+
+
+def test_listener_quotes_the_posting_account_in_injection_info() -> None:
+    """Defect: a user name with a quote or backslash broke the Injection-Info
+    quoted-string (RFC 5536 3.2.8)."""
+    listener, gw = make_listener()
+    session = dataclasses.replace(SESSION, user='we"ird\\one')
+    data = article("<q1@example.org>", Path="")
+    assert run(listener.on_article(session, "POST", "", data)).code == 240
+    info = gw.submitted[0].headers.get("Injection-Info")  # type: ignore[attr-defined]
+    assert info.endswith('; posting-account="we\\"ird\\\\one"')
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pyOpenSSL objects inside Twisted
+def test_quit_over_tls_closes_the_connection(tmp_path: Path) -> None:
+    """Defect (of the producer registration above, caught before it shipped): a
+    TLS transport shuts down only once its producer is unregistered, so QUIT
+    left the connection open."""
+    cert, key = make_tls_cert(tmp_path)
+    server_options = ssl.PrivateCertificate.loadPEM(cert.read_text() + key.read_text()).options()
+    client_options = ssl.optionsForClientTLS(
+        "localhost", trustRoot=ssl.Certificate.loadPEM(cert.read_text())
+    )
+    clock = MemoryReactorClock()
+    factory = NntpServerFactory(Handler(), reactor=clock, hostname="gw.test", max_size=1 << 20)
+    server = TLSMemoryBIOFactory(server_options, False, factory, clock).buildProtocol(PEER)
+
+    class Client(Protocol):
+        received = b""
+        lost = False
+
+        def dataReceived(self, data: bytes) -> None:
+            self.received += data
+
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
+            self.lost = True
+
+    client = Client()
+    client_factory = TLSMemoryBIOFactory(
+        client_options, True, Factory.forProtocol(lambda: client), clock
+    )
+    client_tls = client_factory.buildProtocol(None)
+    pump = iosim.connect(
+        server,
+        iosim.makeFakeServer(server),
+        client_tls,
+        iosim.makeFakeClient(client_tls),
+        greet=False,
+        clock=clock,
+    )
+    for _ in range(20):
+        pump.pump()
+        clock.advance(0.01)
+    assert client.received.startswith(b"200 ")
+    client.transport.write(b"DATE\r\nQUIT\r\n")  # type: ignore[union-attr]
+    for _ in range(50):
+        pump.pump()
+        clock.advance(0.01)
+        if client.lost:
+            break
+    assert b"\r\n111 " in client.received and client.received.endswith(b"205 Bye\r\n")
+    assert client.lost
+
+
+def test_listener_says_436_inside_the_441_of_a_temporary_post_failure() -> None:
+    """So that a gateway posting to this listener retries instead of giving up."""
+    listener, gw = make_listener()
+    gw.verdict = Verdict(Status.TEMPORARY, Reason.UNAVAILABLE, "spool full")
+    response = run(listener.on_article(SESSION, "POST", "", article("<t1@example.org>")))
+    assert response.code == 441 and response.text.startswith("436 ")
+    assert outcome_for(Reply(response.code, response.text), "gw").status is Status.TEMPORARY

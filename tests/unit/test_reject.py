@@ -16,7 +16,7 @@ from gateway.plugins import Reject, Transforms, load_transforms, transform
 from gateway.ports import Reason, Status
 from gateway.routing import Router, TransformFailed
 from gateway.service import GatewayService, Runtime
-from tests.unit.test_routing import run
+from tests.support.deferreds import run
 
 CONFIG = r"""
 version: 1

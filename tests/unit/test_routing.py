@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from twisted.internet import defer, task
-from twisted.python.failure import Failure
 
 from gateway.config import parse
 from gateway.message import Article, Headers, Kind, MailMessage, Message
 from gateway.plugins import PluginError, Transforms, load_transforms, transform
 from gateway.routing import NoRoute, Router, Trace, TransformFailed, check_routes
+from tests.support.deferreds import run
 
 T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """The result of a coroutine that completes without the reactor (all in memory)."""
-    d = defer.Deferred.fromCoroutine(coro)
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the coroutine did not finish synchronously"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]  # type: ignore[no-any-return]
 
 
 CONFIG = r"""

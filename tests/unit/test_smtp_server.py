@@ -20,7 +20,7 @@ from gateway.protocols.smtp.server import (
     SmtpServerProtocol,
     SmtpSession,
 )
-from tests.unit._flow import SmallBufferTransport
+from tests.support.transports import SmallBufferTransport
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 Result = Reply | None | Awaitable[Reply | None]
@@ -537,3 +537,17 @@ def test_factory_builds_server_protocols(handler: Handler) -> None:
     protocol = factory.buildProtocol(PEER)
     assert isinstance(protocol, SmtpServerProtocol)
     assert protocol.factory is factory
+
+
+def test_server_does_not_end_data_at_bare_lf_dot() -> None:
+    """Defect: the server shell took "\\n.\\n" as the end of the data and asked the handler
+    about the smuggled sender."""
+    handler = Handler()
+    conn = Conn(handler)
+    conn.read()
+    smuggled = b"MAIL FROM:<ceo@bank.example>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\nforged\r\n"
+    conn.send(TRANSACTION + b"Subject: hi\r\n\r\nbody\n.\n" + smuggled)
+    assert handler.names() == ["connect", "sender", "recipient"]
+    conn.send(b".\r\n")
+    assert handler.names() == ["connect", "sender", "recipient", "message"]
+    assert b"ceo@bank.example" in handler.calls[-1][4]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from gateway.spool import (
     decode_message,
     encode_message,
 )
+from tests.support.deferreds import run
 
 T = TypeVar("T")
 
@@ -38,16 +39,6 @@ class FakeTime:
 
     def __call__(self) -> float:
         return self.now
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """The result of a spool call; in inline mode it is there at once."""
-    results: list[object] = []
-    Deferred.fromCoroutine(coro).addBoth(results.append)
-    assert results, "the inline spool did not answer at once"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]  # type: ignore[return-value]
 
 
 @pytest.fixture

@@ -20,9 +20,7 @@ from email.utils import formatdate
 from pathlib import Path
 
 import pytest
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from gateway.config import Duration
 from tests.integration.news.conftest import GROUP
 from tests.peers import (
     REPO_ROOT,
@@ -34,8 +32,6 @@ from tests.peers import (
     swaks_send,
 )
 from tests.peers_news import Inn, NntpConnection, article_bytes, fresh_message_id, header_values
-from tests.unit.test_nntp_poller import CONNECT
-from tests.unit.test_nntp_poller import Rig as PollerRig
 
 GW = "gw.test"
 LIST = "list@lists.test"
@@ -320,40 +316,3 @@ def test_default_routes_run_without_a_news_server(tmp_path: Path) -> None:
         assert refused.endswith("next attempt in 60s"), refused
         assert "Traceback" not in log
         assert process.log_text(since).count("\n") < 40
-
-
-def test_an_unreachable_server_is_logged_while_backing_off_then_once_an_hour(
-    tmp_path: Path,
-) -> None:
-    """In memory, hours of an absent news server (the poller of the default file, say)."""
-    lines: list[str] = []
-
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace") == "gateway.nntp.poller":
-            lines.append(formatEvent(event))
-
-    poll = PollerRig(tmp_path)
-    poll.endpoint.refuse = True
-    globalLogPublisher.addObserver(observe)
-    try:
-        poller = poll.start(interval=Duration(60))
-        for _ in range(12 * 10):  # ten hours in 5-minute steps
-            poll.clock.advance(300)
-            poll.settle()
-        refused = [line for line in lines if "connection refused" in line]
-        # 60, 120, 240 s waits, then the longest (300 s): from there on once an hour.
-        assert refused[:3] == [
-            f"NNTP poller poll: connection refused by MemoryEndpoint; next attempt in {s}s"
-            for s in (60, 120, 240)
-        ]
-        reminders = refused[3:]
-        assert 9 <= len(reminders) <= 10, refused
-        assert all(r.startswith("NNTP poller poll: still failing after") for r in reminders)
-        assert poller.failures > 100
-        poll.endpoint.refuse = False
-        poll.clock.advance(300)
-        poll.settle()
-        assert poller.failures == 0
-        assert lines[-1].startswith(f"NNTP poller poll: {CONNECT} answers again after")
-    finally:
-        globalLogPublisher.removeObserver(observe)

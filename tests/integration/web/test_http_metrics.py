@@ -20,9 +20,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.web.test_http_proxy import HangingServer, raw_exchange, request
 from tests.peers import LOOPBACK, GatewayProcess, SwaksExit, free_port, swaks_send
-from tests.peers_web import Nginx
+from tests.peers_web import HangingServer, Nginx, raw_exchange, request
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 SECRET = "metrics-secret"

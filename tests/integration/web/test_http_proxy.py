@@ -26,7 +26,7 @@ from tests.peers import (
     require_binary,
     wait_until,
 )
-from tests.peers_web import Nginx
+from tests.peers_web import HangingServer, Nginx, raw_exchange, request
 
 BIG = 100 * 1024 * 1024
 
@@ -102,48 +102,6 @@ def gateway(tmp_path: Path, nginx: Nginx, gateway_port: int) -> Iterator[Gateway
     with start_gateway(config, gateway_port) as process:
         yield process
         assert "Traceback" not in process.log_text()
-
-
-def request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
-
-
-def raw_exchange(
-    port: int, data: bytes | list[bytes], *, pause: float = 0.0, timeout: float = 15.0
-) -> bytes:
-    """Send bytes (pieces with a pause between them), then read until the gateway closes."""
-    pieces = [data] if isinstance(data, bytes) else data
-    with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
-        try:
-            for piece in pieces:
-                sock.sendall(piece)
-                if pause:
-                    time.sleep(pause)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the gateway gave up on us; its answer is in the socket
-        received = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
-        return received
 
 
 def status_of(response: bytes) -> int:
@@ -316,34 +274,6 @@ def test_an_upstream_that_is_down_gives_502(tmp_path: Path, gateway_port: int) -
         assert b"to-origin" in body and b"connect" in body
         assert time.monotonic() - started < 10
         assert "Traceback" not in gw.log_text()
-
-
-class HangingServer:
-    """Accepts connections, reads what comes, never answers."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server((LOOPBACK, 0))
-        self.port = self.sock.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        self.sock.settimeout(0.2)
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted.append(conn)
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join(5)
-        for conn in self.accepted:
-            conn.close()
-        self.sock.close()
 
 
 def test_an_upstream_that_hangs_gives_504(tmp_path: Path, gateway_port: int) -> None:
@@ -780,3 +710,147 @@ routes:
         gw.wait_for_log("reload refused", since=mark, timeout=30)
         assert request(gateway_port, "GET", "/whoami")[2] == f"port {two.port}\n".encode()
         assert "Traceback" not in gw.log_text()
+
+
+BIG = 8 * 1024 * 1024
+
+
+def _config(directory: Path, port: int, upstream: str) -> Path:
+    path = directory / "routes.yaml"
+    path.write_text(
+        f"""version: 1
+spool: {directory}/spool
+listeners:
+  web:
+    protocol: http
+    listen: tcp:{port}:interface=127.0.0.1
+    idle_timeout: 4s
+destinations:
+  origin:
+    protocol: http
+    url: [{upstream}]
+    timeout: 1s
+    connect_timeout: 2s
+    fail_timeout: 60s
+routes:
+  - name: public
+    from: web
+    match: {{prefix: /public/}}
+    to: origin
+  - name: to-origin
+    from: web
+    match: {{prefix: /, method: [GET, HEAD, POST]}}
+    to: origin
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def origin(nginx_factory: NginxFactory) -> Nginx:
+    return nginx_factory(big_size=BIG)
+
+
+@pytest.fixture
+def proxy_to_origin(tmp_path: Path, origin: Nginx) -> Iterator[tuple[GatewayProcess, int]]:
+    port = free_port()
+    with GatewayProcess(_config(tmp_path, port, origin.url)).start(port, timeout=30) as process:
+        yield process, port
+        assert "Traceback" not in process.log_text()
+
+
+def _exchange(port: int, data: bytes, timeout: float = 20.0) -> bytes:
+    """Send raw bytes, read until the gateway closes or goes quiet for a second."""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        out = b""
+        deadline = time.monotonic() + timeout
+        sock.settimeout(1.0)
+        while time.monotonic() < deadline:
+            try:
+                piece = sock.recv(65536)
+            except TimeoutError:
+                if out:
+                    break
+                continue
+            if not piece:
+                break
+            out += piece
+        return out
+
+
+def _entries(origin: Nginx, wanted: int) -> list[str]:
+    """The nginx access log's "METHOD uri" pairs, once it has at least ``wanted`` of them."""
+    deadline = time.monotonic() + 10
+    while True:
+        entries = [f"{e.method} {e.uri}" for e in origin.entries()]
+        if len(entries) >= wanted or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.1)
+
+
+def test_connection_naming_content_length_cannot_smuggle_a_request(
+    proxy_to_origin: tuple[GatewayProcess, int], origin: Nginx
+) -> None:
+    _, port = proxy_to_origin
+    smuggled = b"GET /file HTTP/1.1\r\nHost: h\r\n\r\n"
+    answer = _exchange(
+        port,
+        b"POST /echo HTTP/1.1\r\nHost: h\r\nConnection: Content-Length\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled,
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert smuggled in answer  # the "request" came back as the POST's body
+    time.sleep(0.5)
+    assert _entries(origin, 1) == ["POST /echo"]
+
+
+@pytest.mark.parametrize("path", ["/public/../file", "/public/%2e%2e/file", "/public/..%2Ffile"])
+def test_dot_segments_do_not_leave_the_route(
+    proxy_to_origin: tuple[GatewayProcess, int], origin: Nginx, path: str
+) -> None:
+    _, port = proxy_to_origin
+    answer = _exchange(port, b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % path.encode())
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    time.sleep(0.3)
+    assert _entries(origin, 0) == []
+
+
+def test_head_of_a_big_file_answers_at_once_and_keeps_the_connection(
+    proxy_to_origin: tuple[GatewayProcess, int], origin: Nginx
+) -> None:
+    _, port = proxy_to_origin
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=10)
+    try:
+        started = time.monotonic()
+        conn.request("HEAD", "/big")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Length") == str(BIG)
+        assert response.read() == b""
+        assert time.monotonic() - started < 5
+        conn.request("GET", "/file")
+        response = conn.getresponse()
+        assert response.status == 200 and len(response.read()) == 1024
+    finally:
+        conn.close()
+
+
+def test_a_client_that_stalls_its_upload_gets_408_and_the_upstream_stays_healthy(
+    proxy_to_origin: tuple[GatewayProcess, int], origin: Nginx
+) -> None:
+    process, port = proxy_to_origin
+    # The destination's timeout is 1s, the listener's idle timeout 4s: the stall is the
+    # client's, so it is the listener that answers, and nginx is not marked failed.
+    answer = _exchange(
+        port, b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
+    )
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert "skipped for" not in process.log_text()
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=10)
+    try:
+        conn.request("POST", "/echo", body=b"y" * 100)
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() == b"y" * 100
+    finally:
+        conn.close()

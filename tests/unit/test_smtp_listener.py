@@ -1,0 +1,61 @@
+"""The SMTP listener's decisions: what it answers once the gateway has handled a message."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.ports import Reason, Status, Verdict
+from gateway.protocols.smtp.codec import Reply
+from gateway.protocols.smtp.config import SmtpListenerConfig
+from gateway.protocols.smtp.listener import SmtpListener
+from gateway.protocols.smtp.server import SmtpSession
+from tests.support.port import FakePort
+
+
+def _answer(verdict: Verdict) -> Reply:
+    config = SmtpListenerConfig(name="mail-in", listen=(), hostname="gw.test")
+    gateway = FakePort(verdict=verdict)
+    listener = SmtpListener(config, gateway, gateway.reactor)
+    session = SmtpSession("192.0.2.7", 40000, "c.test", True, False)
+    coroutine = listener.on_message(session, "a@example.org", ("b@example.net",), b"x\n")
+    reply = asyncio.run(coroutine)  # type: ignore[arg-type]
+    assert len(gateway.submitted) == 1
+    return reply
+
+
+@pytest.mark.parametrize("reason", list(Reason))
+@pytest.mark.parametrize("status", [Status.PERMANENT, Status.TEMPORARY])
+def test_every_refusal_is_answered_in_the_class_of_its_status(
+    status: Status, reason: Reason
+) -> None:
+    """A message that was not stored is never acknowledged (2xx, 3xx), a permanent
+    refusal is a 5xx and a temporary one a 4xx, and the enhanced status is of the same
+    class as the reply code (RFC 3463 section 2), whatever the reason."""
+    reply = _answer(Verdict(status, reason, "why"))
+    klass = "5" if status is Status.PERMANENT else "4"
+    assert str(reply.code).startswith(klass) and reply.status.startswith(klass + ".")
+    assert b"why" in reply.to_bytes()
+
+
+@pytest.mark.parametrize(
+    ("reason", "code", "enhanced"),
+    [
+        (Reason.NO_ROUTE, 550, "5.1.1"),
+        (Reason.POLICY, 550, "5.7.1"),
+        (Reason.TOO_BIG, 552, "5.3.4"),
+        (Reason.BAD_ADDRESS, 553, "5.1.3"),
+        (Reason.MISCONFIGURED, 554, "5.3.5"),
+    ],
+)
+def test_permanent_reasons_get_their_smtp_codes(reason: Reason, code: int, enhanced: str) -> None:
+    reply = _answer(Verdict(Status.PERMANENT, reason, "why"))
+    assert (reply.code, reply.status) == (code, enhanced)
+
+
+def test_a_full_spool_is_452_and_other_temporary_failures_451() -> None:
+    full = _answer(Verdict(Status.TEMPORARY, Reason.UNAVAILABLE, "disk full"))
+    assert (full.code, full.status) == (452, "4.3.1")
+    broken = _answer(Verdict(Status.TEMPORARY, Reason.FAILED, "a transform failed"))
+    assert (broken.code, broken.status) == (451, "4.3.0")
