@@ -448,12 +448,14 @@ class _Keys:
 
     def view(self, cls: type[_V]) -> _V:
         """The keys as ``cls`` (a protocol's frozen dataclass of them), made once per class."""
+        try:
+            return typing.cast(_V, self.__dict__["_views"][cls])
+        except KeyError:
+            pass
         views: dict[type, Any] = self.__dict__.setdefault("_views", {})
-        found = views.get(cls)
-        if found is None:
-            names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-            found = views[cls] = cls(**{k: v for k, v in self.values.items() if k in names})
-        return typing.cast(_V, found)
+        names = {f.name for f in dataclasses.fields(typing.cast(Any, cls))}
+        found = views[cls] = cls(**{k: v for k, v in self.values.items() if k in names})
+        return found
 
 
 @dataclass(frozen=True, kw_only=True)

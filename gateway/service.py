@@ -507,14 +507,12 @@ class ServicePort:
 
     def __init__(self, service: GatewayService) -> None:
         self._service = service
+        # The reactor's own method: the clock is read on hot paths (each DNS query).
+        self.seconds: Callable[[], float] = service.reactor.seconds
 
     @property
     def stopping(self) -> bool:
         return self._service.stopping
-
-    def seconds(self) -> float:
-        now: float = self._service.reactor.seconds()
-        return now
 
     def current(self) -> RouteTable:
         return self._service.current()

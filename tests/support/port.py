@@ -66,13 +66,10 @@ class FakePort:
         self.hold: Deferred[None] | None = None
         self.on_submit: Callable[[Message, Mapping[str, str] | None], Awaitable[None]] | None = None
         self._accepts = accepts
+        self.seconds: Callable[[], float] = self.reactor.seconds
         self.spool = spool  # when given, what is taken and the state are stored in it
 
     # GatewayPort
-
-    def seconds(self) -> float:
-        now: float = self.reactor.seconds()
-        return now
 
     def current(self) -> RouteTable:
         if self.table is None:

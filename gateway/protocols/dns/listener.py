@@ -130,7 +130,9 @@ class DnsListener:
         # Caches and local zones outlive reloads as long as their route is unchanged.
         self._caches: dict[str, tuple[Route, DnsCache]] = {}
         self._zones: dict[str, tuple[Route, LocalZone]] = {}
-        self._keys: dict[int, DnsRoute] = {}  # id(route) -> its DNS keys, for this table
+        # id(route) -> its DNS keys and the resolvers of its 'to', for the table in force
+        self._plans: dict[int, tuple[DnsRoute, tuple[Resolver[Question] | None, ...]]] = {}
+        self.clock = gateway.seconds
         # For /metrics. Queries that reach no route count here, the rest per route.
         self.queries = 0
         self.malformed = 0
@@ -145,7 +147,7 @@ class DnsListener:
         if table is not self._table or self._routes is None:
             routes = table.routes_for(self.config.name)
             self._routes = DnsRoutes(routes)
-            self._keys = {id(r): r.view(DnsRoute) for r in routes}
+            self._plans = {id(r): (r.view(DnsRoute), _resolvers(table, r)) for r in routes}
             self._table = table
             names = {r.name for r in routes}
             self._caches = {k: v for k, v in self._caches.items() if k in names}
@@ -169,7 +171,7 @@ class DnsListener:
         if held is None or (held[0] is not route and held[0] != route):
             cache = DnsCache(
                 keys.cache_entries,
-                clock=self.gateway.seconds,
+                clock=self.clock,
                 serve_stale=float(keys.serve_stale),
             )
             held = (route, cache)
@@ -225,7 +227,7 @@ class DnsListener:
             self.unrouted += 1
             return error_response(data, REFUSED, question)
         counts = self.by_route.get(route.name) or self._counts(route.name)
-        keys = self._keys[id(route)]
+        keys, resolvers = self._plans[id(route)]
         if keys.action is not None:
             if keys.action == "refuse":
                 counts.refused += 1
@@ -251,7 +253,7 @@ class DnsListener:
                 if hit[12:end] != data[12:end] or (hit[2] ^ data[2]) & 1:
                     hit = like_query(hit, data, end)
                 return self._fit(hit, question, transport)
-        forward = _Forward(self, table, route, data, question, client, transport, cache, counts)
+        forward = _Forward(self, resolvers, route, data, question, client, transport, cache, counts)
         return forward.start(reply)
 
     def metrics(self) -> Iterable[Metric]:
@@ -330,6 +332,12 @@ class DnsListener:
         return response
 
 
+def _resolvers(table: RouteTable, route: Route) -> tuple[Resolver[Question] | None, ...]:
+    """The destinations of a route's 'to' that answer DNS queries (None for any other)."""
+    found = (table.destination(name) for name in route.to)
+    return tuple(d if isinstance(d, Resolver) else None for d in found)
+
+
 class _Forward:
     """One query on its way through a route's destinations (``to:``), in order.
 
@@ -351,16 +359,16 @@ class _Forward:
         "problems",
         "question",
         "reply",
+        "resolvers",
         "route",
         "started",
-        "table",
         "transport",
     )
 
     def __init__(
         self,
         listener: DnsListener,
-        table: RouteTable,
+        resolvers: tuple[Resolver[Question] | None, ...],
         route: Route,
         data: bytes,
         question: Question,
@@ -370,7 +378,7 @@ class _Forward:
         counts: RouteCounts,
     ) -> None:
         self.listener = listener
-        self.table = table
+        self.resolvers = resolvers
         self.route = route
         self.data = data
         self.question = question
@@ -398,15 +406,15 @@ class _Forward:
     def next(self) -> None:
         """Ask the next destination, or answer stale or SERVFAIL when there is none left."""
         to = self.route.to
-        table = self.table
+        resolvers = self.resolvers
         while self.index < len(to):
             name = self.name = to[self.index]
+            destination = resolvers[self.index]
             self.index += 1
-            destination = table.destination(name)
-            if not isinstance(destination, Resolver):
+            if destination is None:
                 self._problem(f"{name}: not a DNS destination")
                 continue
-            self.started = self.listener.gateway.seconds()
+            self.started = self.listener.clock()
             try:
                 destination.ask(self.data, self.question, self._answered, self._failed)
             except Exception as exc:
@@ -418,7 +426,7 @@ class _Forward:
         listener = self.listener
         question = self.question
         try:
-            listener._upstream(self.name, "answered", listener.gateway.seconds() - self.started)
+            listener._upstream(self.name, "answered", listener.clock() - self.started)
             if self.cache is not None:
                 self.cache.put(question.key, answer)
             self.counts.forwarded += 1
@@ -440,7 +448,7 @@ class _Forward:
     def _failed(self, error: BaseException | Failure) -> None:
         listener = self.listener
         name = self.name
-        listener._upstream(name, "failed", listener.gateway.seconds() - self.started)
+        listener._upstream(name, "failed", listener.clock() - self.started)
         value = error.value if isinstance(error, Failure) else error
         if isinstance(value, UpstreamError):
             self._problem(f"{name}: {value}")
