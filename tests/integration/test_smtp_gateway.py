@@ -6,12 +6,15 @@ peers it needs, and stops them afterwards.
 
 from __future__ import annotations
 
+import concurrent.futures
 import email
 import email.policy
 import itertools
+import os
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -30,6 +33,7 @@ from tests.peers import (
     rcpt_reply_codes,
     sendmail_raw,
     swaks_send,
+    wait_until,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -314,6 +318,89 @@ def test_a_client_that_pipelines_without_reading_costs_bounded_memory(
     assert b"\r\n250 2.0.0 Ok" in reply, reply
     [msg] = sink.wait_for(1)
     assert msg.headers["Subject"] == "after the flood"
+
+
+def _abandon_a_transfer(port: int, size: int) -> None:
+    """EHLO, MAIL, RCPT, DATA, ``size`` octets of content, then a reset: no final dot."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        replies = client.makefile("rb")
+
+        def command(line: bytes) -> bytes:
+            client.sendall(line)
+            while (reply := replies.readline())[3:4] == b"-":
+                pass
+            return reply
+
+        replies.readline()
+        for line in (
+            b"EHLO c.test\r\n",
+            b"MAIL FROM:<a@b.test>\r\n",
+            b"RCPT TO:<x@relay.test>\r\n",
+        ):
+            assert command(line).startswith(b"250"), line
+        assert command(b"DATA\r\n").startswith(b"354")
+        block = (b"x" * 998 + b"\r\n") * 64
+        for _ in range(size // len(block)):
+            client.sendall(block)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_abandoned_large_transfers_leave_no_memory_or_files_behind(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """Defect: message content was kept in memory as it arrived, and what a client that
+    hung up before the final dot had sent stayed: 300 clients that each sent 9 MB took
+    the gateway from 59 MB to 2.76 GB. Content beyond 256 KiB now goes to an unlinked
+    temporary file, which the hang-up removes."""
+    data = tmp_path / "tmp"
+    data.mkdir()
+    port = free_port()
+    path = tmp_path / "routes.yaml"
+    path.write_text(config_text(tmp_path, port, sink.port, max_size="20MiB"))
+    (tmp_path / "plugins" / "tag_subject.py").write_text(
+        (REPO / "plugins" / "tag_subject.py").read_text()
+    )
+    gw = GatewayProcess(path, env={**os.environ, "TMPDIR": str(data)})
+    gw.start(port)
+    try:
+        before = _rss_kib(gw.pid)
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            for done in [pool.submit(_abandon_a_transfer, port, 9_000_000) for _ in range(300)]:
+                done.result()
+        wait_until(
+            lambda: not gw_connections(gw.pid, port), what="the gateway to see every hang-up"
+        )
+        grown = _rss_kib(gw.pid) - before
+        assert grown < 50_000, f"the gateway grew by {grown} KiB"
+        assert list(data.iterdir()) == []
+        assert not [
+            f for f in Path(f"/proc/{gw.pid}/fd").iterdir() if "gateway-data" in str(f.resolve())
+        ]
+        # A message that does end is delivered whole, however large.
+        body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 5000
+        reply = sendmail_raw(
+            port,
+            b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@relay.test>\r\nDATA\r\n"
+            + body
+            + b".\r\nQUIT\r\n",
+        )
+        assert b"\r\n250 2.0.0 Ok" in reply, reply[-300:]
+        [msg] = sink.wait_for(1)
+        assert msg.headers["Subject"] == "big"
+        assert len(msg.body) >= 5000 * 999
+    finally:
+        gw.stop()
+
+
+def gw_connections(pid: int, port: int) -> int:
+    """Established TCP connections of process ``pid`` on local port ``port``."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return sum(f"pid={pid}," in line for line in out.splitlines())
 
 
 def test_failing_plugin_fails_only_its_message(

@@ -379,9 +379,7 @@ class NntpSession:
             self.protocol.write(line)
             reply = await self._wait(waiting, "the reply to AUTHINFO PASS")
         if reply.code != 281:
-            raise NntpSessionError(
-                f"{self.server} refused AUTHINFO for {user!r}: {reply}", reply
-            )
+            raise NntpSessionError(f"{self.server} refused AUTHINFO for {user!r}: {reply}", reply)
         self.authenticated = True
 
     # ----------------------------------------------------------------- transfer
@@ -693,9 +691,7 @@ class NntpClientPool:
             )
         except NntpSessionError as exc:
             self._slots.free()
-            self._backoff = min(
-                self._backoff_max, max(self._backoff_min, self._backoff * 2)
-            )
+            self._backoff = min(self._backoff_max, max(self._backoff_min, self._backoff * 2))
             self._retry_at = self._clock.seconds() + self._backoff
             self._last_failure = exc.text
             log.warn(

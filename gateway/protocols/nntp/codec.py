@@ -75,6 +75,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from gateway.protocols._sink import DataSink, MemorySink
+
 __all__ = [
     "MAX_LINE_LENGTH",
     "MULTILINE_CODES",
@@ -181,17 +183,19 @@ class Block:
     size: int
     too_large: bool = False
     line_too_long: bool = False
+    # Why the content could not be kept (a full disk), when it could not.
+    error: str = ""
 
     @property
     def ok(self) -> bool:
-        return not (self.too_large or self.line_too_long)
+        return not (self.too_large or self.line_too_long or self.error)
 
 
 class _BlockState:
-    __slots__ = ("chunks", "discarding_line", "line_too_long", "size", "too_large")
+    __slots__ = ("discarding_line", "line_too_long", "sink", "size", "too_large")
 
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
+    def __init__(self, sink: DataSink) -> None:
+        self.sink: DataSink | None = sink
         self.size = 0
         self.too_large = False
         self.line_too_long = False
@@ -218,7 +222,9 @@ class StreamReader:
         max_line_length: int = MAX_LINE_LENGTH,
         max_block_size: int = 0,
         max_block_line_length: int = 0,
+        sink: Callable[[], DataSink] = MemorySink,
     ) -> None:
+        """``sink`` makes what a block's content is written to as it arrives."""
         if max_line_length < 3:
             raise ValueError("max_line_length must be at least 3")
         self.max_line_length = max_line_length
@@ -228,6 +234,15 @@ class StreamReader:
         self._scanned = 0  # bytes at the start of the buffer known to hold no LF
         self._skipping_line = False
         self._block: _BlockState | None = None
+        self._make_sink = sink
+
+    def close(self) -> None:
+        """Drop what was received, the block being read included."""
+        self._buffer = bytearray()
+        self._scanned = 0
+        if self._block is not None and self._block.sink is not None:
+            self._block.sink.close()
+        self._block = None
 
     @property
     def buffered(self) -> int:
@@ -299,7 +314,7 @@ class StreamReader:
         """
         state = self._block
         if state is None:
-            state = self._block = _BlockState()
+            state = self._block = _BlockState(self._make_sink())
         buffer = self._buffer
         while True:
             end = self._find_lf()
@@ -322,11 +337,17 @@ class StreamReader:
                 self._take_lines(state, start)
                 self._consume(stop - start)
                 self._block = None
+                data, error = b"", ""
+                if state.sink is not None:
+                    data = state.sink.getvalue()
+                    error = state.sink.error or ""
+                    state.sink.close()
                 return Block(
-                    b"".join(state.chunks),
+                    b"" if error else data,
                     state.size,
                     too_large=state.too_large,
                     line_too_long=state.line_too_long,
+                    error=error,
                 )
             self._take_lines(state, buffer.rfind(b"\n") + 1)
 
@@ -365,7 +386,8 @@ class StreamReader:
         if self.max_block_size and state.size > self.max_block_size:
             self._refuse(state, too_large=True)
             return
-        state.chunks.append(text)
+        if state.sink is not None:
+            state.sink.write(text)
 
     def _check_partial(self, state: _BlockState) -> bool:
         """Drop an incomplete line that is already over a limit; True when it was dropped.
@@ -396,7 +418,9 @@ class StreamReader:
     ) -> None:
         state.too_large = state.too_large or too_large
         state.line_too_long = state.line_too_long or line_too_long
-        state.chunks = []
+        if state.sink is not None:
+            state.sink.close()
+            state.sink = None
 
 
 # --------------------------------------------------------------------------- commands
@@ -702,7 +726,9 @@ class ServerCodec:
         auth_required: bool = False,
         max_size: int = 0,
         clock: Callable[[], float] = time.time,
+        sink: Callable[[], DataSink] = MemorySink,
     ) -> None:
+        """``sink`` makes what an article's content is written to as it arrives."""
         if auth_required and not auth_available:
             raise ValueError("auth_required needs users to authenticate (auth_available)")
         self.hostname = hostname
@@ -713,7 +739,8 @@ class ServerCodec:
         self.clock = clock
         self.user: str | None = None  # set once AUTHINFO succeeded
         self.streaming = False  # MODE STREAM was given (CHECK and TAKETHIS work without it)
-        self._reader = StreamReader(max_line_length=MAX_LINE_LENGTH, max_block_size=max_size)
+        self._make_sink = sink
+        self._reader = self._new_reader()
         self._state = _ServerState.COMMAND
         self._events: deque[ServerEvent] = deque()
         self._pending: ServerRequest | None = None
@@ -803,10 +830,15 @@ class ServerCodec:
 
     # ----------------------------------------------------------------- internals
 
+    def _new_reader(self) -> StreamReader:
+        return StreamReader(
+            max_line_length=MAX_LINE_LENGTH, max_block_size=self.max_size, sink=self._make_sink
+        )
+
     def _close(self) -> None:
         self._state = _ServerState.CLOSED
         self._pending = None
-        self._reader = StreamReader()
+        self._reader.close()
 
     def _emit(self, response: Response, block: bytes = b"", *, close: bool = False) -> None:
         self._events.append(SendResponse(response, block, close))
@@ -863,6 +895,15 @@ class ServerCodec:
                 self._emit(Response(439, f"{message_id} {text}"))
             else:
                 self._emit(Response(441 if command == "POST" else 437, text))
+        elif block.error:
+            # The article could not be kept (a full disk): the peer must offer it again.
+            text = f"Try again later: {block.error}"
+            if command == "TAKETHIS":
+                self._emit(Response(400, text), close=True)
+            elif command == "POST":
+                self._emit(Response(441, f"436 {text}"))
+            else:
+                self._emit(Response(436, text))
         else:
             self._request(ArticleReceived(command, message_id, block.data))
         return True

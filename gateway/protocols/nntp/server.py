@@ -6,7 +6,7 @@ wanted and what becomes of them) belong to an NntpHandler.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 from typing import cast
@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 
 from gateway.listening import Admission, Guard
+from gateway.protocols._sink import DataSink, SpillingSink
 
 from .._line_server import Clock, LineServerProtocol
 from .codec import (
@@ -106,6 +107,7 @@ class NntpServerProtocol(LineServerProtocol):
                 auth_required=factory.auth_required,
                 max_size=factory.max_size,
                 clock=factory.clock.seconds,
+                sink=factory.sink,
             ),
         )
         self._nntp_factory = factory
@@ -196,6 +198,7 @@ class NntpServerFactory(Factory):
         auth_available: bool = False,
         auth_required: bool = False,
         guard: Guard[NntpServerProtocol] | None = None,
+        sink: Callable[[], DataSink] = SpillingSink,
     ) -> None:
         if max_size < 0:
             raise ValueError(f"max_size must be 0 (no limit) or a positive size, not {max_size}")
@@ -219,6 +222,8 @@ class NntpServerFactory(Factory):
         # The listener's connection rules; its open connections let a shutdown tell idle
         # sessions to go away.
         self.guard: Guard[NntpServerProtocol] = guard or Guard(hostname, (), 2**31)
+        # An article's content goes to a file beyond a few hundred KiB as it arrives.
+        self.sink = sink
 
     @property
     def connections(self) -> set[NntpServerProtocol]:

@@ -597,9 +597,7 @@ class SmtpClientPool:
             reply = await waiting
         except TimeoutError:
             conn.protocol.abort()
-            raise _SessionError(
-                f"timed out after {timeout:g}s waiting for {what}"
-            ) from None
+            raise _SessionError(f"timed out after {timeout:g}s waiting for {what}") from None
         except _ConnectionLost as exc:
             raise _SessionError(
                 f"connection to {self.destination} lost while waiting for {what}{exc}"

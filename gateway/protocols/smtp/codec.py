@@ -9,8 +9,10 @@ import enum
 import ipaddress
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from gateway.protocols._sink import DataSink, MemorySink
 
 __all__ = [
     "AddressSyntaxError",
@@ -509,7 +511,9 @@ class ServerCodec:
         max_errors: int = 20,
         max_junk: int = 100,
         max_line_length: int = 2048,
+        sink: Callable[[], DataSink] = MemorySink,
     ) -> None:
+        """``sink`` makes what a message's content is written to as it arrives."""
         self.hostname = hostname
         self.max_size = max_size  # 0 means no limit
         self.max_recipients = max_recipients
@@ -533,7 +537,8 @@ class ServerCodec:
         self._sender: str | None = None
         self._recipients: list[str] = []
         self._rcpt_attempts = 0
-        self._data_chunks: list[bytes] = []
+        self._make_sink = sink
+        self._sink: DataSink | None = None
         self._data_size = 0
         self._data_too_big = False
         self._at_line_start = True
@@ -636,6 +641,12 @@ class ServerCodec:
         self._pending = None
         self._buffer = bytearray()
         self._pos = 0
+        self._drop_sink()
+
+    def _drop_sink(self) -> None:
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.close()
 
     def _emit(self, reply: Reply, *, close: bool = False) -> None:
         self._events.append(SendReply(reply, close))
@@ -791,7 +802,8 @@ class ServerCodec:
         if argument:
             self._error(_syntax("DATA"))
             return
-        self._data_chunks = []
+        self._drop_sink()
+        self._sink = self._make_sink()
         self._data_size = 0
         self._data_too_big = False
         self._at_line_start = True
@@ -836,9 +848,10 @@ class ServerCodec:
         if 0 < self.max_size < self._data_size:
             # From here on the content is counted and dropped, never buffered.
             self._data_too_big = True
-            self._data_chunks = []
+            self._drop_sink()
             return
-        self._data_chunks.append(content)
+        if self._sink is not None:
+            self._sink.write(content)
 
     def _next_data(self) -> bool:
         """Consume buffered message content; True once the end-of-data line was seen."""
@@ -889,14 +902,20 @@ class ServerCodec:
     def _end_of_data(self) -> None:
         sender = self._sender or ""
         recipients = tuple(self._recipients)
-        chunks, self._data_chunks = self._data_chunks, []
+        sink, self._sink = self._sink, None
         too_big = self._data_too_big
         self._reset_transaction()
         self._state = _State.COMMAND
-        if too_big:
+        if too_big or sink is None:
             self._error(_TOO_BIG)
             return
-        self._request(MessageReceived(sender, recipients, b"".join(chunks)))
+        data = sink.getvalue()
+        error = sink.error
+        sink.close()
+        if error is not None:
+            self._emit(Reply(452, "4.3.1", f"Insufficient system storage: {error}"))
+            return
+        self._request(MessageReceived(sender, recipients, data))
 
 
 # Commands that move no mail (Postfix counts ETRN too, which is not offered here).

@@ -5,7 +5,7 @@ Decisions (accept a sender, a recipient, a message) belong to an SmtpHandler.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 from typing import cast
@@ -15,6 +15,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 
 from gateway.listening import Admission, Guard
+from gateway.protocols._sink import DataSink, SpillingSink
 
 from .._line_server import Clock, LineServerProtocol
 from .codec import (
@@ -90,6 +91,7 @@ class SmtpServerProtocol(LineServerProtocol):
                 max_recipients=factory.max_recipients,
                 max_errors=factory.max_errors,
                 max_junk=factory.max_junk,
+                sink=factory.sink,
             ),
         )
         self._smtp_factory = factory
@@ -215,6 +217,7 @@ class SmtpServerFactory(Factory):
         max_errors: int = 20,
         max_junk: int = 100,
         guard: Guard[SmtpServerProtocol] | None = None,
+        sink: Callable[[], DataSink] = SpillingSink,
     ) -> None:
         if max_size < 0:
             raise ValueError(f"max_size must be 0 (no limit) or a positive size, not {max_size}")
@@ -242,6 +245,8 @@ class SmtpServerFactory(Factory):
         # The listener's connection rules; its open connections let a shutdown tell idle
         # sessions to go away.
         self.guard: Guard[SmtpServerProtocol] = guard or Guard(hostname, (), 2**31)
+        # A message's content goes to a file beyond a few hundred KiB as it arrives.
+        self.sink = sink
 
     @property
     def connections(self) -> set[SmtpServerProtocol]:
