@@ -149,10 +149,10 @@ def test_large_answer_truncated_for_small_udp_buffer_and_whole_over_tcp(
     assert " tc " in out.stdout or "flags: qr tc" in out.stdout
     whole = ask(port, "big.example.test", tcp=True)
     assert len(whole.answer[0]) == 100
-    # A client with a big buffer gets all of it over UDP: the gateway itself fell back
-    # to TCP upstream, since unbound truncates 100 records over UDP.
+    # A client with a big buffer still gets at most 1232 octets over UDP (DNS flag day
+    # 2020): the rest is TC, and it asks again over TCP.
     roomy = ask(port, "big.example.test", use_edns=0, payload=65000)
-    assert not roomy.flags & dns.flags.TC and len(roomy.answer[0]) == 100
+    assert roomy.flags & dns.flags.TC and not roomy.answer
 
 
 def test_cache_answers_without_asking_upstream_and_counts_ttl_down(
@@ -604,3 +604,96 @@ def test_malformed_edns_and_other_opcodes_get_the_right_error(
     reply = dns.message.from_wire(_udp(port, dso))
     assert reply.id == 0x6262 and reply.rcode() == dns.rcode.NOTIMP and reply.opcode() == 6
     assert "Traceback" not in gw.log_text()
+
+
+# --- who is answered, and how much over UDP ------------------------------------------------
+
+HUGE = tuple(f"huge.example.test. 300 IN A 10.0.{i // 250}.{i % 250 + 1}" for i in range(600))
+
+
+def test_answers_over_8192_octets_from_upstream_are_passed_on_whole_or_truncated(
+    tmp_path: Path, unbound_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """Defect: the upstream socket read 8,192 octets of each datagram (Twisted's default),
+    so a longer answer reached the client cut short, claiming all its records, without TC.
+    Now it is read whole; a client gets it whole if the listener's max_udp_size and its
+    buffer allow, else TC (and over TCP it gets everything)."""
+    upstream = unbound_factory(
+        records=HUGE, extra_config="max-udp-size: 65535\nedns-buffer-size: 65535"
+    )
+    gw, port = start_gateway(
+        tmp_path,
+        "  - {name: fwd, from: dns-in, to: inside, cache: false}",
+        f'  inside: {{protocol: dns, servers: ["127.0.0.1:{upstream.port}"]}}',
+    )
+    try:
+        capped = ask(port, "huge.example.test", use_edns=0, payload=65000)
+        assert capped.flags & dns.flags.TC and not capped.answer
+        whole = ask(port, "huge.example.test", tcp=True)
+        assert len(whole.answer[0]) == 600
+    finally:
+        gw.stop()
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        path.read_text().replace("protocol: dns\n", "protocol: dns\n    max_udp_size: 65535\n", 1)
+    )
+    roomy_gw = GatewayProcess(path)
+    roomy_gw.start(port)
+    try:
+        roomy = ask(port, "huge.example.test", use_edns=0, payload=65000)
+        assert not roomy.flags & dns.flags.TC and len(roomy.answer[0]) == 600
+        assert len(roomy.to_wire()) > 8192
+    finally:
+        roomy_gw.stop()
+
+
+def test_clients_outside_allow_get_refused_over_udp_tcp_and_doh(
+    tmp_path: Path, unbound: Unbound
+) -> None:
+    """Defect: 'allow' of DNS and DoH listeners was accepted and never enforced: with
+    allow: [10.99.0.0/16], 127.0.0.1 was answered over UDP, TCP and DoH (an open
+    resolver to the world when listening on a public address)."""
+    cert, key = make_tls_cert(tmp_path / "tls")
+    dns_port, doh_port = free_udp_tcp_port(), free_port()
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        f"""
+version: 1
+listeners:
+  dns-in:
+    protocol: dns
+    listen: ["udp:{dns_port}:interface=127.0.0.1", "tcp:{dns_port}:interface=127.0.0.1"]
+    allow: [10.99.0.0/16, 127.0.0.2/32]
+  doh-in:
+    protocol: doh
+    listen: "ssl:{doh_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    allow: [10.99.0.0/16]
+destinations:
+  inside: {{protocol: dns, servers: ["127.0.0.1:{unbound.port}"]}}
+routes:
+  - {{from: [dns-in, doh-in], to: inside}}
+"""
+    )
+    with GatewayProcess(path) as gw:
+        gw.start([dns_port, doh_port])
+        for tcp in (False, True):
+            refused = ask(dns_port, "www.example.test", tcp=tcp)
+            assert refused.rcode() == dns.rcode.REFUSED and not refused.answer
+        answered = ask(dns_port, "www.example.test", source="127.0.0.2")
+        assert answered.answer[0][0].address == "192.0.2.10"
+        out = dig("@127.0.0.1", "-p", str(dns_port), "www.example.test")
+        assert "status: REFUSED" in out.stdout, out.stdout + out.stderr
+        url = f"https://127.0.0.1:{doh_port}/dns-query"
+        over_doh = doh_query(url, dns.message.make_query("www.example.test", "A"), cacert=cert)
+        assert over_doh.status == 200 and over_doh.message().rcode() == dns.rcode.REFUSED
+        queries = tmp_path / "queries.txt"
+        queries.write_text("www.example.test A\nloopback.example.test A\n")
+        perf = subprocess.run(
+            ["dnsperf", "-s", "127.0.0.1", "-p", str(dns_port), "-d", str(queries), "-l", "1"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert "REFUSED" in perf.stdout and "NOERROR" not in perf.stdout, perf.stdout
+        assert unbound.query_count() == 1  # only the allowed client's query went on

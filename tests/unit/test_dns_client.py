@@ -42,8 +42,12 @@ class UdpClock(Clock):
     def __init__(self) -> None:
         super().__init__()
         self.ports: list[FakePort] = []
+        self.packet_sizes: list[int] = []
 
-    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> FakePort:
+    def listenUDP(
+        self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192
+    ) -> FakePort:
+        self.packet_sizes.append(maxPacketSize)
         fake = FakePort(protocol)
         protocol.makeConnection(fake)
         self.ports.append(fake)
@@ -231,3 +235,12 @@ def test_close_fails_what_is_pending_and_stops_the_timer() -> None:
     [failure] = results
     assert "the gateway is stopping" in str(failure.value)
     assert not clock.getDelayedCalls() and not clock.ports[0].listening
+
+
+def test_upstream_sockets_read_whole_datagrams_of_any_dns_size() -> None:
+    """Defect: Twisted reads 8,192 octets of a datagram unless told otherwise, so a longer
+    upstream answer was passed on cut short, claiming all its records."""
+    clock = UdpClock()
+    upstream = DnsUpstream(clock, [FIRST], timeout=2.0)
+    resolve(upstream, query())
+    assert clock.packet_sizes == [65535]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 from typing import Any
 
 import dns.edns
 import dns.flags
 import dns.message
+import dns.query
 import dns.rcode
+import dns.rdatatype
 import dns.rrset
 import pytest
 from twisted.internet.address import IPv4Address
@@ -340,8 +343,6 @@ def test_udp_server_sends_the_reply_for_a_forwarded_query() -> None:
     clock.advance(0)
     [(response, addr)] = sent
     assert addr == ("127.0.0.1", 40000) and dns.message.from_wire(response).id == 0x1234
-
-
 
 
 def edns_query(name: str, qid: int, version: int = 0, dnssec: bool = False) -> bytes:
@@ -677,3 +678,41 @@ def test_answers_scoped_to_a_client_subnet_are_not_cached_for_everybody() -> Non
     assert isinstance(out, bytes) and len(everyone.asked) == 1
     reply = dns.message.from_wire(out)
     assert not reply.options and reply.answer[0][0].address == "192.0.2.1"
+
+
+def test_without_allow_a_dns_listener_answers_this_host_only(tmp_path: Path) -> None:
+    """The default 'allow' of DNS and DoH listeners is loopback: a listener on a public
+    address (the systemd socket on [::]:53) is not an open resolver."""
+    config = parse(
+        "version: 1\nlisteners:\n  d: {protocol: dns, listen: 'udp:53'}\n"
+        "  h: {protocol: doh, listen: 'tcp:8443'}\nroutes: [{from: [d, h], action: refuse}]\n",
+        "routes.yaml",
+        tmp_path,
+    )
+    for listener in config.listeners.values():
+        assert [str(n.net) for n in listener.allow] == ["127.0.0.0/8", "::1/128"]
+
+
+def test_a_client_outside_allow_is_refused_and_counted() -> None:
+    data = query()
+    listener, _, _ = make_listener(FakeDestination(answer_to(data)), FakeDestination())
+    refused = listener.answer(data, ("192.0.2.1", 5353), "udp")
+    assert isinstance(refused, bytes)
+    assert dns.message.from_wire(refused).rcode() == dns.rcode.REFUSED
+    assert listener.not_allowed == 1 and listener.by_route == {}
+    answered = ask("resolve", listener, data)
+    assert dns.message.from_wire(answered).answer
+
+
+def test_udp_answers_are_capped_at_max_udp_size_whatever_the_clients_buffer() -> None:
+    """RFC 6891 lets a client ask for 65,535 octets; a 50-octet query then made a
+    62,795-octet answer (1,256 times amplification). Answers over max_udp_size (1232 by
+    default) go out truncated, with TC, and the client asks again over TCP."""
+    data = query(payload=65000)
+    big = answer_to(data, addresses=150)
+    assert len(big) > 1232
+    listener, _, _ = make_listener(FakeDestination(big, big), FakeDestination(), cache=False)
+    capped = dns.message.from_wire(ask("resolve", listener, data, "udp"))
+    assert capped.flags & dns.flags.TC and not capped.answer
+    whole = dns.message.from_wire(ask("resolve", listener, data, "tcp"))
+    assert len(whole.answer[0]) == 150

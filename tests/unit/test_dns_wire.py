@@ -771,3 +771,47 @@ def test_question_is_immutable() -> None:
     q = parse_query(query_wire())
     with pytest.raises(AttributeError):
         q.qname = "evil.test."  # type: ignore[misc]
+
+
+def _with_opt_data(rdata: bytes, *, extra_record: bool = False) -> bytes:
+    """A query for www.example.test whose OPT record carries ``rdata``."""
+    q = dns.message.make_query("www.example.test", "A", use_edns=False)
+    wire_query = bytearray(q.to_wire())
+    arcount = 1
+    if extra_record:
+        # An A record before the OPT: the parser walks the slow path.
+        wire_query += b"\x00" + struct.pack("!HHIH", 1, 1, 0, 4) + b"\x7f\x00\x00\x01"
+        arcount += 1
+    wire_query += b"\x00" + struct.pack("!HHIH", 41, 1232, 0, len(rdata)) + rdata
+    struct.pack_into("!H", wire_query, 10, arcount)
+    return bytes(wire_query)
+
+
+COOKIE = struct.pack("!HH", 10, 8) + b"\x01" * 8
+
+
+@pytest.mark.parametrize("extra_record", [False, True])
+@pytest.mark.parametrize(
+    "rdata",
+    [
+        struct.pack("!HH", 10, 9) + b"\x01" * 8,  # the option claims more than there is
+        struct.pack("!HH", 10, 7) + b"\x01" * 8,  # ... less: a stray octet at the end
+        COOKIE + b"\x00\x0a",  # half an option header after a good option
+    ],
+)
+def test_edns_options_that_do_not_add_up_are_formerr(rdata: bytes, extra_record: bool) -> None:
+    """RFC 6891 6.1.2: the options fill the OPT record's data; a query whose option
+    lengths do not add up is malformed (FORMERR, with an OPT record in the answer)."""
+    data = _with_opt_data(rdata, extra_record=extra_record)
+    with pytest.raises(wire.OptError, match="EDNS option"):
+        parse_query(data)
+    response = dns.message.from_wire(error_response(data, 1, None))
+    assert response.rcode() == dns.rcode.FORMERR
+
+
+@pytest.mark.parametrize("extra_record", [False, True])
+def test_well_formed_edns_options_are_taken(extra_record: bool) -> None:
+    question = parse_query(
+        _with_opt_data(COOKIE + struct.pack("!HH", 3, 0), extra_record=extra_record)
+    )
+    assert question.edns and question.udp_size == 1232

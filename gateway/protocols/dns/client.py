@@ -34,6 +34,9 @@ class UpstreamError(Exception):
     """No upstream answered in time; the message says which and why."""
 
 
+# The largest DNS message (RFC 1035 4.2.1 leaves UDP to EDNS, which allows up to 65,535).
+MAX_MESSAGE = 65535
+
 OnAnswer = Callable[[bytes], object]
 OnError = Callable[[BaseException | Failure], object]
 
@@ -294,7 +297,11 @@ class DnsUpstream:
             sock.serial = self._serial
             self._sockets[sock.serial] = sock
             interface = "::" if family == 6 else "0.0.0.0"
-            sock.port = self.reactor.listenUDP(0, sock, interface=interface)
+            # Answers up to a DNS message's largest size: Twisted reads 8,192 octets of a
+            # datagram unless told, and a longer answer would be passed on cut short.
+            sock.port = self.reactor.listenUDP(
+                0, sock, interface=interface, maxPacketSize=MAX_MESSAGE
+            )
             if hasattr(sock.port, "doRead"):
                 self._batch.watch(sock.port)
             # Straight to the socket: Port.write checks the address is an IP address twice

@@ -20,6 +20,7 @@ from gateway.config import (
     HostPort,
     ListenerConfig,
     Location,
+    Network,
     Pattern,
     Problem,
     Route,
@@ -154,6 +155,14 @@ def parse_record(text: str) -> Any:
 
 # --- listeners and destinations --------------------------------------------------------
 
+# Who a DNS or DoH listener answers when 'allow' is not given: this host only, so that a
+# listener on a public address (a systemd socket on [::]:53, say) is not an open resolver.
+LOOPBACK = (Network.parse("127.0.0.0/8"), Network.parse("::1"))
+ALLOW_HELP = (
+    "client networks answered; others get REFUSED (default: loopback only, so the"
+    " gateway is never an open resolver; list your own networks)"
+)
+
 
 @dataclass(frozen=True, kw_only=True)
 class DnsListenerConfig(ListenerConfig):
@@ -161,13 +170,27 @@ class DnsListenerConfig(ListenerConfig):
 
     kind: typing.ClassVar[Kind] = Kind.DNS
     protocol: Literal["dns"] = "dns"
+    allow: tuple[Network, ...] = field(default=LOOPBACK, metadata=doc(ALLOW_HELP))
     tcp_idle_timeout: Duration = field(
         default=Duration(10), metadata=doc("close idle TCP connections after")
     )
     max_tcp_connections: int = field(default=1000, metadata=doc("TCP clients at once"))
+    max_udp_size: Size = field(
+        default=Size(1232),
+        metadata=doc(
+            "largest answer sent over UDP; a longer one goes out cut, with TC set, and the"
+            " client asks again over TCP (1232: DNS flag day 2020)"
+        ),
+    )
 
     def connection_limit(self) -> int:
         return self.max_tcp_connections
+
+    def __post_init__(self) -> None:
+        if not 512 <= self.max_udp_size <= 65535:
+            raise ValueError(
+                f"'max_udp_size' must be 512 to 65535 octets, not {int(self.max_udp_size)}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +199,7 @@ class DohListenerConfig(ListenerConfig):
 
     kind: typing.ClassVar[Kind] = Kind.DNS
     protocol: Literal["doh"] = "doh"
+    allow: tuple[Network, ...] = field(default=LOOPBACK, metadata=doc(ALLOW_HELP))
     path: str = field(default="/dns-query", metadata=doc("URL path of the endpoint"))
     max_size: Size = field(default=Size(65535), metadata=doc("largest query accepted (413)"))
     max_connections: int = field(default=1000, metadata=doc("clients connected at once"))

@@ -123,7 +123,7 @@ class DnsListener:
     """
 
     def __init__(self, config: DnsListenerConfig | DohListenerConfig, gateway: GatewayPort) -> None:
-        self.config = config
+        self.configure(config)
         self.gateway = gateway
         self._table: RouteTable | None = None
         self._routes: DnsRoutes | None = None
@@ -142,6 +142,12 @@ class DnsListener:
         self.by_route: dict[str, RouteCounts] = {}
         self.upstream: dict[tuple[str, str], int] = {}  # (destination, answered|failed)
         self.upstream_duration: dict[str, Histogram] = {}
+
+    def configure(self, config: DnsListenerConfig | DohListenerConfig) -> None:
+        """Take the listener's settings (at start and on a reload)."""
+        self.config = config
+        # The largest answer a UDP client gets whole (DNS flag day 2020: 1232); DoH has none.
+        self.max_udp = config.max_udp_size if isinstance(config, DnsListenerConfig) else 65535
 
     def _index(self, table: RouteTable) -> DnsRoutes:
         if table is not self._table or self._routes is None:
@@ -325,10 +331,12 @@ class DnsListener:
             histogram = self.upstream_duration[destination] = Histogram()
         histogram.observe(seconds)
 
-    @staticmethod
-    def _fit(response: bytes, question: Question, transport: str) -> bytes:
-        if transport == "udp" and len(response) > question.udp_size:
-            return truncate(response, question.udp_size)
+    def _fit(self, response: bytes, question: Question, transport: str) -> bytes:
+        """The response as a UDP client may get it: cut to its buffer and the cap, with TC."""
+        if transport == "udp":
+            limit = min(question.udp_size, self.max_udp)
+            if len(response) > limit:
+                return truncate(response, limit)
         return response
 
 
@@ -431,8 +439,7 @@ class _Forward:
                 self.cache.put(question.key, answer)
             self.counts.forwarded += 1
             response = with_id(answer, question.id)
-            if self.transport == "udp" and len(response) > question.udp_size:
-                response = truncate(response, question.udp_size)
+            response = listener._fit(response, question, self.transport)
         except Exception:
             log.failure(
                 "route {route}: SERVFAIL for {qname}: the answer of {destination} could not be"
@@ -479,7 +486,7 @@ class _Forward:
                     qname=question.qname,
                     problems=problems,
                 )
-                return DnsListener._fit(stale, question, self.transport)
+                return self.listener._fit(stale, question, self.transport)
         log.warn(
             "route {route}: SERVFAIL for {qname}: {problems}",
             route=route.name,
@@ -537,7 +544,7 @@ class DnsSockets(StreamListener[DnsListenerConfig]):
 
     def reconfigure(self, config: DnsListenerConfig) -> None:
         super().reconfigure(config)
-        self.handler.config = config
+        self.handler.configure(config)
         self.tcp.idle_timeout = float(config.tcp_idle_timeout)
 
     async def drain(self, timeout: float) -> None:
@@ -601,7 +608,7 @@ class DohSockets(StreamListener[DohListenerConfig]):
 
     def reconfigure(self, config: DohListenerConfig) -> None:
         super().reconfigure(config)
-        self.handler.config = config
+        self.handler.configure(config)
 
     def metrics(self) -> Iterable[Metric]:
         yield from super().metrics()

@@ -347,6 +347,8 @@ def parse_query(data: bytes) -> Question:
             _, rclass, ttl, rdlength = _RR_FIXED.unpack_from(data, question_end + 1)
             if question_end + 11 + rdlength > size:
                 raise OptError("the OPT record's data is cut off", do=bool(ttl & _DO))
+            if rdlength:
+                _check_options(data, question_end + 11, rdlength, ttl)
             edns = True
             # RFC 6891 §6.2.3: values below 512 are treated as 512.
             udp_size = rclass if rclass > 512 else 512
@@ -406,11 +408,25 @@ def _find_opt(data: bytes, pos: int, skip: int, arcount: int) -> tuple[bool, int
                 raise OptError("more than one OPT record", do=do)
             if data[owner] != 0:
                 raise OptError("an OPT record not owned by the root", do=bool(ttl & _DO))
+            if rdlength:
+                _check_options(data, pos - rdlength, rdlength, ttl)
             edns = True
             udp_size = rclass if rclass > 512 else 512
             do = bool(ttl & _DO)
             version = ttl & _VERSION
     return edns, udp_size, do, version
+
+
+def _check_options(data: bytes, start: int, rdlength: int, ttl: int) -> None:
+    """The OPT record's options (code, length, data) must fill its data exactly (RFC 6891 6.1.2)."""
+    pos = start
+    end = start + rdlength
+    while pos < end:
+        if pos + 4 > end:
+            raise OptError("an EDNS option is cut off", do=bool(ttl & _DO))
+        pos += 4 + ((data[pos + 2] << 8) | data[pos + 3])
+    if pos != end:
+        raise OptError("EDNS option lengths do not add up to the OPT record's", do=bool(ttl & _DO))
 
 
 def error_response(query: bytes, rcode: int, question: Question | None) -> bytes:
