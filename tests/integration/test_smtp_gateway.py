@@ -403,6 +403,23 @@ def gw_connections(pid: int, port: int) -> int:
     return sum(f"pid={pid}," in line for line in out.splitlines())
 
 
+@pytest.mark.parametrize(
+    "recipient",
+    ["user%evil.test@relay.test", '"user@evil.test"@relay.test', "evil.test!user@relay.test"],
+)
+def test_sender_specified_routing_is_refused_and_never_relayed(
+    sink: SmtpSink, gateway: tuple[GatewayProcess, int], recipient: str
+) -> None:
+    """Defect: user%evil.test@partner.test and the like were accepted for a relayed domain
+    and passed to the smarthost unchanged, which then sent the mail on to evil.test."""
+    _, port = gateway
+    code, transcript = swaks_send(port, [recipient, "ok@relay.test"])
+    assert rcpt_reply_codes(transcript) == [550, 250], transcript
+    assert "550 5.7.1 <" in transcript and "sender-specified routing" in transcript
+    [msg] = sink.wait_for(1)
+    assert msg.recipients == ["ok@relay.test"]
+
+
 def test_failing_plugin_fails_only_its_message(
     tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
 ) -> None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from gateway.ports import Reason, Status, Verdict
-from gateway.protocols.smtp.codec import Reply
+from gateway.protocols.smtp.codec import RcptRequest, Reply, ServerCodec
 from gateway.protocols.smtp.config import SmtpListenerConfig
 from gateway.protocols.smtp.listener import SmtpListener
 from gateway.protocols.smtp.server import SmtpSession
-from tests.support.port import FakePort
+from tests.support.port import FakePort, runtime_of
 
 
 def _answer(verdict: Verdict) -> Reply:
@@ -59,3 +60,47 @@ def test_a_full_spool_is_452_and_other_temporary_failures_451() -> None:
     assert (full.code, full.status) == (452, "4.3.1")
     broken = _answer(Verdict(Status.TEMPORARY, Reason.FAILED, "a transform failed"))
     assert (broken.code, broken.status) == (451, "4.3.0")
+
+
+RELAY = """
+version: 1
+listeners:
+  mail-in: {protocol: smtp, listen: "tcp:2525", hostname: gw.test}
+destinations:
+  smarthost: {protocol: smtp, connect: "tcp:127.0.0.1:2526"}
+routes:
+  - {from: mail-in, match: {rcpt: '@partner\\.test$'}, to: smarthost}
+"""
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    ["user%evil.test@partner.test", '"user@evil.test"@partner.test', "evil.test!user@partner.test"],
+)
+def test_sender_specified_routing_is_refused(recipient: str) -> None:
+    """Defect: these were accepted for the relay domain and passed to the smarthost as
+    they were, which then sent the mail where the sender chose (evil.test)."""
+    port = FakePort(runtime_of(RELAY))
+    config = port.current().config.listeners["mail-in"]  # type: ignore[attr-defined]
+    listener = SmtpListener(config, port, port.reactor)
+    session = SmtpSession("192.0.2.7", 40000, "c.test", True, False)
+    assert listener.on_recipient(session, "a@b.test", "user@partner.test", {}) is None
+    reply = listener.on_recipient(session, "a@b.test", recipient, {})
+    assert reply is not None and (reply.code, reply.status) == (550, "5.7.1")
+    assert "sender-specified routing" in reply.text
+    taken = SmtpListener(dataclasses.replace(config, allow_sender_routing=True), port, port.reactor)
+    assert taken.on_recipient(session, "a@b.test", recipient, {}) is None
+
+
+def test_the_codec_hands_quoted_local_parts_to_the_listener_as_written() -> None:
+    codec = ServerCodec(hostname="gw.test", max_size=0)
+    codec.receive_data(
+        b'EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<"user@evil.test"@partner.test>\r\n'
+    )
+    assert codec.next_event() is not None  # EHLO's reply
+    assert codec.next_event() is not None  # MAIL
+    codec.answer(None)
+    assert codec.next_event() is not None  # MAIL's 250
+    request = codec.next_event()
+    assert isinstance(request, RcptRequest)
+    assert request.recipient == '"user@evil.test"@partner.test'

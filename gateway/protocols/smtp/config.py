@@ -31,6 +31,13 @@ class SmtpListenerConfig(ListenerConfig):
     max_connections: int = field(
         default=1000, metadata=doc("clients connected at once; more get 421 4.7.0")
     )
+    allow_sender_routing: bool = field(
+        default=False,
+        metadata=doc(
+            "take recipients that route by themselves (user%host@, host!user@,"
+            ' "user@host"@); refused with 550 5.7.1 otherwise'
+        ),
+    )
 
     def connection_limit(self) -> int:
         return self.max_connections

@@ -83,6 +83,19 @@ def reply_for(verdict: Verdict) -> Reply:
     return Reply(code, status, verdict.detail)
 
 
+def sender_specified_routing(recipient: str) -> bool:
+    """Whether the address names another hop in its local part: user%host@, host!user@,
+    "user@host"@ (RFC 1123 5.2.16's "percent hack", UUCP bang paths, quoted routes).
+
+    Relayed on, such an address makes the next server send the mail wherever the
+    sender chose: Postfix refuses it for relayed domains (allow_untrusted_routing).
+    """
+    local, at, _ = recipient.rpartition("@")
+    if not at:
+        return False
+    return "%" in local or "!" in local or "@" in local
+
+
 class SmtpListener(StreamListener[SmtpListenerConfig]):
     """One configured SMTP listener: its server factory, and the server's SmtpHandler."""
 
@@ -156,6 +169,18 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
     def on_recipient(
         self, session: SmtpSession, sender: str, recipient: str, params: Mapping[str, str | None]
     ) -> Reply | None:
+        if not self.config.allow_sender_routing and sender_specified_routing(recipient):
+            self.recipients_refused += 1
+            log.info(
+                "listener {listener} refused recipient {rcpt} from {client}: sender-specified"
+                " routing",
+                listener=self.config.name,
+                rcpt=recipient,
+                client=session.peer_host,
+            )
+            return Reply(
+                550, "5.7.1", f"<{recipient}>: Recipient address rejected: sender-specified routing"
+            )
         if self.gateway.accepts_recipient(self.config.name, sender, recipient, session.peer_host):
             return None
         self.recipients_refused += 1
