@@ -48,6 +48,7 @@ from gateway.protocols.nntp.destination import outcome_for
 from gateway.protocols.nntp.listener import (
     NntpListener,
     RecentIds,
+    article_syntax_problem,
     read_users_file,
 )
 from gateway.protocols.nntp.server import (
@@ -979,3 +980,21 @@ def test_listener_says_436_inside_the_441_of_a_temporary_post_failure() -> None:
     response = run(listener.on_article(SESSION, "POST", "", article("<t1@example.org>")))
     assert response.code == 441 and response.text.startswith("436 ")
     assert outcome_for(Reply(response.code, response.text), "gw").status is Status.TEMPORARY
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"Subject: s\nNo colon here\n\nbody\n", 'No colon-space in "No colon here" header field'),
+        (b"Subject: s\n: no name\n\nbody\n", 'No colon-space in ": no name" header field'),
+        (b"Subject:s\n\nbody\n", 'No colon-space in "Subject:s" header field'),
+        (b"Subject : s\n\nbody\n", 'Space before colon in "Subject" header field'),
+        (b"Subject: a\x00b\n\nbody\n", "Nul character in header"),
+        (b"Subject: s\n\nbo\x00dy\n", "Nul character in body"),
+        (b"Subject: s\nFrom: a@b\n", "No body"),
+        (b"Subject: s\n folded on\nX-Empty:\n\n", ""),
+        (b"Subject:\ttab\n\n", ""),
+    ],
+)
+def test_article_syntax_is_checked_as_innd_checks_it(data: bytes, problem: str) -> None:
+    assert article_syntax_problem(data) == problem

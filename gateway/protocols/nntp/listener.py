@@ -130,6 +130,40 @@ def read_users_file(path: str | Path) -> dict[str, str]:
     return users
 
 
+def article_syntax_problem(data: bytes) -> str:
+    """Why an article (LF line endings) is not one a news server takes, in INN's words; or "".
+
+    As innd does: a header line must be a field ("Name: value") or a continuation
+    line, with no space before the colon and a space after it; NUL is allowed
+    nowhere; and an empty line must separate the header from the body. Mail's
+    reading (a bad line ends the header) would make a bad article look good.
+    """
+    end = data.find(b"\n\n")
+    if data.startswith(b"\n"):
+        end = 0
+    header = data if end < 0 else data[: end + 1]
+    if b"\x00" in header:
+        return "Nul character in header"
+    for line in header.split(b"\n"):
+        if not line or line[:1] in (b" ", b"\t"):
+            continue
+        text = line.decode("utf-8", "replace")[:200]
+        colon = line.find(b":")
+        if colon <= 0:
+            return f'No colon-space in "{text}" header field'
+        name = line[:colon]
+        if name != name.rstrip(b" \t"):
+            shown = name.rstrip().decode("utf-8", "replace")[:200]
+            return f'Space before colon in "{shown}" header field'
+        if colon + 1 < len(line) and line[colon + 1 : colon + 2] not in (b" ", b"\t"):
+            return f'No colon-space in "{text}" header field'
+    if end < 0:
+        return "No body"
+    if b"\x00" in data[end:]:
+        return "Nul character in body"
+    return ""
+
+
 class RecentIds:
     """The newest ``limit`` message-ids seen, in memory; older ones are forgotten."""
 
@@ -344,7 +378,11 @@ class NntpListener(StreamListener[NntpListenerConfig]):
         article = Article.from_bytes(
             data, id=qid, listener=self.config.name, client=session.peer_host
         )
-        if command == "POST":
+        problem = article_syntax_problem(data)
+        if problem:
+            if command == "POST":
+                message_id = article.message_id or ""
+        elif command == "POST":
             problem, article = self._inject(session, article, qid)
             message_id = article.message_id or ""
         else:

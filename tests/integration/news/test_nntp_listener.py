@@ -7,6 +7,7 @@ Every test starts its own gateway on free ports of 127.0.0.1 with an
 
 from __future__ import annotations
 
+import email.utils
 import os
 import shutil
 import socket
@@ -491,3 +492,62 @@ def test_shutdown_tells_idle_clients_and_finishes_a_transfer(
     # Delivered before the stop, or from the spool after the next start.
     gw.start(ports.all())
     assert set(wait_maildir(box, {mid})) == {mid}
+
+
+def _malformed(message_id: str, variant: str) -> bytes:
+    """An article with one defect, LF line endings."""
+    lines = [
+        b"Path: peer.test!not-for-mail",
+        b"From: Tester <tester@client.test>",
+        b"Newsgroups: " + GROUP.encode(),
+        b"Subject: malformed " + variant.encode(),
+        b"Date: " + email.utils.formatdate(usegmt=True).encode(),
+        b"Message-ID: " + message_id.encode(),
+    ]
+    body = [b"", b"body line"]
+    if variant == "no colon":
+        lines.insert(3, b"This line has no colon")
+    elif variant == "space before colon":
+        lines.insert(3, b"X-Note : spaced")
+    elif variant == "nul in header":
+        lines[3] = b"Subject: a \x00 nul"
+    elif variant == "nul in body":
+        body = [b"", b"a \x00 nul"]
+    elif variant == "no body":
+        body = []
+    return b"\n".join(lines + body) + b"\n"
+
+
+@pytest.mark.parametrize(
+    "variant", ["no colon", "space before colon", "nul in header", "nul in body", "no body"]
+)
+def test_malformed_articles_are_refused_as_inn_refuses_them(
+    gateway: tuple[GatewayProcess, Ports, Path], inn: Inn, variant: str
+) -> None:
+    """Defect: a header line without a colon, a NUL, or no header/body separator were
+    accepted with 235/240 (the bad line and what followed became the body). INN refuses
+    each with 437 to IHAVE and 441 to POST; the gateway answers the same codes, and the
+    same words for IHAVE."""
+    _, ports, box = gateway
+    answers: dict[str, list[tuple[int, str]]] = {}
+    for server, port in (("inn", inn.port), ("gateway", ports.main)):
+        client = Client(port)
+        try:
+            message_id = fresh_message_id("malformed")
+            assert client.command(f"IHAVE {message_id}")[0] == 335
+            client.send(wire(_malformed(message_id, variant)))
+            ihave = client.response()
+            posted = _malformed(fresh_message_id("malformed"), variant).replace(
+                b"Path: peer.test!not-for-mail\n", b""
+            )
+            if server == "inn":
+                assert client.command("MODE READER")[0] in (200, 201)
+            assert client.command("POST")[0] == 340
+            client.send(wire(posted))
+            answers[server] = [ihave, client.response()]
+        finally:
+            client.close()
+    assert [code for code, _ in answers["gateway"]] == [437, 441]
+    assert [code for code, _ in answers["inn"]] == [437, 441]
+    assert answers["gateway"][0][1] == answers["inn"][0][1]
+    assert maildir(box) == {}
