@@ -73,6 +73,8 @@ class Guard(Generic[P]):
         self.max_connections = max_connections
         self.connections: set[P] = set()
         self.refused: dict[Admission, int] = {Admission.NOT_ALLOWED: 0, Admission.TOO_MANY: 0}
+        # Connections the listener cut off for misbehaving, by why (stream_reset, ...).
+        self.aborted: dict[str, int] = {}
 
     def configure(self, allow: tuple[Network, ...], max_connections: int) -> None:
         """New rules, for connections from now on."""
@@ -114,6 +116,10 @@ class Guard(Generic[P]):
     def disconnect(self, connection: P) -> None:
         self.connections.discard(connection)
 
+    def abort(self, connection: P, why: str) -> None:
+        """Count a connection the protocol is cutting off because the client misbehaved."""
+        self.aborted[why] = self.aborted.get(why, 0) + 1
+
     def metrics(self) -> Iterable[Metric]:
         yield Metric(
             "gateway_listener_open_connections",
@@ -131,6 +137,16 @@ class Guard(Generic[P]):
         for admission, count in self.refused.items():
             refused.add([self.listener, admission.value.replace("-", "_")], count)
         yield refused
+        aborted = Metric(
+            "gateway_listener_connections_aborted",
+            "Connections a listener cut off because the client misbehaved, by why"
+            " (stream_reset: HTTP/2 streams reset as soon as opened)",
+            "counter",
+            ("listener", "reason"),
+        )
+        for why, count in sorted(self.aborted.items()):
+            aborted.add([self.listener, why], count)
+        yield aborted
 
 
 class Listener(ABC, Generic[C]):

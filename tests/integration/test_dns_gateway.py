@@ -6,6 +6,8 @@ ports of 127.0.0.1, and stops them afterwards.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import random
 import socket
@@ -697,3 +699,71 @@ routes:
         )
         assert "REFUSED" in perf.stdout and "NOERROR" not in perf.stdout, perf.stdout
         assert unbound.query_count() == 1  # only the allowed client's query went on
+
+
+def test_http2_rapid_reset_on_doh_closes_the_connection_with_one_log_line(
+    tmp_path: Path,
+) -> None:
+    """Defect: HEADERS then RST_STREAM at once (HTTP/2 rapid reset, CVE-2023-44487) made
+    twisted.web log "critical Unhandled Error" twice per connection (StreamIDTooLowError,
+    StreamClosedError). The connection is now counted, closed and logged once."""
+    import h2.config
+    import h2.connection
+
+    cert, key = make_tls_cert(tmp_path / "tls")
+    port, admin = free_port(), free_port()
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        f"""
+version: 1
+admin: tcp:{admin}:interface=127.0.0.1
+listeners:
+  doh-in:
+    protocol: doh
+    listen: "ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+routes:
+  - {{from: doh-in, answer: ["www.example.test. 60 IN A 192.0.2.10"]}}
+"""
+    )
+    query = base64.urlsafe_b64encode(dns.message.make_query("www.example.test", "A").to_wire())
+    target = b"/dns-query?dns=" + query.rstrip(b"=")
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+    context.set_alpn_protocols(["h2"])
+    with GatewayProcess(path) as gw:
+        gw.start([port, admin])
+        for _ in range(3):
+            with context.wrap_socket(socket.create_connection(("127.0.0.1", port))) as tls:
+                assert tls.selected_alpn_protocol() == "h2"
+                client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+                client.initiate_connection()
+                for _ in range(50):
+                    stream = client.get_next_available_stream_id()
+                    headers = [
+                        (":method", "GET"),
+                        (":path", target.decode()),
+                        (":scheme", "https"),
+                        (":authority", "localhost"),
+                    ]
+                    client.send_headers(stream, headers, end_stream=True)
+                    client.reset_stream(stream)
+                tls.sendall(client.data_to_send())
+                tls.settimeout(10)
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    while tls.recv(65536):
+                        pass  # until the gateway closes the connection
+        # The listener still answers well-behaved clients.
+        answer = doh_query(
+            f"https://127.0.0.1:{port}/dns-query",
+            dns.message.make_query("www.example.test", "A"),
+            cacert=cert,
+        )
+        assert answer.message().answer[0][0].address == "192.0.2.10"
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
+        log = gw.log_text()
+    assert "critical" not in log and "Traceback" not in log, log
+    assert log.count("rapid reset") == 3, log
+    assert (
+        'gateway_listener_connections_aborted_total{listener="doh-in",reason="stream_reset"} 3.0'
+        in metrics
+    )

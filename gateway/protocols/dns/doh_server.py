@@ -31,6 +31,31 @@ from twisted.web.resource import Resource
 from gateway.protocols.dns.server import DnsHandler
 from gateway.protocols.dns.wire import NOERROR, NXDOMAIN, WireError, inspect_response
 
+try:  # HTTP/2 comes with the h2 extra
+    from h2.exceptions import StreamClosedError, StreamIDTooLowError
+
+    _H2_STREAM_ERRORS: tuple[type[BaseException], ...] = (StreamClosedError, StreamIDTooLowError)
+except ImportError:  # pragma: no cover - without h2 there are no HTTP/2 streams
+    _H2_STREAM_ERRORS = ()
+
+
+class StreamGone(Exception):
+    """The client reset an HTTP/2 stream while its request was being answered.
+
+    twisted.web answers a request whose stream the h2 state machine has closed
+    already (HEADERS then RST_STREAM in one read, the "rapid reset" of
+    CVE-2023-44487): writing the answer then fails inside twisted.web, which
+    logs it as critical twice. The request raises this instead, and the
+    listener closes the connection: a client that resets streams it just
+    opened gets no more from this connection.
+    """
+
+
+def stream_gone(error: BaseException) -> bool:
+    """Whether ``error`` says the client reset the stream being answered."""
+    return isinstance(error, (StreamGone, *_H2_STREAM_ERRORS))
+
+
 __all__ = [
     "DNS_JSON",
     "DNS_MESSAGE",
@@ -229,6 +254,12 @@ class _DohRequest(server.Request):
         self.too_big = False
         self.answered_early = False
         self._received = 0
+
+    def processingFailed(self, reason: Failure) -> Any:
+        error = reason.value
+        if error is not None and stream_gone(error):
+            raise StreamGone(str(error)) from error
+        return super().processingFailed(reason)  # type: ignore[no-untyped-call]
 
     def gotLength(self, length: int | None) -> None:
         self.content = io.BytesIO()

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
-from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
@@ -559,6 +559,31 @@ class DnsSockets(StreamListener[DnsListenerConfig]):
         return 0, self.handler.queries
 
 
+class _GuardedConnection(ProtocolWrapper):
+    """One DoH connection: a client that resets the stream being answered is cut off."""
+
+    factory: _GuardedSite
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            super().dataReceived(data)  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            from gateway.protocols.dns.doh_server import stream_gone  # loaded with the site
+
+            if not stream_gone(exc):
+                raise
+            guard = self.factory.guard
+            guard.abort(self, "stream_reset")
+            transport: Any = self.transport
+            log.info(
+                "listener {listener}: {client} reset an HTTP/2 stream it had just opened"
+                " (rapid reset); connection closed",
+                listener=guard.listener,
+                client=str(getattr(transport.getPeer(), "host", "")),
+            )
+            transport.abortConnection()
+
+
 @implementer(IProtocolNegotiationFactory)
 class _GuardedSite(WrappingFactory):
     """The DoH site behind the listener's guard: connections counted and limited (ALPN kept).
@@ -567,6 +592,7 @@ class _GuardedSite(WrappingFactory):
     """
 
     noisy = False
+    protocol = _GuardedConnection
 
     def __init__(self, site: Any, guard: Guard[Any]) -> None:
         super().__init__(site)  # type: ignore[no-untyped-call]
