@@ -141,6 +141,11 @@ class _Codec(Protocol):
     def pending(self) -> object | None: ...
     @property
     def buffered(self) -> int: ...
+    @property
+    def transferring(self) -> bool:
+        """Message content is arriving (SMTP DATA, an NNTP article)."""
+        ...
+
     def greeting(self) -> _Reply: ...
     def receive_data(self, data: bytes) -> None: ...
     def next_event(self) -> object | None: ...
@@ -154,6 +159,10 @@ class _Factory(Protocol):
     def clock(self) -> Clock: ...
     @property
     def idle_timeout(self) -> float: ...
+    @property
+    def transfer_timeout(self) -> float: ...
+    @property
+    def session_timeout(self) -> float: ...
     @property
     def guard(self) -> Guard[Any]: ...
 
@@ -184,9 +193,14 @@ class LineServerProtocol(TwistedProtocol):
       behind its answer; a client that waits for each reply (most do) is never
       paused and resumed, which would cost two system calls per request.
     * The idle timer runs only while the client, not the handler, is expected
-      to act; on expiry the codec's timeout reply is sent and the connection
-      closes (aborted when the client reads nothing, as the reply would never
-      drain).
+      to act, and only a whole request restarts it: a client that trickles a
+      command a byte at a time must still finish it within ``idle_timeout``.
+      While message content arrives, each read restarts it (as Postfix's
+      smtpd_timeout), and the whole transfer must end within
+      ``transfer_timeout``; the whole session within ``session_timeout`` (0:
+      no limit). On expiry the codec's timeout reply is sent and the
+      connection closes (aborted when the client reads nothing, as the reply
+      would never drain).
     * A handler that raises or fails answers the request with the protocol's
       "try again later"; one that returns something that is not a reply too.
     """
@@ -202,6 +216,8 @@ class LineServerProtocol(TwistedProtocol):
         self._paused = False  # reading from the transport is paused
         self._write_blocked = False  # the transport's write buffer is full
         self._idle = IdleTimer(factory.clock, self._timed_out)
+        self._transfer_timer = IdleTimer(factory.clock, self._transfer_timed_out)
+        self._session_timer = IdleTimer(factory.clock, self._session_timed_out)
         self._peer_host = ""
         self._peer_port = 0
         self._tls = False
@@ -271,6 +287,8 @@ class LineServerProtocol(TwistedProtocol):
                 return
             self._write(data)
         self._arm_timer()
+        if self._factory.session_timeout > 0:
+            self._session_timer.restart(self._factory.session_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._open:
@@ -280,7 +298,8 @@ class LineServerProtocol(TwistedProtocol):
         except Exception:
             self._crash()
             return
-        if not self._waiting:
+        if not self._waiting and self._codec.transferring:
+            # Content is progress; a trickled command line is not (see the class).
             self._arm_timer()
         self._pump()
 
@@ -300,6 +319,8 @@ class LineServerProtocol(TwistedProtocol):
             )
         self._open = False
         self._idle.stop()
+        self._transfer_timer.stop()
+        self._session_timer.stop()
         self._codec.close()
 
     # --- IPushProducer ---
@@ -335,6 +356,9 @@ class LineServerProtocol(TwistedProtocol):
                 if event is None:
                     break
                 self._handle_event(event)
+                if self._open and not self._waiting:
+                    self._arm_timer()  # a whole request: the client is active
+            self._update_transfer()
             self._update_flow()
         except Exception:
             self._crash()
@@ -418,6 +442,8 @@ class LineServerProtocol(TwistedProtocol):
             return
         self._open = False
         self._idle.stop()
+        self._transfer_timer.stop()
+        self._session_timer.stop()
         self._codec.close()
         # A transport closes only once its producer is gone (TLS waits for that,
         # TCP when the producer is paused as its buffer drains).
@@ -447,6 +473,39 @@ class LineServerProtocol(TwistedProtocol):
         # The factory's timeout is read each time: a reconfigured listener changes it.
         if self._open:
             self._idle.restart(self._factory.idle_timeout)
+
+    def _update_transfer(self) -> None:
+        """Start the transfer deadline when content begins to arrive, stop it when it ends."""
+        transferring = self._open and self._codec.transferring
+        if transferring and not self._transfer_timer.running:
+            if self._factory.transfer_timeout > 0:
+                self._transfer_timer.restart(self._factory.transfer_timeout)
+        elif not transferring and self._transfer_timer.running:
+            self._transfer_timer.stop()
+
+    def _transfer_timed_out(self) -> None:
+        if not self._open or not self._codec.transferring:
+            return
+        self._give_up(f"took more than {self._factory.transfer_timeout}s to send a message")
+
+    def _session_timed_out(self) -> None:
+        if not self._open:
+            return
+        if self._waiting:
+            # A message is being handled: its answer goes out, then the session ends.
+            self._session_timer.restart(1.0)
+            return
+        self._give_up(f"was connected for more than {self._factory.session_timeout}s")
+
+    def _give_up(self, why: str) -> None:
+        log.info(
+            "{kind} client {peer} {why}; closing the connection",
+            kind=self.kind,
+            peer=self.peer,
+            why=why,
+        )
+        self._write(self._codec.timeout().to_bytes())
+        self._close(abort=self._write_blocked)
 
     def _timed_out(self) -> None:
         if not self._open or self._waiting:

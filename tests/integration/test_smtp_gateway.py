@@ -420,6 +420,54 @@ def test_sender_specified_routing_is_refused_and_never_relayed(
     assert msg.recipients == ["ok@relay.test"]
 
 
+def test_clients_trickling_commands_are_closed_at_the_idle_timeout(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """Defect: the idle timeout restarted on every byte: 10 clients sending one byte a
+    second were all still connected after 40 s on a 5 s timeout."""
+    port = free_port()
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        config_text(tmp_path, port, sink.port).replace(
+            "    hostname: gw.test\n", "    hostname: gw.test\n    idle_timeout: 2s\n", 1
+        )
+    )
+    (tmp_path / "plugins" / "tag_subject.py").write_text(
+        (REPO / "plugins" / "tag_subject.py").read_text()
+    )
+    with GatewayProcess(path) as gw:
+        gw.start(port)
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(10)]
+        try:
+            for client in clients:
+                assert client.recv(1024).startswith(b"220 ")
+                client.setblocking(False)
+            started = time.monotonic()
+            closed: dict[int, bytes] = {}
+            text = b"EHLO a.very.slow.client.test\r\n"
+            for i in range(len(text)):
+                for n, client in enumerate(clients):
+                    if n in closed:
+                        continue
+                    try:
+                        client.send(text[i : i + 1])
+                        data = client.recv(1024)
+                    except BlockingIOError:
+                        continue
+                    except ConnectionError:
+                        data = b""
+                    closed[n] = data
+                if len(closed) == len(clients):
+                    break
+                time.sleep(0.5)
+            elapsed = time.monotonic() - started
+        finally:
+            for client in clients:
+                client.close()
+    assert len(closed) == 10 and elapsed < 6, (closed, elapsed)
+    assert all(reply.startswith(b"421 4.4.2") or reply == b"" for reply in closed.values())
+
+
 def test_failing_plugin_fails_only_its_message(
     tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
 ) -> None:

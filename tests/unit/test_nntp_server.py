@@ -998,3 +998,23 @@ def test_listener_says_436_inside_the_441_of_a_temporary_post_failure() -> None:
 )
 def test_article_syntax_is_checked_as_innd_checks_it(data: bytes, problem: str) -> None:
     assert article_syntax_problem(data) == problem
+
+
+def test_nntp_a_trickled_command_is_cut_at_the_idle_timeout_and_an_article_at_its_deadline() -> None:
+    trickle = Conn(idle_timeout=5)
+    trickle.lines()
+    for byte in b"MODE READER":
+        trickle.send(bytes([byte]))
+        trickle.clock.advance(1)
+    assert trickle.codes() == [400]
+    assert trickle.transport.disconnecting
+    slow = Conn(idle_timeout=5, transfer_timeout=30)
+    slow.lines()
+    slow.send(b"IHAVE <slow@example.org>\r\n")
+    assert slow.codes() == [335]
+    for _ in range(29):
+        slow.send(b"x")
+        slow.clock.advance(1)
+    assert not slow.transport.disconnecting
+    slow.clock.advance(1)
+    assert slow.codes() == [400] and slow.transport.disconnecting

@@ -278,14 +278,15 @@ def test_reading_stops_only_when_input_waits_behind_the_handler(handler: Handler
     conn.send(b"x\r\n.\r\n")
     assert handler.names()[-1] == "message"
     assert conn.transport.producerState == "producing"
-    assert not conn.clock.getDelayedCalls()  # no idle clock while the gateway is the slow one
+    # No idle clock while the gateway is the slow one (the session's limit stays).
+    assert [c.getTime() for c in conn.clock.getDelayedCalls()] == [3600.0]
     conn.send(b"NOOP\r\n")
     assert conn.transport.producerState == "paused"
     assert conn.lines() == []
     pending.callback(Reply(250, "2.0.0", "Ok: queued as 1"))
     assert conn.lines() == [b"250 2.0.0 Ok: queued as 1", b"250 2.0.0 Ok"]
     assert conn.transport.producerState == "producing"
-    assert conn.clock.getDelayedCalls()  # the idle clock runs again
+    assert len(conn.clock.getDelayedCalls()) == 2  # the idle clock runs again
 
 
 def test_already_fired_deferreds_and_coroutines_are_handled_inline(handler: Handler) -> None:
@@ -551,3 +552,69 @@ def test_server_does_not_end_data_at_bare_lf_dot() -> None:
     conn.send(b".\r\n")
     assert handler.names() == ["connect", "sender", "recipient", "message"]
     assert b"ceo@bank.example" in handler.calls[-1][4]
+
+
+# ----------------------------------------------------------------------------- slow clients
+
+
+def test_a_command_trickled_a_byte_a_second_is_cut_at_the_idle_timeout(handler: Handler) -> None:
+    """Defect: every byte restarted the idle timer, so a client sending one byte a second
+    held its session for ever (10 of 10 still open after 40 s on a 5 s timeout)."""
+    conn = Conn(handler, idle_timeout=5)
+    conn.read()
+    for byte in b"EHLO slow.client.test":
+        conn.send(bytes([byte]))
+        conn.clock.advance(1)
+        if conn.closing:
+            break
+    assert conn.closing
+    assert conn.lines() == [b"421 4.4.2 mx.example Error: timeout exceeded"]
+    assert conn.clock.seconds() <= 6
+
+
+def test_commands_that_come_whole_keep_the_session(handler: Handler) -> None:
+    conn = Conn(handler, idle_timeout=5)
+    conn.read()
+    for _ in range(10):
+        conn.clock.advance(4)
+        assert conn.lines(b"NOOP\r\n") == [b"250 2.0.0 Ok"]
+    assert not conn.closing
+
+
+def test_content_keeps_the_session_until_the_transfer_deadline(handler: Handler) -> None:
+    """Each read of DATA counts as activity (Postfix's smtpd_timeout is per read), but
+    the whole message must arrive within transfer_timeout."""
+    conn = Conn(handler, idle_timeout=5, transfer_timeout=60, max_size=0)
+    conn.read()
+    conn.send(TRANSACTION)
+    assert conn.lines()[-1].startswith(b"354")
+    for _ in range(59):
+        conn.send(b"x")
+        conn.clock.advance(1)
+    assert not conn.closing
+    conn.send(b"x")
+    conn.clock.advance(1)
+    assert conn.closing
+    assert conn.lines() == [b"421 4.4.2 mx.example Error: timeout exceeded"]
+    assert handler.names()[-1] == "recipient"  # nothing was handed on
+
+
+def test_the_session_ends_at_its_deadline_but_not_in_the_middle_of_a_message(
+    handler: Handler,
+) -> None:
+    pending: Deferred[Reply] = Deferred()
+    handler.message = lambda data: pending
+    conn = Conn(handler, idle_timeout=30, session_timeout=100)
+    conn.read()
+    for _ in range(4):
+        conn.clock.advance(20)
+        conn.lines(b"NOOP\r\n")
+    conn.send(TRANSACTION + b"x\r\n.\r\n")
+    conn.read()
+    conn.clock.advance(25)  # past the deadline while the gateway handles the message
+    assert not conn.closing
+    pending.callback(Reply(250, "2.0.0", "Ok: queued as 1"))
+    assert conn.lines() == [b"250 2.0.0 Ok: queued as 1"]
+    conn.clock.advance(1)
+    assert conn.closing
+    assert conn.lines() == [b"421 4.4.2 mx.example Error: timeout exceeded"]

@@ -768,6 +768,11 @@ class ServerCodec:
         return self.user is not None
 
     @property
+    def transferring(self) -> bool:
+        """An article is arriving."""
+        return self._state is _ServerState.ARTICLE
+
+    @property
     def buffered(self) -> int:
         """Octets received and not yet handled."""
         return self._reader.buffered

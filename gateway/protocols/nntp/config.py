@@ -69,7 +69,18 @@ class NntpListenerConfig(ListenerConfig):
     max_size: Size = field(
         default=Size(10 * 1024 * 1024), metadata=doc("largest article accepted (441, 437, 439)")
     )
-    idle_timeout: Duration = field(default=Duration(300), metadata=doc("drop idle clients after"))
+    idle_timeout: Duration = field(
+        default=Duration(300),
+        metadata=doc(
+            "a client must send each whole command within this, and each read of an article"
+        ),
+    )
+    transfer_timeout: Duration = field(
+        default=Duration(600), metadata=doc("a whole article must arrive within this")
+    )
+    session_timeout: Duration = field(
+        default=Duration(0), metadata=doc("longest session (0: no limit); then 400")
+    )
     posting: bool = field(
         default=True, metadata=doc("accept POST from newsreaders; false answers 440")
     )

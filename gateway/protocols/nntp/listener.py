@@ -231,6 +231,8 @@ class NntpListener(StreamListener[NntpListenerConfig]):
             hostname=config.hostname,
             max_size=config.max_size,
             idle_timeout=config.idle_timeout,
+            transfer_timeout=config.transfer_timeout,
+            session_timeout=config.session_timeout,
             posting=config.posting,
             auth_available=self.auth_available,
             auth_required=config.require_auth,
@@ -249,6 +251,8 @@ class NntpListener(StreamListener[NntpListenerConfig]):
         factory.hostname = config.hostname
         factory.max_size = config.max_size
         factory.idle_timeout = config.idle_timeout
+        factory.transfer_timeout = config.transfer_timeout
+        factory.session_timeout = config.session_timeout
         factory.posting = config.posting
         factory.auth_available = self.auth_available
         factory.auth_required = config.require_auth

@@ -194,6 +194,8 @@ class NntpServerFactory(Factory):
         hostname: str,
         max_size: int,
         idle_timeout: float = 300.0,
+        transfer_timeout: float = 600.0,
+        session_timeout: float = 0.0,
         posting: bool = True,
         auth_available: bool = False,
         auth_required: bool = False,
@@ -216,6 +218,10 @@ class NntpServerFactory(Factory):
         self.hostname = hostname
         self.max_size = max_size
         self.idle_timeout = idle_timeout
+        # A whole message must arrive within transfer_timeout, the whole session last at most
+        # session_timeout (0: no limit); see LineServerProtocol.
+        self.transfer_timeout = transfer_timeout
+        self.session_timeout = session_timeout
         self.posting = posting
         self.auth_available = auth_available
         self.auth_required = auth_required

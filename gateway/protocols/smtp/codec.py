@@ -562,6 +562,11 @@ class ServerCodec:
         return self._sender is not None
 
     @property
+    def transferring(self) -> bool:
+        """The message content (DATA) is arriving."""
+        return self._state is _State.DATA
+
+    @property
     def buffered(self) -> int:
         """Octets received and not yet processed (input that waits for an answer())."""
         return len(self._buffer) - self._pos

@@ -27,7 +27,16 @@ class SmtpListenerConfig(ListenerConfig):
     hostname: str = field(default_factory=local_hostname, metadata=doc("name in the greeting"))
     max_size: Size = field(default=Size(10 * 1024 * 1024), metadata=doc("largest message accepted"))
     max_recipients: int = field(default=1000, metadata=doc("recipients per message"))
-    idle_timeout: Duration = field(default=Duration(300), metadata=doc("drop idle clients after"))
+    idle_timeout: Duration = field(
+        default=Duration(300),
+        metadata=doc("a client must send each whole command within this, and each read of DATA"),
+    )
+    transfer_timeout: Duration = field(
+        default=Duration(600), metadata=doc("a whole message (DATA) must arrive within this")
+    )
+    session_timeout: Duration = field(
+        default=Duration(3600), metadata=doc("longest session (0: no limit); then 421 4.4.2")
+    )
     max_connections: int = field(
         default=1000, metadata=doc("clients connected at once; more get 421 4.7.0")
     )

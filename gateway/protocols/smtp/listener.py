@@ -113,6 +113,8 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
             max_size=config.max_size,
             max_recipients=config.max_recipients,
             idle_timeout=config.idle_timeout,
+            transfer_timeout=config.transfer_timeout,
+            session_timeout=config.session_timeout,
             guard=self.guard,
         )
 
@@ -128,6 +130,8 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
         factory.max_size = config.max_size
         factory.max_recipients = config.max_recipients
         factory.idle_timeout = config.idle_timeout
+        factory.transfer_timeout = config.transfer_timeout
+        factory.session_timeout = config.session_timeout
 
     async def drain(self, timeout: float) -> None:
         """Close idle sessions now; give busy ones ``timeout`` seconds to finish their message."""

@@ -214,6 +214,8 @@ class SmtpServerFactory(Factory):
         max_size: int,
         max_recipients: int = 1000,
         idle_timeout: float = 300.0,
+        transfer_timeout: float = 600.0,
+        session_timeout: float = 3600.0,
         max_errors: int = 20,
         max_junk: int = 100,
         guard: Guard[SmtpServerProtocol] | None = None,
@@ -240,6 +242,10 @@ class SmtpServerFactory(Factory):
         self.max_size = max_size
         self.max_recipients = max_recipients
         self.idle_timeout = idle_timeout
+        # A whole message must arrive within transfer_timeout, the whole session last at most
+        # session_timeout (0: no limit); see LineServerProtocol.
+        self.transfer_timeout = transfer_timeout
+        self.session_timeout = session_timeout
         self.max_errors = max_errors
         self.max_junk = max_junk
         # The listener's connection rules; its open connections let a shutdown tell idle
