@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from twisted.logger import Logger
@@ -75,6 +75,10 @@ class Guard(Generic[P]):
         self.refused: dict[Admission, int] = {Admission.NOT_ALLOWED: 0, Admission.TOO_MANY: 0}
         # Connections the listener cut off for misbehaving, by why (stream_reset, ...).
         self.aborted: dict[str, int] = {}
+        # Set by a protocol whose idle connections may be closed to make room for a new
+        # one (an HTTP keep-alive connection between requests, as nginx reuses them): it
+        # closes one other than the given connection and says whether it did.
+        self.reclaim: Callable[[P], bool] | None = None
 
     def configure(self, allow: tuple[Network, ...], max_connections: int) -> None:
         """New rules, for connections from now on."""
@@ -101,6 +105,9 @@ class Guard(Generic[P]):
             )
             return Admission.NOT_ALLOWED
         if len(self.connections) > self.max_connections:
+            if self.reclaim is not None and self.reclaim(connection):
+                self.abort(connection, "idle_closed_for_room")
+                return Admission.OK
             self.refused[Admission.TOO_MANY] += 1
             log.warn(
                 "listener {listener} refused client {client}: {count} connections are open"
@@ -139,8 +146,9 @@ class Guard(Generic[P]):
         yield refused
         aborted = Metric(
             "gateway_listener_connections_aborted",
-            "Connections a listener cut off because the client misbehaved, by why"
-            " (stream_reset: HTTP/2 streams reset as soon as opened)",
+            "Connections a listener cut off, by why (stream_reset: HTTP/2 streams reset as"
+            " soon as opened; idle_closed_for_room: an idle connection closed for a new one"
+            " when max_connections were open)",
             "counter",
             ("listener", "reason"),
         )

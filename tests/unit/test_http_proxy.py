@@ -444,3 +444,39 @@ def test_an_absolute_form_target_s_scheme_is_case_insensitive() -> None:
     _upstream, wire = h.accept()
     assert wire.value().startswith(b"GET /base/x HTTP/1.1\r\n")
     assert _forwarded_head(wire.value())[b"host"] == b"right.example"
+
+
+def test_requests_beyond_max_connections_wait_for_a_free_upstream_connection() -> None:
+    """Defect: every request in progress had a connection of its own: ten HTTP/2 clients
+    opened 900 upstream connections. Past max_connections a request waits for one."""
+    h = Harness("http://127.0.0.1:8081", max_connections=2, connect_timeout=Duration(5))
+    clients = [h.client() for _ in range(4)]
+    for n, (client, _) in enumerate(clients):
+        client.dataReceived(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % n)
+    assert len(h.reactor.tcpClients) == 2  # two connections, two requests waiting
+    first, first_wire = h.accept(0)
+    h.accept(1)
+    first.dataReceived(RESPONSE)
+    assert clients[0][1].value().endswith(b"hello")
+    # The freed connection carries the request that waited longest.
+    assert b"GET /2 " in first_wire.value() and b"GET /3 " not in first_wire.value()
+    assert len(h.reactor.tcpClients) == 2
+    # The last one waits no longer than connect_timeout, then gets 503.
+    h.reactor.advance(6)
+    h.proxy._sweep()
+    assert clients[3][1].value().startswith(b"HTTP/1.1 503 ")
+    assert b"connections to http://127.0.0.1:8081 stayed busy" in clients[3][1].value()
+
+
+def test_a_client_that_leaves_while_waiting_gives_its_turn_away() -> None:
+    h = Harness("http://127.0.0.1:8081", max_connections=1)
+    (one, _), (two, _), (three, three_out) = [h.client() for _ in range(3)]
+    one.dataReceived(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    two.dataReceived(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    three.dataReceived(b"GET /3 HTTP/1.1\r\nHost: h\r\n\r\n")
+    upstream, wire = h.accept()
+    two.connectionLost(Failure(ConnectionError()))
+    upstream.dataReceived(RESPONSE)
+    assert b"GET /3 " in wire.value() and b"GET /2 " not in wire.value()
+    upstream.dataReceived(RESPONSE)
+    assert three_out.value().endswith(b"hello")

@@ -110,8 +110,10 @@ def test_a_stalled_body_is_cut_off_after_idle_timeout() -> None:
 
 def test_too_many_connections_get_503() -> None:
     reactor = MemoryReactorClock()
-    factory = factory_for(Recorder(), reactor, guard=Guard("web", (), 1))
-    _, first = connect(factory)
+    factory = factory_for(Recorder(read_body=False), reactor, guard=Guard("web", (), 1))
+    busy, first = connect(factory)
+    busy.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\npart")
+    first.clear()
     _, second = connect(factory, 40001)
     assert first.value() == b"" and not first.disconnecting
     answer = second.value()
@@ -124,6 +126,41 @@ def test_too_many_connections_get_503() -> None:
     reactor.advance(5.1)
     factory.sweep()
     assert second.disconnecting
+
+
+def test_when_full_the_longest_idle_connection_makes_room() -> None:
+    """Defect: 1,000 sockets that sent nothing filled max_connections and every other
+    client got 503. As nginx reuses idle keep-alive connections when it runs out, the
+    connection idle the longest is closed for a new one; busy ones never are."""
+    reactor = MemoryReactorClock()
+    factory = factory_for(Recorder(), reactor, guard=Guard("web", (), 3))
+    idle = []
+    for n in range(3):
+        idle.append(connect(factory, 40000 + n))
+        reactor.advance(1)
+    idle[0][0].dataReceived(b"GET /busy")  # a request on its way: never closed
+    _, newcomer = connect(factory, 41000)
+    assert newcomer.value() == b"" and not newcomer.disconnecting
+    assert [t.disconnecting for _, t in idle] == [False, True, False]
+    assert factory.guard.aborted == {"idle_closed_for_room": 1}
+
+
+def test_a_body_trickled_in_is_cut_at_the_body_deadline() -> None:
+    """Defect: each byte of a body restarted the idle timer, so bodies sent at a byte a
+    second each held a connection (and, proxied, an upstream connection) with no limit."""
+    reactor = MemoryReactorClock()
+    factory = factory_for(Recorder(), reactor, idle_timeout=5, body_timeout=20)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n")
+    for _ in range(25):
+        protocol.dataReceived(b"x")
+        reactor.advance(1)
+        factory.sweep()
+        if transport.value():
+            break
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert 19 <= reactor.seconds() <= 21
+    factory.stop()
 
 
 def test_body_over_max_body_gets_413_while_streaming() -> None:

@@ -102,6 +102,10 @@ class HttpListenerConfig(ListenerConfig):
         default=Duration(60),
         metadata=doc("close a connection with no request, or a body that stalls, after"),
     )
+    body_timeout: Duration = field(
+        default=Duration(300),
+        metadata=doc("a whole request body must arrive within this, however it trickles (408)"),
+    )
     max_connections: int = field(default=1000, metadata=doc("clients connected at once"))
 
     def connection_limit(self) -> int:
@@ -162,6 +166,13 @@ class HttpDestinationConfig(BaseDestinationConfig):
     )
     keepalive: int = field(
         default=64, metadata=doc("idle keep-alive connections kept per upstream")
+    )
+    max_connections: int = field(
+        default=256,
+        metadata=doc(
+            "connections to each upstream at once; more requests wait for one (503 after"
+            " connect_timeout), as nginx's max_conns with a queue"
+        ),
     )
     keepalive_timeout: Duration = field(
         default=Duration(60),

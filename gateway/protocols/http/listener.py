@@ -235,6 +235,7 @@ class HttpSockets(StreamListener[HttpListenerConfig]):
             reactor,
             max_header_size=int(config.max_header_size),
             header_timeout=float(config.header_timeout),
+            body_timeout=float(config.body_timeout),
             idle_timeout=float(config.idle_timeout),
             max_body=int(config.max_size),
             guard=self.guard,
@@ -248,6 +249,7 @@ class HttpSockets(StreamListener[HttpListenerConfig]):
         self.listener.config = config
         self._factory.max_header_size = int(config.max_header_size)
         self._factory.header_timeout = float(config.header_timeout)
+        self._factory.body_timeout = float(config.body_timeout)
         self._factory.idle_timeout = float(config.idle_timeout)
         self._factory.max_body = int(config.max_size)
 

@@ -97,6 +97,7 @@ class Exchange:
         "_out",
         "_sink",
         "began",
+        "body_deadline",
         "body_done",
         "body_read",
         "client",
@@ -122,6 +123,7 @@ class Exchange:
         # Called when the client goes away before the response is complete.
         self.on_lost: Callable[[], None] | None = None
         self.body_done = head.length == 0
+        self.body_deadline = 0.0
         self.body_read = 0
         self.started = False  # the response head is written
         self.responded = False  # the response is complete
@@ -307,6 +309,11 @@ class HttpServerProtocol(TwistedProtocol):
         self._h2: Any = None  # twisted.web's H2Connection, when ALPN chose h2
         self.lingering = 0.0  # while closing lingeringly: when to stop waiting
 
+    @property
+    def reclaimable(self) -> bool:
+        """Open, speaking HTTP/1 and not closing: closing it loses no request."""
+        return not self.closed and not self.closing and self._h2 is None and not self.lingering
+
     def connectionMade(self) -> None:
         factory = self.factory
         peer = self.transport.getPeer()
@@ -403,6 +410,9 @@ class HttpServerProtocol(TwistedProtocol):
                 if exchange.body_done:
                     # A request without a body: its END is next; take it now.
                     reader.next_event()
+                else:
+                    # However steadily it trickles in, the body must be whole by then.
+                    exchange.body_deadline = self.factory.clock() + self.factory.body_timeout
                 # No clock while the handler works: the upstream's timeout covers that.
                 self.limit = 0.0
                 self.factory.handler.handle(exchange)
@@ -414,7 +424,8 @@ class HttpServerProtocol(TwistedProtocol):
             event = reader.next_event()
             if event is None:
                 if not self.closed:
-                    self._wait(self.factory.idle_timeout, 408)
+                    left = exchange.body_deadline - self.factory.clock()
+                    self._wait(max(0.001, min(self.factory.idle_timeout, left)), 408)
                 break
             if "full" in self._paused and reader.buffered < _READ_AHEAD:
                 self.resume_reading("full")
@@ -582,6 +593,7 @@ class HttpServerFactory(Factory):
         *,
         max_header_size: int = 16 * 1024,
         header_timeout: float = 10.0,
+        body_timeout: float = 300.0,
         idle_timeout: float = 60.0,
         max_body: int = 10 * 1024 * 1024,
         guard: Guard[HttpServerProtocol] | None = None,
@@ -591,10 +603,12 @@ class HttpServerFactory(Factory):
         self.clock = reactor.seconds
         self.max_header_size = max_header_size
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.idle_timeout = idle_timeout
         self.max_body = max_body
         # The listener's connection rules (allow, max_connections) and its open connections.
         self.guard: Guard[HttpServerProtocol] = guard or Guard("http", (), 1000)
+        self.guard.reclaim = self.close_an_idle_connection
         self._sweeper: LoopingCall | None = None
         # Told about each exchange once it is over (answered or not), for /metrics.
         self.on_done: Callable[[Exchange], None] | None = getattr(handler, "done", None)
@@ -606,6 +620,25 @@ class HttpServerFactory(Factory):
             self._sweeper.clock = self.reactor
             self._sweeper.start(0.5, now=False)
         return HttpServerProtocol(self)
+
+    def close_an_idle_connection(self, keep: HttpServerProtocol) -> bool:
+        """Close the connection idle the longest (between requests, nothing buffered) to make
+        room for ``keep``; False when every other one is busy.
+
+        Idle sockets cannot then keep legitimate clients out, as nginx reuses its keep-alive
+        connections when it runs out of them.
+        """
+        idle = [
+            p
+            for p in self.guard.connections
+            if p is not keep and p.exchange is None and p.reader.idle and p.reclaimable
+        ]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda p: p.since)
+        oldest.closed = True
+        oldest.transport.loseConnection()
+        return True
 
     def acceptableProtocols(self) -> list[bytes]:
         from gateway.protocols.http import h2

@@ -509,7 +509,9 @@ def test_a_client_over_max_connections_gets_its_503_while_still_sending(
 ) -> None:
     """A client that sends its whole request before it reads gets the 503 for one connection
     too many: the gateway drops what it sends for a while (as after a 413) rather than
-    closing under it, which fails the client's upload with a reset and hides the 503."""
+    closing under it, which fails the client's upload with a reset and hides the 503.
+    (The connection that fills the listener is busy with an upload: an idle one would be
+    closed to make room.)"""
     crowded = free_port()
     config = write_config(
         tmp_path,
@@ -528,18 +530,11 @@ def test_a_client_over_max_connections_gets_its_503_while_still_sending(
     body = os.urandom(4 << 20)
     with start_gateway(config, [gateway_port, crowded]), contextlib.ExitStack() as stack:
 
-        def hold() -> bool:
-            # Once answered, the connection surely counts (kept alive). The start-up
-            # probe's connection may not be gone yet: then this one gets a 503.
-            sock = socket.create_connection((LOOPBACK, crowded), timeout=30)
-            sock.sendall(b"GET /file HTTP/1.1\r\nHost: x\r\n\r\n")
-            if sock.recv(65536).startswith(b"HTTP/1.1 200 "):
-                stack.enter_context(sock)
-                return True
-            sock.close()
-            return False
-
-        wait_until(hold, "a first connection to the crowded listener", timeout=10)
+        # A connection busy with an upload that has not ended. (The start-up probe's idle
+        # connection, if it is still there, is closed to make room for it.)
+        sock = stack.enter_context(socket.create_connection((LOOPBACK, crowded), timeout=30))
+        sock.sendall(b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nsome")
+        time.sleep(0.5)
         for attempt in range(3):
             # As most clients do: the whole request first, then the response.
             client = http.client.HTTPConnection(LOOPBACK, crowded, timeout=30)
@@ -854,3 +849,32 @@ def test_a_client_that_stalls_its_upload_gets_408_and_the_upstream_stays_healthy
         assert response.status == 200 and response.read() == b"y" * 100
     finally:
         conn.close()
+
+
+def test_idle_sockets_cannot_keep_clients_out(
+    tmp_path: Path, nginx: Nginx, gateway_port: int
+) -> None:
+    """Defect: 1,000 sockets that connected and sent nothing filled max_connections, and
+    every legitimate client got 503. The longest idle connection now makes room."""
+    crowded = free_port()
+    config = write_config(
+        tmp_path,
+        gateway_port,
+        [nginx.url],
+        extra_listeners=f"""  crowded:
+    protocol: http
+    listen: tcp:{crowded}:interface=127.0.0.1
+    max_connections: 200
+""",
+        extra_routes="""  - name: crowded-origin
+    from: crowded
+    to: origin
+""",
+    )
+    with start_gateway(config, [gateway_port, crowded]), contextlib.ExitStack() as stack:
+        for _ in range(200):
+            stack.enter_context(socket.create_connection((LOOPBACK, crowded), timeout=30))
+        time.sleep(0.5)
+        for _ in range(20):
+            status, _, body = request(crowded, "GET", "/file")
+            assert status == 200, body[:200]
