@@ -238,7 +238,7 @@ class StreamListener(Listener[C]):
 
     async def listen_on(self, description: str) -> ListeningPort:
         endpoint = server_endpoint(self.reactor, description)
-        tolerate_alpn(endpoint)
+        apply_tls_policy(endpoint)
         port: ListeningPort = await endpoint.listen(self.factory())
         return port
 
@@ -296,9 +296,43 @@ def _select_alpn(connection: Any, offered: list[bytes]) -> Any:
     return NO_OVERLAPPING_PROTOCOLS
 
 
-def tolerate_alpn(endpoint: Any) -> None:
-    """Let clients that offer ALPN protocols the listener lacks connect to an ``ssl:`` endpoint."""
+# The TLS every listener speaks on an ssl: endpoint: TLS 1.2 and 1.3 only, and for 1.2
+# forward-secret key exchange with AEAD ciphers only (Mozilla's "intermediate" list): no
+# CBC suites (LUCKY13) and no static RSA key exchange. TLS 1.3 suites are always AEAD.
+TLS_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
+)
+
+
+def apply_tls_policy(endpoint: Any) -> None:
+    """Give an ``ssl:`` endpoint the listeners' TLS: versions, ciphers, resumption, ALPN.
+
+    Twisted's ``ssl:`` endpoint string takes the key and certificates but no
+    cipher or version settings, and its defaults offer CBC suites and static RSA
+    key exchange and resume no session.  The endpoint's options are made again
+    from the same key and certificates with the policy above, session IDs and
+    session tickets on (resumption saves a handshake per reconnecting client),
+    and an ALPN choice that lets a client offering protocols the listener lacks
+    connect anyway.
+    """
+    from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+
     options = getattr(endpoint, "_sslContextFactory", None)
-    if options is not None and hasattr(options, "getContext"):
-        # The context is made once and cached; each connection is made from it.
-        options.getContext().set_alpn_select_callback(_select_alpn)
+    if not isinstance(options, CertificateOptions):
+        return  # not an ssl: endpoint (tcp:, unix:, systemd:)
+    hardened = CertificateOptions(
+        privateKey=options.privateKey,
+        certificate=options.certificate,
+        extraCertChain=options.extraCertChain,
+        dhParameters=options.dhParameters,
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS_CIPHERS),  # type: ignore[no-untyped-call]
+        enableSessions=True,
+        enableSessionTickets=True,
+    )
+    endpoint._sslContextFactory = hardened
+    # The context is made once and cached; each connection is made from it.
+    hardened.getContext().set_alpn_select_callback(_select_alpn)

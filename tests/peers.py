@@ -12,6 +12,7 @@ import email
 import email.message
 import email.policy
 import enum
+import json
 import os
 import pwd
 import re
@@ -1760,3 +1761,74 @@ class PostfixRelay:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --------------------------------------------------------------------------- testssl.sh
+
+
+def make_ca_signed_cert(directory: Path) -> tuple[Path, Path, Path]:
+    """(ca.pem, chain.pem, key.pem): a test CA and a server certificate for localhost and
+    127.0.0.1 that it signed, with a CRL and an OCSP address (never fetched) so that
+    testssl.sh does not rate the certificate itself (no revocation info is HIGH)."""
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    key, request, cert, chain = (
+        directory / "key.pem",
+        directory / "req.pem",
+        directory / "cert.pem",
+        directory / "chain.pem",
+    )
+    extensions = directory / "ext.cnf"
+    extensions.write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        "crlDistributionPoints=URI:http://127.0.0.1:9/ca.crl\n"
+        "authorityInfoAccess=OCSP;URI:http://127.0.0.1:9/ocsp\n"
+    )
+    openssl = require_binary("openssl")
+    steps = [
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "90",
+         "-subj", "/O=test CA/CN=test CA", "-keyout", str(ca_key), "-out", str(ca)],
+        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/O=test/CN=localhost",
+         "-keyout", str(key), "-out", str(request)],
+        [openssl, "x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-days", "90", "-extfile", str(extensions), "-out", str(cert)],
+    ]  # fmt: skip
+    for argv in steps:
+        result = _run_tool(argv, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"openssl failed: {' '.join(argv)}\n{result.stderr}")
+    chain.write_bytes(cert.read_bytes() + ca.read_bytes())
+    return ca, chain, key
+
+
+# Findings of testssl.sh that say nothing about the server: Debian's OpenSSL 3 has no GOST
+# engine, and a test certificate has no OCSP responder to staple.
+TESTSSL_IGNORED = frozenset({"engine_problem", "OCSP_stapling"})
+
+
+def run_testssl(
+    port: int, ca: Path, output: Path, *, starttls: str | None = None, http: bool = False
+) -> list[dict[str, str]]:
+    """testssl.sh's findings for a TLS server on 127.0.0.1:port (JSON records).
+
+    ``http`` adds the HTTP header checks (-h: HSTS, the Server banner ...); ``-E``
+    lists each cipher offered per protocol.
+    """
+    argv = [
+        require_binary("testssl"),
+        *(["-h"] if http else []),
+        "-E",
+        *(["--starttls", starttls] if starttls else []),
+        "--quiet", "--warnings", "off", "--nodns", "min", "--color", "0",
+        "--connect-timeout", "5", "--openssl-timeout", "5",
+        "-p", "-s", "-f", "-P", "-S", "-H", "-I", "-T", "-R", "-C", "-O", "-Z", "-W",
+        "-A", "-L", "-F", "-J", "-D", "-4",
+        "--add-ca", str(ca), "--jsonfile", str(output), f"{LOOPBACK}:{port}",
+    ]  # fmt: skip
+    env = dict(os.environ, MAX_WAITSOCK="3", HEARTBLEED_MAX_WAITSOCK="3", CCS_MAX_WAITSOCK="3")
+    output.unlink(missing_ok=True)  # testssl.sh will not write over a file
+    subprocess.run(argv, capture_output=True, timeout=300, check=False, env=env)
+    findings: list[dict[str, str]] = json.loads(output.read_text())
+    return findings

@@ -203,6 +203,10 @@ class DohListenerConfig(ListenerConfig):
     path: str = field(default="/dns-query", metadata=doc("URL path of the endpoint"))
     max_size: Size = field(default=Size(65535), metadata=doc("largest query accepted (413)"))
     max_connections: int = field(default=1000, metadata=doc("clients connected at once"))
+    hsts: Duration = field(
+        default=Duration(365 * 86400),
+        metadata=doc("Strict-Transport-Security max-age of HTTPS answers (0: none)"),
+    )
 
     def connection_limit(self) -> int:
         return self.max_connections

@@ -623,7 +623,9 @@ class DohSockets(StreamListener[DohListenerConfig]):
 
         super().__init__(config, gateway, reactor)
         self.handler = DnsListener(config, gateway)
-        self.site = doh_site(self.handler, path=config.path, max_size=config.max_size)
+        self.site = doh_site(
+            self.handler, path=config.path, max_size=config.max_size, hsts=float(config.hsts)
+        )
         self.guarded = _GuardedSite(self.site, self.guard)
 
     def factory(self) -> _GuardedSite:

@@ -1,0 +1,98 @@
+"""The TLS every listener speaks on an ssl: endpoint, as testssl.sh sees it.
+
+Defect (issue 16): Twisted's defaults offered CBC suites (LUCKY13 "potentially
+vulnerable") and static RSA key exchange, resumed no session, and the DoH
+listener named TwistedWeb and its version and sent no HSTS. The listeners now
+share one policy (gateway.listening.apply_tls_policy).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from tests.peers import (
+    TESTSSL_IGNORED,
+    GatewayProcess,
+    free_port,
+    make_ca_signed_cert,
+    run_testssl,
+)
+
+
+@pytest.fixture(scope="module")
+def listeners(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("tls")
+    ca, chain, key = make_ca_signed_cert(root / "pki")
+    ports = {"doh": free_port(), "http": free_port(), "smtp": free_port()}
+    tls = f"privateKey={key}:certKey={chain}"
+    path = root / "routes.yaml"
+    path.write_text(
+        f"""
+version: 1
+listeners:
+  doh-in:
+    protocol: doh
+    listen: "ssl:{ports["doh"]}:interface=127.0.0.1:{tls}"
+  web-in:
+    protocol: http
+    listen: "ssl:{ports["http"]}:interface=127.0.0.1:{tls}"
+  mail-in:
+    protocol: smtp
+    listen: "ssl:{ports["smtp"]}:interface=127.0.0.1:{tls}"
+    hostname: gw.test
+destinations:
+  box: {{protocol: maildir, path: box}}
+routes:
+  - {{from: doh-in, answer: ["www.example.test. 60 IN A 192.0.2.10"]}}
+  - {{from: mail-in, to: box}}
+  - {{from: web-in, transforms: [http_to_mail], options: {{from: a@b.test, to: c@d.test}}, to: box}}
+"""
+    )
+    gateway = GatewayProcess(path)
+    gateway.start(list(ports.values()))
+    try:
+        # The three scans at once: each is mostly waiting for handshakes.
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            runs = {
+                name: pool.submit(run_testssl, port, ca, root / f"{name}.json", http=name != "smtp")
+                for name, port in ports.items()
+            }
+            return {name: {f["id"]: f for f in run.result()} for name, run in runs.items()}
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("listener", ["doh", "http", "smtp"])
+def test_no_finding_is_high_or_critical_and_only_modern_tls_is_offered(
+    listeners: dict[str, dict[str, dict[str, str]]], listener: str
+) -> None:
+    scan = listeners[listener]
+    serious = [
+        f"{f['id']}: {f['finding']}"
+        for f in scan.values()
+        if f["severity"] in ("HIGH", "CRITICAL", "FATAL") and f["id"] not in TESTSSL_IGNORED
+    ]
+    assert serious == []
+    assert scan["TLS1"]["finding"] == "not offered"
+    assert scan["TLS1_1"]["finding"] == "not offered"
+    assert scan["TLS1_2"]["finding"] == "offered"
+    assert scan["TLS1_3"]["finding"].startswith("offered")
+    assert scan["LUCKY13"]["severity"] == "OK"  # no CBC suite
+    ciphers = [f["finding"] for id_, f in scan.items() if id_.startswith("cipher-tls1_2_")]
+    assert ciphers, "testssl.sh listed no TLS 1.2 cipher"
+    for cipher in ciphers:
+        name = cipher.split()[3]
+        # Forward secret key exchange and an AEAD cipher, nothing else.
+        assert name.startswith(("ECDHE-", "DHE-")), cipher
+        assert "GCM" in name or "CHACHA20" in name, cipher
+    assert scan["sessionresumption_ticket"]["finding"] == "supported"
+
+
+def test_the_doh_listener_names_no_software_and_sends_hsts(
+    listeners: dict[str, dict[str, dict[str, str]]],
+) -> None:
+    scan = listeners["doh"]
+    assert scan["banner_server"]["finding"] == "gateway"
+    assert scan["HSTS_time"]["severity"] == "OK"
