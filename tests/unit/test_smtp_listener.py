@@ -6,7 +6,10 @@ import asyncio
 import dataclasses
 
 import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 
+from gateway.listening import Admission
 from gateway.ports import Reason, Status, Verdict
 from gateway.protocols.smtp.codec import RcptRequest, Reply, ServerCodec
 from gateway.protocols.smtp.config import SmtpListenerConfig
@@ -104,3 +107,21 @@ def test_the_codec_hands_quoted_local_parts_to_the_listener_as_written() -> None
     request = codec.next_event()
     assert isinstance(request, RcptRequest)
     assert request.recipient == '"user@evil.test"@partner.test'
+
+
+def test_clients_over_max_connections_get_421_4_7_0() -> None:
+    """Defect: SMTP listeners had no connection limit ('max_connections' was an unknown
+    key): 2,000 connections could be held for as long as the client liked."""
+    port = FakePort()
+    config = SmtpListenerConfig(name="mail-in", listen=(), hostname="gw.test", max_connections=2)
+    listener = SmtpListener(config, port, port.reactor)
+    greetings = []
+    for n in range(3):
+        peer = IPv4Address("TCP", "192.0.2.7", 40000 + n)
+        protocol = listener.factory().buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        protocol.makeConnection(transport)
+        greetings.append(transport.value())
+    assert [g[:3] for g in greetings] == [b"220", b"220", b"421"]
+    assert greetings[2].startswith(b"421 4.7.0 gw.test Too many connections")
+    assert listener.guard.refused[Admission.TOO_MANY] == 1
