@@ -142,6 +142,46 @@ class Duration(float, Value):
         return cls(total)
 
 
+class Rate(Value):
+    """Events per unit of time: ``60/m``, ``10/s``, ``1000/h``."""
+
+    __slots__ = ("count", "per")
+    schema: typing.ClassVar[dict[str, Any]] = {
+        "type": "string",
+        "pattern": r"^\d+\s*/\s*(s|m|h)$",
+        "description": "events per second, minute or hour, e.g. 60/m",
+    }
+    _UNITS: typing.ClassVar[dict[str, float]] = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+    def __init__(self, count: int, per: float) -> None:
+        self.count = count
+        self.per = per
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(s|m|h)\s*", text)
+        if not m or int(m.group(1)) < 1:
+            raise ValueError(f"expected a rate such as 60/m, 10/s or 1000/h, got '{text}'")
+        return cls(int(m.group(1)), cls._UNITS[m.group(2)])
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.per
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Rate) and (self.count, self.per) == (other.count, other.per)
+
+    def __hash__(self) -> int:
+        return hash((self.count, self.per))
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}[self.per]
+        return f"{self.count}/{unit}"
+
+    def __repr__(self) -> str:
+        return f"Rate({self})"
+
+
 _SERVER_ENDPOINTS = ("tcp", "tcp6", "ssl", "unix", "systemd", "udp", "tls")
 _CLIENT_ENDPOINTS = ("tcp", "tcp6", "ssl", "unix", "tls", "udp")
 
@@ -391,6 +431,36 @@ HIDDEN: dict[str, None] = {"yaml": None}  # field metadata: not a key of the fil
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClientLimits:
+    """Limits per client, as Postfix's anvil and nginx's limit_conn and limit_req keep them.
+
+    A client is an IPv4 address, or the /64 an IPv6 address is in (one host
+    usually has a whole /64).  A rate lets a burst of its own size through,
+    then its average.  Protocols add the rates of what their clients do
+    (messages, recipients, articles, requests) in a subclass.
+    """
+
+    connections: int = field(
+        default=0, metadata=doc("connections open at once per client (0: no limit)")
+    )
+    connection_rate: Rate | None = field(
+        default=None, metadata=doc("new connections per client, e.g. 60/m (none: no limit)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.connections < 0:
+            raise ValueError(f"'connections' must be 0 (no limit) or more, not {self.connections}")
+
+    def rates(self) -> dict[str, Rate]:
+        """The rates set, by key (connection_rate, message_rate ...)."""
+        return {
+            f.name: value
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), Rate)
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
 class ListenerConfig:
     """Fields every listener has; ``kind`` is the kind of message it produces."""
 
@@ -406,9 +476,16 @@ class ListenerConfig:
         """Connections open at once before new ones are refused (the listener's own key)."""
         return 1000
 
+    def client_limits(self) -> ClientLimits:
+        """The limits per client (the listener's ``limits:`` key); none by default."""
+        return _NO_LIMITS
+
     def check(self, config: Config) -> list[tuple[str, str]]:
         """Checks that need the whole file: (key, problem) pairs; none by default."""
         return []
+
+
+_NO_LIMITS = ClientLimits()
 
 
 @dataclass(frozen=True, kw_only=True)

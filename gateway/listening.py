@@ -5,20 +5,26 @@ close, metrics).  ``StreamListener`` adds what a listener on stream sockets
 gets without writing it: the endpoints opened (``ssl:`` and ``systemd:``
 included), and a ``Guard`` that holds the ``allow`` networks, counts the open
 connections, enforces ``max_connections`` and publishes both for /metrics.
-A protocol's factory takes the guard and asks it at each connection; what
-a refused client is told stays in the protocol's own words.
+The guard also keeps the listener's ``limits:`` per client: connections open
+and new connections per second at connect time, and the rates of what the
+protocol counts (``throttle("message_rate", host)``) as it goes.  A
+protocol's factory takes the guard and asks it at each connection; what a
+refused or throttled client is told stays in the protocol's own words.
 """
 
 from __future__ import annotations
 
 import enum
+import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from twisted.logger import Logger
 
-from gateway.config import ListenerConfig, Network, client_allowed
+from gateway.config import ClientLimits, ListenerConfig, Network, client_allowed
+from gateway.limits import ConnectionCounter, RateLimiter, client_key
 from gateway.ports import GatewayPort, Metric
 from gateway.stats import Histogram
 from gateway.systemd import server_endpoint
@@ -34,6 +40,7 @@ __all__ = [
     "StreamListener",
     "duration_metric",
     "message_metric",
+    "retry_after",
 ]
 
 log = Logger(namespace="gateway.listening")
@@ -54,36 +61,74 @@ class Admission(enum.Enum):
     OK = "ok"
     NOT_ALLOWED = "not-allowed"  # its address is not in the listener's allow list
     TOO_MANY = "too-many"  # max_connections are open already
+    CLIENT_CONNECTIONS = "client-connections"  # the client has limits.connections open
+    CLIENT_RATE = "client-rate"  # the client connects faster than limits.connection_rate
 
     def __str__(self) -> str:
         return self.value
 
 
 class Guard(Generic[P]):
-    """The connection rules of one listener: allow list, connection count and limit.
+    """The connection rules of one listener: allow list, connection count and limits.
 
     ``connect`` counts a connection (refused ones too: they hold a socket until
     the protocol has said so and closed) and ``disconnect`` forgets it; the
     open ones are in ``connections`` for draining at shutdown.
     """
 
-    def __init__(self, listener: str, allow: tuple[Network, ...], max_connections: int) -> None:
+    def __init__(
+        self,
+        listener: str,
+        allow: tuple[Network, ...],
+        max_connections: int,
+        limits: ClientLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.listener = listener
-        self.allow = allow
-        self.max_connections = max_connections
+        self.clock = clock
         self.connections: set[P] = set()
-        self.refused: dict[Admission, int] = {Admission.NOT_ALLOWED: 0, Admission.TOO_MANY: 0}
+        self.refused: dict[Admission, int] = {a: 0 for a in Admission if a is not Admission.OK}
         # Connections the listener cut off for misbehaving, by why (stream_reset, ...).
         self.aborted: dict[str, int] = {}
         # Set by a protocol whose idle connections may be closed to make room for a new
         # one (an HTTP keep-alive connection between requests, as nginx reuses them): it
         # closes one other than the given connection and says whether it did.
         self.reclaim: Callable[[P], bool] | None = None
+        # After CLIENT_RATE: seconds until the client may connect again (Retry-After).
+        self.retry_after = 0.0
+        self._per_client: ConnectionCounter | None = None
+        self._client_of: dict[P, str] = {}  # the client of each connection served
+        self._rates: dict[str, RateLimiter] = {}
+        # Events over a rate, by the limit's key, for /metrics (kept across reloads).
+        self.throttled: dict[str, int] = {}
+        self.configure(allow, max_connections, limits or ClientLimits())
 
-    def configure(self, allow: tuple[Network, ...], max_connections: int) -> None:
-        """New rules, for connections from now on."""
+    def configure(
+        self, allow: tuple[Network, ...], max_connections: int, limits: ClientLimits | None = None
+    ) -> None:
+        """New rules, for connections and events from now on.
+
+        A rate that did not change keeps what it counted; a changed one starts afresh.
+        """
         self.allow = allow
         self.max_connections = max_connections
+        self.limits = limits = limits or ClientLimits()
+        if not limits.connections:
+            self._per_client = None
+        elif self._per_client is None:
+            self._per_client = ConnectionCounter(limits.connections)
+            for key in self._client_of.values():  # the connections open already count
+                self._per_client.open(key)
+        else:
+            self._per_client.limit = limits.connections
+        rates = {}
+        for name, rate in limits.rates().items():
+            kept = self._rates.get(name)
+            rates[name] = (
+                kept if kept is not None and kept.rate == rate else (RateLimiter(rate, self.clock))
+            )
+            self.throttled.setdefault(name, 0)
+        self._rates = rates
 
     def allows(self, host: str) -> bool:
         """Whether ``host`` is in the allow list (an empty list allows everybody)."""
@@ -97,31 +142,79 @@ class Guard(Generic[P]):
         """
         self.connections.add(connection)
         if check_allow and not client_allowed(self.allow, host):
-            self.refused[Admission.NOT_ALLOWED] += 1
-            log.info(
-                "listener {listener} refused client {client}: not in allow",
-                listener=self.listener,
-                client=host,
+            return self._refuse(Admission.NOT_ALLOWED, host, "not in allow")
+        per_client = self._per_client
+        if per_client is not None and not per_client.has_room(client_key(host)):
+            return self._refuse(
+                Admission.CLIENT_CONNECTIONS,
+                host,
+                f"it has {per_client.limit} connections open (limits.connections)",
             )
-            return Admission.NOT_ALLOWED
+        connection_rate = self._rates.get("connection_rate")
+        if connection_rate is not None:
+            wait = connection_rate.take(client_key(host))
+            if wait:
+                self.retry_after = wait
+                self.throttled["connection_rate"] += 1
+                return self._refuse(
+                    Admission.CLIENT_RATE,
+                    host,
+                    f"it connects faster than {connection_rate.rate} (limits.connection_rate)",
+                )
         if len(self.connections) > self.max_connections:
             if self.reclaim is not None and self.reclaim(connection):
                 self.abort(connection, "idle_closed_for_room")
-                return Admission.OK
-            self.refused[Admission.TOO_MANY] += 1
-            log.warn(
-                "listener {listener} refused client {client}: {count} connections are open"
-                " (max_connections {limit})",
-                listener=self.listener,
-                client=host,
-                count=len(self.connections) - 1,
-                limit=self.max_connections,
-            )
-            return Admission.TOO_MANY
+            else:
+                return self._refuse(
+                    Admission.TOO_MANY,
+                    host,
+                    f"{len(self.connections) - 1} connections are open"
+                    f" (max_connections {self.max_connections})",
+                )
+        key = self._client_of[connection] = client_key(host)
+        if per_client is not None:
+            per_client.open(key)
         return Admission.OK
+
+    def _refuse(self, admission: Admission, host: str, why: str) -> Admission:
+        self.refused[admission] += 1
+        log.info(
+            "listener {listener} refused client {client}: {why}",
+            listener=self.listener,
+            client=host,
+            why=why,
+        )
+        return admission
+
+    def throttle(self, limit: str, host: str) -> float:
+        """Count one event of the rate ``limit`` (a key of ``limits:``) for ``host``.
+
+        0.0 when it may go on (or the rate is not set), else the seconds until it may.
+        """
+        limiter = self._rates.get(limit)
+        if limiter is None:
+            return 0.0
+        wait = limiter.take(client_key(host))
+        if wait:
+            self.throttled[limit] += 1
+        return wait
+
+    def over(self, limit: str, host: str) -> float:
+        """Seconds until ``host`` may have an event of ``limit`` (0.0: now), counting none:
+        for an offer that the event itself will be counted after (an NNTP CHECK)."""
+        limiter = self._rates.get(limit)
+        if limiter is None:
+            return 0.0
+        wait = limiter.peek(client_key(host))
+        if wait:
+            self.throttled[limit] += 1
+        return wait
 
     def disconnect(self, connection: P) -> None:
         self.connections.discard(connection)
+        key = self._client_of.pop(connection, None)
+        if key is not None and self._per_client is not None:
+            self._per_client.close(key)
 
     def abort(self, connection: P, why: str) -> None:
         """Count a connection the protocol is cutting off because the client misbehaved."""
@@ -136,8 +229,9 @@ class Guard(Generic[P]):
         ).add([self.listener], len(self.connections))
         refused = Metric(
             "gateway_listener_connections_refused",
-            "Connections a listener refused: not_allowed (outside allow) or too_many"
-            " (max_connections reached)",
+            "Connections a listener refused: not_allowed (outside allow), too_many"
+            " (max_connections reached), client_connections (the client's limits.connections"
+            " reached) or client_rate (the client over limits.connection_rate)",
             "counter",
             ("listener", "reason"),
         )
@@ -155,6 +249,40 @@ class Guard(Generic[P]):
         for why, count in sorted(self.aborted.items()):
             aborted.add([self.listener, why], count)
         yield aborted
+        throttled = Metric(
+            "gateway_listener_rate_limited",
+            "Events of a client over one of the listener's limits: rates (connections,"
+            " messages, recipients, articles, requests refused or slowed)",
+            "counter",
+            ("listener", "limit"),
+        )
+        for limit, count in sorted(self.throttled.items()):
+            throttled.add([self.listener, limit], count)
+        yield throttled
+        if self._per_client is None and not self._rates:
+            return
+        limits = Metric(
+            "gateway_listener_limit",
+            "A listener's limits per client: connections open at once, or a rate in events"
+            " per second",
+            "gauge",
+            ("listener", "limit"),
+        )
+        clients = Metric(
+            "gateway_listener_limit_clients",
+            "Clients a listener's limit is counting now (with a connection open, or seen"
+            " recently for a rate)",
+            "gauge",
+            ("listener", "limit"),
+        )
+        if self._per_client is not None:
+            limits.add([self.listener, "connections"], self._per_client.limit)
+            clients.add([self.listener, "connections"], len(self._per_client))
+        for name, limiter in sorted(self._rates.items()):
+            limits.add([self.listener, name], limiter.rate.per_second)
+            clients.add([self.listener, name], len(limiter))
+        yield limits
+        yield clients
 
 
 class Listener(ABC, Generic[C]):
@@ -230,7 +358,13 @@ class StreamListener(Listener[C]):
 
     def __init__(self, config: C, gateway: GatewayPort, reactor: Any) -> None:
         super().__init__(config, gateway, reactor)
-        self.guard: Guard[Any] = Guard(config.name, config.allow, config.connection_limit())
+        self.guard: Guard[Any] = Guard(
+            config.name,
+            config.allow,
+            config.connection_limit(),
+            config.client_limits(),
+            reactor.seconds,
+        )
 
     @abstractmethod
     def factory(self) -> Factory[Any]:
@@ -244,10 +378,15 @@ class StreamListener(Listener[C]):
 
     def reconfigure(self, config: C) -> None:
         self.config = config
-        self.guard.configure(config.allow, config.connection_limit())
+        self.guard.configure(config.allow, config.connection_limit(), config.client_limits())
 
     def metrics(self) -> Iterable[Metric]:
         return self.guard.metrics()
+
+
+def retry_after(wait: float) -> int:
+    """Whole seconds to tell a throttled client to wait (Retry-After, "try in N seconds")."""
+    return max(1, math.ceil(wait))
 
 
 def message_metric(listener: str, accepted: int, rejected: int, tempfail: int) -> Metric:

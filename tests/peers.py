@@ -1808,6 +1808,60 @@ def make_ca_signed_cert(directory: Path) -> tuple[Path, Path, Path]:
 TESTSSL_IGNORED = frozenset({"engine_problem", "OCSP_stapling"})
 
 
+def tls_session_resumed(port: int, ca: Path, version: str, scratch: Path) -> bool:
+    """Whether a TLS ``version`` ("tls1_2", "tls1_3") session with 127.0.0.1:port is resumed.
+
+    openssl s_client saves the session (waiting for the server's tickets: in TLS 1.3
+    they come after the handshake, and a client that hangs up at once may miss them,
+    as testssl.sh's own check does on a busy machine), then connects again with it
+    and says "Reused" or "New".
+    """
+    openssl = require_binary("openssl")
+    session = scratch / f"session-{port}-{version}.pem"
+    session.unlink(missing_ok=True)
+    base = [
+        openssl,
+        "s_client",
+        "-connect",
+        f"{LOOPBACK}:{port}",
+        f"-{version}",
+        "-CAfile",
+        str(ca),
+    ]
+    first = subprocess.Popen(
+        [*base, "-sess_out", str(session)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert first.stdin is not None
+    try:
+        # s_client writes the file as a session (a ticket) arrives.
+        wait_until(
+            lambda: session.exists() and session.stat().st_size > 0,
+            "a TLS session from the server",
+            timeout=15,
+            interval=0.05,
+        )
+    except TimeoutError:
+        pass
+    finally:
+        first.stdin.close()
+        first.wait(timeout=15)
+    if not session.exists():
+        return False
+    second = subprocess.run(
+        [*base, "-sess_in", str(session)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=15,
+        check=False,
+    )
+    return any(line.startswith("Reused,") for line in second.stdout.splitlines())
+
+
 def run_testssl(
     port: int, ca: Path, output: Path, *, starttls: str | None = None, http: bool = False
 ) -> list[dict[str, str]]:
@@ -1822,7 +1876,9 @@ def run_testssl(
         "-E",
         *(["--starttls", starttls] if starttls else []),
         "--quiet", "--warnings", "off", "--nodns", "min", "--color", "0",
-        "--connect-timeout", "5", "--openssl-timeout", "5",
+        # Generous: on a busy CI machine a handshake with a loaded gateway can take
+        # seconds, and a timeout shows up as "check failed because of connect problem".
+        "--connect-timeout", "20", "--openssl-timeout", "20",
         "-p", "-s", "-f", "-P", "-S", "-H", "-I", "-T", "-R", "-C", "-O", "-Z", "-W",
         "-A", "-L", "-F", "-J", "-D", "-4",
         "--add-ca", str(ca), "--jsonfile", str(output), f"{LOOPBACK}:{port}",

@@ -37,8 +37,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
+from gateway.config import Rate
+from gateway.listening import Guard
 from gateway.protocols.dns import doh_client
 from gateway.protocols.dns.client import UpstreamError
+from gateway.protocols.dns.config import DohLimits
 from gateway.protocols.dns.doh_client import DohUpstream
 from gateway.protocols.dns.doh_server import (
     answer_json,
@@ -1336,3 +1339,15 @@ def test_doh_cache_control_of_nxdomain_after_a_cname_uses_the_soa_minimum() -> N
     assert cache_control(nxdomain) == b"max-age=60"
     nodata = _response(cname=True, soa=True).to_wire()
     assert cache_control(nodata) == b"max-age=60"
+
+
+def test_a_client_over_its_query_rate_gets_429_and_retry_after() -> None:
+    """Defect (issue 16): nothing limited how fast one DoH client could query."""
+    guard: Guard[Any] = Guard("doh-in", (), 100, DohLimits(query_rate=Rate.parse("2/s")))
+    server = Server(throttle=functools.partial(guard.throttle, "query_rate"))
+    responses = server.send(post_request(query()) * 3)
+    assert [r.status for r in responses] == [200, 200, 429]
+    assert responses[2].headers["retry-after"] == "1"
+    assert responses[2].body == b"too many queries, slow down\n"
+    assert len(server.handler.calls) == 2
+    assert guard.throttled == {"query_rate": 1}

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from gateway.config import (
     HIDDEN,
     BaseDestinationConfig,
+    ClientLimits,
     ConfigPath,
     Duration,
     HostPort,
@@ -23,6 +24,7 @@ from gateway.config import (
     Network,
     Pattern,
     Problem,
+    Rate,
     Route,
     RouteContext,
     Size,
@@ -194,6 +196,13 @@ class DnsListenerConfig(ListenerConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class DohLimits(ClientLimits):
+    """Per client: over query_rate, 429 and Retry-After."""
+
+    query_rate: Rate | None = field(default=None, metadata=doc("queries per client, e.g. 100/s"))
+
+
+@dataclass(frozen=True, kw_only=True)
 class DohListenerConfig(ListenerConfig):
     """DNS over HTTPS (RFC 8484) and the JSON form, answered through the DNS routes."""
 
@@ -207,9 +216,16 @@ class DohListenerConfig(ListenerConfig):
         default=Duration(365 * 86400),
         metadata=doc("Strict-Transport-Security max-age of HTTPS answers (0: none)"),
     )
+    limits: DohLimits = field(
+        default_factory=DohLimits,
+        metadata=doc("per client: connections, connection_rate, query_rate"),
+    )
 
     def connection_limit(self) -> int:
         return self.max_connections
+
+    def client_limits(self) -> DohLimits:
+        return self.limits
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import json
+import math
 import re
 import secrets
 from collections.abc import Callable
@@ -310,11 +311,18 @@ class _DohRequest(server.Request):
 class _DohResource(Resource):
     isLeaf = True
 
-    def __init__(self, handler: DnsHandler, path: bytes, max_size: int) -> None:
+    def __init__(
+        self,
+        handler: DnsHandler,
+        path: bytes,
+        max_size: int,
+        throttle: Callable[[str], float] | None,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.handler = handler
         self.path = path
         self.max_size = max_size
+        self.throttle = throttle
 
     def render(self, request: server.Request) -> bytes | int:
         if getattr(request, "answered_early", False):
@@ -322,6 +330,14 @@ class _DohResource(Resource):
         json_mode = False
         try:
             json_mode = self._wants_json(request)
+            if self.throttle is not None:
+                wait = self.throttle(_client(request)[0])
+                if wait:
+                    raise _HttpError(
+                        429,
+                        "too many queries, slow down",
+                        {b"retry-after": b"%d" % max(1, math.ceil(wait))},
+                    )
             return self._route(request, json_mode)
         except _HttpError as exc:
             return _error(request, exc, json_mode)
@@ -495,9 +511,7 @@ class _DohSite(server.Site):
     requestFactory = _DohRequest
     displayTracebacks = False
 
-    def __init__(
-        self, resource: _DohResource, *, max_size: int, reactor: Any, hsts: float
-    ) -> None:
+    def __init__(self, resource: _DohResource, *, max_size: int, reactor: Any, hsts: float) -> None:
         super().__init__(  # type: ignore[no-untyped-call]
             resource, parsePOSTFormSubmission=False, timeout=_IDLE_TIMEOUT, reactor=reactor
         )
@@ -516,6 +530,7 @@ def doh_site(
     max_size: int = 65535,
     reactor: IReactorTime | None = None,
     hsts: float = 0.0,
+    throttle: Callable[[str], float] | None = None,
 ) -> server.Site:
     """A web site answering DNS over HTTPS at ``path`` (RFC 8484) and its JSON form.
 
@@ -524,10 +539,11 @@ def doh_site(
     than ``max_size`` get 413. Listen on it with any stream endpoint ("ssl:..." for HTTPS);
     ``reactor`` times out idle connections (the global one if None). Over HTTPS, answers
     carry ``Strict-Transport-Security: max-age=<hsts>`` unless ``hsts`` is 0.
+    ``throttle(client)`` says how long a client over its query rate must wait (429).
     """
     if not path.startswith("/"):
         raise ValueError(f"the DoH path must start with '/', got {path!r}")
     if not 12 <= max_size <= 65535:
         raise ValueError(f"max_size must be 12-65535 bytes (a DNS message's range), got {max_size}")
-    resource = _DohResource(handler, path.encode("utf-8"), max_size)
+    resource = _DohResource(handler, path.encode("utf-8"), max_size, throttle)
     return _DohSite(resource, max_size=max_size, reactor=reactor, hsts=hsts)

@@ -9,6 +9,7 @@ TC=1 so the client retries over TCP.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -624,7 +625,11 @@ class DohSockets(StreamListener[DohListenerConfig]):
         super().__init__(config, gateway, reactor)
         self.handler = DnsListener(config, gateway)
         self.site = doh_site(
-            self.handler, path=config.path, max_size=config.max_size, hsts=float(config.hsts)
+            self.handler,
+            path=config.path,
+            max_size=config.max_size,
+            hsts=float(config.hsts),
+            throttle=functools.partial(self.guard.throttle, "query_rate"),
         )
         self.guarded = _GuardedSite(self.site, self.guard)
 

@@ -10,6 +10,7 @@ Nothing here imports Twisted.
 
 from __future__ import annotations
 
+import http
 import re
 from dataclasses import dataclass
 
@@ -25,15 +26,13 @@ __all__ = [
     "response_head",
 ]
 
-REASONS = {
-    100: "Continue", 200: "OK", 202: "Accepted", 204: "No Content", 304: "Not Modified",
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
-    413: "Content Too Large", 414: "URI Too Long", 421: "Misdirected Request",
-    431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
-    504: "Gateway Timeout", 505: "HTTP Version Not Supported",
-}  # fmt: skip
+# Reason phrases: the standard library's, with the names RFC 9110 gave some anew.
+REASONS = {status.value: status.phrase for status in http.HTTPStatus} | {
+    413: "Content Too Large",
+    414: "URI Too Long",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Content",
+}
 
 # RFC 9110 section 7.6.1: fields that describe one connection, never forwarded.
 HOP_BY_HOP = frozenset(

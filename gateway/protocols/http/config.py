@@ -10,11 +10,13 @@ from typing import Any, Literal
 
 from gateway.config import (
     BaseDestinationConfig,
+    ClientLimits,
     ConfigPath,
     DestinationConfig,
     Duration,
     ListenerConfig,
     Pattern,
+    Rate,
     Size,
     Value,
     doc,
@@ -84,6 +86,13 @@ class WebhookUrl(str, Value):
 
 
 @dataclass(frozen=True, kw_only=True)
+class HttpLimits(ClientLimits):
+    """Per client, as nginx's limit_conn and limit_req: over a limit, 429 and Retry-After."""
+
+    request_rate: Rate | None = field(default=None, metadata=doc("requests per client, e.g. 10/s"))
+
+
+@dataclass(frozen=True, kw_only=True)
 class HttpListenerConfig(ListenerConfig):
     """An HTTP/1.1 server (HTTPS on an ssl: endpoint): requests are proxied or become messages."""
 
@@ -107,9 +116,16 @@ class HttpListenerConfig(ListenerConfig):
         metadata=doc("a whole request body must arrive within this, however it trickles (408)"),
     )
     max_connections: int = field(default=1000, metadata=doc("clients connected at once"))
+    limits: HttpLimits = field(
+        default_factory=HttpLimits,
+        metadata=doc("per client: connections, connection_rate, request_rate"),
+    )
 
     def connection_limit(self) -> int:
         return self.max_connections
+
+    def client_limits(self) -> HttpLimits:
+        return self.limits
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -192,7 +192,7 @@ class H2Exchange:
 
 def switch(protocol: HttpServerProtocol, first: bytes) -> Any:
     """Hand a connection that negotiated ``h2`` to twisted.web's HTTP/2 framing."""
-    handler = protocol.factory.handler
+    factory = protocol.factory
     client = protocol.client
 
     class _Request(http.Request):
@@ -200,7 +200,7 @@ def switch(protocol: HttpServerProtocol, first: bytes) -> Any:
             exchange = H2Exchange(self, client)
             exchange.on_done = protocol.factory.on_done
             try:
-                handler.handle(cast("Exchange", exchange))
+                factory.dispatch(cast("Exchange", exchange))
             except Exception:
                 log.failure("HTTP/2 request handling failed")
                 if not exchange.started:

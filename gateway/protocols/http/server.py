@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from gateway.listening import Admission, Guard
+from gateway.listening import Admission, Guard, retry_after
 from gateway.protocols.http.codec import END, Head, ParseError, RequestReader, chunk, response_head
 
 log = Logger(namespace="gateway.http.server")
@@ -330,6 +330,13 @@ class HttpServerProtocol(TwistedProtocol):
         self.closing = True
         if admission is Admission.NOT_ALLOWED:
             refusal = closing_response(403, b"this listener does not take requests from you\n")
+        elif admission is Admission.CLIENT_CONNECTIONS:
+            refusal = closing_response(
+                429, b"too many connections from you\n", [(b"Retry-After", b"1")]
+            )
+        elif admission is Admission.CLIENT_RATE:
+            wait = b"%d" % retry_after(factory.guard.retry_after)
+            refusal = closing_response(429, b"you connect too often\n", [(b"Retry-After", wait)])
         else:
             refusal = closing_response(503, b"too many connections\n", [(b"Retry-After", b"1")])
         self.transport.write(refusal)
@@ -415,7 +422,7 @@ class HttpServerProtocol(TwistedProtocol):
                     exchange.body_deadline = self.factory.clock() + self.factory.body_timeout
                 # No clock while the handler works: the upstream's timeout covers that.
                 self.limit = 0.0
-                self.factory.handler.handle(exchange)
+                self.factory.dispatch(exchange)
                 continue
             if exchange.body_done or exchange._sink is None or "body" in self._paused:
                 if reader.buffered > _READ_AHEAD:
@@ -620,6 +627,19 @@ class HttpServerFactory(Factory):
             self._sweeper.clock = self.reactor
             self._sweeper.start(0.5, now=False)
         return HttpServerProtocol(self)
+
+    def dispatch(self, exchange: Exchange) -> None:
+        """Hand a request to the handler, unless its client is over limits.request_rate
+        (429 and Retry-After, as nginx's limit_req with limit_req_status 429)."""
+        wait = self.guard.throttle("request_rate", exchange.client)
+        if wait:
+            exchange.respond(
+                429,
+                b"too many requests, slow down\n",
+                extra=[(b"Retry-After", b"%d" % retry_after(wait))],
+            )
+            return
+        self.handler.handle(exchange)
 
     def close_an_idle_connection(self, keep: HttpServerProtocol) -> bool:
         """Close the connection idle the longest (between requests, nothing buffered) to make

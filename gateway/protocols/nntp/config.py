@@ -11,12 +11,14 @@ from typing import Literal
 from gateway.config import (
     HIDDEN,
     ClientEndpoint,
+    ClientLimits,
     ConfigPath,
     DestinationConfig,
     Duration,
     Endpoint,
     ListenerConfig,
     Network,
+    Rate,
     Size,
     doc,
 )
@@ -50,6 +52,15 @@ class NntpDestinationConfig(DestinationConfig):
             raise ValueError(f"'max_connections' must be 1 or more, not {self.max_connections}")
         if self.password is not None and self.user is None:
             raise ValueError("'password' is set but 'user' is not")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NntpLimits(ClientLimits):
+    """Per client: over article_rate, IHAVE gets 436, CHECK 431, POST 441; TAKETHIS 400."""
+
+    article_rate: Rate | None = field(
+        default=None, metadata=doc("articles offered or posted per client, e.g. 50/s")
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,9 +114,16 @@ class NntpListenerConfig(ListenerConfig):
     max_connections: int = field(
         default=1000, metadata=doc("clients connected at once; more get 400")
     )
+    limits: NntpLimits = field(
+        default_factory=NntpLimits,
+        metadata=doc("per client: connections, connection_rate, article_rate"),
+    )
 
     def connection_limit(self) -> int:
         return self.max_connections
+
+    def client_limits(self) -> NntpLimits:
+        return self.limits
 
     def __post_init__(self) -> None:
         if self.require_auth and not self.users and self.users_file is None:

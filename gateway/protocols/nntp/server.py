@@ -6,16 +6,18 @@ wanted and what becomes of them) belong to an NntpHandler.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 from typing import cast
 
+from twisted.internet import task
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 
-from gateway.listening import Admission, Guard
+from gateway.listening import Admission, Guard, retry_after
 from gateway.protocols._sink import DataSink, SpillingSink
 
 from .._line_server import Clock, LineServerProtocol
@@ -50,6 +52,23 @@ LOCAL_ERROR = {
     # peer keeps every article it has not seen acknowledged.
     "TAKETHIS": Response(400, "Internal fault, closing the connection"),
 }
+
+
+# A TAKETHIS over the client's article_rate waits for its turn (the peer's stream slows
+# to the rate, nothing is refused) unless that would take longer than this; then 400.
+MAX_DELAY = 30.0
+
+
+def _throttled(command: str, host: str, wait: float) -> Response:
+    """The answer to an article or offer over the client's article_rate."""
+    text = f"Too many articles from {host}, try again in {retry_after(wait)} seconds"
+    if command == "CHECK":
+        return Response(431, text)
+    if command == "POST":
+        return Response(441, f"436 {text}")
+    if command == "TAKETHIS":
+        return Response(400, text)
+    return Response(436, text)  # IHAVE
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +150,13 @@ class NntpServerProtocol(LineServerProtocol):
         if admission is Admission.TOO_MANY:
             # RFC 3977 5.1.1: 400 is "service temporarily unavailable".
             return Response(400, "Too many connections, try again later").to_bytes(), True
+        if admission is Admission.CLIENT_CONNECTIONS:
+            text = f"Too many connections from {self._peer_host}, try again later"
+            return Response(400, text).to_bytes(), True
+        if admission is Admission.CLIENT_RATE:
+            wait = retry_after(self._nntp_factory.guard.retry_after)
+            text = f"{self._peer_host} connects too often, try again in {wait} seconds"
+            return Response(400, text).to_bytes(), True
         try:
             refusal = self._nntp_factory.handler.on_connect(self.session)
         except Exception:
@@ -157,9 +183,35 @@ class NntpServerProtocol(LineServerProtocol):
         session = self.session
         if isinstance(event, AuthRequest):
             return handler.on_auth(session, event.user, event.password)
+        guard = self._nntp_factory.guard
         if isinstance(event, OfferRequest):
+            # An offer only looks at the rate: the article is counted when it arrives.
+            wait = guard.over("article_rate", self._peer_host)
+            if wait:
+                return _throttled(event.command, self._peer_host, wait)
             return handler.on_offer(session, event.command, event.message_id)
-        return handler.on_article(session, event.command, event.message_id, event.data)
+        wait = guard.throttle("article_rate", self._peer_host)
+        if not wait:
+            return handler.on_article(session, event.command, event.message_id, event.data)
+        if event.command == "TAKETHIS" and wait <= MAX_DELAY:
+            return self._in_turn(event, wait)
+        return _throttled(event.command, self._peer_host, wait)
+
+    async def _in_turn(self, event: ArticleReceived, wait: float) -> object:
+        """Take a streamed article once the client's article_rate lets it in."""
+        waited = 0.0
+        while wait and waited + wait <= MAX_DELAY:
+            await task.deferLater(self._nntp_factory.reactor, wait, lambda: None)
+            if not self._open:
+                return LOCAL_ERROR[event.command]  # the peer went away; it keeps the article
+            waited += wait
+            wait = self._nntp_factory.guard.throttle("article_rate", self._peer_host)
+        if wait:
+            return _throttled(event.command, self._peer_host, wait)
+        result = self._nntp_factory.handler.on_article(
+            self.session, event.command, event.message_id, event.data
+        )
+        return await result if inspect.isawaitable(result) else result
 
     def _answer(self, result: object, event: AuthRequest | OfferRequest | ArticleReceived) -> None:
         if isinstance(result, Response):

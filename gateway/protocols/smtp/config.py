@@ -8,14 +8,28 @@ from typing import Literal
 
 from gateway.config import (
     ClientEndpoint,
+    ClientLimits,
     ConfigPath,
     DestinationConfig,
     Duration,
     ListenerConfig,
+    Rate,
     Size,
     doc,
 )
 from gateway.message import Kind, local_hostname
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpLimits(ClientLimits):
+    """Per client, as Postfix's smtpd_client_*_limit: over a rate, 450 4.7.1."""
+
+    message_rate: Rate | None = field(
+        default=None, metadata=doc("MAIL FROM commands per client, e.g. 100/h")
+    )
+    recipient_rate: Rate | None = field(
+        default=None, metadata=doc("RCPT TO commands per client, e.g. 1000/h")
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,9 +61,16 @@ class SmtpListenerConfig(ListenerConfig):
             ' "user@host"@); refused with 550 5.7.1 otherwise'
         ),
     )
+    limits: SmtpLimits = field(
+        default_factory=SmtpLimits,
+        metadata=doc("per client: connections, connection_rate, message_rate, recipient_rate"),
+    )
 
     def connection_limit(self) -> int:
         return self.max_connections
+
+    def client_limits(self) -> SmtpLimits:
+        return self.limits
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 
-from gateway.listening import Admission, Guard
+from gateway.listening import Admission, Guard, retry_after
 from gateway.protocols._sink import DataSink, SpillingSink
 
 from .._line_server import Clock, LineServerProtocol
@@ -126,6 +126,20 @@ class SmtpServerProtocol(LineServerProtocol):
             refusal: object = Reply(554, "5.7.1", f"Access denied for {self._peer_host}")
         elif admission is Admission.TOO_MANY:
             refusal = Reply(421, "4.7.0", f"{self._smtp_factory.hostname} Too many connections")
+        elif admission is Admission.CLIENT_CONNECTIONS:
+            refusal = Reply(
+                421,
+                "4.7.0",
+                f"{self._smtp_factory.hostname} Too many connections from {self._peer_host}",
+            )
+        elif admission is Admission.CLIENT_RATE:
+            wait = retry_after(self._smtp_factory.guard.retry_after)
+            refusal = Reply(
+                421,
+                "4.7.0",
+                f"{self._smtp_factory.hostname} {self._peer_host} connects too often,"
+                f" try again in {wait} seconds",
+            )
         else:
             refusal = self._ask_connect()
         if refusal is None:
@@ -175,8 +189,16 @@ class SmtpServerProtocol(LineServerProtocol):
         handler = self._smtp_factory.handler
         session = self.session
         if isinstance(event, MailRequest):
+            # Over the client's limits, as Postfix's smtpd_client_message_rate_limit and
+            # smtpd_client_recipient_rate_limit: 450 4.7.1, and the client tries later.
+            wait = self._smtp_factory.guard.throttle("message_rate", self._peer_host)
+            if wait:
+                return _throttled("Too much mail from", self._peer_host, wait)
             return handler.on_sender(session, event.sender, event.params)
         if isinstance(event, RcptRequest):
+            wait = self._smtp_factory.guard.throttle("recipient_rate", self._peer_host)
+            if wait:
+                return _throttled("Too many recipients from", self._peer_host, wait)
             return handler.on_recipient(session, event.sender, event.recipient, event.params)
         return handler.on_message(session, event.sender, event.recipients, event.data)
 
@@ -193,6 +215,10 @@ class SmtpServerProtocol(LineServerProtocol):
 
     def _local_error(self, event: object) -> Reply:
         return LOCAL_ERROR
+
+
+def _throttled(what: str, host: str, wait: float) -> Reply:
+    return Reply(450, "4.7.1", f"{what} {host}, try again in {retry_after(wait)} seconds")
 
 
 class SmtpServerFactory(Factory):
