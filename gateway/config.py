@@ -28,6 +28,7 @@ from gateway.protocols import AddedKey, registry
 
 if typing.TYPE_CHECKING:
     from gateway.ports import ListenerEntry
+    from gateway.tls import TlsConfig
 
 # --- locations and errors ---------------------------------------------------
 
@@ -225,8 +226,16 @@ class Endpoint(str, Value):
         from twisted.internet import endpoints
         from twisted.internet.testing import MemoryReactor
 
+        under = text
+        if text.lower().startswith("tls:"):
+            from gateway.tls import tls_endpoint
+
+            under = tls_endpoint(text)  # TLS with the tls: block on a plain endpoint
+            if under.lower().startswith("systemd:"):
+                systemd_endpoint_args(under)
+                return
         try:
-            endpoints.serverFromString(MemoryReactor(), text)  # type: ignore[no-untyped-call]
+            endpoints.serverFromString(MemoryReactor(), under)  # type: ignore[no-untyped-call]
         except Exception as exc:
             raise ValueError(f"invalid endpoint '{text}': {exc}") from None
 
@@ -480,9 +489,27 @@ class ListenerConfig:
         """The limits per client (the listener's ``limits:`` key); none by default."""
         return _NO_LIMITS
 
+    def tls_config(self) -> TlsConfig | None:
+        """The listener's ``tls:`` block, for protocols that have one."""
+        return None
+
     def check(self, config: Config) -> list[tuple[str, str]]:
-        """Checks that need the whole file: (key, problem) pairs; none by default."""
-        return []
+        """Checks that need the whole file: (key, problem) pairs (subclasses add theirs)."""
+        if self.tls_config() is not None:
+            return []
+        return [
+            (
+                "listen",
+                f"'{endpoint}' speaks TLS with the listener's tls: block, and it has none"
+                + (" (this protocol has no tls: block)" if "tls" not in _field_names(self) else ""),
+            )
+            for endpoint in self.listen
+            if endpoint.lower().startswith("tls:")
+        ]
+
+
+def _field_names(obj: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(obj)}
 
 
 _NO_LIMITS = ClientLimits()
@@ -974,6 +1001,11 @@ def parse(text: str, filename: str = "routes.yaml", base: Path | None = None) ->
     if "admin" in given:
         reader.where["admin"] = reader.loc(given["admin"][1])
     _check_addresses(reader, config)
+    for name, listener in config.listeners.items():
+        for _key, message in listener.check(config):
+            reader.problems.append(
+                Problem(reader.where.get(f"listeners.{name}"), f"listener '{name}': {message}")
+            )
     if config.spool is None:
         config = dataclasses.replace(config, spool=ConfigPath(str(default_spool(reader.base))))
     if reader.problems:
@@ -1163,7 +1195,11 @@ def _socket_address(endpoint: str) -> tuple[str, str, str] | None:
     bound already, and port 0 is any free port: neither clashes.
     """
     kind = endpoint.split(":", 1)[0].lower()
-    if kind in ("systemd", "tls") or endpoint.lower().startswith("udp:systemd:"):
+    if kind == "tls":
+        from gateway.tls import tls_endpoint
+
+        return _socket_address(tls_endpoint(endpoint))
+    if kind == "systemd" or endpoint.lower().startswith("udp:systemd:"):
         return None
     if kind == "unix":
         path = endpoint.split(":", 2)[1] if endpoint.count(":") else ""

@@ -28,6 +28,7 @@ from gateway.limits import ConnectionCounter, RateLimiter, client_key
 from gateway.ports import GatewayPort, Metric
 from gateway.stats import Histogram
 from gateway.systemd import server_endpoint
+from gateway.tls import ServerTls, apply_tls_policy, tls_endpoint
 
 if TYPE_CHECKING:
     from twisted.internet.protocol import Factory
@@ -354,10 +355,16 @@ class Listener(ABC, Generic[C]):
 
 
 class StreamListener(Listener[C]):
-    """A listener on stream sockets (TCP, TLS, UNIX, systemd's), guarded by one ``Guard``."""
+    """A listener on stream sockets (TCP, TLS, UNIX, systemd's), guarded by one ``Guard``.
+
+    With a ``tls:`` block, its ``tls:`` endpoints speak TLS from the first byte and
+    ``self.tls`` is what a protocol with STARTTLS starts TLS with on the others.
+    """
 
     def __init__(self, config: C, gateway: GatewayPort, reactor: Any) -> None:
         super().__init__(config, gateway, reactor)
+        tls = config.tls_config()
+        self.tls: ServerTls | None = ServerTls(tls) if tls is not None else None
         self.guard: Guard[Any] = Guard(
             config.name,
             config.allow,
@@ -371,13 +378,26 @@ class StreamListener(Listener[C]):
         """The protocol's factory, built with ``self.guard`` (the same one for every endpoint)."""
 
     async def listen_on(self, description: str) -> ListeningPort:
-        endpoint = server_endpoint(self.reactor, description)
-        apply_tls_policy(endpoint)
-        port: ListeningPort = await endpoint.listen(self.factory())
+        factory: Any = self.factory()
+        if description.lower().startswith("tls:"):
+            assert self.tls is not None  # the configuration says so
+            endpoint = server_endpoint(self.reactor, tls_endpoint(description))
+            factory = self.tls.wrap(factory)
+        else:
+            endpoint = server_endpoint(self.reactor, description)
+            apply_tls_policy(endpoint)
+        port: ListeningPort = await endpoint.listen(factory)
         return port
 
     def reconfigure(self, config: C) -> None:
         self.config = config
+        tls = config.tls_config()
+        if tls is None:
+            self.tls = None
+        elif self.tls is None:
+            self.tls = ServerTls(tls)
+        else:
+            self.tls.update(tls)
         self.guard.configure(config.allow, config.connection_limit(), config.client_limits())
 
     def metrics(self) -> Iterable[Metric]:
@@ -413,65 +433,3 @@ def duration_metric(listener: str, duration: Histogram) -> Metric:
         "histogram",
         ("listener",),
     ).add([listener], duration)
-
-
-def _select_alpn(connection: Any, offered: list[bytes]) -> Any:
-    """Pick the first protocol the listener speaks that the client offers; else go on without.
-
-    Twisted's own choice aborts the handshake ("tlsv1 alert internal error")
-    when nothing overlaps, which fails every ALPN client (curl, openssl -alpn)
-    on an SMTP or NNTP listener, whose factories name no protocols.
-    """
-    from OpenSSL.SSL import NO_OVERLAPPING_PROTOCOLS
-    from twisted.internet.interfaces import IProtocolNegotiationFactory
-
-    app = connection.get_app_data()
-    factory = app.factory.wrappedFactory if hasattr(app, "factory") else None
-    negotiation: Any = IProtocolNegotiationFactory(factory, None)
-    if negotiation is not None:
-        for protocol in negotiation.acceptableProtocols():
-            if protocol in offered:
-                return protocol
-    return NO_OVERLAPPING_PROTOCOLS
-
-
-# The TLS every listener speaks on an ssl: endpoint: TLS 1.2 and 1.3 only, and for 1.2
-# forward-secret key exchange with AEAD ciphers only (Mozilla's "intermediate" list): no
-# CBC suites (LUCKY13) and no static RSA key exchange. TLS 1.3 suites are always AEAD.
-TLS_CIPHERS = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
-    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
-)
-
-
-def apply_tls_policy(endpoint: Any) -> None:
-    """Give an ``ssl:`` endpoint the listeners' TLS: versions, ciphers, resumption, ALPN.
-
-    Twisted's ``ssl:`` endpoint string takes the key and certificates but no
-    cipher or version settings, and its defaults offer CBC suites and static RSA
-    key exchange and resume no session.  The endpoint's options are made again
-    from the same key and certificates with the policy above, session IDs and
-    session tickets on (resumption saves a handshake per reconnecting client),
-    and an ALPN choice that lets a client offering protocols the listener lacks
-    connect anyway.
-    """
-    from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
-
-    options = getattr(endpoint, "_sslContextFactory", None)
-    if not isinstance(options, CertificateOptions):
-        return  # not an ssl: endpoint (tcp:, unix:, systemd:)
-    hardened = CertificateOptions(
-        privateKey=options.privateKey,
-        certificate=options.certificate,
-        extraCertChain=options.extraCertChain,
-        dhParameters=options.dhParameters,
-        raiseMinimumTo=TLSVersion.TLSv1_2,
-        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS_CIPHERS),  # type: ignore[no-untyped-call]
-        enableSessions=True,
-        enableSessionTickets=True,
-    )
-    endpoint._sslContextFactory = hardened
-    # The context is made once and cached; each connection is made from it.
-    hardened.getContext().set_alpn_select_callback(_select_alpn)

@@ -146,6 +146,9 @@ class _Codec(Protocol):
         """Message content is arriving (SMTP DATA, an NNTP article)."""
         ...
 
+    tls: bool  # TLS is active (or about to be: STARTTLS was answered)
+    discarded_after_starttls: int  # octets pipelined behind STARTTLS, thrown away
+
     def greeting(self) -> _Reply: ...
     def receive_data(self, data: bytes) -> None: ...
     def next_event(self) -> object | None: ...
@@ -165,6 +168,9 @@ class _Factory(Protocol):
     def session_timeout(self) -> float: ...
     @property
     def guard(self) -> Guard[Any]: ...
+    @property
+    def tls(self) -> Any:
+        """The listener's ServerTls (None without a tls: block): what STARTTLS starts."""
 
 
 class _Transport(Protocol):
@@ -172,6 +178,7 @@ class _Transport(Protocol):
     def loseConnection(self) -> None: ...
     def abortConnection(self) -> None: ...
     def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def startTLS(self, contextFactory: object) -> None: ...
     def unregisterProducer(self) -> None: ...
     def getPeer(self) -> object: ...
     def pauseProducing(self) -> None: ...
@@ -275,6 +282,7 @@ class LineServerProtocol(TwistedProtocol):
         if isinstance(address, (IPv4Address, IPv6Address)):
             self._peer_host, self._peer_port = address.host, address.port
         self._tls = bool(ISSLTransport.providedBy(self.transport))
+        self._codec.tls = self._tls
         refusal = self._refusal(self._factory.guard.connect(self, self._peer_host))
         if refusal is None:
             self._write(self._codec.greeting().to_bytes())
@@ -302,6 +310,24 @@ class LineServerProtocol(TwistedProtocol):
             # Content is progress; a trickled command line is not (see the class).
             self._arm_timer()
         self._pump()
+
+    def _start_tls(self) -> None:
+        """After the protocol's go-ahead (SMTP 220, NNTP 382): TLS from the next octet on.
+
+        The codec has thrown away what the client sent behind the command already,
+        so nothing sent in the clear is taken as sent under TLS.
+        """
+        discarded = self._codec.discarded_after_starttls
+        if discarded:
+            log.info(
+                "{kind} client {peer} sent {octets} octets behind STARTTLS; thrown away",
+                kind=self.kind,
+                peer=self.peer,
+                octets=discarded,
+            )
+            self._codec.discarded_after_starttls = 0
+        self._transport().startTLS(self._factory.tls)
+        self._tls = True
 
     def close_with(self, reply: _Reply) -> None:
         """Send ``reply`` (a 421 or a 400, say) and close, whatever the session is doing."""

@@ -3,7 +3,7 @@
 Defect (issue 16): Twisted's defaults offered CBC suites (LUCKY13 "potentially
 vulnerable") and static RSA key exchange, resumed no session, and the DoH
 listener named TwistedWeb and its version and sent no HSTS. The listeners now
-share one policy (gateway.listening.apply_tls_policy).
+share one policy (gateway.tls).
 """
 
 from __future__ import annotations

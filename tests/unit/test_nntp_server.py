@@ -1000,7 +1000,9 @@ def test_article_syntax_is_checked_as_innd_checks_it(data: bytes, problem: str) 
     assert article_syntax_problem(data) == problem
 
 
-def test_nntp_a_trickled_command_is_cut_at_the_idle_timeout_and_an_article_at_its_deadline() -> None:
+def test_nntp_a_trickled_command_is_cut_at_the_idle_timeout_and_an_article_at_its_deadline() -> (
+    None
+):
     trickle = Conn(idle_timeout=5)
     trickle.lines()
     for byte in b"MODE READER":

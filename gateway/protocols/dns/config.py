@@ -32,6 +32,7 @@ from gateway.config import (
     doc,
 )
 from gateway.message import Kind
+from gateway.tls import TlsConfig
 
 # --- value types -------------------------------------------------------------------
 
@@ -220,12 +221,19 @@ class DohListenerConfig(ListenerConfig):
         default_factory=DohLimits,
         metadata=doc("per client: connections, connection_rate, query_rate"),
     )
+    tls: TlsConfig | None = field(
+        default=None,
+        metadata=doc("certificate and key for the tls: endpoints (DNS over HTTPS)"),
+    )
 
     def connection_limit(self) -> int:
         return self.max_connections
 
     def client_limits(self) -> DohLimits:
         return self.limits
+
+    def tls_config(self) -> TlsConfig | None:
+        return self.tls
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,6 +22,7 @@ from gateway.config import (
     doc,
 )
 from gateway.message import Kind
+from gateway.tls import TlsConfig
 
 # --- value types -------------------------------------------------------------------
 
@@ -120,12 +121,19 @@ class HttpListenerConfig(ListenerConfig):
         default_factory=HttpLimits,
         metadata=doc("per client: connections, connection_rate, request_rate"),
     )
+    tls: TlsConfig | None = field(
+        default=None,
+        metadata=doc("certificate and key for the tls: endpoints (HTTPS)"),
+    )
 
     def connection_limit(self) -> int:
         return self.max_connections
 
     def client_limits(self) -> HttpLimits:
         return self.limits
+
+    def tls_config(self) -> TlsConfig | None:
+        return self.tls
 
 
 @dataclass(frozen=True, kw_only=True)

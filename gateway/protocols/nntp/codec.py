@@ -262,6 +262,14 @@ class StreamReader:
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
 
+    def discard(self) -> int:
+        """Drop the octets received and not yet read (between commands); how many."""
+        dropped = len(self._buffer)
+        self._buffer = bytearray()
+        self._scanned = 0
+        self._skipping_line = False
+        return dropped
+
     def _consume(self, count: int) -> None:
         del self._buffer[:count]
         self._scanned = 0
@@ -614,11 +622,13 @@ def is_message_id(text: str, *, strict: bool = False) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class SendResponse:
-    """Write this response (and the encoded block after it); close afterwards when ``close``."""
+    """Write this response (and the encoded block after it); close afterwards when ``close``,
+    or start TLS afterwards when ``start_tls`` (the answer to STARTTLS)."""
 
     response: Response
     block: bytes = b""
     close: bool = False
+    start_tls: bool = False
 
     def to_bytes(self) -> bytes:
         return self.response.to_bytes() + self.block
@@ -675,6 +685,8 @@ _LINE_TOO_LONG = Response(501, f"Line too long (the limit is {MAX_LINE_LENGTH} o
 _AUTH_REQUIRED = Response(480, "Authentication required")
 _AUTH_OUT_OF_SEQUENCE = Response(482, "Authentication commands issued out of sequence")
 _NO_POSTING = Response(440, "Posting not permitted")
+_TLS_REQUIRED = Response(483, "Encryption required: use STARTTLS first")
+_READY_FOR_TLS = Response(382, "Continue with TLS negotiation")
 _HELP_TEXT = (
     "CAPABILITIES",
     "MODE READER",
@@ -685,6 +697,7 @@ _HELP_TEXT = (
     "TAKETHIS message-id",
     "AUTHINFO USER name",
     "AUTHINFO PASS password",
+    "STARTTLS",
     "DATE",
     "HELP",
     "QUIT",
@@ -727,8 +740,17 @@ class ServerCodec:
         max_size: int = 0,
         clock: Callable[[], float] = time.time,
         sink: Callable[[], DataSink] = MemorySink,
+        starttls: bool = False,
+        require_tls: bool = False,
     ) -> None:
-        """``sink`` makes what an article's content is written to as it arrives."""
+        """``sink`` makes what an article's content is written to as it arrives.
+
+        ``starttls`` offers STARTTLS (RFC 4642) until TLS is active or the client
+        has authenticated; AUTHINFO then waits for TLS (483), as RFC 4643 asks.
+        ``require_tls`` answers POST, IHAVE, CHECK and TAKETHIS with 483 until
+        TLS is active.  ``tls`` says it is (set at connection time for a
+        connection that is TLS from the first byte).
+        """
         if auth_required and not auth_available:
             raise ValueError("auth_required needs users to authenticate (auth_available)")
         self.hostname = hostname
@@ -737,6 +759,11 @@ class ServerCodec:
         self.auth_required = auth_required
         self.max_size = max_size
         self.clock = clock
+        self.starttls = starttls
+        self.require_tls = require_tls
+        self.tls = False
+        # Octets the client pipelined behind STARTTLS and that were thrown away.
+        self.discarded_after_starttls = 0
         self.user: str | None = None  # set once AUTHINFO succeeded
         self.streaming = False  # MODE STREAM was given (CHECK and TAKETHIS work without it)
         self._make_sink = sink
@@ -916,6 +943,17 @@ class ServerCodec:
     def _needs_auth(self) -> bool:
         return self.auth_required and self.user is None
 
+    def _needs_tls(self) -> bool:
+        return self.require_tls and not self.tls
+
+    def _refusal(self) -> Response | None:
+        """Why a transfer command (POST, IHAVE, CHECK, TAKETHIS) may not go on yet."""
+        if self._needs_tls():
+            return _TLS_REQUIRED
+        if self._needs_auth():
+            return _AUTH_REQUIRED
+        return None
+
     def _message_id_argument(self, command: Command) -> str | None:
         if len(command.args) != 1 or not is_message_id(command.args[0]):
             self._emit(_usage(f"{command.keyword} <message-id>"))
@@ -928,7 +966,9 @@ class ServerCodec:
         lines = ["VERSION 2", "IMPLEMENTATION news gateway", "IHAVE", "STREAMING"]
         if self.posting:
             lines.append("POST")
-        if self.auth_available and self.user is None:
+        if self.starttls and not self.tls and self.user is None:
+            lines.append("STARTTLS")
+        if self.auth_available and self.user is None and (self.tls or not self.starttls):
             lines.append("AUTHINFO USER")
         self._emit(Response(101, "Capability list:"), encode_lines(lines))
 
@@ -972,6 +1012,9 @@ class ServerCodec:
         if self.user is not None:
             self._emit(Response(502, "Already authenticated"))
             return
+        if self.starttls and not self.tls:
+            self._emit(Response(483, "Encryption required: use STARTTLS before AUTHINFO"))
+            return
         value = command.rest[len(command.args[0]) :].strip(" \t")
         if sub == "USER":
             if len(command.args) != 2:
@@ -986,11 +1029,30 @@ class ServerCodec:
             return
         self._request(AuthRequest(user, value))
 
+    def _starttls(self, command: Command) -> None:
+        """RFC 4642: 382, then TLS; what the client sent behind the command is thrown away
+        (never taken as sent under TLS), and what it said before is forgotten."""
+        if command.args:
+            self._emit(_usage("STARTTLS"))
+        elif not self.starttls:
+            self._emit(Response(502, "STARTTLS is not available here"))
+        elif self.tls:
+            self._emit(Response(502, "TLS is already active"))
+        elif self.user is not None:
+            self._emit(Response(502, "Already authenticated; STARTTLS comes before AUTHINFO"))
+        else:
+            self.discarded_after_starttls += self._reader.discard()
+            self.tls = True
+            self.streaming = False
+            self._auth_user = None
+            self._events.append(SendResponse(_READY_FOR_TLS, start_tls=True))
+
     def _post(self, command: Command) -> None:
+        refusal = self._refusal()
         if command.args:
             self._emit(_usage("POST"))
-        elif self._needs_auth():
-            self._emit(_AUTH_REQUIRED)
+        elif refusal is not None:
+            self._emit(refusal)
         elif not self.posting:
             self._emit(_NO_POSTING)
         else:
@@ -1001,8 +1063,9 @@ class ServerCodec:
         message_id = self._message_id_argument(command)
         if message_id is None:
             return
-        if self._needs_auth():
-            self._emit(_AUTH_REQUIRED)
+        refusal = self._refusal()
+        if refusal is not None:
+            self._emit(refusal)
             return
         self._request(OfferRequest("IHAVE", message_id))
 
@@ -1010,8 +1073,9 @@ class ServerCodec:
         message_id = self._message_id_argument(command)
         if message_id is None:
             return
-        if self._needs_auth():
-            self._emit(_AUTH_REQUIRED)
+        refusal = self._refusal()
+        if refusal is not None:
+            self._emit(refusal)
             return
         self._request(OfferRequest("CHECK", message_id))
 
@@ -1024,8 +1088,8 @@ class ServerCodec:
         refusal = None
         if len(command.args) != 1 or not is_message_id(message_id):
             refusal = Response(439, f"{message_id[:250]} Bad message-id; use TAKETHIS <message-id>")
-        elif self._needs_auth():
-            refusal = _AUTH_REQUIRED
+        else:
+            refusal = self._refusal()
         self._start_article("TAKETHIS", message_id, refusal)
 
 
@@ -1040,4 +1104,5 @@ _SERVER_COMMANDS: dict[str, Callable[[ServerCodec, Command], None]] = {
     "IHAVE": ServerCodec._ihave,
     "CHECK": ServerCodec._check,
     "TAKETHIS": ServerCodec._takethis,
+    "STARTTLS": ServerCodec._starttls,
 }

@@ -23,6 +23,7 @@ from gateway.config import (
     doc,
 )
 from gateway.message import Kind, local_hostname
+from gateway.tls import TlsConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,12 +119,19 @@ class NntpListenerConfig(ListenerConfig):
         default_factory=NntpLimits,
         metadata=doc("per client: connections, connection_rate, article_rate"),
     )
+    tls: TlsConfig | None = field(
+        default=None,
+        metadata=doc("certificate and key: STARTTLS on tcp: endpoints, TLS on tls: ones (563)"),
+    )
 
     def connection_limit(self) -> int:
         return self.max_connections
 
     def client_limits(self) -> NntpLimits:
         return self.limits
+
+    def tls_config(self) -> TlsConfig | None:
+        return self.tls
 
     def __post_init__(self) -> None:
         if self.require_auth and not self.users and self.users_file is None:

@@ -237,6 +237,7 @@ class NntpListener(StreamListener[NntpListenerConfig]):
             auth_available=self.auth_available,
             auth_required=config.require_auth,
             guard=self.guard,
+            tls=self.tls,
         )
 
     # ----------------------------------------------------------------- Listener
@@ -253,6 +254,7 @@ class NntpListener(StreamListener[NntpListenerConfig]):
         factory.idle_timeout = config.idle_timeout
         factory.transfer_timeout = config.transfer_timeout
         factory.session_timeout = config.session_timeout
+        factory.tls = self.tls
         factory.posting = config.posting
         factory.auth_available = self.auth_available
         factory.auth_required = config.require_auth

@@ -19,6 +19,7 @@ from twisted.logger import Logger, LogLevel
 
 from gateway.listening import Admission, Guard, retry_after
 from gateway.protocols._sink import DataSink, SpillingSink
+from gateway.tls import ServerTls
 
 from .._line_server import Clock, LineServerProtocol
 from .codec import (
@@ -127,6 +128,8 @@ class NntpServerProtocol(LineServerProtocol):
                 max_size=factory.max_size,
                 clock=factory.clock.seconds,
                 sink=factory.sink,
+                starttls=factory.tls is not None,
+                require_tls=factory.tls is not None and factory.tls.require,
             ),
         )
         self._nntp_factory = factory
@@ -170,7 +173,9 @@ class NntpServerProtocol(LineServerProtocol):
     def _handle_event(self, event: object) -> None:
         if isinstance(event, SendResponse):
             self._write(event.to_bytes())
-            if event.close:
+            if event.start_tls:
+                self._start_tls()
+            elif event.close:
                 self._close()
         else:
             self._call_handler(event)
@@ -253,6 +258,7 @@ class NntpServerFactory(Factory):
         auth_required: bool = False,
         guard: Guard[NntpServerProtocol] | None = None,
         sink: Callable[[], DataSink] = SpillingSink,
+        tls: ServerTls | None = None,
     ) -> None:
         if max_size < 0:
             raise ValueError(f"max_size must be 0 (no limit) or a positive size, not {max_size}")
@@ -282,6 +288,8 @@ class NntpServerFactory(Factory):
         self.guard: Guard[NntpServerProtocol] = guard or Guard(hostname, (), 2**31)
         # An article's content goes to a file beyond a few hundred KiB as it arrives.
         self.sink = sink
+        # STARTTLS is offered when set; its require setting refuses articles before TLS.
+        self.tls = tls
 
     @property
     def connections(self) -> set[NntpServerProtocol]:

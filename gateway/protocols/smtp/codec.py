@@ -412,10 +412,12 @@ def encode_message(data: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class SendReply:
-    """Write this reply; close the connection after it when ``close`` is set."""
+    """Write this reply; close the connection after it when ``close`` is set, or start
+    TLS after it when ``start_tls`` is (the answer to STARTTLS)."""
 
     reply: Reply
     close: bool = False
+    start_tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,11 +476,16 @@ _BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
 _VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 _REFUSED = Reply(503, "5.5.1", "Error: this connection was refused; only QUIT is taken")
 _HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+_HELP_TLS = Reply(
+    214, "2.0.0", "Commands: EHLO HELO STARTTLS MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+)
+_READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+_TLS_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
+_TLS_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+_TLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 
 # Commands defined by RFCs that this server knowingly does not offer: 502, not 500.
-_UNIMPLEMENTED = frozenset(
-    {"AUTH", "BDAT", "ETRN", "EXPN", "SAML", "SEND", "SOML", "STARTTLS", "TURN", "ATRN"}
-)
+_UNIMPLEMENTED = frozenset({"AUTH", "BDAT", "ETRN", "EXPN", "SAML", "SEND", "SOML", "TURN", "ATRN"})
 
 
 def _syntax(usage: str) -> Reply:
@@ -512,8 +519,15 @@ class ServerCodec:
         max_junk: int = 100,
         max_line_length: int = 2048,
         sink: Callable[[], DataSink] = MemorySink,
+        starttls: bool = False,
+        require_tls: bool = False,
     ) -> None:
-        """``sink`` makes what a message's content is written to as it arrives."""
+        """``sink`` makes what a message's content is written to as it arrives.
+
+        ``starttls`` offers STARTTLS (RFC 3207) until TLS is active; ``require_tls``
+        answers MAIL with 530 5.7.0 until it is.  ``tls`` says TLS is active (set
+        at connection time for a connection that is TLS from the first byte).
+        """
         self.hostname = hostname
         self.max_size = max_size  # 0 means no limit
         self.max_recipients = max_recipients
@@ -525,6 +539,11 @@ class ServerCodec:
         self.max_line_length = max_line_length
         self.helo = ""
         self.esmtp = False
+        self.starttls = starttls
+        self.require_tls = require_tls
+        self.tls = False
+        # Octets the client pipelined behind STARTTLS and that were thrown away.
+        self.discarded_after_starttls = 0
         self.errors = 0
         self.junk = 0
         self._refused = False  # greeted with 554: only QUIT is taken (RFC 5321 3.1)
@@ -737,6 +756,8 @@ class ServerCodec:
             return
         size = f"SIZE {self.max_size}" if self.max_size > 0 else "SIZE"
         lines = [self.hostname, "PIPELINING", size, "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self.starttls and not self.tls:
+            lines.append("STARTTLS")
         self._emit(Reply(250, "", "\n".join(lines)))
 
     def _ehlo(self, argument: str) -> None:
@@ -746,6 +767,9 @@ class ServerCodec:
         self._hello(argument, False)
 
     def _mail(self, argument: str) -> None:
+        if self.require_tls and not self.tls:
+            self._error(_TLS_FIRST)
+            return
         if self._sender is not None:
             self._error(_NESTED_MAIL)
             return
@@ -836,7 +860,32 @@ class ServerCodec:
         self._emit(_VRFY)
 
     def _help(self, argument: str) -> None:
-        self._emit(_HELP)
+        self._emit(_HELP_TLS if self.starttls and not self.tls else _HELP)
+
+    def _starttls(self, argument: str) -> None:
+        """RFC 3207: 220, then TLS; what the client sent behind the command is thrown away
+        (a man in the middle could have put it there: the CVE-2011-0411 class), and the
+        session starts again: the client says EHLO anew."""
+        if self.tls:
+            self._error(_TLS_ACTIVE)
+            return
+        if not self.starttls:
+            self._error(_NOT_IMPLEMENTED)
+            return
+        if argument:
+            self._error(_syntax("STARTTLS"))
+            return
+        if self._sender is not None:
+            self._error(_TLS_IN_TRANSACTION)
+            return
+        self.discarded_after_starttls += len(self._buffer) - self._pos
+        self._buffer = bytearray()
+        self._pos = 0
+        self._reset_transaction()
+        self.helo = ""
+        self.esmtp = False
+        self.tls = True
+        self._events.append(SendReply(_READY_FOR_TLS, start_tls=True))
 
     def _append(self, content: bytes, newline: bool) -> None:
         self._data_size += len(content) + (2 if newline else 0)
@@ -937,4 +986,5 @@ _COMMANDS = {
     "QUIT": ServerCodec._quit,
     "VRFY": ServerCodec._vrfy,
     "HELP": ServerCodec._help,
+    "STARTTLS": ServerCodec._starttls,
 }

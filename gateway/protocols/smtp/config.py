@@ -18,6 +18,7 @@ from gateway.config import (
     doc,
 )
 from gateway.message import Kind, local_hostname
+from gateway.tls import TlsConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,12 +66,19 @@ class SmtpListenerConfig(ListenerConfig):
         default_factory=SmtpLimits,
         metadata=doc("per client: connections, connection_rate, message_rate, recipient_rate"),
     )
+    tls: TlsConfig | None = field(
+        default=None,
+        metadata=doc("certificate and key: STARTTLS on tcp: endpoints, TLS on tls: ones (465)"),
+    )
 
     def connection_limit(self) -> int:
         return self.max_connections
 
     def client_limits(self) -> SmtpLimits:
         return self.limits
+
+    def tls_config(self) -> TlsConfig | None:
+        return self.tls
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,10 +32,10 @@ def _received(
     proto = "ESMTP" if session.esmtp else "SMTP"
     if session.tls:
         proto += "S"
-    lines = [
-        f"Received: from {helo} ([{session.peer_host}])",
-        f"\tby {config.hostname} (gateway) with {proto} id {qid}",
-    ]
+    lines = [f"Received: from {helo} ([{session.peer_host}])"]
+    if session.cipher:
+        lines.append(f"\t(using {session.cipher})")  # as Postfix records it
+    lines.append(f"\tby {config.hostname} (gateway) with {proto} id {qid}")
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>")
     lines[-1] += f"; {_date(int(time.time()))}"
@@ -116,6 +116,7 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
             transfer_timeout=config.transfer_timeout,
             session_timeout=config.session_timeout,
             guard=self.guard,
+            tls=self.tls,
         )
 
     # --- Listener ---
@@ -132,6 +133,7 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
         factory.idle_timeout = config.idle_timeout
         factory.transfer_timeout = config.transfer_timeout
         factory.session_timeout = config.session_timeout
+        factory.tls = self.tls
 
     async def drain(self, timeout: float) -> None:
         """Close idle sessions now; give busy ones ``timeout`` seconds to finish their message."""

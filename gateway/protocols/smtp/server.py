@@ -16,6 +16,7 @@ from twisted.logger import Logger, LogLevel
 
 from gateway.listening import Admission, Guard, retry_after
 from gateway.protocols._sink import DataSink, SpillingSink
+from gateway.tls import ServerTls, session_cipher
 
 from .._line_server import Clock, LineServerProtocol
 from .codec import (
@@ -50,6 +51,8 @@ class SmtpSession:
     helo: str
     esmtp: bool
     tls: bool
+    # "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)" once TLS is up, else "".
+    cipher: str = ""
 
 
 class SmtpHandler(TypingProtocol):
@@ -92,6 +95,8 @@ class SmtpServerProtocol(LineServerProtocol):
                 max_errors=factory.max_errors,
                 max_junk=factory.max_junk,
                 sink=factory.sink,
+                starttls=factory.tls is not None,
+                require_tls=factory.tls is not None and factory.tls.require,
             ),
         )
         self._smtp_factory = factory
@@ -107,6 +112,7 @@ class SmtpServerProtocol(LineServerProtocol):
             or session.helo != codec.helo
             or session.esmtp != codec.esmtp
             or session.tls != self._tls
+            or (session.tls and not session.cipher)
         ):
             # Made again only when the client said EHLO/HELO again or started TLS.
             session = self._session = SmtpSession(
@@ -115,6 +121,7 @@ class SmtpServerProtocol(LineServerProtocol):
                 helo=codec.helo,
                 esmtp=codec.esmtp,
                 tls=self._tls,
+                cipher=(session_cipher(self.transport) or "") if self._tls else "",
             )
         return session
 
@@ -169,7 +176,9 @@ class SmtpServerProtocol(LineServerProtocol):
     def _handle_event(self, event: object) -> None:
         if isinstance(event, SendReply):
             self._write(event.reply.to_bytes())
-            if event.close:
+            if event.start_tls:
+                self._start_tls()
+            elif event.close:
                 if event.reply.code == 421:
                     log.info(
                         "SMTP session with {peer} closed: {code} {status} {text}",
@@ -246,6 +255,7 @@ class SmtpServerFactory(Factory):
         max_junk: int = 100,
         guard: Guard[SmtpServerProtocol] | None = None,
         sink: Callable[[], DataSink] = SpillingSink,
+        tls: ServerTls | None = None,
     ) -> None:
         if max_size < 0:
             raise ValueError(f"max_size must be 0 (no limit) or a positive size, not {max_size}")
@@ -279,6 +289,8 @@ class SmtpServerFactory(Factory):
         self.guard: Guard[SmtpServerProtocol] = guard or Guard(hostname, (), 2**31)
         # A message's content goes to a file beyond a few hundred KiB as it arrives.
         self.sink = sink
+        # STARTTLS is offered when set; its require setting refuses MAIL before TLS.
+        self.tls = tls
 
     @property
     def connections(self) -> set[SmtpServerProtocol]:

@@ -529,7 +529,6 @@ def test_a_client_over_max_connections_gets_its_503_while_still_sending(
     )
     body = os.urandom(4 << 20)
     with start_gateway(config, [gateway_port, crowded]), contextlib.ExitStack() as stack:
-
         # A connection busy with an upload that has not ended. (The start-up probe's idle
         # connection, if it is still there, is closed to make room for it.)
         sock = stack.enter_context(socket.create_connection((LOOPBACK, crowded), timeout=30))
