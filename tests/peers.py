@@ -1622,7 +1622,9 @@ class PostfixRelay:
     The recipe of PEERS.md: its own queue and data folders, relayhost = the
     sink, logging to a file (there is no syslog). With ``tls=True`` its smtpd
     offers STARTTLS with a self-signed certificate (``cert``), so a client's
-    TLS shows in the log ("TLS connection established from ...").
+    TLS shows in the log ("TLS connection established from ..."). ``client_tls``
+    is its smtp_tls_security_level towards ``relay_to`` ("encrypt": STARTTLS or
+    no delivery; the log says "TLS connection established to ...").
     """
 
     def __init__(
@@ -1632,6 +1634,7 @@ class PostfixRelay:
         relay_to: int,
         relay_domains: str = "relay.test",
         tls: bool = False,
+        client_tls: str = "none",
     ) -> None:
         # Postfix's daemons run as user postfix and must reach their queue: pytest's
         # tmp_path sits below a mode-0700 folder, so the instance lives in a folder of
@@ -1647,6 +1650,7 @@ class PostfixRelay:
         self.relay_to = relay_to
         self.relay_domains = relay_domains
         self.tls = tls
+        self.client_tls = client_tls  # smtp_tls_security_level towards relay_to
         self.port = 0
         self.cert: Path | None = None
         self.started = False
@@ -1690,7 +1694,8 @@ class PostfixRelay:
             f"relayhost = [{LOOPBACK}]:{self.relay_to}\n"
             "mydestination =\nalias_maps =\nalias_database =\nlocal_recipient_maps =\n"
             "smtp_dns_support_level = disabled\nsmtp_host_lookup = native\n"
-            "smtp_tls_security_level = none\n"
+            f"smtp_tls_security_level = {self.client_tls}\n"
+            "smtp_tls_loglevel = 1\n"
             f"{tls_lines}"
             "biff = no\nsmtputf8_enable = no\n"
         )

@@ -3,7 +3,8 @@
 Defect (issue 16): Twisted's defaults offered CBC suites (LUCKY13 "potentially
 vulnerable") and static RSA key exchange, resumed no session, and the DoH
 listener named TwistedWeb and its version and sent no HSTS. The listeners now
-share one policy (gateway.tls).
+share one policy (gateway.tls). The SMTP listener here uses a Twisted ssl:
+endpoint string, the others a tls: endpoint with a tls: block.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ version: 1
 listeners:
   doh-in:
     protocol: doh
-    listen: "ssl:{ports["doh"]}:interface=127.0.0.1:{tls}"
+    listen: "tls:{ports["doh"]}:interface=127.0.0.1"
+    tls: {{certificate: '{chain}', key: '{key}'}}
   web-in:
     protocol: http
-    listen: "ssl:{ports["http"]}:interface=127.0.0.1:{tls}"
+    listen: "tls:{ports["http"]}:interface=127.0.0.1"
+    tls: {{certificate: '{chain}', key: '{key}'}}
   mail-in:
     protocol: smtp
     listen: "ssl:{ports["smtp"]}:interface=127.0.0.1:{tls}"
