@@ -9,8 +9,8 @@ get away with (commands pipelined behind STARTTLS).
 from __future__ import annotations
 
 import concurrent.futures
-import re
 import dataclasses
+import re
 import shutil
 import smtplib
 import socket
