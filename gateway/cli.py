@@ -341,6 +341,43 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_passwd(args: argparse.Namespace) -> int:
+    import getpass
+
+    from gateway.users import UsersError, check_name, hash_password, write_user
+
+    try:
+        check_name(args.user)
+    except UsersError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        try:
+            password = getpass.getpass(f"password for {args.user}: ")
+            again = getpass.getpass("the same again: ")
+        except (EOFError, KeyboardInterrupt):
+            print("\nerror: no password given", file=sys.stderr)
+            return 1
+        if password != again:
+            print("error: the two passwords differ; nothing was written", file=sys.stderr)
+            return 1
+    if not password:
+        print("error: an empty password is not allowed", file=sys.stderr)
+        return 1
+    if args.print:
+        print(f"{args.user}:{hash_password(password)}")
+        return 0
+    try:
+        new = write_user(Path(args.file), args.user, password)
+    except (UsersError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'added' if new else 'changed the password of'} {args.user} in {args.file}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
@@ -381,6 +418,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     route.add_argument("--client", default="127.0.0.1", help="client address for 'client' matches")
     route.set_defaults(func=cmd_route)
+    passwd = sub.add_parser(
+        "passwd",
+        help="add a user to a users file or change its password (SMTP AUTH, NNTP AUTHINFO)",
+        description="Write USER with an Argon2id hash of the password into the users file"
+        " that listeners name with users_file (made readable by its owner only).",
+    )
+    passwd.add_argument("user", metavar="USER")
+    passwd.add_argument("-f", "--file", default="users", help="users file (default: %(default)s)")
+    passwd.add_argument(
+        "--stdin", action="store_true", help="read the password from the first line of stdin"
+    )
+    passwd.add_argument(
+        "--print", action="store_true", help="print USER:HASH (for users: in routes.yaml) instead"
+    )
+    passwd.set_defaults(func=cmd_passwd)
     queue = with_config(
         sub.add_parser("queue", help="list, show, retry or drop the spooled deliveries")
     )

@@ -572,13 +572,22 @@ class Match(_Keys):
     """
 
     client: tuple[Network, ...] = field(default=(), metadata=doc("client networks"))
+    authenticated: bool | None = field(
+        default=None, metadata=doc("true: the client logged in (SMTP AUTH, AUTHINFO); false: not")
+    )
+    user: tuple[str, ...] = field(default=(), metadata=doc("name(s) the client logged in as"))
     values: Mapping[str, Any] = field(
         default_factory=lambda: types.MappingProxyType({}), metadata=HIDDEN
     )
 
     def used(self) -> set[str]:
         """The keys this match gives."""
-        return set(self.values) | ({"client"} if self.client else set())
+        common = {
+            "client": bool(self.client),
+            "authenticated": self.authenticated is not None,
+            "user": bool(self.user),
+        }
+        return set(self.values) | {key for key, given in common.items() if given}
 
     def group_names(self) -> set[str]:
         """Named groups of every regular expression among the keys."""

@@ -102,6 +102,7 @@ class Guard(Generic[P]):
         self._rates: dict[str, RateLimiter] = {}
         # Events over a rate, by the limit's key, for /metrics (kept across reloads).
         self.throttled: dict[str, int] = {}
+        self.auth_failures = 0  # failed logins (SMTP AUTH, NNTP AUTHINFO)
         self.configure(allow, max_connections, limits or ClientLimits())
 
     def configure(
@@ -187,26 +188,29 @@ class Guard(Generic[P]):
         )
         return admission
 
-    def throttle(self, limit: str, host: str) -> float:
-        """Count one event of the rate ``limit`` (a key of ``limits:``) for ``host``.
+    def throttle(self, limit: str, host: str, user: str = "") -> float:
+        """Count one event of the rate ``limit`` (a key of ``limits:``) for ``host``, or for
+        ``user`` when the client has logged in (a user's rate is its own, wherever it
+        connects from).
 
         0.0 when it may go on (or the rate is not set), else the seconds until it may.
         """
         limiter = self._rates.get(limit)
         if limiter is None:
             return 0.0
-        wait = limiter.take(client_key(host))
+        wait = limiter.take(_rate_key(host, user))
         if wait:
             self.throttled[limit] += 1
         return wait
 
-    def over(self, limit: str, host: str) -> float:
-        """Seconds until ``host`` may have an event of ``limit`` (0.0: now), counting none:
-        for an offer that the event itself will be counted after (an NNTP CHECK)."""
+    def over(self, limit: str, host: str, user: str = "") -> float:
+        """Seconds until ``host`` (or ``user``) may have an event of ``limit`` (0.0: now),
+        counting none: for an offer that the event itself will be counted after (an
+        NNTP CHECK), or a login that counts only when it fails."""
         limiter = self._rates.get(limit)
         if limiter is None:
             return 0.0
-        wait = limiter.peek(client_key(host))
+        wait = limiter.peek(_rate_key(host, user))
         if wait:
             self.throttled[limit] += 1
         return wait
@@ -260,6 +264,12 @@ class Guard(Generic[P]):
         for limit, count in sorted(self.throttled.items()):
             throttled.add([self.listener, limit], count)
         yield throttled
+        yield Metric(
+            "gateway_listener_auth_failures",
+            "Failed logins on a listener (SMTP AUTH, NNTP AUTHINFO)",
+            "counter",
+            ("listener",),
+        ).add([self.listener], self.auth_failures)
         if self._per_client is None and not self._rates:
             return
         limits = Metric(
@@ -402,6 +412,12 @@ class StreamListener(Listener[C]):
 
     def metrics(self) -> Iterable[Metric]:
         return self.guard.metrics()
+
+
+def _rate_key(host: str, user: str) -> str:
+    # "@" cannot start a client key (an address or a network), so users and clients
+    # never share a bucket.
+    return f"@{user}" if user else client_key(host)
 
 
 def retry_after(wait: float) -> int:

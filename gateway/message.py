@@ -216,6 +216,7 @@ class Message:
     id: str = field(default_factory=new_message_id)
     listener: str = ""
     client: str = ""
+    user: str = ""  # the name the client logged in with (SMTP AUTH, AUTHINFO); "" if none
     received: float = field(default_factory=time.time)
 
     def evolve(self, **changes: object) -> Self:
@@ -307,7 +308,7 @@ class HttpRequest(Message):
 
 # --- kinds and how the spool stores them ---------------------------------------------------
 
-_COMMON = ("id", "listener", "client", "received")
+_COMMON = ("id", "listener", "client", "user", "received")
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,7 @@ def encode_message(message: Message) -> bytes:
         "id": message.id,
         "listener": message.listener,
         "client": message.client,
+        **({"user": message.user} if message.user else {}),
         "received": message.received,
         **extra,
     }
@@ -371,7 +373,7 @@ def decode_message(data: bytes) -> Message:
     spec = KINDS.get(meta.get("kind", ""))
     if spec is None or spec.decode is None:
         raise NotStored(f"cannot read a stored {meta.get('kind')} message")
-    return spec.decode(meta, body, {k: meta[k] for k in _COMMON})
+    return spec.decode(meta, body, {k: meta[k] for k in _COMMON if k in meta})
 
 
 def _encode_mail(message: MailMessage) -> tuple[dict[str, Any], bytes]:

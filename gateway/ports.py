@@ -317,7 +317,9 @@ class GatewayPort(Protocol):
         """The routes and destinations in force now."""
         ...
 
-    def accepts_recipient(self, listener: str, sender: str, recipient: str, client: str) -> bool:
+    def accepts_recipient(
+        self, listener: str, sender: str, recipient: str, client: str, user: str = ""
+    ) -> bool:
         """Whether some route of ``listener`` takes this mail recipient (asked at RCPT)."""
         ...
 

@@ -217,6 +217,10 @@ class Router:
         m = route.match
         if m.client and not client_allowed(m.client, msg.client):
             return None
+        if m.authenticated is not None and m.authenticated != bool(msg.user):
+            return None
+        if m.user and msg.user not in m.user:
+            return None
         groups: dict[str, str] = {}
         matcher = self._matchers.get(msg.listener)
         if matcher is not None and not matcher(m, msg, rcpt, groups, headers):
@@ -236,13 +240,17 @@ class Router:
                 break
         return found
 
-    def accepts_recipient(self, listener: str, sender: str, rcpt: str, client: str) -> bool:
+    def accepts_recipient(
+        self, listener: str, sender: str, rcpt: str, client: str, user: str = ""
+    ) -> bool:
         """Whether some route could take this recipient (before the header is known).
 
         Used at RCPT time so the gateway never accepts mail it has nowhere to send:
         it is not an open relay.
         """
-        probe = MailMessage(listener=listener, client=client, sender=sender, recipients=(rcpt,))
+        probe = MailMessage(
+            listener=listener, client=client, user=user, sender=sender, recipients=(rcpt,)
+        )
         return bool(self._walk(probe, rcpt, headers=False))
 
     def _one_copy(self, route: Route) -> str | None:

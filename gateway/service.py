@@ -517,9 +517,11 @@ class ServicePort:
     def current(self) -> RouteTable:
         return self._service.current()
 
-    def accepts_recipient(self, listener: str, sender: str, recipient: str, client: str) -> bool:
+    def accepts_recipient(
+        self, listener: str, sender: str, recipient: str, client: str, user: str = ""
+    ) -> bool:
         router = self._service.current().router
-        return router.accepts_recipient(listener, sender, recipient, client)
+        return router.accepts_recipient(listener, sender, recipient, client, user)
 
     async def submit(self, message: Message, *, state: Mapping[str, str] | None = None) -> Verdict:
         return await self._service.submit(message, state=state)

@@ -76,11 +76,13 @@ class FakePort:
             raise AssertionError("this test gave the FakePort no route table")
         return self.table
 
-    def accepts_recipient(self, listener: str, sender: str, recipient: str, client: str) -> bool:
+    def accepts_recipient(
+        self, listener: str, sender: str, recipient: str, client: str, user: str = ""
+    ) -> bool:
         if self._accepts is not None:
             return self._accepts(listener, sender, recipient, client)
         if isinstance(self.table, Runtime):
-            return self.table.router.accepts_recipient(listener, sender, recipient, client)
+            return self.table.router.accepts_recipient(listener, sender, recipient, client, user)
         return True
 
     async def submit(self, message: Message, *, state: Mapping[str, str] | None = None) -> Verdict:

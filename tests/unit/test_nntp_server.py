@@ -26,7 +26,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from gateway.config import ConfigError, Network, parse
+from gateway.config import ConfigError, Network, Rate, parse
 from gateway.listening import Admission
 from gateway.message import Article
 from gateway.ports import Reason, Status, Verdict
@@ -43,22 +43,23 @@ from gateway.protocols.nntp.codec import (
     encode_block,
     parse_capabilities,
 )
-from gateway.protocols.nntp.config import NntpListenerConfig
+from gateway.protocols.nntp.config import NntpLimits, NntpListenerConfig
 from gateway.protocols.nntp.destination import outcome_for
 from gateway.protocols.nntp.listener import (
     NntpListener,
     RecentIds,
     article_syntax_problem,
-    read_users_file,
 )
 from gateway.protocols.nntp.server import (
     NntpServerFactory,
     NntpServerProtocol,
     NntpSession,
 )
+from gateway.users import FAILURE_DELAY, UsersError, read_users_file
 from tests.peers import make_tls_cert
 from tests.support.port import FakePort
 from tests.support.transports import SmallBufferTransport
+from tests.support.users import hashed
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 ARTICLE = (
@@ -659,21 +660,50 @@ def test_listener_refuses_connections_over_max_connections() -> None:
     assert len(listener.guard.connections) == 3  # until the refused one is closed
 
 
+def login(listener: NntpListener, user: str, password: str, host: str = "192.0.2.7") -> int:
+    """The code AUTHINFO gets (a failure is answered FAILURE_DELAY later)."""
+    result: list[Response] = []
+    ensureDeferred(listener.on_auth(NntpSession(host, 4000, None, False), user, password)).addBoth(
+        result.append  # type: ignore[arg-type]
+    )
+    listener.reactor.advance(FAILURE_DELAY)
+    assert result and isinstance(result[0], Response), result
+    return result[0].code
+
+
 def test_listener_auth(tmp_path: Path) -> None:
     users = tmp_path / "users"
-    users.write_text("# news peers\nfeeder:s3cret:with colon\n\nreader:pw\n")
-    listener, _gw = make_listener(users={"admin": "adminpw"}, users_file=str(users))
-    assert listener.on_auth(SESSION, "feeder", "s3cret:with colon").code == 281
-    assert listener.on_auth(SESSION, "reader", "pw").code == 281
-    assert listener.on_auth(SESSION, "admin", "adminpw").code == 281
-    assert listener.on_auth(SESSION, "reader", "wrong").code == 481
-    assert listener.on_auth(SESSION, "nobody", "pw").code == 481
+    users.write_text(
+        f"# news peers\nfeeder:{hashed('s3cret:with colon')}\n\nreader:{hashed('pw')}\n"
+    )
+    listener, _gw = make_listener(users={"admin": hashed("adminpw")}, users_file=str(users))
+    assert login(listener, "feeder", "s3cret:with colon") == 281
+    assert login(listener, "reader", "pw") == 281
+    assert login(listener, "admin", "adminpw") == 281
+    assert login(listener, "reader", "wrong") == 481
+    assert login(listener, "nobody", "pw") == 481
+    assert listener.guard.auth_failures == 2
+
+
+def test_failed_logins_are_limited_per_client(tmp_path: Path) -> None:
+    listener, _gw = make_listener(
+        users={"reader": hashed("pw")},
+        limits=NntpLimits(auth_failure_rate=Rate.parse("2/h")),
+    )
+    assert login(listener, "reader", "guess1") == 481
+    assert login(listener, "reader", "guess2") == 481
+    # Past the rate even the right password is not tried: 400, and the client goes.
+    assert login(listener, "reader", "pw") == 400
+    assert login(listener, "reader", "pw", host="192.0.2.8") == 281
 
 
 def test_users_file_errors(tmp_path: Path) -> None:
     bad = tmp_path / "users"
-    bad.write_text("ok:pw\nno password here\n")
-    with pytest.raises(ValueError, match=r"users:2: expected 'user:password'"):
+    bad.write_text(f"ok:{hashed('pw')}\nno password here\n")
+    with pytest.raises(UsersError, match=r"users:2: expected 'name:hash'"):
+        read_users_file(bad)
+    bad.write_text(f"ok:{hashed('pw')}\nclear:text\n")
+    with pytest.raises(UsersError, match=r"users:2: the password of 'clear' is not an Argon2"):
         read_users_file(bad)
     with pytest.raises(ValueError, match="cannot read the users file"):
         read_users_file(tmp_path / "missing")
@@ -702,7 +732,7 @@ listeners:
     hostname: gw.test
     max_size: 1MiB
     posting: false
-    users: {feeder: pw}
+    users: {feeder: '$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo'}
     require_auth: true
     idle_timeout: 2m
 destinations:
@@ -715,7 +745,16 @@ routes:
     listener = config.listeners["news-in"]
     assert isinstance(listener, NntpListenerConfig)
     assert listener.max_size == 1024 * 1024 and listener.idle_timeout == 120
-    assert listener.users == {"feeder": "pw"} and listener.require_auth and not listener.posting
+    assert listener.users == {
+        "feeder": "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
+    }
+    assert listener.require_auth and not listener.posting
+    with pytest.raises(ConfigError, match="the password of user 'feeder' is not an Argon2 hash"):
+        parse(
+            "version: 1\nlisteners:\n  n: {protocol: nntp, listen: 'tcp:1', users: {feeder: pw}}\n"
+            "destinations: {}\nroutes: []\n",
+            base=tmp_path,
+        )
     with pytest.raises(ConfigError, match="unknown key 'user'"):
         parse(
             "version: 1\nlisteners:\n  n: {protocol: nntp, listen: 'tcp:1', user: x}\n"
@@ -725,7 +764,9 @@ routes:
 
 
 def test_the_factory_follows_the_config() -> None:
-    listener, _ = make_listener(users={"a": "b"}, require_auth=True, posting=False, max_size=5000)
+    listener, _ = make_listener(
+        users={"a": hashed("b")}, require_auth=True, posting=False, max_size=5000
+    )
     factory = listener.factory()
     assert factory.auth_available and factory.auth_required and not factory.posting
     assert factory.max_size == 5000
@@ -739,15 +780,13 @@ def test_users_file_edits_apply_at_the_next_login(tmp_path: Path, quiet_log: Any
     listener, _ = make_listener(users_file=str(users), require_auth=True)
     factory = listener.factory()
     assert factory.auth_available and factory.auth_required
-    assert listener.on_auth(SESSION, "feeder", "pw").code == 481
-    users.write_text("feeder:pw\n")
-    assert listener.on_auth(SESSION, "feeder", "pw").code == 281
+    assert login(listener, "feeder", "pw") == 481
+    users.write_text(f"feeder:{hashed('pw')}\n")
+    assert login(listener, "feeder", "pw") == 281
     # A broken edit is reported and the users known before stay in force.
-    users.write_text("feeder:pw\nbroken line\n")
-    assert listener.on_auth(SESSION, "feeder", "pw").code == 281
+    users.write_text(f"feeder:{hashed('pw')}\nbroken line\n")
+    assert login(listener, "feeder", "pw") == 281
     assert any("users:2" in str(e.get("error", "")) for e in quiet_log)
-    listener.reconfigure(listener_config(users_file=str(tmp_path / "gone"), require_auth=True))
-    assert listener.on_auth(SESSION, "feeder", "pw").code == 281
 
 
 def test_config_refuses_require_auth_without_users(tmp_path: Path) -> None:

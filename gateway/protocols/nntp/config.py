@@ -24,6 +24,7 @@ from gateway.config import (
 )
 from gateway.message import Kind, local_hostname
 from gateway.tls import TlsConfig
+from gateway.users import check_inline, read_users_file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +63,10 @@ class NntpLimits(ClientLimits):
     article_rate: Rate | None = field(
         default=None, metadata=doc("articles offered or posted per client, e.g. 50/s")
     )
+    auth_failure_rate: Rate | None = field(
+        default=None,
+        metadata=doc("failed AUTHINFO logins per client, e.g. 10/h; past it AUTHINFO gets 400"),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,11 +103,13 @@ class NntpListenerConfig(ListenerConfig):
     )
     users: Mapping[str, str] = field(
         default_factory=lambda: types.MappingProxyType({}),
-        metadata=doc("AUTHINFO USER/PASS credentials: user name to password"),
+        metadata=doc("AUTHINFO USER/PASS logins: user name to Argon2 hash (gateway passwd)"),
     )
     users_file: ConfigPath | None = field(
         default=None,
-        metadata=doc("a file of user:password lines (# comments); edits apply at the next login"),
+        metadata=doc(
+            "a file of name:hash lines that gateway passwd writes; edits apply at the next login"
+        ),
     )
     require_auth: bool = field(
         default=False,
@@ -136,6 +143,9 @@ class NntpListenerConfig(ListenerConfig):
     def __post_init__(self) -> None:
         if self.require_auth and not self.users and self.users_file is None:
             raise ValueError("require_auth needs 'users' or 'users_file' to authenticate against")
+        check_inline(self.users)
+        if self.users_file is not None:
+            read_users_file(self.users_file)  # a bad line is an error at check time
         if self.remember < 0:
             raise ValueError(f"'remember' must be 0 or more, not {self.remember}")
 

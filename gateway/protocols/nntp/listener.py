@@ -44,18 +44,16 @@ carries Injection-Date or Injection-Info was injected already and is refused.
 from __future__ import annotations
 
 import email.utils
-import hmac
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from gateway.listening import StreamListener, duration_metric, message_metric
+from gateway.listening import StreamListener, duration_metric, message_metric, retry_after
 from gateway.message import Article, new_message_id
 from gateway.ports import GatewayPort, Metric, Status
 from gateway.protocols._line_server import drain_sessions
@@ -63,6 +61,7 @@ from gateway.protocols.nntp.codec import Response, is_message_id
 from gateway.protocols.nntp.config import NntpListenerConfig
 from gateway.protocols.nntp.server import NntpServerFactory, NntpSession
 from gateway.stats import Histogram
+from gateway.users import FAILURE_DELAY, Users
 
 log = Logger(namespace="gateway.nntp.listener")
 
@@ -95,39 +94,6 @@ _SINGLE_FIELD_NAMES = (
 )
 _SINGLE_FIELDS = {name.lower(): name for name in _SINGLE_FIELD_NAMES}
 _NEWSGROUP = re.compile(r"[A-Za-z0-9+_-]+(?:\.[A-Za-z0-9+_-]+)*\Z")
-
-
-def _stamp(path: str) -> tuple[int, int] | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_mtime_ns, info.st_size
-
-
-def read_users_file(path: str | Path) -> dict[str, str]:
-    """``user:password`` lines (``#`` comments, blank lines ignored) as a dict.
-
-    Raises ValueError naming the file and line of a malformed line.
-    """
-    users: dict[str, str] = {}
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read the users file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"the users file {path} is not UTF-8 text") from None
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, colon, password = line.partition(":")
-        if not colon or not user or not password or any(c in user for c in " \t"):
-            raise ValueError(
-                f"{path}:{number}: expected 'user:password' (a user name without spaces)"
-            )
-        users[user] = password
-    return users
 
 
 def article_syntax_problem(data: bytes) -> str:
@@ -215,9 +181,8 @@ class NntpListener(StreamListener[NntpListenerConfig]):
 
     def __init__(self, config: NntpListenerConfig, gateway: GatewayPort, reactor: Any) -> None:
         super().__init__(config, gateway, reactor)
-        self.users: dict[str, str] = {}
+        self.users = Users(reactor, config.name)
         self.recent = RecentIds(config.remember)
-        self._users_stamp: tuple[int, int] | None = None
         # Message-ids being handled now, with who waits for each one's verdict.
         self._inflight: dict[str, list[Deferred[None]]] = {}
         # For /metrics: articles by the answer they got, and the time to that answer.
@@ -277,49 +242,17 @@ class NntpListener(StreamListener[NntpListenerConfig]):
     def configure(self, config: NntpListenerConfig, *, strict: bool = True) -> None:
         """Take new settings and read the users file again.
 
-        A users file that cannot be read raises ValueError when ``strict`` (at
+        A users file that cannot be read raises UsersError when ``strict`` (at
         start); on a reload it is logged and the previous users stay in force.
         """
         self.config = config
         self.recent.resize(config.remember)
-        self._users_stamp = None
-        try:
-            self.users = self._load_users()
-        except ValueError as exc:
-            if strict:
-                raise
-            log.error(
-                "listener {listener}: {error}; the previous users stay in force",
-                listener=config.name,
-                error=str(exc),
-            )
+        self.users.configure(config.users, config.users_file, strict=strict)
 
     @property
     def auth_available(self) -> bool:
         """AUTHINFO is offered when users are configured (a users file may be empty for now)."""
-        return bool(self.users) or self.config.users_file is not None
-
-    def _load_users(self) -> dict[str, str]:
-        users = dict(self.config.users)
-        path = self.config.users_file
-        if path is not None:
-            self._users_stamp = _stamp(path)
-            users.update(read_users_file(path))
-        return users
-
-    def _refresh_users(self) -> None:
-        """Read the users file again when it changed, so that edits need no reload."""
-        path = self.config.users_file
-        if path is None or _stamp(path) == self._users_stamp:
-            return
-        try:
-            self.users = self._load_users()
-        except ValueError as exc:
-            log.error(
-                "listener {listener}: {error}; the previous users stay in force",
-                listener=self.config.name,
-                error=str(exc),
-            )
+        return self.users.available
 
     # ----------------------------------------------------------------- handler
 
@@ -328,27 +261,35 @@ class NntpListener(StreamListener[NntpListenerConfig]):
             return Response(400, f"{self.config.hostname} service shutting down")
         return None
 
-    def on_auth(self, session: NntpSession, user: str, password: str) -> Response:
-        self._refresh_users()
-        expected = self.users.get(user)
-        # Compare even for an unknown user, so that timing does not tell which users exist.
-        good = hmac.compare_digest(
-            (expected or "\0").encode("utf-8"), password.encode("utf-8", "surrogateescape")
-        )
-        if expected is not None and good:
+    async def on_auth(self, session: NntpSession, user: str, password: str) -> Response:
+        host = session.peer_host
+        wait = self.guard.over("auth_failure_rate", host)
+        if wait:
+            log.info(
+                "listener {listener}: {client} failed to log in too often; AUTHINFO refused",
+                listener=self.config.name,
+                client=host,
+            )
+            return Response(
+                400, f"Too many failed logins from {host}, try again in {retry_after(wait)} seconds"
+            )
+        if await self.users.verify(user, password):
             log.info(
                 "listener {listener}: {client} authenticated as {user}",
                 listener=self.config.name,
-                client=session.peer_host,
+                client=host,
                 user=user,
             )
             return Response(281, "Authentication accepted")
+        self.guard.throttle("auth_failure_rate", host)
+        self.guard.auth_failures += 1
         log.info(
             "listener {listener}: authentication of {client} as {user} failed",
             listener=self.config.name,
-            client=session.peer_host,
+            client=host,
             user=user,
         )
+        await deferLater(self.reactor, FAILURE_DELAY)
         return Response(481, "Authentication failed")
 
     def on_offer(self, session: NntpSession, command: str, message_id: str) -> Response:
@@ -382,7 +323,11 @@ class NntpListener(StreamListener[NntpListenerConfig]):
         started = clock()
         qid = new_message_id()
         article = Article.from_bytes(
-            data, id=qid, listener=self.config.name, client=session.peer_host
+            data,
+            id=qid,
+            listener=self.config.name,
+            client=session.peer_host,
+            user=session.user or "",
         )
         problem = article_syntax_problem(data)
         if problem:

@@ -5,17 +5,20 @@ Nothing here does I/O or imports Twisted; ``server.py`` and ``client.py`` move b
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import ipaddress
 import re
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.protocols._sink import DataSink, MemorySink
 
 __all__ = [
     "AddressSyntaxError",
+    "AuthRequest",
     "Command",
     "MailRequest",
     "MessageReceived",
@@ -66,6 +69,9 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         text = self.text
+        if self.code == 334:
+            # An AUTH challenge: "334" SP [base64], the space even when it is empty.
+            return f"334 {text}\r\n".encode("ascii", "replace")
         if "\n" not in text and "\r" not in text:
             # One line, the common case.
             if self.status and text:
@@ -446,7 +452,17 @@ class MessageReceived:
     data: bytes
 
 
-ServerEvent = SendReply | MailRequest | RcptRequest | MessageReceived
+@dataclass(frozen=True, slots=True)
+class AuthRequest:
+    """Credentials given with AUTH (RFC 4954); answer 235 (accepted) or 535 with answer()."""
+
+    user: str
+    password: str = field(repr=False)
+    mechanism: str
+
+
+Request = MailRequest | RcptRequest | MessageReceived | AuthRequest
+ServerEvent = SendReply | MailRequest | RcptRequest | MessageReceived | AuthRequest
 
 
 class _State(enum.Enum):
@@ -483,9 +499,22 @@ _READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 _TLS_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
 _TLS_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 _TLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+_AUTH_FIRST = Reply(530, "5.7.0", "Authentication required")
+_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+_AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
+_AUTH_UNDECODABLE = Reply(501, "5.5.2", "Cannot decode the response")
+_AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+_AUTH_TWICE = Reply(503, "5.5.1", "Error: already authenticated")
+_AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+_AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
+_AUTH_MECHANISM = Reply(504, "5.5.4", "Unsupported authentication mechanism")
+_MECHANISMS = ("PLAIN", "LOGIN")
+# RFC 4954 4: an AUTH line, or a response to a challenge, may be this long.
+_AUTH_LINE = 12288
 
 # Commands defined by RFCs that this server knowingly does not offer: 502, not 500.
-_UNIMPLEMENTED = frozenset({"AUTH", "BDAT", "ETRN", "EXPN", "SAML", "SEND", "SOML", "TURN", "ATRN"})
+_UNIMPLEMENTED = frozenset({"BDAT", "ETRN", "EXPN", "SAML", "SEND", "SOML", "TURN", "ATRN"})
 
 
 def _syntax(usage: str) -> Reply:
@@ -521,12 +550,19 @@ class ServerCodec:
         sink: Callable[[], DataSink] = MemorySink,
         starttls: bool = False,
         require_tls: bool = False,
+        auth: bool = False,
+        require_auth: bool = False,
     ) -> None:
         """``sink`` makes what a message's content is written to as it arrives.
 
         ``starttls`` offers STARTTLS (RFC 3207) until TLS is active; ``require_tls``
         answers MAIL with 530 5.7.0 until it is.  ``tls`` says TLS is active (set
         at connection time for a connection that is TLS from the first byte).
+
+        ``auth`` offers AUTH PLAIN and LOGIN (RFC 4954), once TLS is active or
+        when ``auth_insecure`` is set (a client on the loopback interface, as
+        Dovecot trusts it); ``require_auth`` answers MAIL with 530 5.7.0 until
+        the client has logged in.  ``user`` is the name it logged in with.
         """
         self.hostname = hostname
         self.max_size = max_size  # 0 means no limit
@@ -542,6 +578,12 @@ class ServerCodec:
         self.starttls = starttls
         self.require_tls = require_tls
         self.tls = False
+        self.auth = auth
+        self.require_auth = require_auth
+        self.auth_insecure = False
+        self.user: str | None = None
+        self._auth_step = ""  # "plain", "login-user" or "login-password": a response is due
+        self._auth_login_user = ""
         # Octets the client pipelined behind STARTTLS and that were thrown away.
         self.discarded_after_starttls = 0
         self.errors = 0
@@ -552,7 +594,7 @@ class ServerCodec:
         self._pos = 0
         self._discarding = False
         self._events: deque[ServerEvent] = deque()
-        self._pending: MailRequest | RcptRequest | MessageReceived | None = None
+        self._pending: Request | None = None
         self._sender: str | None = None
         self._recipients: list[str] = []
         self._rcpt_attempts = 0
@@ -572,7 +614,7 @@ class ServerCodec:
         return self._state is _State.CLOSED
 
     @property
-    def pending(self) -> MailRequest | RcptRequest | MessageReceived | None:
+    def pending(self) -> Request | None:
         """The request waiting for answer(), if any."""
         return self._pending
 
@@ -620,8 +662,8 @@ class ServerCodec:
         if request is None:
             raise RuntimeError("answer() called with no request pending")
         if reply is None:
-            if isinstance(request, MessageReceived):
-                raise ValueError("a message needs an explicit reply")
+            if isinstance(request, (MessageReceived, AuthRequest)):
+                raise ValueError("a message or a login needs an explicit reply")
             reply = _SENDER_OK if isinstance(request, MailRequest) else _RECIPIENT_OK
         self._pending = None
         self._state = _State.COMMAND
@@ -630,6 +672,8 @@ class ServerCodec:
                 self._sender = request.sender
                 self._recipients = []
                 self._rcpt_attempts = 0
+            elif isinstance(request, AuthRequest):
+                self.user = request.user
             elif isinstance(request, RcptRequest):
                 if request.recipient not in self._recipients:
                     # A recipient given twice gets one copy (as Postfix's cleanup does).
@@ -687,7 +731,7 @@ class ServerCodec:
         if self.errors >= self.max_errors and self._state is not _State.CLOSED:
             self._emit(Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"), close=True)
 
-    def _request(self, request: MailRequest | RcptRequest | MessageReceived) -> None:
+    def _request(self, request: Request) -> None:
         self._pending = request
         self._state = _State.WAITING
         self._events.append(request)
@@ -701,8 +745,9 @@ class ServerCodec:
         """Handle one command line if a whole one is buffered; False when more input is needed."""
         buffer = self._buffer
         end = buffer.find(b"\n", self._pos)
+        longest = max(self.max_line_length, _AUTH_LINE) if self.auth else self.max_line_length
         if end == -1:
-            if len(buffer) - self._pos > self.max_line_length + 1:
+            if len(buffer) - self._pos > longest + 1:
                 self._buffer = bytearray()
                 self._pos = 0
                 self._discarding = True
@@ -713,8 +758,13 @@ class ServerCodec:
             line = line[:-1]
         if self._discarding:
             self._discarding = False
+            self._auth_step = ""
             self._error(_LINE_TOO_LONG)
-        elif len(line) > self.max_line_length:
+        elif self._auth_step:
+            self._auth_response(line)
+        elif len(line) > self.max_line_length and not (
+            len(line) <= longest and line[:5].upper() == b"AUTH "
+        ):
             self._error(_LINE_TOO_LONG)
         else:
             self._dispatch(parse_command(line))
@@ -758,6 +808,8 @@ class ServerCodec:
         lines = [self.hostname, "PIPELINING", size, "8BITMIME", "ENHANCEDSTATUSCODES"]
         if self.starttls and not self.tls:
             lines.append("STARTTLS")
+        if self.auth_offered:
+            lines.append("AUTH " + " ".join(_MECHANISMS))
         self._emit(Reply(250, "", "\n".join(lines)))
 
     def _ehlo(self, argument: str) -> None:
@@ -769,6 +821,9 @@ class ServerCodec:
     def _mail(self, argument: str) -> None:
         if self.require_tls and not self.tls:
             self._error(_TLS_FIRST)
+            return
+        if self.require_auth and self.user is None:
+            self._error(_AUTH_FIRST)
             return
         if self._sender is not None:
             self._error(_NESTED_MAIL)
@@ -789,6 +844,11 @@ class ServerCodec:
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     self._error(Reply(501, "5.5.4", f"Unsupported BODY parameter: {value}"))
+                    return
+            elif key == "AUTH" and self.auth:
+                # RFC 4954 5: who submitted the message first; taken and not passed on.
+                if not value:
+                    self._error(Reply(501, "5.5.4", "Bad AUTH parameter syntax"))
                     return
             else:
                 self._error(Reply(555, "5.5.4", f"Unsupported option: {key}"))
@@ -860,7 +920,90 @@ class ServerCodec:
         self._emit(_VRFY)
 
     def _help(self, argument: str) -> None:
-        self._emit(_HELP_TLS if self.starttls and not self.tls else _HELP)
+        reply = _HELP_TLS if self.starttls and not self.tls else _HELP
+        if self.auth_offered:
+            reply = Reply(reply.code, reply.status, reply.text.replace(" MAIL ", " AUTH MAIL "))
+        self._emit(reply)
+
+    @property
+    def auth_offered(self) -> bool:
+        """AUTH is offered now: users are configured, and TLS is up or the client is local."""
+        return self.auth and (self.tls or self.auth_insecure)
+
+    def _auth(self, argument: str) -> None:
+        """RFC 4954 AUTH with PLAIN (RFC 4616) or LOGIN; the credentials go to the handler."""
+        if not self.auth:
+            self._error(_NOT_IMPLEMENTED)
+            return
+        if not self.esmtp:
+            self._error(_AUTH_NEEDS_EHLO)
+            return
+        if not self.auth_offered:
+            self._error(_AUTH_NEEDS_TLS)
+            return
+        if self.user is not None:
+            self._error(_AUTH_TWICE)
+            return
+        if self._sender is not None:
+            self._error(_AUTH_IN_TRANSACTION)
+            return
+        words = argument.split(" ")
+        if not argument or len(words) > 2 or not all(words):
+            self._error(_syntax("AUTH mechanism [initial-response]"))
+            return
+        mechanism = words[0].upper()
+        initial = words[1] if len(words) == 2 else None
+        if mechanism not in _MECHANISMS:
+            self._error(_AUTH_MECHANISM)
+            return
+        if mechanism == "PLAIN":
+            if initial is None:
+                self._auth_step = "plain"
+                self._emit(Reply(334, "", ""))
+            else:
+                self._auth_plain(initial)
+        elif initial is None:
+            self._auth_step = "login-user"
+            self._emit(Reply(334, "", "VXNlcm5hbWU6"))  # "Username:"
+        else:
+            self._auth_login(initial, "login-user")
+
+    def _auth_response(self, line: bytes) -> None:
+        step, self._auth_step = self._auth_step, ""
+        text = line.decode("ascii", "replace").strip()
+        if text == "*":
+            self._error(_AUTH_ABORTED)
+        elif len(line) > _AUTH_LINE:
+            self._error(_LINE_TOO_LONG)
+        elif step == "plain":
+            self._auth_plain(text)
+        else:
+            self._auth_login(text, step)
+
+    def _auth_plain(self, response: str) -> None:
+        decoded = _decode_auth(response)
+        parts = decoded.split("\0") if decoded is not None else []
+        if len(parts) != 3 or not parts[1]:
+            self._error(_AUTH_UNDECODABLE)
+            return
+        authzid, user, password = parts
+        if authzid and authzid != user:
+            # Acting for another user is not something a users file can allow.
+            self._error(_AUTH_FAILED)
+            return
+        self._request(AuthRequest(user, password, "PLAIN"))
+
+    def _auth_login(self, response: str, step: str) -> None:
+        decoded = _decode_auth(response)
+        if decoded is None:
+            self._error(_AUTH_UNDECODABLE)
+        elif step == "login-user":
+            self._auth_login_user = decoded
+            self._auth_step = "login-password"
+            self._emit(Reply(334, "", "UGFzc3dvcmQ6"))  # "Password:"
+        else:
+            user, self._auth_login_user = self._auth_login_user, ""
+            self._request(AuthRequest(user, decoded, "LOGIN"))
 
     def _starttls(self, argument: str) -> None:
         """RFC 3207: 220, then TLS; what the client sent behind the command is thrown away
@@ -884,6 +1027,7 @@ class ServerCodec:
         self._reset_transaction()
         self.helo = ""
         self.esmtp = False
+        self.user = None
         self.tls = True
         self._events.append(SendReply(_READY_FOR_TLS, start_tls=True))
 
@@ -987,4 +1131,16 @@ _COMMANDS = {
     "VRFY": ServerCodec._vrfy,
     "HELP": ServerCodec._help,
     "STARTTLS": ServerCodec._starttls,
+    "AUTH": ServerCodec._auth,
 }
+
+
+def _decode_auth(text: str) -> str | None:
+    """A base64 SASL response as text ("=" is the empty one); None when it is not base64
+    or not UTF-8."""
+    if text == "=":
+        return ""
+    try:
+        return base64.b64decode(text, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,12 +15,14 @@ from gateway.config import (
     DestinationConfig,
     Duration,
     ListenerConfig,
+    Network,
     Rate,
     Size,
     doc,
 )
 from gateway.message import Kind, local_hostname
 from gateway.tls import TlsConfig
+from gateway.users import check_inline, read_users_file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +34,10 @@ class SmtpLimits(ClientLimits):
     )
     recipient_rate: Rate | None = field(
         default=None, metadata=doc("RCPT TO commands per client, e.g. 1000/h")
+    )
+    auth_failure_rate: Rate | None = field(
+        default=None,
+        metadata=doc("failed AUTH per client, e.g. 10/h; past it AUTH gets 421 4.7.0"),
     )
 
 
@@ -70,6 +78,32 @@ class SmtpListenerConfig(ListenerConfig):
         default=None,
         metadata=doc("certificate and key: STARTTLS on tcp: endpoints, TLS on tls: ones (465)"),
     )
+    users: Mapping[str, str] = field(
+        default_factory=lambda: types.MappingProxyType({}),
+        metadata=doc("AUTH PLAIN/LOGIN logins: user name to Argon2 hash (gateway passwd)"),
+    )
+    users_file: ConfigPath | None = field(
+        default=None,
+        metadata=doc(
+            "a file of name:hash lines that gateway passwd writes; edits apply at the next login"
+        ),
+    )
+    require_auth: bool = field(
+        default=False, metadata=doc("MAIL gets 530 5.7.0 until the client has logged in (AUTH)")
+    )
+    auth_without_tls: tuple[Network, ...] = field(
+        default=(Network.parse("127.0.0.0/8"), Network.parse("::1")),
+        metadata=doc(
+            "clients that may log in before STARTTLS (default: this machine); [] for none"
+        ),
+    )
+    senders: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: types.MappingProxyType({}),
+        metadata=doc(
+            "per user, the sender addresses (or @domains) it may use; others get 553 5.7.1"
+            " (when set, a user not listed may use none)"
+        ),
+    )
 
     def connection_limit(self) -> int:
         return self.max_connections
@@ -79,6 +113,29 @@ class SmtpListenerConfig(ListenerConfig):
 
     def tls_config(self) -> TlsConfig | None:
         return self.tls
+
+    def __post_init__(self) -> None:
+        if self.require_auth and not self.users and self.users_file is None:
+            raise ValueError("require_auth needs 'users' or 'users_file' to authenticate against")
+        check_inline(self.users)
+        if self.users_file is not None:
+            read_users_file(self.users_file)  # a bad line is an error at check time
+        for user, addresses in self.senders.items():
+            for address in addresses:
+                _, at, domain = address.rpartition("@")
+                if not at or not domain or any(c.isspace() for c in address):
+                    raise ValueError(
+                        f"senders of '{user}': {address!r} is neither an address"
+                        " (user@example.test) nor a domain (@example.test)"
+                    )
+
+    def sender_allowed(self, user: str, sender: str) -> bool:
+        """Whether ``user`` may send as ``sender`` (Postfix's reject_sender_login_mismatch)."""
+        if not self.senders or not sender:
+            return True
+        owned = self.senders.get(user, ())
+        domain = "@" + sender.rpartition("@")[2].lower()
+        return any(a.lower() in (sender.lower(), domain) for a in owned)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from gateway.listening import StreamListener, duration_metric, message_metric
@@ -21,6 +22,7 @@ from gateway.protocols._line_server import drain_sessions
 from gateway.protocols.smtp.config import SmtpListenerConfig
 from gateway.protocols.smtp.server import Reply, SmtpServerFactory, SmtpSession
 from gateway.stats import Histogram
+from gateway.users import FAILURE_DELAY, Users
 
 log = Logger(namespace="gateway.smtp.listener")
 
@@ -32,6 +34,8 @@ def _received(
     proto = "ESMTP" if session.esmtp else "SMTP"
     if session.tls:
         proto += "S"
+    if session.user:
+        proto += "A"  # RFC 3848: ESMTPA, ESMTPSA
     lines = [f"Received: from {helo} ([{session.peer_host}])"]
     if session.cipher:
         lines.append(f"\t(using {session.cipher})")  # as Postfix records it
@@ -106,6 +110,8 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
         self.tempfail = 0
         self.recipients_refused = 0
         self.duration = Histogram()
+        self.users = Users(reactor, config.name)
+        self.users.configure(config.users, config.users_file)
         self._factory = SmtpServerFactory(
             self,
             reactor=reactor,
@@ -117,6 +123,9 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
             session_timeout=config.session_timeout,
             guard=self.guard,
             tls=self.tls,
+            auth=self.users.available,
+            require_auth=config.require_auth,
+            auth_without_tls=config.auth_without_tls,
         )
 
     # --- Listener ---
@@ -134,6 +143,10 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
         factory.transfer_timeout = config.transfer_timeout
         factory.session_timeout = config.session_timeout
         factory.tls = self.tls
+        self.users.configure(config.users, config.users_file, strict=False)
+        factory.auth = self.users.available
+        factory.require_auth = config.require_auth
+        factory.auth_without_tls = config.auth_without_tls
 
     async def drain(self, timeout: float) -> None:
         """Close idle sessions now; give busy ones ``timeout`` seconds to finish their message."""
@@ -170,7 +183,39 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
         if self.gateway.stopping:
             # A 421 from the handler ends the session once it is sent.
             return Reply(421, "4.3.2", f"{self.config.hostname} Service shutting down")
+        if session.user and not self.config.sender_allowed(session.user, sender):
+            log.info(
+                "listener {listener} refused sender {sender} from {client}: not owned by"
+                " user {user}",
+                listener=self.config.name,
+                sender=sender,
+                client=session.peer_host,
+                user=session.user,
+            )
+            return Reply(
+                553, "5.7.1", f"<{sender}>: Sender address rejected: not owned by {session.user}"
+            )
         return None
+
+    async def on_auth(self, session: SmtpSession, user: str, password: str) -> Reply:
+        if await self.users.verify(user, password):
+            log.info(
+                "listener {listener}: {client} authenticated as {user}",
+                listener=self.config.name,
+                client=session.peer_host,
+                user=user,
+            )
+            return Reply(235, "2.7.0", "Authentication successful")
+        self.guard.throttle("auth_failure_rate", session.peer_host)
+        self.guard.auth_failures += 1
+        log.info(
+            "listener {listener}: authentication of {client} as {user} failed",
+            listener=self.config.name,
+            client=session.peer_host,
+            user=user,
+        )
+        await deferLater(self.reactor, FAILURE_DELAY)
+        return Reply(535, "5.7.8", "Authentication credentials invalid")
 
     def on_recipient(
         self, session: SmtpSession, sender: str, recipient: str, params: Mapping[str, str | None]
@@ -187,7 +232,9 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
             return Reply(
                 550, "5.7.1", f"<{recipient}>: Recipient address rejected: sender-specified routing"
             )
-        if self.gateway.accepts_recipient(self.config.name, sender, recipient, session.peer_host):
+        if self.gateway.accepts_recipient(
+            self.config.name, sender, recipient, session.peer_host, session.user
+        ):
             return None
         self.recipients_refused += 1
         log.info(
@@ -211,6 +258,7 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
             id=qid,
             listener=self.config.name,
             client=session.peer_host,
+            user=session.user,
         )
         clock = self.gateway.seconds
         started = clock()

@@ -10,20 +10,24 @@ from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 from typing import cast
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 
+from gateway.config import Network, client_allowed
 from gateway.listening import Admission, Guard, retry_after
 from gateway.protocols._sink import DataSink, SpillingSink
 from gateway.tls import ServerTls, session_cipher
 
 from .._line_server import Clock, LineServerProtocol
 from .codec import (
+    AuthRequest,
     MailRequest,
     MessageReceived,
     RcptRequest,
     Reply,
+    Request,
     SendReply,
     ServerCodec,
 )
@@ -53,6 +57,7 @@ class SmtpSession:
     tls: bool
     # "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)" once TLS is up, else "".
     cipher: str = ""
+    user: str = ""  # the name the client logged in with (AUTH), else ""
 
 
 class SmtpHandler(TypingProtocol):
@@ -76,8 +81,11 @@ class SmtpHandler(TypingProtocol):
     ) -> Awaitable[Reply]:
         """data is dot-unstuffed with LF line endings; the reply is sent as is."""
 
+    def on_auth(self, session: SmtpSession, user: str, password: str) -> Awaitable[Reply]:
+        """235 accepts the credentials (the session's user is then ``user``), 535 refuses."""
 
-_HANDLER_NAMES = {MailRequest: "on_sender", RcptRequest: "on_recipient"}
+
+_HANDLER_NAMES = {MailRequest: "on_sender", RcptRequest: "on_recipient", AuthRequest: "on_auth"}
 
 
 class SmtpServerProtocol(LineServerProtocol):
@@ -97,6 +105,8 @@ class SmtpServerProtocol(LineServerProtocol):
                 sink=factory.sink,
                 starttls=factory.tls is not None,
                 require_tls=factory.tls is not None and factory.tls.require,
+                auth=factory.auth,
+                require_auth=factory.require_auth,
             ),
         )
         self._smtp_factory = factory
@@ -113,6 +123,7 @@ class SmtpServerProtocol(LineServerProtocol):
             or session.esmtp != codec.esmtp
             or session.tls != self._tls
             or (session.tls and not session.cipher)
+            or session.user != (codec.user or "")
         ):
             # Made again only when the client said EHLO/HELO again or started TLS.
             session = self._session = SmtpSession(
@@ -122,8 +133,21 @@ class SmtpServerProtocol(LineServerProtocol):
                 esmtp=codec.esmtp,
                 tls=self._tls,
                 cipher=(session_cipher(self.transport) or "") if self._tls else "",
+                user=codec.user or "",
             )
         return session
+
+    def connectionMade(self) -> None:
+        # AUTH without TLS only for the clients the listener names (by default those on
+        # this machine, as Dovecot trusts them).
+        address = self._transport().getPeer()
+        networks = self._smtp_factory.auth_without_tls
+        self._smtp_codec.auth_insecure = (
+            isinstance(address, (IPv4Address, IPv6Address))
+            and bool(networks)
+            and client_allowed(networks, address.host)
+        )
+        super().connectionMade()
 
     def _in_progress(self) -> bool:
         return self._smtp_codec.in_transaction
@@ -191,28 +215,43 @@ class SmtpServerProtocol(LineServerProtocol):
         else:
             self._call_handler(event)
 
-    def _describe(self, event: MailRequest | RcptRequest | MessageReceived) -> str:
+    def _describe(self, event: Request) -> str:
         return _HANDLER_NAMES.get(type(event), "on_message")
 
-    def _ask(self, event: MailRequest | RcptRequest | MessageReceived) -> object:
+    def _ask(self, event: Request) -> object:
         handler = self._smtp_factory.handler
+        guard = self._smtp_factory.guard
         session = self.session
+        # Over the client's limits, as Postfix's smtpd_client_message_rate_limit and
+        # smtpd_client_recipient_rate_limit: 450 4.7.1, and the client tries later. A
+        # client that logged in is counted as its user, wherever it connects from.
         if isinstance(event, MailRequest):
-            # Over the client's limits, as Postfix's smtpd_client_message_rate_limit and
-            # smtpd_client_recipient_rate_limit: 450 4.7.1, and the client tries later.
-            wait = self._smtp_factory.guard.throttle("message_rate", self._peer_host)
+            wait = guard.throttle("message_rate", self._peer_host, session.user)
             if wait:
-                return _throttled("Too much mail from", self._peer_host, wait)
+                return _throttled("Too much mail from", session.user or self._peer_host, wait)
             return handler.on_sender(session, event.sender, event.params)
         if isinstance(event, RcptRequest):
-            wait = self._smtp_factory.guard.throttle("recipient_rate", self._peer_host)
+            wait = guard.throttle("recipient_rate", self._peer_host, session.user)
             if wait:
-                return _throttled("Too many recipients from", self._peer_host, wait)
+                return _throttled("Too many recipients from", session.user or self._peer_host, wait)
             return handler.on_recipient(session, event.sender, event.recipient, event.params)
+        if isinstance(event, AuthRequest):
+            wait = guard.over("auth_failure_rate", self._peer_host)
+            if wait:
+                # A client guessing passwords: no more guesses on this connection.
+                return Reply(
+                    421,
+                    "4.7.0",
+                    f"{self._smtp_factory.hostname} Too many failed logins from"
+                    f" {self._peer_host}, try again in {retry_after(wait)} seconds",
+                )
+            return handler.on_auth(session, event.user, event.password)
         return handler.on_message(session, event.sender, event.recipients, event.data)
 
-    def _answer(self, result: object, event: MailRequest | RcptRequest | MessageReceived) -> None:
-        if isinstance(result, Reply) or (result is None and not isinstance(event, MessageReceived)):
+    def _answer(self, result: object, event: Request) -> None:
+        if isinstance(result, Reply) or (
+            result is None and not isinstance(event, (MessageReceived, AuthRequest))
+        ):
             self._smtp_codec.answer(result)
             return
         log.error(
@@ -256,6 +295,9 @@ class SmtpServerFactory(Factory):
         guard: Guard[SmtpServerProtocol] | None = None,
         sink: Callable[[], DataSink] = SpillingSink,
         tls: ServerTls | None = None,
+        auth: bool = False,
+        require_auth: bool = False,
+        auth_without_tls: tuple[Network, ...] = (),
     ) -> None:
         if max_size < 0:
             raise ValueError(f"max_size must be 0 (no limit) or a positive size, not {max_size}")
@@ -291,6 +333,12 @@ class SmtpServerFactory(Factory):
         self.sink = sink
         # STARTTLS is offered when set; its require setting refuses MAIL before TLS.
         self.tls = tls
+        # AUTH is offered (after TLS) when set; require_auth refuses MAIL before AUTH.
+        self.auth = auth
+        self.require_auth = require_auth
+        self.auth_without_tls = auth_without_tls
+        if require_auth and not auth:
+            raise ValueError("require_auth needs users to authenticate (auth)")
 
     @property
     def connections(self) -> set[SmtpServerProtocol]:

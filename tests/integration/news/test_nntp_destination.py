@@ -19,6 +19,7 @@ import pytest
 from tests.integration.news.conftest import GROUP, MODERATED_GROUP
 from tests.peers import GatewayProcess, free_port, make_tls_cert
 from tests.peers_news import Inn, NntpConnection, article_bytes, fresh_message_id, header_values
+from tests.support.users import hashed
 
 FEEDS = (
     "post", "ihave", "stream", "auth-good", "auth-bad", "tls-feed", "tls-bad-feed",
@@ -106,7 +107,7 @@ listeners:
     protocol: nntp
     listen: tcp:{ports["auth-in"]}:interface=127.0.0.1
     hostname: gw-auth.test
-    users: {{gw: right}}
+    users: {{gw: '{hashed("right")}'}}
     require_auth: true
   tls-in:
     protocol: nntp

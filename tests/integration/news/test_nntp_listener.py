@@ -22,6 +22,7 @@ import pytest
 from tests.integration.news.conftest import GROUP
 from tests.peers import LOOPBACK, GatewayProcess, free_port
 from tests.peers_news import NEWS_BIN, Inn, article_bytes, fresh_message_id, header_values
+from tests.support.users import hashed
 
 PLUGIN = """
 from gateway.plugins import transform
@@ -64,7 +65,7 @@ listeners:
     protocol: nntp
     listen: tcp:{ports.auth}:interface=127.0.0.1
     hostname: gw.test
-    users: {{feeder: s3cret}}
+    users: {{feeder: '{hashed("s3cret")}'}}
     users_file: users.txt
     require_auth: true
     posting: false
@@ -101,7 +102,7 @@ def gateway(tmp_path: Path) -> Iterator[tuple[GatewayProcess, Ports, Path]]:
     ports = Ports()
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "fragile.py").write_text(PLUGIN)
-    (tmp_path / "users.txt").write_text("# peers\nreader:pw2\n")
+    (tmp_path / "users.txt").write_text(f"# peers\nreader:{hashed('pw2')}\n")
     path = tmp_path / "routes.yaml"
     path.write_text(config_text(ports))
     gw = GatewayProcess(path)
@@ -370,7 +371,9 @@ def test_acknowledged_article_survives_a_crash(tmp_path: Path) -> None:
     # The Maildir's parent is a file at first, so delivery fails and the article stays spooled.
     (tmp_path / "blocker").write_text("not a folder")
     text = config_text(ports).replace("path: news", "path: blocker/news")
-    text = text.replace("    users: {feeder: s3cret}\n    users_file: users.txt\n", "")
+    text = text.replace(
+        f"    users: {{feeder: '{hashed('s3cret')}'}}\n    users_file: users.txt\n", ""
+    )
     text = text.replace("    require_auth: true\n", "")
     path = tmp_path / "routes.yaml"
     path.write_text(text)
