@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import random
+import re
 import socket
 import ssl
 import struct
@@ -767,3 +768,66 @@ routes:
         'gateway_listener_connections_aborted_total{listener="doh-in",reason="stream_reset"} 3.0'
         in metrics
     )
+
+
+def test_response_rate_limiting_holds_a_flood_to_the_rate_and_others_are_answered(
+    tmp_path: Path,
+) -> None:
+    """dnsperf floods one query from 127.0.0.1: answers are held to rate_limit (slip 0: the
+    rest dropped) while another client, and the same client over TCP, are answered."""
+    port, slipping = free_udp_tcp_port(), free_udp_tcp_port()
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        f"""
+version: 1
+listeners:
+  dns-in:
+    protocol: dns
+    listen: ["udp:{port}:interface=127.0.0.1", "tcp:{port}:interface=127.0.0.1"]
+    allow: [127.0.0.0/8]
+    rate_limit: {{responses: 20/s, slip: 0, ipv4_prefix: 32}}
+  dns-slip:
+    protocol: dns
+    listen: ["udp:{slipping}:interface=127.0.0.1", "tcp:{slipping}:interface=127.0.0.1"]
+    rate_limit: {{responses: 5/m, slip: 1}}
+destinations: {{}}
+routes:
+  - {{from: [dns-in, dns-slip], answer: ["www.example.test. 60 IN A 192.0.2.10"]}}
+"""
+    )
+    with GatewayProcess(path) as gw:
+        gw.start([port, slipping])
+        queries = tmp_path / "queries.txt"
+        queries.write_text("www.example.test A\n")
+        flood = subprocess.Popen(
+            ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-l", "3",
+             "-Q", "600", "-q", "5000", "-t", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(1.0)
+            # During the flood: another client, and the flooded one over TCP.
+            other = ask(port, "www.example.test", source="127.0.0.2")
+            assert other.answer[0][0].address == "192.0.2.10"
+            over_tcp = ask(port, "www.example.test", tcp=True)
+            assert over_tcp.answer[0][0].address == "192.0.2.10"
+            output, _ = flood.communicate(timeout=30)
+        finally:
+            flood.kill()
+        sent = int(re.search(r"Queries sent:\s+(\d+)", output).group(1))  # type: ignore[union-attr]
+        completed = int(re.search(r"Queries completed:\s+(\d+)", output).group(1))  # type: ignore[union-attr]
+        # 3 s at 20/s after a burst of 20: about 80 answers out of some 1,800 queries.
+        assert sent > 1000, output
+        assert 50 <= completed <= 110, output
+        metrics = gw.log_text()
+        assert "Traceback" not in metrics
+
+        # slip: 1 sends every answer over the rate truncated; the client retries over TCP.
+        for _ in range(5):
+            assert not ask(slipping, "www.example.test").flags & dns.flags.TC
+        truncated = ask(slipping, "www.example.test")
+        assert truncated.flags & dns.flags.TC and not truncated.answer
+        out = dig("@127.0.0.1", "-p", str(slipping), "www.example.test")
+        assert "192.0.2.10" in out.stdout and "Truncated, retrying in TCP mode" in out.stdout, (
+            out.stdout
+        )

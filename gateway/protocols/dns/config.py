@@ -168,6 +168,36 @@ ALLOW_HELP = (
 
 
 @dataclass(frozen=True, kw_only=True)
+class RateLimitConfig:
+    """Response rate limiting on UDP (BIND's rate-limit, Knot's rrl)."""
+
+    responses: Rate = field(
+        metadata=doc("the same answer to one client network, e.g. 10/s (a burst of 10 included)")
+    )
+    errors: Rate | None = field(
+        default=None,
+        metadata=doc("error answers (NXDOMAIN, REFUSED ...) to one client network, all together"),
+    )
+    slip: int = field(
+        default=2,
+        metadata=doc(
+            "every Nth answer over the rate goes out truncated, so real clients retry over"
+            " TCP (0: drop them all; 1: truncate them all)"
+        ),
+    )
+    ipv4_prefix: int = field(default=24, metadata=doc("IPv4 clients are counted by this network"))
+    ipv6_prefix: int = field(default=56, metadata=doc("IPv6 clients are counted by this network"))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.slip <= 10:
+            raise ValueError(f"'slip' must be 0 to 10, not {self.slip}")
+        if not 8 <= self.ipv4_prefix <= 32:
+            raise ValueError(f"'ipv4_prefix' must be 8 to 32, not {self.ipv4_prefix}")
+        if not 16 <= self.ipv6_prefix <= 128:
+            raise ValueError(f"'ipv6_prefix' must be 16 to 128, not {self.ipv6_prefix}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DnsListenerConfig(ListenerConfig):
     """A DNS server over UDP and TCP (RFC 1035, RFC 7766) whose queries are routed."""
 
@@ -184,6 +214,10 @@ class DnsListenerConfig(ListenerConfig):
             "largest answer sent over UDP; a longer one goes out cut, with TC set, and the"
             " client asks again over TCP (1232: DNS flag day 2020)"
         ),
+    )
+    rate_limit: RateLimitConfig | None = field(
+        default=None,
+        metadata=doc("response rate limiting on UDP: responses, errors, slip, ipv4/6_prefix"),
     )
 
     def connection_limit(self) -> int:

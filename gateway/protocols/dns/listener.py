@@ -33,6 +33,7 @@ from gateway.protocols.dns.config import (
     parse_record,
 )
 from gateway.protocols.dns.routes import DnsRoutes
+from gateway.protocols.dns.rrl import ResponseRateLimiter
 from gateway.protocols.dns.server import DnsTcpFactory, DnsUdpProtocol, Reply
 from gateway.protocols.dns.wire import (
     ANY,
@@ -520,9 +521,29 @@ class DnsSockets(StreamListener[DnsListenerConfig]):
             idle_timeout=float(config.tcp_idle_timeout),
             guard=self.guard,
         )
+        self.udp: list[DnsUdpProtocol] = []
+        self.rrl: ResponseRateLimiter | None = None
+        self._configure_rrl(config)
 
     def factory(self) -> DnsTcpFactory:
         return self.tcp
+
+    def _configure_rrl(self, config: DnsListenerConfig) -> None:
+        if config.rate_limit is None:
+            self.rrl = None
+        elif self.rrl is None:
+            self.rrl = ResponseRateLimiter(config.rate_limit, self.gateway.seconds)
+        else:
+            self.rrl.configure(config.rate_limit)
+        for protocol in self.udp:
+            protocol.limiter = self.rrl
+
+    def _udp_protocol(self) -> DnsUdpProtocol:
+        self.udp = [p for p in self.udp if p.transport is not None]  # closed ones go
+        protocol = DnsUdpProtocol(self.handler)
+        protocol.limiter = self.rrl
+        self.udp.append(protocol)
+        return protocol
 
     async def listen_on(self, description: str) -> ListeningPort:
         if description.lower().startswith("udp:systemd:"):
@@ -532,13 +553,13 @@ class DnsSockets(StreamListener[DnsListenerConfig]):
             # Twisted reads an adopted UDP socket until it would block, but does not make
             # it non-blocking (systemd-socket-activate passes blocking ones): we must.
             os.set_blocking(fd, False)
-            protocol = DnsUdpProtocol(self.handler)
+            protocol = self._udp_protocol()
             port: ListeningPort = self.reactor.adoptDatagramPort(fd, family, protocol)
             return port
         if description.lower().startswith("udp:"):
             number, interface = udp_endpoint_args(description)
             udp: ListeningPort = self.reactor.listenUDP(
-                number, DnsUdpProtocol(self.handler), interface=interface
+                number, self._udp_protocol(), interface=interface
             )
             return udp
         return await super().listen_on(description)
@@ -547,6 +568,7 @@ class DnsSockets(StreamListener[DnsListenerConfig]):
         super().reconfigure(config)
         self.handler.configure(config)
         self.tcp.idle_timeout = float(config.tcp_idle_timeout)
+        self._configure_rrl(config)
 
     async def drain(self, timeout: float) -> None:
         for protocol in list(self.guard.connections):
@@ -555,6 +577,16 @@ class DnsSockets(StreamListener[DnsListenerConfig]):
     def metrics(self) -> Iterable[Metric]:
         yield from super().metrics()
         yield from self.handler.metrics()
+        if self.rrl is not None:
+            yield Metric(
+                "gateway_dns_rate_limited",
+                "UDP answers over the listener's rate_limit: dropped, or slipped (sent"
+                " truncated so that the client asks again over TCP)",
+                "counter",
+                ("listener", "action"),
+            ).add([self.name, "dropped"], self.rrl.dropped).add(
+                [self.name, "slipped"], self.rrl.slipped
+            )
 
     def activity(self) -> tuple[int, int]:
         return 0, self.handler.queries

@@ -52,6 +52,8 @@ class DnsUdpProtocol(DatagramProtocol):
         # a client then wakes once per batch of answers rather than once per answer.
         self._outbox: list[tuple[bytes, Any]] = []
         self._flushing = False
+        # Response rate limiting (an object with check(response, host)), or None.
+        self.limiter: Any = None
 
     def startProtocol(self) -> None:
         # Answers go straight to the socket: Port.write checks that the address is an IP
@@ -87,6 +89,10 @@ class DnsUdpProtocol(DatagramProtocol):
     def _send(self, response: bytes | None, addr: Any) -> None:
         if not response or self._sendto is None:
             return
+        if self.limiter is not None:
+            response = self.limiter.check(response, addr[0])
+            if response is None:
+                return
         self._outbox.append((response, addr))
         if self._batch is None:  # a transport without a reactor to wait for: now
             self._flush()
