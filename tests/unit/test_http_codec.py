@@ -402,3 +402,14 @@ def test_a_chunk_size_line_over_the_limit_is_400_even_when_it_comes_whole() -> N
     with pytest.raises(ParseError) as info:
         reader.next_event()
     assert info.value.status == 400
+
+
+@pytest.mark.parametrize("line", [b"HTTP/1.1 001 C", b"HTTP/1.1 099 X", b"HTTP/1.0 000 Zero"])
+def test_an_upstream_status_below_100_is_a_malformed_response(line: bytes) -> None:
+    """Found by fuzzing: "HTTP/1.1 001" was taken as a final response with status 1, which
+    the proxy would have passed on. A status code is 100-999 (RFC 9110 15)."""
+    reader = ResponseReader()
+    reader.receive(line + b"\r\nContent-Length: 0\r\n\r\n")
+    with pytest.raises(ParseError) as caught:
+        reader.next_event()
+    assert caught.value.status == 502

@@ -382,3 +382,14 @@ def test_match_keys_parse(tmp_path: Path) -> None:
             "routes:\n  - {from: s, match: {authenticated: maybe}, to: b}\n",
             base=tmp_path,
         )
+
+
+def test_a_user_name_with_control_characters_is_refused_without_asking() -> None:
+    """Found by fuzzing: AUTH LOGIN handed a name with NULs to the handler (and its logs)."""
+    auth = Auth()
+    auth.feed(b"EHLO c.test\r\n")
+    auth.feed(b"AUTH LOGIN\r\n")
+    assert auth.codes(f"{b64('al' + chr(0) + 'ce')}\r\n".encode()) == [535]
+    plain = b64(chr(0) + "al\x1bce" + chr(0) + "pw")
+    assert auth.codes(f"AUTH PLAIN {plain}\r\n".encode()) == [535]
+    assert auth.logins == []

@@ -578,14 +578,16 @@ class DnsSockets(StreamListener[DnsListenerConfig]):
         yield from super().metrics()
         yield from self.handler.metrics()
         if self.rrl is not None:
-            yield Metric(
-                "gateway_dns_rate_limited",
-                "UDP answers over the listener's rate_limit: dropped, or slipped (sent"
-                " truncated so that the client asks again over TCP)",
-                "counter",
-                ("listener", "action"),
-            ).add([self.name, "dropped"], self.rrl.dropped).add(
-                [self.name, "slipped"], self.rrl.slipped
+            yield (
+                Metric(
+                    "gateway_dns_rate_limited",
+                    "UDP answers over the listener's rate_limit: dropped, or slipped (sent"
+                    " truncated so that the client asks again over TCP)",
+                    "counter",
+                    ("listener", "action"),
+                )
+                .add([self.name, "dropped"], self.rrl.dropped)
+                .add([self.name, "slipped"], self.rrl.slipped)
             )
 
     def activity(self) -> tuple[int, int]:

@@ -487,7 +487,7 @@ class ResponseReader(_Reader):
             return Head(b"", b"", b"HTTP/1.1", int(parts[1]), parts[2], [], True, 0)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not _VERSION.match(parts[0]):
             raise ParseError(502, f"malformed status line {line[:80]!r}")
-        if len(parts[1]) != 3 or not parts[1].isdigit():
+        if len(parts[1]) != 3 or not parts[1].isdigit() or parts[1][0] == 0x30:  # 100-999
             raise ParseError(502, f"malformed status code {parts[1][:10]!r}")
         version = b"HTTP/1.0" if parts[0] == b"HTTP/1.0" else b"HTTP/1.1"
         reason = parts[2] if len(parts) > 2 else b""

@@ -987,6 +987,10 @@ class ServerCodec:
             self._error(_AUTH_UNDECODABLE)
             return
         authzid, user, password = parts
+        if not user.isprintable():
+            # No users file holds such a name, and it must not reach a log line.
+            self._error(_AUTH_FAILED)
+            return
         if authzid and authzid != user:
             # Acting for another user is not something a users file can allow.
             self._error(_AUTH_FAILED)
@@ -998,6 +1002,9 @@ class ServerCodec:
         if decoded is None:
             self._error(_AUTH_UNDECODABLE)
         elif step == "login-user":
+            if not decoded or not decoded.isprintable():
+                self._error(_AUTH_FAILED)
+                return
             self._auth_login_user = decoded
             self._auth_step = "login-password"
             self._emit(Reply(334, "", "UGFzc3dvcmQ6"))  # "Password:"
