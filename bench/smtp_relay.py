@@ -242,6 +242,14 @@ class Postfix(Relay):
         self.cpu = cpu
         self.concurrency = concurrency
         self.started = False
+        self.tls_lines = "smtpd_tls_security_level = none"
+
+    def offer_starttls(self, cert: Path, key: Path) -> None:
+        """smtpd_tls_security_level = may with this certificate (--starttls)."""
+        self.tls_lines = (
+            f"smtpd_tls_security_level = may\n            smtpd_tls_cert_file = {cert}\n"
+            f"            smtpd_tls_key_file = {key}"
+        )
 
     def _postfix(self, *args: str, pin: bool = False) -> subprocess.CompletedProcess[str]:
         argv = [find_program("postfix"), "-c", str(self.conf), *args]
@@ -279,7 +287,7 @@ class Postfix(Relay):
             smtp_dns_support_level = disabled
             smtp_host_lookup = native
             smtp_tls_security_level = none
-            smtpd_tls_security_level = none
+            {self.tls_lines}
             default_destination_concurrency_limit = {limit}
             smtp_destination_concurrency_limit = {limit}
             relay_destination_concurrency_limit = {limit}
@@ -381,7 +389,7 @@ listeners:
     listen: tcp:{port}:interface={host}
     hostname: gateway.bench.localdomain
     allow: [127.0.0.0/8]
-destinations:
+{extra}destinations:
   sink:
     protocol: smtp
     connect: tcp:{host}:{sink_port}
@@ -416,6 +424,7 @@ class Gateway(Relay):
         self.python = python
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self.extra = ""  # more listener settings (--starttls, --limits)
 
     def start(self) -> None:
         self.dir.mkdir(parents=True)
@@ -423,7 +432,7 @@ class Gateway(Relay):
         self.config_path.write_text(
             GATEWAY_ROUTES.format(
                 spool=self.dir / "spool", port=self.port, host=LOOPBACK,
-                sink_port=self.sink.port, concurrency=self.concurrency,
+                sink_port=self.sink.port, concurrency=self.concurrency, extra=self.extra,
             )
         )  # fmt: skip
         argv = [
@@ -551,6 +560,7 @@ class Load:
     timeout: float
     stall: float
     quiet_wait: float
+    starttls: bool = False
 
 
 def load_cpu(sink: SmtpSink) -> float:
@@ -564,8 +574,13 @@ def measure(relay: Relay, sink: SmtpSink, load: Load, workdir: Path) -> Run:
     run = Run(relay.name, load.messages)
     mark = relay.mark()
     base = sink.count()
+    program = (
+        [sys.executable, str(REPO_ROOT / "bench" / "_starttls_source.py")]
+        if load.starttls
+        else [find_program("smtp-source")]
+    )
     argv = [
-        "taskset", "-c", str(load.cpu), find_program("smtp-source"),
+        "taskset", "-c", str(load.cpu), *program,
         "-s", str(load.sessions), "-m", str(load.messages), "-l", str(load.size),
         "-f", SENDER, "-t", RECIPIENT,
     ]  # fmt: skip
@@ -796,6 +811,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="smtp-source -d: many messages per connection (default: one connection each)",
     )
+    p.add_argument(
+        "--starttls",
+        action="store_true",
+        help="every session does STARTTLS (load: bench/_starttls_source.py; Postfix with"
+        " smtpd_tls_security_level = may); no direct path",
+    )
+    p.add_argument(
+        "--limits",
+        action="store_true",
+        help="the gateway listener counts per-client limits set too high to bite (their cost)",
+    )
     p.add_argument("--concurrency", type=int, default=20, help="relay to sink connections")
     p.add_argument("--timeout", type=float, default=300, help="seconds a run may take")
     p.add_argument("--stall", type=float, default=30, help="fail a run idle this many seconds")
@@ -811,6 +837,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     args = p.parse_args(argv)
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    if args.starttls:
+        args.only = [name for name in args.only if name != "direct"]  # smtp-sink has no TLS
     unknown = set(args.only) - set(PATH_LABELS)
     if unknown:
         known = ", ".join(PATH_LABELS)
@@ -845,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         messages=args.messages, sessions=args.sessions, size=args.size,
         keep_connections=args.keep_connections, cpu=args.load_cpu, relay_cpu=args.relay_cpu,
         timeout=args.timeout, stall=args.stall, quiet_wait=args.quiet_wait,
+        starttls=args.starttls,
     )  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
     # Postfix's daemons (user postfix) must reach their queue below it.
@@ -865,8 +894,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     relay = Direct(sink)
                 elif name == "postfix":
                     relay = Postfix(workdir, sink, args.relay_cpu, args.concurrency)
+                    if args.starttls:
+                        relay.offer_starttls(*make_certificate(workdir))
                 else:
                     relay = Gateway(workdir, sink, args.relay_cpu, args.concurrency, args.python)
+                    relay.extra = gateway_extra(workdir, args)
                 started.append(relay)
                 relay.start()
                 relays[name] = (relay, sink)
@@ -915,6 +947,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(not r.ok for runs in results.values() for r in runs):
         status = status or 1
     return status
+
+
+def make_certificate(workdir: Path) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for both relays (made once)."""
+    cert, key = workdir / "tls-cert.pem", workdir / "tls-key.pem"
+    if not cert.exists():
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key),
+             "-out", str(cert)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+    return cert, key
+
+
+def gateway_extra(workdir: Path, args: argparse.Namespace) -> str:
+    lines = ""
+    if args.starttls:
+        cert, key = make_certificate(workdir)
+        lines += f"    tls: {{certificate: '{cert}', key: '{key}'}}\n"
+    if args.limits:
+        lines += (
+            "    limits: {connections: 100000, connection_rate: 1000000/s,"
+            " message_rate: 1000000/s, recipient_rate: 1000000/s}\n"
+        )
+    return lines
 
 
 def measure_stable(

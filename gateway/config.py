@@ -695,7 +695,13 @@ class _Reader:
     def scalar(self, node: yaml.Node) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             return _Invalid
-        return self._loader.construct_scalar_value(node)
+        try:
+            return self._loader.construct_scalar_value(node)
+        except (yaml.YAMLError, ValueError, TypeError) as exc:
+            # An explicit tag whose value does not fit it: !!int abc, !!binary ...
+            problem = getattr(exc, "problem", None) or str(exc)
+            self.fail(node, f"cannot read {node.value!r} as {node.tag}: {problem}")
+            return _Invalid
 
     def convert(self, node: yaml.Node, hint: Any, what: str) -> Any:
         """Convert ``node`` to ``hint``; on error record a problem and return _Invalid."""
@@ -721,7 +727,12 @@ class _Reader:
                 return _Invalid
             return value
         if hint is Any:
-            return _freeze(self._loader.construct_plain(node))
+            try:
+                return _freeze(self._loader.construct_plain(node))
+            except (yaml.YAMLError, ValueError, TypeError) as exc:
+                problem = getattr(exc, "problem", None) or str(exc)
+                self.fail(node, f"{what}: cannot read this value: {problem}")
+                return _Invalid
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             return self.dataclass(node, hint, what)
         return self.leaf(node, hint, what)
@@ -964,6 +975,51 @@ def _routes(reader: _Reader, node: yaml.Node) -> tuple[Route, ...] | Any:
     return _Invalid if _Invalid in out else tuple(out)
 
 
+# Values a file may hold once its aliases (*name) are expanded: far beyond any real routes
+# file, far below what an alias bomb ("billion laughs") would make the reader walk.
+MAX_EXPANDED_NODES = 200_000
+_YAML_TAG = "tag:yaml.org,2002:"
+
+
+def _check_nodes(reader: _Reader, root: yaml.Node) -> None:
+    """Refuse tags PyYAML's safe loader cannot make (``!foo``), and aliases that expand
+    too far, before anything is built from the file."""
+    sizes: dict[int, int] = {}  # node -> values below it, aliases expanded (each counted once)
+    entered: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if not done and id(node) in entered:  # an alias inside its own anchor's value
+            reader.fail(node, "an alias (*name) refers to the value it is part of")
+            sizes[id(node)] = MAX_EXPANDED_NODES + 1
+            continue
+        entered.add(id(node))
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        if not done:
+            if not node.tag.startswith(_YAML_TAG):
+                reader.fail(
+                    node,
+                    f"unknown YAML tag '{node.tag}': routes.yaml is plain YAML; remove the tag"
+                    " (quote the value if it starts with '!')",
+                )
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+            continue
+        sizes[id(node)] = min(MAX_EXPANDED_NODES + 1, 1 + sum(sizes[id(c)] for c in children))
+    if sizes[id(root)] > MAX_EXPANDED_NODES:
+        reader.fail(
+            root,
+            f"the file's aliases (*name) expand to more than {MAX_EXPANDED_NODES:,} values;"
+            " that is not a routes file",
+        )
+
+
 def parse(text: str, filename: str = "routes.yaml", base: Path | None = None) -> Config:
     """Parse and check a configuration text; raise ConfigError listing every problem found."""
     reader = _Reader(filename, base if base is not None else Path(filename).resolve().parent)
@@ -981,6 +1037,9 @@ def parse(text: str, filename: str = "routes.yaml", base: Path | None = None) ->
         )
     if not isinstance(root, yaml.MappingNode):
         reader.fail(root, "expected a mapping with version, listeners, destinations and routes")
+        raise ConfigError(reader.problems)
+    _check_nodes(reader, root)
+    if reader.problems:
         raise ConfigError(reader.problems)
 
     given = reader.fields_of(root, "top level")

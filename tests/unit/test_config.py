@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -363,3 +364,30 @@ def test_a_listener_or_destination_name_used_twice_is_reported_at_the_second() -
         "routes.yaml:4:3: listeners: 'in' appears twice",
         "routes.yaml:7:3: destinations: 'box' appears twice",
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # Found by fuzzing: an unknown tag raised PyYAML's ConstructorError (a traceback).
+        ("  s: {protocol: smtp, listen: 'tcp:1', !foo hostname: x}", "unknown YAML tag '!foo'"),
+        ("  s: {protocol: smtp, listen: 'tcp:1', hostname: !foo x}", "unknown YAML tag '!foo'"),
+        ("  s: {protocol: smtp, listen: 'tcp:1', max_recipients: !!int abc}", "cannot read 'abc'"),
+        ("  s: &a {protocol: smtp, listen: 'tcp:1', x: *a}", "refers to the value it is part of"),
+    ],
+)
+def test_yaml_tags_and_alias_cycles_are_errors_not_tracebacks(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(f"version: 1\nlisteners:\n{text}\ndestinations: {{}}\nroutes: []\n")
+
+
+def test_an_alias_bomb_is_refused_at_once() -> None:
+    """Defect (found while fuzzing): aliases that expand exponentially inside options: made
+    gateway check (and a reload) run for ever."""
+    lines = ["version: 1", "listeners: {s: {protocol: smtp, listen: 'tcp:1'}}",
+             "destinations: {b: {protocol: maildir, path: b}}", "routes:",
+             "  - from: s", "    to: b", "    options:", "      l0: &l0 [x, x, x, x, x, x, x, x]"]  # fmt: skip
+    for level in range(1, 9):
+        lines.append(f"      l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 8)}]")
+    with pytest.raises(ConfigError, match="expand to more than 200,000 values"):
+        parse("\n".join(lines) + "\n")
