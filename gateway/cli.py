@@ -379,7 +379,11 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="A protocol gateway and proxy service, driven by routes.yaml: run it, check"
+        " the file, try a message against the routes, manage the queue and the users.",
+    )
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -437,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("queue", help="list, show, retry or drop the spooled deliveries")
     )
     queue.set_defaults(func=cmd_queue)
+    queue.add_argument("--json", action="store_true", help="print JSON instead of text")
     queue_sub = queue.add_subparsers(dest="queue_command", required=True, metavar="SUBCOMMAND")
 
     def queue_command(name: str, text: str, json_output: bool) -> argparse.ArgumentParser:
@@ -444,7 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
         # -c also after the subcommand; SUPPRESS keeps one given before it.
         p.add_argument("-c", "--config", default=argparse.SUPPRESS, help="routes file")
         if json_output:
-            p.add_argument("--json", action="store_true", help="print JSON instead of text")
+            # SUPPRESS: "queue --json list" (given before the subcommand) stays set.
+            p.add_argument(
+                "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+            )
         return p
 
     queue_command("list", "the deliveries waiting in the queue", True)
@@ -460,7 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)
     if hasattr(args, "config") and not Path(args.config).exists():
         print(f"error: {args.config}: no such file (use -c FILE)", file=sys.stderr)
         return 1

@@ -171,6 +171,13 @@ def test_list_json_gives_the_raw_fields(spooled: Spooled) -> None:
     assert entries[0]["msgid"] == "<q0@client.test>"
 
 
+def test_json_may_come_before_the_subcommand(spooled: Spooled) -> None:
+    before = queue(spooled.config, "--json", "list")
+    assert before.returncode == 0, before.stderr
+    assert json.loads(before.stdout) == queue_json(spooled.config, "list")
+    assert queue(spooled.config, "list").stdout.lstrip()[:1] != "["  # text without it
+
+
 def test_show_prints_the_fields_the_history_and_the_header(spooled: Spooled) -> None:
     wanted = spooled.queued["x1@down.test"]
     out = queue(spooled.config, "show", wanted)

@@ -198,7 +198,11 @@ class HttpListener:
             exchange.outcome = "queued"
             exchange.json(202, {"id": request.id, "status": "queued"})
         elif verdict.status is Status.PERMANENT:
-            exchange.json(_STATUS.get(verdict.reason, 400), {"error": verdict.detail})
+            status = _STATUS.get(verdict.reason, 400)
+            # A request becomes a message by POST only (web hooks): RFC 9110 15.5.6 wants
+            # the methods that work named in a 405.
+            extra = [(b"Allow", b"POST")] if status == 405 else None
+            exchange.json(status, {"error": verdict.detail}, extra)
         else:
             exchange.json(503, {"error": verdict.detail}, [(b"Retry-After", b"30")])
 

@@ -565,6 +565,11 @@ def test_refused_hooks_get_their_status_and_nothing_arrives(
         assert words in answer["error"], answer
     status, answer = post(gw, "/nowhere", good, "application/json", "-H", signature(good))
     assert status == 404, answer
+    # A GET to a hook: 405, naming the method that works (RFC 9110 15.5.6).
+    got = curl("-s", "-i", f"http://{LOOPBACK}:{gw.http}/hooks/ops", timeout=30)
+    head = got.stdout.replace("\r\n", "\n").split("\n\n", 1)[0]
+    assert head.startswith("HTTP/1.1 405 "), head
+    assert "\nAllow: POST" in head, head
     # Then one good hook: it is the only mail that arrives.
     status, answer = post(gw, "/hooks/dev", good, "application/json", "-H", signature(good))
     assert status == 202, answer
