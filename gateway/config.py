@@ -235,9 +235,10 @@ class Endpoint(str, Value):
                 systemd_endpoint_args(under)
                 return
         try:
-            endpoints.serverFromString(MemoryReactor(), under)  # type: ignore[no-untyped-call]
+            endpoint = endpoints.serverFromString(MemoryReactor(), under)  # type: ignore[no-untyped-call]
         except Exception as exc:
-            raise ValueError(f"invalid endpoint '{text}': {exc}") from None
+            raise ValueError(_endpoint_problem(text, exc, _SERVER_OPTIONS)) from None
+        _check_port(text, endpoint)
 
     @property
     def is_udp(self) -> bool:
@@ -259,9 +260,38 @@ class ClientEndpoint(Endpoint):
         from twisted.internet.testing import MemoryReactor
 
         try:
-            endpoints.clientFromString(MemoryReactor(), text)  # type: ignore[no-untyped-call]
+            endpoint = endpoints.clientFromString(MemoryReactor(), text)  # type: ignore[no-untyped-call]
         except Exception as exc:
-            raise ValueError(f"invalid endpoint '{text}': {exc}") from None
+            raise ValueError(_endpoint_problem(text, exc, _CLIENT_OPTIONS)) from None
+        _check_port(text, endpoint, lowest=1)
+
+
+# The options of Twisted's endpoint strings the gateway's users write, for suggestions.
+_SERVER_OPTIONS = ("port", "interface", "backlog", "privateKey", "certKey", "extraCertChain",
+                   "dhParameters", "sslmethod", "mode", "lockfile")  # fmt: skip
+_CLIENT_OPTIONS = ("host", "port", "timeout", "bindAddress", "path", "checkPID")
+
+
+def _endpoint_problem(text: str, exc: Exception, options: tuple[str, ...]) -> str:
+    """Twisted's complaint about an endpoint string, in the gateway's words."""
+    message = str(exc)
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", message)
+    if unknown:
+        name = unknown.group(1)
+        return f"endpoint '{text}': unknown option '{name}'{suggest(name, list(options))}"
+    if "missing" in message and "required positional argument" in message:
+        needed = re.findall(r"'(\w+)'", message)
+        return f"endpoint '{text}': the {' and the '.join(needed) or 'address'} is missing"
+    if isinstance(exc, ValueError) and "invalid literal for int()" in message:
+        return f"endpoint '{text}': the port must be a number"
+    return f"invalid endpoint '{text}': {message}"
+
+
+def _check_port(text: str, endpoint: object, lowest: int = 0) -> None:
+    """A listener may take port 0 (any free one); a server to connect to has a real port."""
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not lowest <= port <= 65535:
+        raise ValueError(f"endpoint '{text}': port {port} is not a port number ({lowest} to 65535)")
 
 
 def systemd_endpoint_args(text: str) -> tuple[str | None, int | None, str | None]:
@@ -431,9 +461,10 @@ def yaml_key(name: str, doc: str = "") -> dict[str, str]:
     return {"yaml": name, "doc": doc}
 
 
-def doc(text: str) -> dict[str, str]:
-    """Field metadata: the key's help, shown by ``gateway schema``."""
-    return {"doc": text}
+def doc(text: str, *, positive: bool = False) -> dict[str, Any]:
+    """Field metadata: the key's help, shown by ``gateway schema``; ``positive``: a number
+    (count, size, duration) that must be more than 0 (0 would mean nothing there)."""
+    return {"doc": text, "positive": True} if positive else {"doc": text}
 
 
 HIDDEN: dict[str, None] = {"yaml": None}  # field metadata: not a key of the file
@@ -528,18 +559,30 @@ class BaseDestinationConfig:
 class DestinationConfig(BaseDestinationConfig):
     """A store-and-forward destination: the delivery settings apply to spooled messages."""
 
-    concurrency: int = field(default=10, metadata=doc("deliveries in progress at once"))
-    retry_min: Duration = field(
-        default=Duration(60), metadata=doc("first retry after a temporary failure")
+    concurrency: int = field(
+        default=10, metadata=doc("deliveries in progress at once", positive=True)
     )
-    retry_max: Duration = field(default=Duration(3600), metadata=doc("longest wait between tries"))
+    retry_min: Duration = field(
+        default=Duration(60), metadata=doc("first retry after a temporary failure", positive=True)
+    )
+    retry_max: Duration = field(
+        default=Duration(3600), metadata=doc("longest wait between tries", positive=True)
+    )
     max_age: Duration = field(
-        default=Duration(5 * 86400), metadata=doc("give up (dead letter, bounce) after")
+        default=Duration(5 * 86400),
+        metadata=doc("give up (dead letter, bounce) after", positive=True),
     )
     duplicate_window: Duration = field(
         default=Duration(86400),
         metadata=doc("a Message-ID delivered here within this time is not delivered again"),
     )
+
+    def __post_init__(self) -> None:
+        if self.retry_min > self.retry_max:
+            raise ValueError(
+                f"'retry_min' ({self.retry_min:g}s) is longer than 'retry_max'"
+                f" ({self.retry_max:g}s): the first wait would exceed the longest"
+            )
 
 
 _V = typing.TypeVar("_V")
@@ -767,6 +810,8 @@ class _Reader:
                     and isinstance(value, (int, float))
                     and not isinstance(value, bool)
                 ):
+                    if value < 0:
+                        raise ValueError(f"expected 0 or more, got {value}")
                     return hint(value)
                 return hint.parse(str(value))
         except ValueError as exc:
@@ -846,6 +891,16 @@ class _Reader:
                 continue
             value = self.convert(value_node, hints[f.name], f"{what}: '{key}'")
             where[f.name] = self.loc(value_node)
+            if (
+                f.metadata.get("positive")
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and value <= 0
+            ):
+                self.fail(
+                    value_node, f"{what}: '{key}' must be more than 0, not {value_node.value}"
+                )
+                value = _Invalid
             if isinstance(value_node, yaml.MappingNode):
                 # Each key of a mapping, and its value, for checks made later (options).
                 for sub_key, sub_value in value_node.value:

@@ -126,7 +126,7 @@ def test_bad_values_name_what_was_expected() -> None:
     )
     text = "\n".join(found)
     assert "routes.yaml:2:10: top level: 'version': expected one of 1, got 2" in text
-    assert "invalid endpoint 'tcp:nope'" in text
+    assert "endpoint 'tcp:nope': the port must be a number" in text
     assert "expected a size such as" in text
     assert "unknown unit 'fortnights'" in text
     assert "unknown protocol 'smtpp' (known: " in text
@@ -391,3 +391,33 @@ def test_an_alias_bomb_is_refused_at_once() -> None:
         lines.append(f"      l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 8)}]")
     with pytest.raises(ConfigError, match="expand to more than 200,000 values"):
         parse("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("listener", "destination", "message"),
+    [
+        ("listen: 'tcp:70000'", "", "port 70000 is not a port number (0 to 65535)"),
+        ("listen: 'tcp:25:interfce=127.0.0.1'", "", "unknown option 'interfce'; did you mean 'interface'?"),
+        ("listen: 'tcp:abc'", "", "endpoint 'tcp:abc': the port must be a number"),
+        ("listen: 'tcp:25', max_size: -1", "", "'max_size': expected 0 or more, got -1"),
+        ("listen: 'tcp:25', idle_timeout: 0s", "", "'idle_timeout' must be more than 0, not 0s"),
+        ("listen: 'tcp:25'", "connect: 'tcp:127.0.0.1'", "endpoint 'tcp:127.0.0.1': the port is missing"),
+        ("listen: 'tcp:25'", "connect: 'tcp:127.0.0.1:0'", "port 0 is not a port number (1 to 65535)"),
+        ("listen: 'tcp:25'", "connect: 'tcp:127.0.0.1:25', concurrency: 0", "'concurrency' must be more than 0"),
+        ("listen: 'tcp:25'", "connect: 'tcp:127.0.0.1:25', timeout: 0s", "'timeout' must be more than 0"),
+        ("listen: 'tcp:25'", "connect: 'tcp:127.0.0.1:25', retry_min: 2h, retry_max: 1h",
+         "'retry_min' (7200s) is longer than 'retry_max' (3600s)"),
+    ],
+)  # fmt: skip
+def test_numbers_out_of_range_and_endpoint_mistakes_are_named(
+    listener: str, destination: str, message: str
+) -> None:
+    """Defects (operators' issue): each of these passed gateway check and then failed at start
+    or did nothing useful (a timeout of 0, a port over 65535, Twisted's own wording)."""
+    text = (
+        f"version: 1\nlisteners:\n  s: {{protocol: smtp, {listener}}}\n"
+        + (f"destinations:\n  d: {{protocol: smtp, {destination}}}\n" if destination else "")
+        + "routes: []\n"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(text)

@@ -238,7 +238,7 @@ def test_config_parses_and_builds() -> None:
         ("    mode: post\n", "'connect' is required"),
         ("    connect: tcp:127.0.0.1:119\n    groups: [a]\n", "unknown key 'groups'"),
         ("    connect: carrier:pigeon\n", "expected an endpoint"),
-        ("    connect: tcp:127.0.0.1:119\n    max_connections: 0\n", "1 or more"),
+        ("    connect: tcp:127.0.0.1:119\n    max_connections: 0\n", "must be more than 0"),
         ("    connect: tcp:127.0.0.1:119\n    password: x\n", "'user' is not"),
     ],
 )

@@ -269,7 +269,10 @@ def test_process_stdin_and_stdout() -> None:
         def outReceived(self, chunk: bytes) -> None:
             self.out += chunk
 
-        def processEnded(self, reason: Any) -> None:
+        def outConnectionLost(self) -> None:
+            # Not processEnded: _run runs the reactor without signal handlers, so no
+            # SIGCHLD; a child whose pipes close just before it can be reaped (a busy
+            # machine) would then never be reported ended, and the test hung.
             self.done.callback(bytes(self.out))
 
     async def scenario() -> bytes:

@@ -110,7 +110,7 @@ def test_a_bad_certificate_is_a_configuration_error_at_the_tls_block(tmp_path: P
         ),
         (
             "    protocol: smtp\n    listen: tls:nonsense",
-            "invalid endpoint 'tls:nonsense'",
+            "endpoint 'tls:nonsense': the port must be a number",
         ),
         (
             "    protocol: smtp\n    listen: tcp:2525\n"

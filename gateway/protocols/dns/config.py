@@ -205,9 +205,11 @@ class DnsListenerConfig(ListenerConfig):
     protocol: Literal["dns"] = "dns"
     allow: tuple[Network, ...] = field(default=LOOPBACK, metadata=doc(ALLOW_HELP))
     tcp_idle_timeout: Duration = field(
-        default=Duration(10), metadata=doc("close idle TCP connections after")
+        default=Duration(10), metadata=doc("close idle TCP connections after", positive=True)
     )
-    max_tcp_connections: int = field(default=1000, metadata=doc("TCP clients at once"))
+    max_tcp_connections: int = field(
+        default=1000, metadata=doc("TCP clients at once", positive=True)
+    )
     max_udp_size: Size = field(
         default=Size(1232),
         metadata=doc(
@@ -246,7 +248,9 @@ class DohListenerConfig(ListenerConfig):
     allow: tuple[Network, ...] = field(default=LOOPBACK, metadata=doc(ALLOW_HELP))
     path: str = field(default="/dns-query", metadata=doc("URL path of the endpoint"))
     max_size: Size = field(default=Size(65535), metadata=doc("largest query accepted (413)"))
-    max_connections: int = field(default=1000, metadata=doc("clients connected at once"))
+    max_connections: int = field(
+        default=1000, metadata=doc("clients connected at once", positive=True)
+    )
     hsts: Duration = field(
         default=Duration(365 * 86400),
         metadata=doc("Strict-Transport-Security max-age of HTTPS answers (0: none)"),
@@ -277,7 +281,9 @@ class DnsDestinationConfig(BaseDestinationConfig):
     kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.DNS})
     protocol: Literal["dns"] = "dns"
     servers: tuple[HostPort, ...] = field(metadata=doc("servers tried in order: 127.0.0.1:53"))
-    timeout: Duration = field(default=Duration(2), metadata=doc("per server and query"))
+    timeout: Duration = field(
+        default=Duration(2), metadata=doc("per server and query", positive=True)
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -291,7 +297,7 @@ class DohDestinationConfig(BaseDestinationConfig):
     ca: ConfigPath | None = field(default=None, metadata=doc("CA file to verify the server"))
     verify: bool = field(default=True, metadata=doc("verify the server's certificate"))
     connections: int = field(default=4, metadata=doc("keep-alive connections in the pool"))
-    timeout: Duration = field(default=Duration(5), metadata=doc("per query"))
+    timeout: Duration = field(default=Duration(5), metadata=doc("per query", positive=True))
 
 
 # --- what DNS routes say ---------------------------------------------------------------

@@ -106,17 +106,24 @@ class HttpListenerConfig(ListenerConfig):
         default=Size(16 * 1024), metadata=doc("request line and header fields together (431)")
     )
     header_timeout: Duration = field(
-        default=Duration(10), metadata=doc("a client must send a whole request header within")
+        default=Duration(10),
+        metadata=doc("a client must send a whole request header within", positive=True),
     )
     idle_timeout: Duration = field(
         default=Duration(60),
-        metadata=doc("close a connection with no request, or a body that stalls, after"),
+        metadata=doc(
+            "close a connection with no request, or a body that stalls, after", positive=True
+        ),
     )
     body_timeout: Duration = field(
         default=Duration(300),
-        metadata=doc("a whole request body must arrive within this, however it trickles (408)"),
+        metadata=doc(
+            "a whole request body must arrive within this, however it trickles (408)", positive=True
+        ),
     )
-    max_connections: int = field(default=1000, metadata=doc("clients connected at once"))
+    max_connections: int = field(
+        default=1000, metadata=doc("clients connected at once", positive=True)
+    )
     limits: HttpLimits = field(
         default_factory=HttpLimits,
         metadata=doc("per client: connections, connection_rate, request_rate"),
@@ -149,7 +156,9 @@ class WebhookDestinationConfig(DestinationConfig):
     signature_header: str = field(
         default="X-Hub-Signature-256", metadata=doc("header that carries sha256=<hex>")
     )
-    timeout: Duration = field(default=Duration(30), metadata=doc("per request, connect included"))
+    timeout: Duration = field(
+        default=Duration(30), metadata=doc("per request, connect included", positive=True)
+    )
     attachment_limit: Size = field(
         default=Size(1024 * 1024),
         metadata=doc("attachments up to this size are included in base64; all are listed"),
@@ -177,10 +186,14 @@ class HttpDestinationConfig(BaseDestinationConfig):
     fail_timeout: Duration = field(
         default=Duration(10), metadata=doc("skip an upstream that failed for this long")
     )
-    connect_timeout: Duration = field(default=Duration(5), metadata=doc("wait to connect"))
+    connect_timeout: Duration = field(
+        default=Duration(5), metadata=doc("wait to connect", positive=True)
+    )
     timeout: Duration = field(
         default=Duration(60),
-        metadata=doc("wait for the response header, and between reads of the body (504)"),
+        metadata=doc(
+            "wait for the response header, and between reads of the body (504)", positive=True
+        ),
     )
     host: Literal["keep", "upstream"] = field(
         default="keep", metadata=doc("send the client's Host, or the upstream URL's")
@@ -195,7 +208,8 @@ class HttpDestinationConfig(BaseDestinationConfig):
         default=256,
         metadata=doc(
             "connections to each upstream at once; more requests wait for one (503 after"
-            " connect_timeout), as nginx's max_conns with a queue"
+            " connect_timeout), as nginx's max_conns with a queue",
+            positive=True,
         ),
     )
     keepalive_timeout: Duration = field(

@@ -42,14 +42,19 @@ class NntpDestinationConfig(DestinationConfig):
     )
     user: str | None = field(default=None, metadata=doc("AUTHINFO USER name (RFC 4643)"))
     password: str | None = field(default=None, metadata=doc("AUTHINFO PASS password"))
-    max_connections: int = field(default=4, metadata=doc("connections open at once"))
-    connect_timeout: Duration = field(default=Duration(30), metadata=doc("wait to connect"))
-    timeout: Duration = field(default=Duration(120), metadata=doc("wait for each reply"))
+    max_connections: int = field(default=4, metadata=doc("connections open at once", positive=True))
+    connect_timeout: Duration = field(
+        default=Duration(30), metadata=doc("wait to connect", positive=True)
+    )
+    timeout: Duration = field(
+        default=Duration(120), metadata=doc("wait for each reply", positive=True)
+    )
     idle_timeout: Duration = field(
-        default=Duration(30), metadata=doc("close idle connections after")
+        default=Duration(30), metadata=doc("close idle connections after", positive=True)
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_connections < 1:
             raise ValueError(f"'max_connections' must be 1 or more, not {self.max_connections}")
         if self.password is not None and self.user is None:
@@ -89,11 +94,13 @@ class NntpListenerConfig(ListenerConfig):
     idle_timeout: Duration = field(
         default=Duration(300),
         metadata=doc(
-            "a client must send each whole command within this, and each read of an article"
+            "a client must send each whole command within this, and each read of an article",
+            positive=True,
         ),
     )
     transfer_timeout: Duration = field(
-        default=Duration(600), metadata=doc("a whole article must arrive within this")
+        default=Duration(600),
+        metadata=doc("a whole article must arrive within this", positive=True),
     )
     session_timeout: Duration = field(
         default=Duration(0), metadata=doc("longest session (0: no limit); then 400")
@@ -120,7 +127,7 @@ class NntpListenerConfig(ListenerConfig):
         metadata=doc("message-ids of accepted articles kept in memory to refuse them again"),
     )
     max_connections: int = field(
-        default=1000, metadata=doc("clients connected at once; more get 400")
+        default=1000, metadata=doc("clients connected at once; more get 400", positive=True)
     )
     limits: NntpLimits = field(
         default_factory=NntpLimits,
@@ -169,14 +176,20 @@ class NntpPollerConfig(ListenerConfig):
     groups: tuple[str, ...] = field(metadata=doc("newsgroups to follow, e.g. [local.test]"))
     user: str | None = field(default=None, metadata=doc("AUTHINFO USER name (RFC 4643)"))
     password: str | None = field(default=None, metadata=doc("AUTHINFO PASS password"))
-    interval: Duration = field(default=Duration(60), metadata=doc("time between polls"))
+    interval: Duration = field(
+        default=Duration(60), metadata=doc("time between polls", positive=True)
+    )
     batch: int = field(default=100, metadata=doc("articles fetched per group and poll at most"))
     start: Literal["new", "oldest"] = field(
         default="new",
         metadata=doc("on first sight of a group: only articles arriving later, or all it holds"),
     )
-    connect_timeout: Duration = field(default=Duration(30), metadata=doc("wait to connect"))
-    timeout: Duration = field(default=Duration(120), metadata=doc("wait for each reply"))
+    connect_timeout: Duration = field(
+        default=Duration(30), metadata=doc("wait to connect", positive=True)
+    )
+    timeout: Duration = field(
+        default=Duration(120), metadata=doc("wait for each reply", positive=True)
+    )
 
     def __post_init__(self) -> None:
         if not self.groups:

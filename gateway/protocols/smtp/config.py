@@ -49,19 +49,23 @@ class SmtpListenerConfig(ListenerConfig):
     protocol: Literal["smtp"] = "smtp"
     hostname: str = field(default_factory=local_hostname, metadata=doc("name in the greeting"))
     max_size: Size = field(default=Size(10 * 1024 * 1024), metadata=doc("largest message accepted"))
-    max_recipients: int = field(default=1000, metadata=doc("recipients per message"))
+    max_recipients: int = field(default=1000, metadata=doc("recipients per message", positive=True))
     idle_timeout: Duration = field(
         default=Duration(300),
-        metadata=doc("a client must send each whole command within this, and each read of DATA"),
+        metadata=doc(
+            "a client must send each whole command within this, and each read of DATA",
+            positive=True,
+        ),
     )
     transfer_timeout: Duration = field(
-        default=Duration(600), metadata=doc("a whole message (DATA) must arrive within this")
+        default=Duration(600),
+        metadata=doc("a whole message (DATA) must arrive within this", positive=True),
     )
     session_timeout: Duration = field(
         default=Duration(3600), metadata=doc("longest session (0: no limit); then 421 4.4.2")
     )
     max_connections: int = field(
-        default=1000, metadata=doc("clients connected at once; more get 421 4.7.0")
+        default=1000, metadata=doc("clients connected at once; more get 421 4.7.0", positive=True)
     )
     allow_sender_routing: bool = field(
         default=False,
@@ -146,11 +150,17 @@ class SmtpDestinationConfig(DestinationConfig):
     protocol: Literal["smtp"] = "smtp"
     connect: ClientEndpoint = field(metadata=doc("server to relay to, e.g. tcp:127.0.0.1:25"))
     helo: str = field(default_factory=local_hostname, metadata=doc("name sent in EHLO"))
-    max_connections: int = field(default=10, metadata=doc("connections open at once"))
+    max_connections: int = field(
+        default=10, metadata=doc("connections open at once", positive=True)
+    )
     tls: Literal["none", "may", "require"] = field(
         default="may", metadata=doc("STARTTLS: never, when offered, or always")
     )
     tls_verify: bool = field(default=False, metadata=doc("verify the server's certificate"))
     ca: ConfigPath | None = field(default=None, metadata=doc("CA file for tls_verify"))
-    connect_timeout: Duration = field(default=Duration(30), metadata=doc("wait to connect"))
-    timeout: Duration = field(default=Duration(300), metadata=doc("wait for each reply"))
+    connect_timeout: Duration = field(
+        default=Duration(30), metadata=doc("wait to connect", positive=True)
+    )
+    timeout: Duration = field(
+        default=Duration(300), metadata=doc("wait for each reply", positive=True)
+    )
