@@ -380,7 +380,7 @@ class _NntpHandler:
         return None
 
     def on_auth(self, session: NntpSession, user: str, password: str) -> Response:
-        return Response(481, "no")
+        return Response(281, "ok") if password == "right" else Response(481, "no")
 
     def on_offer(self, session: NntpSession, command: str, message_id: str) -> Response:
         return Response(335 if command == "IHAVE" else 238, message_id)
@@ -532,3 +532,18 @@ def test_http_answers_429_to_a_client_connecting_too_often() -> None:
     refused = Session(factory).value()
     assert refused.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
     assert b"Retry-After: 20\r\n" in refused and b"you connect too often" in refused
+
+
+def test_a_logged_in_news_client_is_counted_as_its_user_wherever_it_connects_from() -> None:
+    factory, handler, _ = _nntp(NntpLimits(article_rate=Rate.parse("1/h")))
+    factory.auth_available = True
+    for host, message_id in (("192.0.2.7", b"<a@x>"), ("192.0.2.8", b"<b@x>")):
+        t = Session(factory, host)
+        assert t.codes(b"AUTHINFO USER feeder\r\nAUTHINFO PASS right\r\n") == [b"381", b"281"]
+        if host == "192.0.2.7":
+            assert t.codes(b"IHAVE " + message_id + b"\r\n") == [b"335"]
+            assert t.codes(ARTICLE) == [b"235"]
+        else:  # the user's one article an hour is spent
+            assert t.codes(b"IHAVE " + message_id + b"\r\n") == [b"436"]
+    # Another address without a login has its own count.
+    assert Session(factory, "192.0.2.8").codes(b"IHAVE <c@x>\r\n") == [b"335"]

@@ -191,11 +191,12 @@ class NntpServerProtocol(LineServerProtocol):
         guard = self._nntp_factory.guard
         if isinstance(event, OfferRequest):
             # An offer only looks at the rate: the article is counted when it arrives.
-            wait = guard.over("article_rate", self._peer_host)
+            wait = guard.over("article_rate", self._peer_host, session.user or "")
             if wait:
                 return _throttled(event.command, self._peer_host, wait)
             return handler.on_offer(session, event.command, event.message_id)
-        wait = guard.throttle("article_rate", self._peer_host)
+        # A client that logged in is counted as its user, wherever it connects from.
+        wait = guard.throttle("article_rate", self._peer_host, session.user or "")
         if not wait:
             return handler.on_article(session, event.command, event.message_id, event.data)
         if event.command == "TAKETHIS" and wait <= MAX_DELAY:
@@ -210,7 +211,9 @@ class NntpServerProtocol(LineServerProtocol):
             if not self._open:
                 return LOCAL_ERROR[event.command]  # the peer went away; it keeps the article
             waited += wait
-            wait = self._nntp_factory.guard.throttle("article_rate", self._peer_host)
+            wait = self._nntp_factory.guard.throttle(
+                "article_rate", self._peer_host, self.session.user or ""
+            )
         if wait:
             return _throttled(event.command, self._peer_host, wait)
         result = self._nntp_factory.handler.on_article(
