@@ -68,6 +68,11 @@ def _dummy() -> str:
     return hash_password("no user has this password: it only keeps the timing even")
 
 
+def _check(hashed: str | None, password: str) -> bool:
+    # In the thread: the stand-in hash for an unknown user is made there too (once).
+    return check_password(hashed or _dummy(), password)
+
+
 def parse_users(text: str, where: str) -> dict[str, str]:
     """``name:hash`` lines as a dict; UsersError names ``where`` and the line of a bad one."""
     users: dict[str, str] = {}
@@ -219,12 +224,10 @@ class Users:
         hashed = self.users.get(user)
         pool = getattr(self.reactor, "getThreadPool", None)
         if pool is None:  # a reactor without threads (a test clock): check here
-            return check_password(hashed or _dummy(), password) and hashed is not None
+            return _check(hashed, password) and hashed is not None
         await self._limit.acquire()
         try:
-            good: bool = await deferToThreadPool(
-                self.reactor, pool(), check_password, hashed or _dummy(), password
-            )
+            good: bool = await deferToThreadPool(self.reactor, pool(), _check, hashed, password)
         finally:
             self._limit.release()
         return good and hashed is not None
