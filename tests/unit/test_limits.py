@@ -535,7 +535,7 @@ def test_http_answers_429_to_a_client_connecting_too_often() -> None:
 
 
 def test_a_logged_in_news_client_is_counted_as_its_user_wherever_it_connects_from() -> None:
-    factory, handler, _ = _nntp(NntpLimits(article_rate=Rate.parse("1/h")))
+    factory, _, _ = _nntp(NntpLimits(article_rate=Rate.parse("1/h")))
     factory.auth_available = True
     for host, message_id in (("192.0.2.7", b"<a@x>"), ("192.0.2.8", b"<b@x>")):
         t = Session(factory, host)
