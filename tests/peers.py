@@ -82,10 +82,19 @@ def free_port(kind: Literal["tcp", "udp"] = "tcp") -> int:
     retry with a new port when that happens.
     """
     sock_type = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}[kind]
-    with socket.socket(socket.AF_INET, sock_type) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    while True:
+        with socket.socket(socket.AF_INET, sock_type) as sock:
+            sock.bind((LOOPBACK, 0))
+            port: int = sock.getsockname()[1]
+        # The kernel may hand the same port out again at once: a test that asks for
+        # two ports (a listener and the admin site) must get two different ones.
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            del _HANDED_OUT[:-256]
+            return port
+
+
+_HANDED_OUT: list[int] = []  # the ports free_port returned last, newest at the end
 
 
 def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:

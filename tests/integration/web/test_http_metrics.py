@@ -244,13 +244,14 @@ def test_default_routes_yaml_web_hook_and_proxy_routes(tmp_path: Path) -> None:
     text = (REPO_ROOT / "routes.yaml").read_text()
     web, app = free_port(), free_port()
     ports = {"tcp:8080:": f"tcp:{web}:", "127.0.0.1:8081": f"127.0.0.1:{app}"}
-    for old in ("tcp:2525:", "tcp:1119:", "udp:5353:", "tcp:5353:"):
+    for old in ("tcp:2525:", "tcp:5870:", "tcp:1119:", "udp:5353:", "tcp:5353:"):
         ports[old] = f"{old.split(':')[0]}:{free_port()}:"
     for old, new in ports.items():
         assert old in text, old
         text = text.replace(old, new)
     (tmp_path / "routes.yaml").write_text(text)
     shutil.copytree(REPO_ROOT / "plugins", tmp_path / "plugins")
+    shutil.copy(REPO_ROOT / "users", tmp_path / "users")
     payload = b'{"title": "Release 1.2", "by": "ci"}'
     digest = hmac.new(b"change-me", payload, hashlib.sha256).hexdigest()
     hook_url = f"http://{LOOPBACK}:{web}/hooks/deploy"
