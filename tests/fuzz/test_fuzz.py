@@ -16,7 +16,7 @@ from tests.peers import REPO_ROOT
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 # Inputs per harness in a test run: a few seconds each. Parsing routes.yaml is slower.
-RUNS = {"routes_yaml": 1500}
+RUNS = {"routes_yaml": 1500, "nntp_server": 3000}
 DEFAULT_RUNS = 8000
 
 
