@@ -1822,7 +1822,9 @@ def make_ca_signed_cert(directory: Path) -> tuple[Path, Path, Path]:
 TESTSSL_IGNORED = frozenset({"engine_problem", "OCSP_stapling"})
 
 
-def tls_session_resumed(port: int, ca: Path, version: str, scratch: Path) -> bool:
+def tls_session_resumed(
+    port: int, ca: Path, version: str, scratch: Path, starttls: str | None = None
+) -> bool:
     """Whether a TLS ``version`` ("tls1_2", "tls1_3") session with 127.0.0.1:port is resumed.
 
     openssl s_client saves the session (waiting for the server's tickets: in TLS 1.3
@@ -1841,6 +1843,7 @@ def tls_session_resumed(port: int, ca: Path, version: str, scratch: Path) -> boo
         f"-{version}",
         "-CAfile",
         str(ca),
+        *(["-starttls", starttls] if starttls else []),
     ]
     first = subprocess.Popen(
         [*base, "-sess_out", str(session)],

@@ -34,6 +34,7 @@ from tests.peers import (
     require_binary,
     run_testssl,
     swaks_send,
+    tls_session_resumed,
     wait_until,
 )
 from tests.support.tls import write_certificate
@@ -255,6 +256,15 @@ def test_nntp_implicit_tls_on_a_tls_endpoint(gw: Gateway) -> None:
         capabilities.append(line)
     assert b"STARTTLS" not in capabilities and b"POST" in capabilities
     sock.close()
+
+
+@pytest.mark.parametrize("protocol", ["smtp", "nntp"])
+@pytest.mark.parametrize("version", ["tls1_2", "tls1_3"])
+def test_sessions_started_with_starttls_are_resumed(
+    gw: Gateway, protocol: str, version: str
+) -> None:
+    """testssl.sh hangs up before TLS 1.3 tickets arrive ("connect problem"); s_client waits."""
+    assert tls_session_resumed(gw.ports[protocol], gw.ca, version, gw.root, starttls=protocol)
 
 
 # --------------------------------------------------------------------------- testssl.sh
