@@ -18,16 +18,18 @@ not tell which names exist.
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet.defer import DeferredSemaphore
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -119,6 +121,15 @@ def check_name(name: str) -> None:
         raise UsersError(f"a user name has no spaces or colons and does not start with #: {name!r}")
 
 
+def check_settings(users: Mapping[str, str], users_file: str | None, require_auth: bool) -> None:
+    """A listener's login settings, checked when the configuration is read (ValueError)."""
+    if require_auth and not users and users_file is None:
+        raise ValueError("require_auth needs 'users' or 'users_file' to authenticate against")
+    check_inline(users)
+    if users_file is not None:
+        read_users_file(users_file)  # a bad line is an error at check time
+
+
 def write_user(path: Path, name: str, password: str) -> bool:
     """Add ``name`` to the users file at ``path`` or change its password (True: it was new).
 
@@ -160,6 +171,21 @@ def _stamp(path: str) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return info.st_mtime_ns, info.st_size, info.st_ino
+
+
+class Login(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"  # a wrong name or password, answered FAILURE_DELAY late
+    LIMITED = "limited"  # the client failed too often: not even checked
+
+
+class _Counts(Protocol):
+    """What a login needs of the listener's Guard (its rates and counters)."""
+
+    auth_failures: int
+
+    def over(self, limit: str, host: str, user: str = "") -> float: ...
+    def throttle(self, limit: str, host: str, user: str = "") -> float: ...
 
 
 class Users:
@@ -217,6 +243,39 @@ class Users:
                 listener=self.name,
                 error=str(exc),
             )
+
+    async def log_in(
+        self, guard: _Counts, host: str, user: str, password: str
+    ) -> tuple[Login, float]:
+        """One login attempt from ``host``, as every listener with logins takes it: refused
+        unchecked past the client's auth_failure_rate (with the seconds to wait), a
+        failure counted against that rate and answered FAILURE_DELAY late."""
+        wait = guard.over("auth_failure_rate", host)
+        if wait:
+            log.info(
+                "listener {listener}: {client} failed to log in too often; refused",
+                listener=self.name,
+                client=host,
+            )
+            return Login.LIMITED, wait
+        if await self.verify(user, password):
+            log.info(
+                "listener {listener}: {client} authenticated as {user}",
+                listener=self.name,
+                client=host,
+                user=user,
+            )
+            return Login.OK, 0.0
+        guard.throttle("auth_failure_rate", host)
+        guard.auth_failures += 1
+        log.info(
+            "listener {listener}: authentication of {client} as {user} failed",
+            listener=self.name,
+            client=host,
+            user=user,
+        )
+        await deferLater(self.reactor, FAILURE_DELAY)
+        return Login.FAILED, 0.0
 
     async def verify(self, user: str, password: str) -> bool:
         """Whether ``password`` is ``user``'s (False for an unknown user, after as long)."""

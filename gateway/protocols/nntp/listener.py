@@ -50,7 +50,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from gateway.listening import StreamListener, duration_metric, message_metric, retry_after
@@ -61,7 +60,7 @@ from gateway.protocols.nntp.codec import Response, is_message_id
 from gateway.protocols.nntp.config import NntpListenerConfig
 from gateway.protocols.nntp.server import NntpServerFactory, NntpSession
 from gateway.stats import Histogram
-from gateway.users import FAILURE_DELAY, Users
+from gateway.users import Login, Users
 
 log = Logger(namespace="gateway.nntp.listener")
 
@@ -263,33 +262,13 @@ class NntpListener(StreamListener[NntpListenerConfig]):
 
     async def on_auth(self, session: NntpSession, user: str, password: str) -> Response:
         host = session.peer_host
-        wait = self.guard.over("auth_failure_rate", host)
-        if wait:
-            log.info(
-                "listener {listener}: {client} failed to log in too often; AUTHINFO refused",
-                listener=self.config.name,
-                client=host,
-            )
+        login, wait = await self.users.log_in(self.guard, host, user, password)
+        if login is Login.OK:
+            return Response(281, "Authentication accepted")
+        if login is Login.LIMITED:
             return Response(
                 400, f"Too many failed logins from {host}, try again in {retry_after(wait)} seconds"
             )
-        if await self.users.verify(user, password):
-            log.info(
-                "listener {listener}: {client} authenticated as {user}",
-                listener=self.config.name,
-                client=host,
-                user=user,
-            )
-            return Response(281, "Authentication accepted")
-        self.guard.throttle("auth_failure_rate", host)
-        self.guard.auth_failures += 1
-        log.info(
-            "listener {listener}: authentication of {client} as {user} failed",
-            listener=self.config.name,
-            client=host,
-            user=user,
-        )
-        await deferLater(self.reactor, FAILURE_DELAY)
         return Response(481, "Authentication failed")
 
     def on_offer(self, session: NntpSession, command: str, message_id: str) -> Response:

@@ -22,7 +22,7 @@ from gateway.config import (
 )
 from gateway.message import Kind, local_hostname
 from gateway.tls import TlsConfig
-from gateway.users import check_inline, read_users_file
+from gateway.users import check_settings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,11 +119,7 @@ class SmtpListenerConfig(ListenerConfig):
         return self.tls
 
     def __post_init__(self) -> None:
-        if self.require_auth and not self.users and self.users_file is None:
-            raise ValueError("require_auth needs 'users' or 'users_file' to authenticate against")
-        check_inline(self.users)
-        if self.users_file is not None:
-            read_users_file(self.users_file)  # a bad line is an error at check time
+        check_settings(self.users, self.users_file, self.require_auth)
         for user, addresses in self.senders.items():
             for address in addresses:
                 _, at, domain = address.rpartition("@")

@@ -12,17 +12,16 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from gateway.listening import StreamListener, duration_metric, message_metric
+from gateway.listening import StreamListener, duration_metric, message_metric, retry_after
 from gateway.message import MailMessage, new_message_id
 from gateway.ports import GatewayPort, Metric, Reason, Status, Verdict
 from gateway.protocols._line_server import drain_sessions
 from gateway.protocols.smtp.config import SmtpListenerConfig
 from gateway.protocols.smtp.server import Reply, SmtpServerFactory, SmtpSession
 from gateway.stats import Histogram
-from gateway.users import FAILURE_DELAY, Users
+from gateway.users import Login, Users
 
 log = Logger(namespace="gateway.smtp.listener")
 
@@ -198,23 +197,18 @@ class SmtpListener(StreamListener[SmtpListenerConfig]):
         return None
 
     async def on_auth(self, session: SmtpSession, user: str, password: str) -> Reply:
-        if await self.users.verify(user, password):
-            log.info(
-                "listener {listener}: {client} authenticated as {user}",
-                listener=self.config.name,
-                client=session.peer_host,
-                user=user,
-            )
+        host = session.peer_host
+        login, wait = await self.users.log_in(self.guard, host, user, password)
+        if login is Login.OK:
             return Reply(235, "2.7.0", "Authentication successful")
-        self.guard.throttle("auth_failure_rate", session.peer_host)
-        self.guard.auth_failures += 1
-        log.info(
-            "listener {listener}: authentication of {client} as {user} failed",
-            listener=self.config.name,
-            client=session.peer_host,
-            user=user,
-        )
-        await deferLater(self.reactor, FAILURE_DELAY)
+        if login is Login.LIMITED:
+            # A client guessing passwords: no more guesses on this connection (421 closes).
+            return Reply(
+                421,
+                "4.7.0",
+                f"{self.config.hostname} Too many failed logins from {host},"
+                f" try again in {retry_after(wait)} seconds",
+            )
         return Reply(535, "5.7.8", "Authentication credentials invalid")
 
     def on_recipient(

@@ -236,15 +236,6 @@ class SmtpServerProtocol(LineServerProtocol):
                 return _throttled("Too many recipients from", session.user or self._peer_host, wait)
             return handler.on_recipient(session, event.sender, event.recipient, event.params)
         if isinstance(event, AuthRequest):
-            wait = guard.over("auth_failure_rate", self._peer_host)
-            if wait:
-                # A client guessing passwords: no more guesses on this connection.
-                return Reply(
-                    421,
-                    "4.7.0",
-                    f"{self._smtp_factory.hostname} Too many failed logins from"
-                    f" {self._peer_host}, try again in {retry_after(wait)} seconds",
-                )
             return handler.on_auth(session, event.user, event.password)
         return handler.on_message(session, event.sender, event.recipients, event.data)
 
