@@ -457,13 +457,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue_command("list", "the deliveries waiting in the queue", True)
     queue_command("dead", "the dead letters (deliveries given up on)", True)
-    show = queue_command("show", "one delivery: its fields, history and message header", True)
-    show.add_argument("id", metavar="ID")
+    ids = (
+        "a queue id (as in '250 Ok: queued as ID': every delivery of that message),"
+        " a delivery id (ID.N) or a Message-ID"
+    )
+    show = queue_command(
+        "show", "a message's deliveries: their fields, history and the message header", True
+    )
+    show.add_argument("id", metavar="ID", help=ids)
     retry = queue_command("retry", "make deliveries due now, reviving dead letters", False)
-    retry.add_argument("ids", nargs="*", metavar="ID")
+    retry.add_argument("ids", nargs="*", metavar="ID", help=ids)
     retry.add_argument("--all", action="store_true", help="every delivery, dead ones included")
     drop = queue_command("drop", "delete deliveries from the spool for good", False)
-    drop.add_argument("ids", nargs="+", metavar="ID")
+    drop.add_argument("ids", nargs="+", metavar="ID", help=ids)
     return parser
 
 

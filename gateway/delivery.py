@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from gateway.bounce import make_bounce
 from gateway.config import DestinationConfig
-from gateway.message import MailMessage, Message
+from gateway.message import MailMessage, Message, addressed_to
 from gateway.ports import Deliverer, Outcome, Reason, RecipientFailure, Status
 from gateway.spool import Delivery, SpoolBackend, SpoolError
 from gateway.stats import Histogram
@@ -275,9 +275,11 @@ class DeliveryManager:
             await change()
         except SpoolError as exc:
             log.error(
-                "id={id} destination={destination}: the spool cannot record that the delivery"
-                " was {what} ({error}); it is held and recording is tried again every {interval}s",
-                id=delivery.id,
+                "id={id} delivery={delivery} destination={destination}: the spool cannot record"
+                " that the delivery was {what} ({error}); it is held and recording is tried"
+                " again every {interval}s",
+                id=delivery.queue_id,
+                delivery=delivery.id,
                 destination=delivery.destination,
                 what=what,
                 error=str(exc),
@@ -297,8 +299,10 @@ class DeliveryManager:
                 if delivery.msgid:
                     self._msgids.discard((delivery.destination, delivery.msgid))
                 log.info(
-                    "id={id}: the spool has now recorded that the delivery was {what}",
-                    id=delivery.id,
+                    "id={id} delivery={delivery}: the spool has now recorded that the delivery"
+                    " was {what}",
+                    id=delivery.queue_id,
+                    delivery=delivery.id,
                     what=what,
                 )
         finally:
@@ -326,9 +330,11 @@ class DeliveryManager:
                 delivery.destination, delivery.msgid, now - config.duplicate_window
             ):
                 log.info(
-                    "id={id} msgid={msgid} route={route} destination={destination}"
-                    " outcome=duplicate detail=already delivered within {window}s",
-                    id=delivery.id,
+                    "id={id} delivery={delivery} msgid={msgid} route={route}"
+                    " destination={destination} outcome=duplicate"
+                    " detail=already delivered within {window}s",
+                    id=delivery.queue_id,
+                    delivery=delivery.id,
                     msgid=delivery.msgid,
                     route=delivery.route,
                     destination=delivery.destination,
@@ -372,20 +378,9 @@ class DeliveryManager:
         outcome: Outcome,
         now: float,
     ) -> None:
-        log.info(
-            "id={id} msgid={msgid} route={route} destination={destination} to={to}"
-            " attempt={attempt} outcome={outcome} detail={detail}",
-            id=delivery.id,
-            msgid=delivery.msgid,
-            route=delivery.route,
-            destination=delivery.destination,
-            to=",".join(delivery.recipients),
-            attempt=delivery.attempts + 1,
-            outcome=str(outcome.status),
-            detail=outcome.detail,
-        )
         self.counters.count(delivery.destination, str(outcome.status))
         if outcome.status is Status.DELIVERED:
+            self._log_try(delivery, message, "delivered", outcome.detail)
             self.counters.delivered += 1
             forget_before = now - config.duplicate_window
             await self._record(
@@ -411,16 +406,17 @@ class DeliveryManager:
             return
         refused = {f.recipient for f in failures}
         remaining = outcome.failed or tuple(r for r in delivery.recipients if r not in refused)
+        bounced = False
         if failures:
-            await self._bounce(delivery, message, failures)
+            bounced = await self._bounce(delivery, message, failures)
         if not remaining and delivery.recipients:
             # Every recipient left was refused for good, and bounced just now.
             # (Articles have no recipients: a temporary failure is retried.)
-            await self._dead(delivery, message, outcome.detail, [])
+            await self._dead(delivery, message, outcome.detail, [], bounced)
             return
         # Measured now, when the outcome is known: a try that started just inside max_age
         # and failed after it is past it.
-        age = self.clock() - delivery.created
+        age = self.clock() - delivery.since
         if age >= config.max_age:
             expired = [
                 RecipientFailure(
@@ -434,6 +430,7 @@ class DeliveryManager:
             ]
             await self._dead(delivery, message, f"too old ({age:.0f}s): {outcome.detail}", expired)
             return
+        self._log_try(delivery, message, "temporary", outcome.detail)
         self.counters.deferred += 1
         wait = backoff(config, delivery.attempts + 1, self.rng)
         if outcome.retry_after is not None:
@@ -447,45 +444,79 @@ class DeliveryManager:
             lambda: self.spool.defer(delivery, now + wait, outcome.detail, tuple(remaining)),
         )
 
+    def _log_try(
+        self, delivery: Delivery, message: Message | None, outcome: str, detail: str
+    ) -> None:
+        """The one log line of a try: delivered, temporary (tried again later) or dead."""
+        emit = log.warn if outcome == "dead" else log.info
+        emit(
+            "id={id} delivery={delivery} msgid={msgid} route={route} destination={destination}"
+            " to={to} attempt={attempt} outcome={outcome} detail={detail}",
+            id=delivery.queue_id,
+            delivery=delivery.id,
+            msgid=delivery.msgid,
+            route=delivery.route,
+            destination=delivery.destination,
+            to=",".join(delivery.recipients or addressed_to(message)),
+            attempt=delivery.attempts + 1,
+            outcome=outcome,
+            detail=detail,
+        )
+
     async def _dead(
         self,
         delivery: Delivery,
         message: Message | None,
         reason: str,
         failures: list[RecipientFailure],
+        bounced: bool = False,
     ) -> None:
+        """Make the delivery a dead letter and tell the sender (once: a dead letter that
+        ``gateway queue retry`` revived and that fails again sends no second bounce).
+
+        The bounce is queued before the dead letter is recorded: a crash between the
+        two tries the delivery again rather than leave the sender untold.
+        """
         self.counters.dead += 1
-        log.warn(
-            "id={id} msgid={msgid} route={route} destination={destination}"
-            " outcome=dead detail={detail}",
-            id=delivery.id,
-            msgid=delivery.msgid,
-            route=delivery.route,
-            destination=delivery.destination,
-            detail=reason,
+        self._log_try(delivery, message, "dead", reason)
+        if delivery.bounced and failures:
+            log.info(
+                "id={id} delivery={delivery}: no second bounce, the sender had one already",
+                id=delivery.queue_id,
+                delivery=delivery.id,
+            )
+            bounced = True
+        elif failures:
+            bounced = await self._bounce(delivery, message, failures)
+        told = bounced or delivery.bounced
+        await self._record(
+            delivery, "a dead letter", lambda: self.spool.kill(delivery, reason, told)
         )
-        await self._record(delivery, "a dead letter", lambda: self.spool.kill(delivery, reason))
-        await self._bounce(delivery, message, failures)
 
     async def _bounce(
         self, delivery: Delivery, message: Message | None, failures: list[RecipientFailure]
-    ) -> None:
+    ) -> bool:
+        """Queue a bounce for ``failures`` to the sender; whether one was queued."""
         if not isinstance(message, MailMessage) or not message.sender or not failures:
-            return  # no bounces for news, for bounces (empty sender), or when nothing failed
+            return False  # no bounces for news, for bounces (empty sender), or when nothing failed
         bounce = make_bounce(message, failures, self.gateway.hostname_for(message.listener))
         verdict = await self.gateway.accept(bounce)
         if verdict.status is Status.DELIVERED:
             self.counters.bounces += 1
             log.info(
-                "id={id} bounce {bounce} queued for {sender}",
-                id=delivery.id,
+                "id={id} delivery={delivery}: bounce {bounce} queued for {sender}",
+                id=delivery.queue_id,
+                delivery=delivery.id,
                 bounce=bounce.id,
                 sender=message.sender,
             )
+            return True
         else:
             log.warn(
-                "id={id} the bounce to {sender} could not be queued: {why}",
-                id=delivery.id,
+                "id={id} delivery={delivery}: the bounce to {sender} could not be queued: {why}",
+                id=delivery.queue_id,
+                delivery=delivery.id,
                 sender=message.sender,
                 why=verdict.detail,
             )
+            return False

@@ -345,6 +345,16 @@ def register_kind(spec: KindSpec) -> None:
     KINDS[spec.kind] = spec
 
 
+def addressed_to(message: Message | None) -> tuple[str, ...]:
+    """Where a message is going, for log lines: a mail's recipients, an article's
+    newsgroups; nothing for the other kinds."""
+    if isinstance(message, MailMessage):
+        return message.recipients
+    if isinstance(message, Article):
+        return message.newsgroups
+    return ()
+
+
 class NotStored(Exception):
     """A message of a kind the spool does not store, or a stored one it cannot read."""
 

@@ -209,7 +209,7 @@ def transform(
             func=func,
             accepts=frozenset(Kind(k) for k in accepts),
             produces=Kind(produces) if produces is not None else None,
-            origin=f"{func.__module__}.{func.__qualname__}",
+            origin=_origin(func),
             one_copy=one_copy,
             options=declared,
         )
@@ -217,6 +217,15 @@ def transform(
         return func
 
     return mark
+
+
+def _origin(func: Callable[..., Any]) -> str:
+    """Where a transform is written, for people: its file and line, and its name."""
+    code = getattr(func, "__code__", None)
+    qualname = getattr(func, "__qualname__", repr(func))
+    if code is None:
+        return f"{getattr(func, '__module__', '?')}.{qualname}"
+    return f"{code.co_filename}:{code.co_firstlineno} ({qualname})"
 
 
 class PluginError(Exception):

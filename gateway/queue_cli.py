@@ -179,7 +179,11 @@ async def _listing(state: str, spool: SpoolBackend, args: argparse.Namespace) ->
     if dead:
         print(f"{_plural(len(entries), 'dead letter', 'dead letters')}, oldest {oldest}")
     else:
-        print(f"{_plural(len(entries), 'delivery', 'deliveries')} queued, oldest {oldest}")
+        messages = len({d.queue_id for d in entries})
+        print(
+            f"{_plural(len(entries), 'delivery', 'deliveries')} of"
+            f" {_plural(messages, 'message', 'messages')} queued, oldest {oldest}"
+        )
     return 0
 
 
@@ -191,80 +195,100 @@ async def cmd_dead(spool: SpoolBackend, args: argparse.Namespace, where: str) ->
     return await _listing(DEAD, spool, args)
 
 
-async def _find(spool: SpoolBackend, ids: Sequence[str], where: str) -> list[Delivery] | None:
-    """The deliveries with these ids, or None (having said which are unknown)."""
-    found: list[Delivery] = []
+async def _find(spool: SpoolBackend, keys: Sequence[str], where: str) -> list[Delivery] | None:
+    """The deliveries these keys name (see SpoolBackend.find), or None (having said
+    which keys name nothing)."""
+    found: dict[str, Delivery] = {}
     unknown: list[str] = []
-    for delivery_id in dict.fromkeys(ids):
-        delivery = await spool.entry(delivery_id)
-        if delivery is None:
-            unknown.append(delivery_id)
-        else:
-            found.append(delivery)
-    for delivery_id in unknown:
+    for key in dict.fromkeys(keys):
+        named = await spool.find(key)
+        if not named:
+            unknown.append(key)
+        for delivery in named:
+            found.setdefault(delivery.id, delivery)
+    for key in unknown:
         _error(
-            f"no delivery with id {delivery_id} in {where}; "
+            f"no message or delivery with id {key} in {where}; "
             "'gateway queue list' and 'gateway queue dead' show the ids"
         )
-    return None if unknown else found
+    return None if unknown else list(found.values())
 
 
 async def cmd_show(spool: SpoolBackend, args: argparse.Namespace, where: str) -> int:
     found = await _find(spool, [args.id], where)
     if found is None:
         return 1
-    [delivery] = found
-    history = await spool.history(delivery.id)
+    first = found[0]
+    histories = [await spool.history(d.id) for d in found]
     message: Message | None = None
     missing = ""
     try:
-        message = await spool.load(delivery)
+        message = await spool.load(first)
     except SpoolError as exc:
         missing = str(exc)
     header = getattr(message, "headers", None)
     header_text = header.to_bytes().decode("utf-8", "replace") if header is not None else ""
     sender: str | None = getattr(message, "sender", None)
     if args.json:
-        record = _record(delivery)
-        record["history"] = [{"at": at, "at_iso": _iso(at), "event": ev} for at, ev in history]
-        record["message"] = (
-            None
-            if message is None
-            else {
-                "kind": message.kind.value,
-                "sender": sender,
-                "listener": message.listener,
-                "client": message.client,
-                "header": header_text,
+        deliveries = []
+        for delivery, history in zip(found, histories, strict=True):
+            record = _record(delivery)
+            record["history"] = [
+                {"at": at, "at_iso": _iso(at), "event": ev} for at, ev in history
+            ]
+            deliveries.append(record)
+        _print_json(
+            {
+                "queue_id": first.queue_id,
+                "msgid": first.msgid,
+                "created": first.created,
+                "created_iso": _iso(first.created),
+                "message": None
+                if message is None
+                else {
+                    "kind": message.kind.value,
+                    "sender": sender,
+                    "listener": message.listener,
+                    "client": message.client,
+                    "header": header_text,
+                },
+                "deliveries": deliveries,
             }
         )
-        _print_json(record)
     else:
         now = time.time()
-        age = human_duration(now - delivery.created)
         fields = [
-            ("id", delivery.id),
-            ("state", "dead letter" if delivery.state == DEAD else delivery.state),
-            ("route", delivery.route),
-            ("destination", delivery.destination),
-            ("recipients", ", ".join(delivery.recipients) or "-"),
-            ("message-id", delivery.msgid or "-"),
-            ("created", f"{_local(delivery.created)} ({age} ago)"),
-            ("attempts", str(delivery.attempts)),
+            ("queue id", first.queue_id),
+            ("message-id", first.msgid or "-"),
+            ("created", f"{_local(first.created)} ({human_duration(now - first.created)} ago)"),
         ]
-        if delivery.state != DEAD:
-            when = next_try_text(delivery.next_try, now)
-            fields.append(("next try", f"{_local(delivery.next_try)} ({when})"))
-        fields.append(("last error", _one_line(delivery.last_error)))
         if message is not None:
             fields.append(("received from", f"{message.client or '-'} on {message.listener}"))
         if sender is not None:
             fields.append(("sender", f"<{sender}>"))
-        for name, value in fields:
-            print(f"{name + ':':<15}{value}")
-        print("\nhistory:")
-        for at, event in history:
-            print(f"  {_local(at)}  {_one_line(event)}")
+        _print_fields(fields, "")
+        for delivery, history in zip(found, histories, strict=True):
+            fields = [
+                ("id", delivery.id),
+                ("state", "dead letter" if delivery.state == DEAD else delivery.state),
+                ("route", delivery.route),
+                ("destination", delivery.destination),
+                ("recipients", ", ".join(delivery.recipients) or "-"),
+                ("attempts", str(delivery.attempts)),
+            ]
+            if delivery.state != DEAD:
+                when = next_try_text(delivery.next_try, now)
+                fields.append(("next try", f"{_local(delivery.next_try)} ({when})"))
+            if delivery.revived:
+                fields.append(("revived", _local(delivery.revived)))
+            if delivery.bounced:
+                fields.append(("bounced", "the sender has been sent a bounce for it"))
+            fields.append(("last error", _one_line(delivery.last_error)))
+            print(f"\ndelivery {delivery.id}:")
+            _print_fields(fields, "  ")
+            print("  history:")
+            for at, event in history:
+                print(f"    {_local(at)}  {_one_line(event)}")
         print("\nheader:")
         for line in header_text.splitlines():
             print(f"  {line}")
@@ -272,6 +296,11 @@ async def cmd_show(spool: SpoolBackend, args: argparse.Namespace, where: str) ->
         _error(missing)
         return 1
     return 0
+
+
+def _print_fields(fields: Sequence[tuple[str, str]], indent: str) -> None:
+    for name, value in fields:
+        print(f"{indent}{name + ':':<15}{value}")
 
 
 async def cmd_retry(spool: SpoolBackend, args: argparse.Namespace, where: str) -> int:

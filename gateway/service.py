@@ -24,7 +24,7 @@ from gateway.config import Config, ConfigError, ListenerConfig, Problem, Route, 
 from gateway.delivery import DeliveryManager
 from gateway.destination import build_destination
 from gateway.listening import Listener
-from gateway.message import Message, local_hostname
+from gateway.message import Message, addressed_to, local_hostname
 from gateway.plugins import PluginError, Transforms, load_transforms
 from gateway.ports import Destination, Reason, RouteTable, Status, Verdict
 from gateway.protocols import registry
@@ -468,7 +468,7 @@ class GatewayService(MultiService):
             return Verdict(Status.DELIVERED, Reason.NONE, "dropped by a transform")
         if self.spool is None or self.delivery is None:
             return Verdict(Status.TEMPORARY, Reason.UNAVAILABLE, "the spool is not open")
-        items = [Stored(r.message, r.route.name, r.destinations) for r in routed]
+        items = [Stored(r.message, r.route.name, r.destinations, message.id) for r in routed]
         try:
             deliveries = await self.spool.put(items, state)
         except SpoolError as exc:
@@ -481,7 +481,7 @@ class GatewayService(MultiService):
         msgid = getattr(message, "message_id", None) or ""
         for item in routed:
             self._count_route(item.route.name, "queued")
-            recipients = getattr(item.message, "recipients", ())
+            recipients = addressed_to(item.message)
             log.info(
                 "id={id} msgid={msgid} route={route} to={to} outcome=queued destinations={dests}",
                 id=message.id,

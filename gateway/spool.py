@@ -15,6 +15,7 @@ methods; nothing outside this module touches SQL.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -69,15 +70,34 @@ class Delivery:
     next_try: float = 0.0
     last_error: str = ""
     state: str = QUEUED
+    # The id the sender was given ("250 Ok: queued as ID"), shared by every delivery
+    # of that message; a delivery's own id is "ID.N".  Rows from before queue ids: id.
+    queue_id: str = ""
+    # When `gateway queue retry` last revived it from the dead letters (0: never);
+    # max_age counts from then, so a revived delivery gets a whole schedule again.
+    revived: float = 0.0
+    # Its sender has had a bounce for it: a second failure after a revival sends none.
+    bounced: bool = False
+
+    @property
+    def since(self) -> float:
+        """When this delivery's schedule began: arrival, or its latest revival."""
+        return max(self.created, self.revived)
 
 
 @dataclass(frozen=True)
 class Stored:
-    """What put() needs: a routed message, its route and its destinations."""
+    """What put() needs: a routed message, its route and its destinations.
+
+    The deliveries are filed under ``queue_id``, the id of the message as it
+    arrived (the routed copies of one message share it); by default the routed
+    message's own id.
+    """
 
     message: Message
     route: str
     destinations: tuple[str, ...]
+    queue_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,8 +159,8 @@ class SpoolBackend(Protocol):
         """Record a failed try; try again at ``next_try`` for ``recipients``."""
         ...
 
-    async def kill(self, delivery: Delivery, error: str) -> None:
-        """Move a delivery to the dead-letter queue."""
+    async def kill(self, delivery: Delivery, error: str, bounced: bool = False) -> None:
+        """Make the delivery a dead letter; ``bounced``: its sender has been told."""
         ...
 
     async def seen(self, destination: str, msgid: str, since: float) -> bool:
@@ -151,6 +171,12 @@ class SpoolBackend(Protocol):
 
     async def entry(self, delivery_id: str) -> Delivery | None:
         """The delivery with this id, queued or dead; None if there is none."""
+        ...
+
+    async def find(self, key: str) -> list[Delivery]:
+        """The deliveries that ``key`` names, queued or dead: the one with that delivery
+        id, else those of the message with that queue id, else those whose
+        Message-ID it is (with or without its angle brackets)."""
         ...
 
     async def history(self, delivery_id: str) -> list[tuple[float, str]]: ...
@@ -182,7 +208,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_try REAL NOT NULL,
     last_error TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL
+    state TEXT NOT NULL,
+    queue_id TEXT NOT NULL DEFAULT '',
+    revived REAL NOT NULL DEFAULT 0,
+    bounced INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_try);
 CREATE INDEX IF NOT EXISTS deliveries_message ON deliveries (message_id);
@@ -207,8 +236,15 @@ CREATE TABLE IF NOT EXISTS state (
 
 _COLUMNS = (
     "id, message_id, route, destination, recipients, msgid, created, attempts, next_try,"
-    " last_error, state"
+    " last_error, state, queue_id, revived, bounced"
 )
+# Columns added since the first spools; an older spool gets them when it is opened.
+_ADDED_COLUMNS = {
+    "queue_id": "TEXT NOT NULL DEFAULT ''",
+    "revived": "REAL NOT NULL DEFAULT 0",
+    "bounced": "INTEGER NOT NULL DEFAULT 0",
+}
+_QUEUE_ID_INDEX = "CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (queue_id)"
 
 
 def _row(row: Sequence[Any]) -> Delivery:
@@ -224,6 +260,9 @@ def _row(row: Sequence[Any]) -> Delivery:
         next_try=row[8],
         last_error=row[9],
         state=row[10],
+        queue_id=row[11] or row[0],
+        revived=row[12],
+        bounced=bool(row[13]),
     )
 
 
@@ -292,6 +331,11 @@ class SqliteSpool:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=OFF")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in columns:
+                db.execute(f"ALTER TABLE deliveries ADD COLUMN {column} {kind}")
+        db.execute(_QUEUE_ID_INDEX)
         (page,) = db.execute("PRAGMA page_size").fetchone()
         self._page_size = int(page)
         return db
@@ -508,6 +552,7 @@ class SqliteSpool:
         now = self.clock()
         rows: list[Delivery] = []
         payloads: list[tuple[str, bytes]] = []
+        numbers: dict[str, int] = {}
         for item in items:
             payload_id = new_message_id(now)
             try:
@@ -516,10 +561,12 @@ class SqliteSpool:
                 raise SpoolError(str(exc)) from None
             recipients = item.message.recipients if isinstance(item.message, MailMessage) else ()
             msgid = getattr(item.message, "message_id", None) or ""
+            queue_id = item.queue_id or item.message.id
             for destination in item.destinations:
+                number = numbers[queue_id] = numbers.get(queue_id, 0) + 1
                 rows.append(
                     Delivery(
-                        id=new_message_id(now),
+                        id=f"{queue_id}.{number}",
                         message_id=payload_id,
                         route=item.route,
                         destination=destination,
@@ -527,14 +574,13 @@ class SqliteSpool:
                         msgid=msgid,
                         created=item.message.received,
                         next_try=now,
+                        queue_id=queue_id,
                     )
                 )
 
-        def store(db: sqlite3.Connection) -> list[Delivery]:
-            self._check_room(db, sum(len(data) for _, data in payloads))
-            db.executemany("INSERT INTO messages (id, data) VALUES (?, ?)", payloads)
+        def insert(db: sqlite3.Connection, rows: list[Delivery]) -> None:
             db.executemany(
-                f"INSERT INTO deliveries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO deliveries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,0,0)",
                 [
                     (
                         d.id,
@@ -548,10 +594,27 @@ class SqliteSpool:
                         d.next_try,
                         "",
                         QUEUED,
+                        d.queue_id,
                     )
                     for d in rows
                 ],
             )
+
+        def store(db: sqlite3.Connection) -> list[Delivery]:
+            nonlocal rows
+            self._check_room(db, sum(len(data) for _, data in payloads))
+            db.executemany("INSERT INTO messages (id, data) VALUES (?, ?)", payloads)
+            db.execute("SAVEPOINT rows")
+            try:
+                insert(db, rows)
+                db.execute("RELEASE rows")
+            except sqlite3.IntegrityError:
+                # The same message stored a second time: its deliveries go on after
+                # those already filed under its queue id.
+                db.execute("ROLLBACK TO rows")
+                db.execute("RELEASE rows")
+                rows = _renumbered(db, rows)
+                insert(db, rows)
             db.executemany(
                 "INSERT INTO history (delivery_id, at, event) VALUES (?, ?, ?)",
                 [(d.id, now, f"accepted by route {d.route}") for d in rows],
@@ -644,14 +707,14 @@ class SqliteSpool:
 
         await self._submit(change)
 
-    async def kill(self, delivery: Delivery, error: str) -> None:
+    async def kill(self, delivery: Delivery, error: str, bounced: bool = False) -> None:
         now = self.clock()
 
         def change(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, state = ?"
-                " WHERE id = ?",
-                (error, DEAD, delivery.id),
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, state = ?,"
+                " bounced = bounced OR ? WHERE id = ?",
+                (error, DEAD, bounced, delivery.id),
             )
             db.execute(
                 "INSERT INTO history (delivery_id, at, event) VALUES (?, ?, ?)",
@@ -688,6 +751,23 @@ class SqliteSpool:
 
         return await self._submit(query, write=False)
 
+    async def find(self, key: str) -> list[Delivery]:
+        bare = key.strip()
+        msgid = bare if bare.startswith("<") else f"<{bare}>"
+
+        def query(db: sqlite3.Connection) -> list[Delivery]:
+            for where, value in (("id", bare), ("queue_id", bare), ("msgid", msgid)):
+                cur = db.execute(
+                    f"SELECT {_COLUMNS} FROM deliveries WHERE {where} = ? ORDER BY created, id",
+                    (value,),
+                )
+                found = list(map(_row, cur.fetchall()))
+                if found:
+                    return found
+            return []
+
+        return await self._submit(query, write=False)
+
     async def history(self, delivery_id: str) -> list[tuple[float, str]]:
         def query(db: sqlite3.Connection) -> list[tuple[float, str]]:
             cur = db.execute(
@@ -700,16 +780,31 @@ class SqliteSpool:
 
     async def retry(self, delivery_ids: Sequence[str] | None) -> int:
         now = self.clock()
+        # A dead letter brought back starts a new schedule: its tries count from zero
+        # and max_age from now.  A queued delivery only becomes due now.
+        revive = (
+            "UPDATE deliveries SET attempts = 0, revived = ?, next_try = ?, state = ?"
+            " WHERE state = ?"
+        )
+        hurry = "UPDATE deliveries SET next_try = ? WHERE state = ?"
+        note = (
+            "INSERT INTO history (delivery_id, at, event) SELECT id, ?, ? FROM deliveries"
+            " WHERE state = ?"
+        )
+        event = "revived from the dead letters by 'gateway queue retry'"
 
         def change(db: sqlite3.Connection) -> int:
+            # The queued ones first: those revived next must not be counted twice.
             if delivery_ids is None:
-                cur = db.execute("UPDATE deliveries SET next_try = ?, state = ?", (now, QUEUED))
-            else:
-                cur = db.executemany(
-                    "UPDATE deliveries SET next_try = ?, state = ? WHERE id = ?",
-                    [(now, QUEUED, i) for i in delivery_ids],
-                )
-            return int(cur.rowcount)
+                count = db.execute(hurry, (now, QUEUED)).rowcount
+                db.execute(note, (now, event, DEAD))
+                return int(count) + int(db.execute(revive, (now, now, QUEUED, DEAD)).rowcount)
+            count = 0
+            for i in delivery_ids:
+                count += db.execute(hurry + " AND id = ?", (now, QUEUED, i)).rowcount
+                db.execute(note + " AND id = ?", (now, event, DEAD, i))
+                count += db.execute(revive + " AND id = ?", (now, now, QUEUED, DEAD, i)).rowcount
+            return count
 
         return await self._submit(change)
 
@@ -738,6 +833,20 @@ class SqliteSpool:
             return Stats(int(queued), int(dead), oldest)
 
         return await self._submit(query, write=False)
+
+
+def _renumbered(db: sqlite3.Connection, rows: list[Delivery]) -> list[Delivery]:
+    """``rows`` with delivery numbers after the highest already filed under their queue id."""
+    taken: dict[str, int] = {}
+    out = []
+    for d in rows:
+        if d.queue_id not in taken:
+            ids = db.execute("SELECT id FROM deliveries WHERE queue_id = ?", (d.queue_id,))
+            numbers = [int(i.rpartition(".")[2]) for (i,) in ids if i.rpartition(".")[2].isdigit()]
+            taken[d.queue_id] = max(numbers, default=0)
+        taken[d.queue_id] += 1
+        out.append(dataclasses.replace(d, id=f"{d.queue_id}.{taken[d.queue_id]}"))
+    return out
 
 
 def _forget_unused_message(db: sqlite3.Connection, message_id: str) -> None:

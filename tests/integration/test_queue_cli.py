@@ -65,6 +65,7 @@ class Spooled:
     down_port: int  # where the queued mail would go; nothing listens there yet
     queued: dict[str, str]  # recipient -> delivery id
     dead: str  # the id of the dead letter
+    queue_ids: dict[str, str]  # recipient -> the id in the SMTP answer "250 Ok: queued as ID"
 
 
 @pytest.fixture
@@ -102,11 +103,13 @@ routes:
     to: hard
 """)
     gw.start(port)
+    queue_ids = {}
     for n, rcpt in enumerate([*QUEUED_TO, "x@hard.test"]):
         code, transcript = swaks_send(
             port, rcpt, headers={"Subject": f"spooled {n}", "Message-Id": f"<q{n}@client.test>"}
         )
         assert code == SwaksExit.OK, transcript
+        queue_ids[rcpt] = re.findall(r"250 2\.0\.0 Ok: queued as (\w+)", transcript)[-1]
     config = gw.config_path
 
     def first_tries_done() -> tuple[list[Any], list[Any]] | None:
@@ -122,6 +125,7 @@ routes:
         down_port=down,
         queued={d["recipients"][0]: d["id"] for d in queued},
         dead=dead[0]["id"],
+        queue_ids=queue_ids,
     )
 
 
@@ -134,7 +138,7 @@ def test_list_shows_the_queued_deliveries_in_aligned_columns(spooled: Spooled) -
         "ID", "AGE", "ROUTE", "DESTINATION", "RECIPIENTS", "ATTEMPTS", "NEXT", "TRY", "LAST", "ERROR",
     ]  # fmt: skip
     assert len(rows) == 2
-    assert re.fullmatch(r"2 deliveries queued, oldest \d+[sm]", summary), summary
+    assert re.fullmatch(r"2 deliveries of 2 messages queued, oldest \d+[sm]", summary), summary
     for rcpt, row in zip(QUEUED_TO, rows, strict=True):
         assert row.startswith(spooled.queued[rcpt] + " ")
         cells = row.split(None, 7)
@@ -183,11 +187,14 @@ def test_show_prints_the_fields_the_history_and_the_header(spooled: Spooled) -> 
     out = queue(spooled.config, "show", wanted)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert re.search(rf"^id: +{wanted}$", text, re.M), text
-    assert re.search(r"^route: +to-down$", text, re.M)
-    assert re.search(r"^recipients: +x1@down\.test$", text, re.M)
+    assert re.search(rf"^queue id: +{spooled.queue_ids['x1@down.test']}$", text, re.M), text
+    assert re.search(r"^message-id: +<q1@client\.test>$", text, re.M), text
     assert re.search(r"^sender: +<sender@client\.test>$", text, re.M)
-    history = text.split("\nhistory:\n")[1].split("\n\n")[0].splitlines()
+    assert re.search(rf"^delivery {re.escape(wanted)}:$", text, re.M), text
+    assert re.search(rf"^  id: +{re.escape(wanted)}$", text, re.M), text
+    assert re.search(r"^  route: +to-down$", text, re.M)
+    assert re.search(r"^  recipients: +x1@down\.test$", text, re.M)
+    history = text.split("\n  history:\n")[1].split("\n\n")[0].splitlines()
     assert "accepted by route to-down" in history[0]
     assert "deferred: " in history[1] and "connection refused" in history[1].lower()
     header = text.split("\nheader:\n")[1]
@@ -195,17 +202,44 @@ def test_show_prints_the_fields_the_history_and_the_header(spooled: Spooled) -> 
     assert "  Message-Id: <q1@client.test>\n" in header
 
     shown = queue_json(spooled.config, "show", wanted)
-    assert shown["id"] == wanted and shown["attempts"] >= 1
-    assert shown["history"][0]["event"] == "accepted by route to-down"
-    assert shown["history"][1]["event"].startswith("deferred: ")
+    assert shown["queue_id"] == spooled.queue_ids["x1@down.test"]
+    [delivery] = shown["deliveries"]
+    assert delivery["id"] == wanted and delivery["attempts"] >= 1
+    assert delivery["history"][0]["event"] == "accepted by route to-down"
+    assert delivery["history"][1]["event"].startswith("deferred: ")
     assert shown["message"]["sender"] == "sender@client.test"
     assert "Subject: spooled 1\n" in shown["message"]["header"]
+
+
+def test_the_id_in_the_smtp_answer_names_the_message_everywhere(spooled: Spooled) -> None:
+    """'250 Ok: queued as ID': that ID is the one in the log, the listing and every command."""
+    qid = spooled.queue_ids["x0@down.test"]
+    assert spooled.queued["x0@down.test"] == f"{qid}.1"
+    shown = queue_json(spooled.config, "show", qid)
+    assert shown["queue_id"] == qid
+    assert [d["id"] for d in shown["deliveries"]] == [f"{qid}.1"]
+    # The Message-ID names it as well (as an NNTP answer gives it).
+    assert queue_json(spooled.config, "show", "q0@client.test")["queue_id"] == qid
+    # Every log line about the message carries id=QID.
+    lines = [ln for ln in spooled.gw.log_text().splitlines() if qid in ln]
+    assert any("outcome=queued" in ln for ln in lines), lines
+    assert any("outcome=temporary" in ln for ln in lines), lines
+    assert all(f"id={qid} " in ln for ln in lines if "id=" in ln), lines
+    dead_qid = spooled.queue_ids["x@hard.test"]
+    dead_lines = [ln for ln in spooled.gw.log_text().splitlines() if dead_qid in ln]
+    # A refused delivery is logged once, as dead, not once as refused and once as dead.
+    [dead_line] = [ln for ln in dead_lines if "destination=hard" in ln]
+    assert f"id={dead_qid} delivery={dead_qid}.1 " in dead_line and "outcome=dead" in dead_line
+    out = queue(spooled.config, "drop", qid)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"dropped delivery {qid}.1 ")
+    assert queue(spooled.config, "show", qid).returncode == 1
 
 
 def test_show_of_an_unknown_id_exits_1(spooled: Spooled) -> None:
     out = queue(spooled.config, "show", "NOSUCHID")
     assert out.returncode == 1
-    assert f"no delivery with id NOSUCHID in {spooled.spool}" in out.stderr
+    assert f"no message or delivery with id NOSUCHID in {spooled.spool}" in out.stderr
     assert out.stdout == ""
 
 
@@ -224,8 +258,8 @@ def test_dead_lists_the_dead_letters(spooled: Spooled) -> None:
     assert entry["id"] == spooled.dead and entry["state"] == "dead"
     assert "answered 500 5.3.0" in entry["last_error"]
     out = queue(spooled.config, "show", spooled.dead)
-    assert re.search(r"^state: +dead letter$", out.stdout, re.M), out.stdout
-    assert re.search(r"  dead letter: .*answered 500 5\.3\.0", out.stdout), out.stdout
+    assert re.search(r"^  state: +dead letter$", out.stdout, re.M), out.stdout
+    assert re.search(r"    .*  dead letter: .*answered 500 5\.3\.0", out.stdout), out.stdout
 
 
 def test_retry_makes_deliveries_due_and_the_running_gateway_delivers_them(
@@ -269,7 +303,7 @@ def test_retry_of_an_unknown_id_changes_nothing_and_exits_1(spooled: Spooled) ->
     before = queue_json(spooled.config, "list")
     out = queue(spooled.config, "retry", spooled.queued["x0@down.test"], "NOSUCHID")
     assert out.returncode == 1
-    assert f"no delivery with id NOSUCHID in {spooled.spool}" in out.stderr
+    assert f"no message or delivery with id NOSUCHID in {spooled.spool}" in out.stderr
     assert "nothing was changed" in out.stderr
     assert queue_json(spooled.config, "list") == before
 
@@ -287,7 +321,7 @@ def test_drop_removes_deliveries(spooled: Spooled) -> None:
     assert queue(spooled.config, "show", gone).returncode == 1
     out = queue(spooled.config, "drop", gone)
     assert out.returncode == 1
-    assert f"no delivery with id {gone} in {spooled.spool}" in out.stderr
+    assert f"no message or delivery with id {gone} in {spooled.spool}" in out.stderr
 
 
 def test_read_only_subcommands_leave_the_spool_as_it_was(spooled: Spooled) -> None:

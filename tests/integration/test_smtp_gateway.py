@@ -531,7 +531,7 @@ def test_upstream_soft_failure_is_retried_and_hard_failure_bounces_once(
         port, "x@hard.test", headers={"Message-Id": "<hard-1@client.test>", "Subject": "doomed"}
     )
     assert code == SwaksExit.OK, transcript
-    gw.wait_for_log("destination=hard outcome=dead", timeout=15)
+    gw.wait_for_log("destination=hard to=x@hard.test attempt=1 outcome=dead", timeout=15)
     gw.wait_for_log("destination=box to=sender@client.test attempt=1 outcome=delivered", timeout=15)
     [dsn] = wait_maildir(tmp_path, 1)
     time.sleep(1)

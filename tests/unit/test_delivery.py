@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from gateway.config import DestinationConfig, Duration
 from gateway.delivery import backoff
 from gateway.message import MailMessage, Message
-from gateway.ports import Outcome, Reason, RecipientFailure
+from gateway.ports import Outcome, Reason, RecipientFailure, Status, Verdict
 from gateway.spool import Delivery, SpoolError, SqliteSpool
 from tests.support.deferreds import run
 from tests.support.delivery import START, FakeDestination, MidRng, SlowDestination, World
@@ -137,6 +137,75 @@ def test_permanent_failure_is_dead_at_once_with_exactly_one_bounce(world: World)
     assert "Final-Recipient: rfc822; nobody@x.test" in status
     assert "Status: 5.1.1" in status
     assert "Diagnostic-Code: smtp; 550" in status
+
+
+def test_a_revived_dead_letter_gets_a_whole_schedule_again_and_no_second_bounce(
+    world: World,
+) -> None:
+    """`gateway queue retry` on a dead letter: tries from the start (retry_min, doubling)
+    for max_age from the retry; when it is given up again, its sender hears nothing more."""
+    dest = world.gateway.add(
+        FakeDestination("a", lambda m: Outcome.temporary("451 still busy", code=451)),
+        max_age=Duration(3600),
+    )
+    world.submit(world.mail(recipients=("x@far.test",)), "a")
+    world.advance(3790, step=10)
+    [dead] = world.dead()
+    assert len(dest.calls) == 7 and len(world.gateway.accepted) == 1 and dead.bounced
+    world.advance(86400, step=600)  # long after: max_age would end it at its first failure
+    assert run(world.spool.retry([dead.id])) == 1
+    [revived] = world.queued()
+    assert revived.attempts == 0 and revived.revived == world.clock.seconds()
+    history = [event for _, event in run(world.spool.history(dead.id))]
+    assert history[-1].startswith("revived from the dead letters")
+    # Due at once, then again after 60, 120, 240, 480, 960 s: the same six tries and the
+    # seventh, past max_age from the revival, makes it a dead letter again.
+    world.advance(3770, step=10)
+    assert len(dest.calls) == 7 + 6 and world.dead() == []
+    [waiting] = world.queued()
+    assert waiting.attempts == 6
+    world.advance(20, step=10)
+    [again] = world.dead()
+    assert len(dest.calls) == 7 + 7 and "too old" in again.last_error
+    assert len(world.gateway.accepted) == 1  # no second bounce
+    assert world.manager.counters.bounces == 1
+
+
+def test_a_revived_dead_letter_refused_again_sends_no_second_bounce(world: World) -> None:
+    dest = world.gateway.add(
+        FakeDestination("a", lambda m: Outcome.permanent("550 5.1.1 no", dsn_status="5.1.1"))
+    )
+    world.submit(world.mail(recipients=("nobody@x.test",)), "a")
+    [dead] = world.dead()
+    assert dead.bounced and len(world.gateway.accepted) == 1
+    run(world.spool.retry(None))
+    world.advance(2)
+    [again] = world.dead()
+    assert len(dest.calls) == 2 and again.bounced
+    assert len(world.gateway.accepted) == 1
+
+
+def test_a_bounce_that_could_not_be_queued_is_sent_when_the_revived_letter_fails(
+    world: World,
+) -> None:
+    world.gateway.add(
+        FakeDestination("a", lambda m: Outcome.permanent("550 5.1.1 no", dsn_status="5.1.1"))
+    )
+    refused: list[Message] = []
+
+    async def full(message: Message) -> Verdict:
+        refused.append(message)
+        return Verdict(Status.TEMPORARY, Reason.UNAVAILABLE, "the spool is full")
+
+    world.gateway.accept = full  # type: ignore[method-assign]
+    world.submit(world.mail(recipients=("nobody@x.test",)), "a")
+    [dead] = world.dead()
+    assert not dead.bounced and len(refused) == 1
+    del world.gateway.accept
+    run(world.spool.retry(None))
+    world.advance(2)
+    [again] = world.dead()
+    assert again.bounced and len(world.gateway.accepted) == 1
 
 
 def test_no_bounce_for_a_bounce(world: World) -> None:

@@ -285,6 +285,18 @@ def test_plugin_errors_are_clear(tmp_path: Path) -> None:
         load_transforms([tmp_path], entry_points=False)
 
 
+def test_a_transform_defined_in_two_plugin_files_names_both_files(tmp_path: Path) -> None:
+    text = "from gateway.plugins import transform\n\n@transform('tag')\ndef t(m, o):\n    return m\n"
+    (tmp_path / "first.py").write_text(text)
+    (tmp_path / "second.py").write_text(text)
+    with pytest.raises(PluginError) as caught:
+        load_transforms([tmp_path], entry_points=False)
+    assert str(caught.value) == (
+        f"transform 'tag' is defined twice: in {tmp_path / 'first.py'}:3 (t)"
+        f" and in {tmp_path / 'second.py'}:3 (t)"
+    )
+
+
 def test_example_plugin_tags_once() -> None:
     root = Path(__file__).resolve().parents[2]
     t = load_transforms([root / "plugins"], entry_points=False)

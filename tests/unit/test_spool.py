@@ -244,6 +244,76 @@ def test_stats(spool: SqliteSpool, clock: FakeTime) -> None:
     assert stats.oldest == START - 50  # the oldest queued one; dead letters do not count
 
 
+# --- queue ids -----------------------------------------------------------------
+
+
+def test_the_deliveries_of_a_message_are_filed_under_its_queue_id(spool: SqliteSpool) -> None:
+    message = mail(1)
+    other = mail(2)
+    rows = run(
+        spool.put(
+            [
+                Stored(message, "r1", ("a", "b")),
+                Stored(message, "r2", ("c",), queue_id=message.id),
+                Stored(other, "r3", ("a",)),
+            ]
+        )
+    )
+    assert [d.id for d in rows] == [f"{message.id}.{n}" for n in (1, 2, 3)] + [f"{other.id}.1"]
+    assert [d.queue_id for d in rows] == [message.id] * 3 + [other.id]
+    assert [d.id for d in run(spool.find(message.id))] == [d.id for d in rows[:3]]
+    [one] = run(spool.find(f"{message.id}.2"))
+    assert (one.route, one.destination) == ("r1", "b")
+    # A Message-ID, with or without its angle brackets, names the deliveries too.
+    assert [d.id for d in run(spool.find("<2@client.test>"))] == [f"{other.id}.1"]
+    assert [d.id for d in run(spool.find("2@client.test"))] == [f"{other.id}.1"]
+    assert run(spool.find("NOSUCH")) == []
+    assert run(spool.entry(f"{message.id}.3")) == rows[2]
+
+
+def test_a_message_stored_twice_gets_new_delivery_numbers(spool: SqliteSpool) -> None:
+    message = mail(1)
+    first = put(spool, message, "a", "b")
+    again = put(spool, message, "a")
+    assert [d.id for d in first + again] == [f"{message.id}.{n}" for n in (1, 2, 3)]
+    assert len(run(spool.find(message.id))) == 3
+
+
+def test_a_spool_from_before_queue_ids_is_opened_and_its_rows_keep_their_ids(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "old"
+    folder.mkdir()
+    with sqlite3.connect(folder / "spool.sqlite") as db:
+        db.executescript(
+            """
+            CREATE TABLE messages (id TEXT PRIMARY KEY, data BLOB NOT NULL);
+            CREATE TABLE deliveries (
+                id TEXT PRIMARY KEY, message_id TEXT NOT NULL, route TEXT NOT NULL,
+                destination TEXT NOT NULL, recipients TEXT NOT NULL, msgid TEXT NOT NULL,
+                created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                next_try REAL NOT NULL, last_error TEXT NOT NULL DEFAULT '', state TEXT NOT NULL
+            );
+            """
+        )
+        db.execute("INSERT INTO messages VALUES ('M1', ?)", (encode_message(mail(1)),))
+        db.execute(
+            "INSERT INTO deliveries VALUES"
+            " ('OLD1', 'M1', 'r', 'a', '[\"a@x.test\"]', '<1@client.test>', 1.0, 0, 1.0, '',"
+            " 'queued')"
+        )
+    s = SqliteSpool(folder, clock=FakeTime(), reserve=0)
+    run(s.open())
+    try:
+        [old] = run(s.find("OLD1"))
+        assert (old.id, old.queue_id) == ("OLD1", "OLD1")
+        new = put(s, mail(2))
+        assert new[0].id.endswith(".1")
+        assert [d.id for d in run(s.entries(QUEUED))] == ["OLD1", new[0].id]
+    finally:
+        run(s.close())
+
+
 # --- duplicates --------------------------------------------------------------------
 
 
