@@ -3,7 +3,8 @@
 /healthz answers 200 while the process runs its event loop; /readyz answers
 200 only once every listener is bound and the configuration is loaded, and 503
 while starting, reloading or stopping, or just after the spool refused a
-message, so a load balancer can tell.  /metrics is for Prometheus.
+message, so a load balancer can tell.  Its second line says which configuration
+is in force and how the last reload went.  /metrics is for Prometheus.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ class _Ready(Resource):
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
         problems = self.gateway.readiness_problems()
+        configuration = self.gateway.configuration_line() + "\n"
         if problems:
             request.setResponseCode(503)
-            return ("not ready: " + "; ".join(problems) + "\n").encode()
-        return b"ready\n"
+            return ("not ready: " + "; ".join(problems) + "\n" + configuration).encode()
+        return ("ready\n" + configuration).encode()
 
 
 class _Metrics(Resource):

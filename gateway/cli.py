@@ -204,6 +204,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    from gateway.control import cmd_reload as reload
+
+    return reload(args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.reactor import install_if_default
 
@@ -405,6 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     check = with_config(sub.add_parser("check", help="validate the routes file"))
     check.set_defaults(func=cmd_check)
+    reload = with_config(
+        sub.add_parser(
+            "reload",
+            help="make the running gateway re-read the routes file; exit 1 if it refuses",
+            description="Check the routes file, send SIGHUP to the running gateway and wait"
+            " for it to put the file in force. Exits 1, with the reasons, when the file does"
+            " not check or the gateway refuses it (the listeners and routes before it stay).",
+        )
+    )
+    reload.add_argument(
+        "--pid", type=int, default=0, help="the gateway's process (default: from its status file)"
+    )
+    reload.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the verdict (default 60)"
+    )
+    reload.set_defaults(func=cmd_reload)
     schema = sub.add_parser("schema", help="print a JSON Schema of the routes file")
     schema.set_defaults(func=cmd_schema)
     route = with_config(sub.add_parser("route", help="show how a message read on stdin is routed"))

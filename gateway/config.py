@@ -1310,7 +1310,7 @@ def _check_references(reader: _Reader, config: Config) -> tuple[Route, ...]:
     return tuple(routes)
 
 
-def _socket_address(endpoint: str) -> tuple[str, str, str] | None:
+def socket_address(endpoint: str) -> tuple[str, str, str] | None:
     """(transport, host, port) an endpoint binds, to find two that clash; None if unknown.
 
     A host of "" is every address of the family: "0.0.0.0" for IPv4, "::" for both
@@ -1321,7 +1321,7 @@ def _socket_address(endpoint: str) -> tuple[str, str, str] | None:
     if kind == "tls":
         from gateway.tls import tls_endpoint
 
-        return _socket_address(tls_endpoint(endpoint))
+        return socket_address(tls_endpoint(endpoint))
     if kind == "systemd" or endpoint.lower().startswith("udp:systemd:"):
         return None
     if kind == "unix":
@@ -1337,7 +1337,8 @@ def _socket_address(endpoint: str) -> tuple[str, str, str] | None:
     return ("tcp", host or ("::" if kind == "tcp6" else "0.0.0.0"), parts[1])
 
 
-def _clash(a: tuple[str, str, str], b: tuple[str, str, str]) -> bool:
+def clash(a: tuple[str, str, str], b: tuple[str, str, str]) -> bool:
+    """Whether two socket addresses (see socket_address) cannot both be bound."""
     if a[0] != b[0] or a[2] != b[2]:
         return False
     if a[0] == "unix" or a[1] == b[1]:
@@ -1362,11 +1363,11 @@ def _check_addresses(reader: _Reader, config: Config) -> None:
             at = reader.where.get(f"listeners.{name}")
             sockets.append((f"listener '{name}'", str(listen), at))
     for owner, endpoint, where in sockets:
-        address = _socket_address(endpoint)
+        address = socket_address(endpoint)
         if address is None:
             continue
         for other in seen:
-            if _clash(address, other[0]):
+            if clash(address, other[0]):
                 earlier = f" at {other[3]}" if other[3] else ""
                 what = ("path", "path") if address[0] == "unix" else ("address and port", "port")
                 reader.problems.append(

@@ -116,6 +116,18 @@ class GatewayCollector(Collector):
         reloads.add_metric(["ok"], gw.reloads - gw.failed_reloads)
         reloads.add_metric(["failed"], gw.failed_reloads)
         yield reloads
+        last = gw.last_reload
+        yield GaugeMetricFamily(
+            "gateway_config_last_reload_successful",
+            "1 when the last reload (or the start, before any) put the file in force, 0 when"
+            " it was refused",
+            value=int(last is None or last.ok),
+        )
+        yield GaugeMetricFamily(
+            "gateway_config_last_reload_timestamp_seconds",
+            "When the last reload was tried (the start time before any), Unix time",
+            value=last.at if last is not None else gw.loaded_at,
+        )
         routes = CounterMetricFamily(
             "gateway_route_messages",
             "Messages a route took: queued (in the spool for its destinations) or failed"

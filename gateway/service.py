@@ -3,14 +3,19 @@
 ``GatewayService`` owns the current ``Runtime`` (router plus destinations).  A
 reload builds a new runtime and swaps it in one assignment; messages already
 being handled keep the runtime they started with, and a retired runtime closes
-its destinations once its last message is done.  Listeners whose settings did
-not change keep their sockets.
+its destinations once its last message is done.  Listeners whose sockets did
+not change keep them; the others are opened before anything is put in force,
+so a reload that cannot open one changes nothing (see _SocketSwap).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +25,17 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.config import Config, ConfigError, ListenerConfig, Problem, Route, load
+from gateway.config import (
+    Config,
+    ConfigError,
+    ListenerConfig,
+    Problem,
+    Route,
+    clash,
+    load,
+    socket_address,
+)
+from gateway.control import remove_status, status_path, write_status
 from gateway.delivery import DeliveryManager
 from gateway.destination import build_destination
 from gateway.listening import Listener
@@ -133,6 +148,9 @@ class GatewayService(MultiService):
         self.reloads = 0
         self.failed_reloads = 0
         self.last_reload_failed = False
+        self.last_reload: ReloadResult | None = None  # None: no reload since start
+        self.loaded_at = 0.0  # wall-clock time the configuration in force was read
+        self.status_path: Path | None = None  # see _write_status
         self.routed: dict[tuple[str, str], int] = {}  # (route, queued|failed) -> messages
         self.spool_refusals = 0
         self.spool_refused_at: float | None = None  # reactor time of the last refusal
@@ -202,22 +220,23 @@ class GatewayService(MultiService):
         return "; ".join(parts)
 
     async def _open_admin(self, endpoint: str | None) -> None:
-        if endpoint == self.admin_endpoint and (self.admin_port is not None or endpoint is None):
-            return
-        if self.admin_port is not None:
-            await self.admin_port.stopListening()
-            self.admin_port = None
+        """At start: the admin site on ``endpoint`` (none when None)."""
         self.admin_endpoint = endpoint
         if endpoint is not None:
-            from gateway.admin import admin_site
+            self.admin_port = await self.listen_admin(endpoint)
 
-            ep = server_endpoint(self.reactor, str(endpoint))
-            self.admin_port = await ep.listen(admin_site(self))
-            log.info("admin site (/metrics, /healthz, /readyz) on {endpoint}", endpoint=endpoint)
+    async def listen_admin(self, endpoint: str) -> Any:
+        from gateway.admin import admin_site
+
+        ep = server_endpoint(self.reactor, str(endpoint))
+        port = await ep.listen(admin_site(self))
+        log.info("admin site (/metrics, /healthz, /readyz) on {endpoint}", endpoint=endpoint)
+        return port
 
     async def start(self, loaded: tuple[Config, Transforms] | None = None) -> None:
         """Load the file (unless given) and open every listener; raise on any failure."""
         config, transforms = loaded if loaded is not None else load_checked(self.path)
+        self.loaded_at = time.time()
         self.runtime = Runtime(config, transforms, self._destinations(config, {}))
         spool = SqliteSpool(str(config.spool), self.reactor)
         await spool.open()
@@ -250,6 +269,8 @@ class GatewayService(MultiService):
             destinations=len(config.destinations),
             routes=len(config.routes),
         )
+        self.status_path = status_path(str(config.spool))
+        self._write_status()
         for callback in self.on_ready:
             callback()
         self._announce("ready")
@@ -298,7 +319,10 @@ class GatewayService(MultiService):
                 )
         if self.spool is not None:
             await self.spool.close()
-        await self._open_admin(None)
+        if self.admin_port is not None:
+            await self.admin_port.stopListening()
+            self.admin_port = None
+        remove_status(self.status_path)
         log.info("gateway stopped")
 
     async def _bounded(self, d: Deferred[None], timeout: float, what: str) -> None:
@@ -324,8 +348,11 @@ class GatewayService(MultiService):
         d = Deferred.fromCoroutine(self._reload())
         self._reloading = d
 
+        started = time.time()
+
         def failed(failure: Failure) -> bool:
             log.failure("reload failed", failure)
+            self._reload_result(False, [f"internal error: {failure.getErrorMessage()}"])
             return False
 
         def done(result: bool) -> bool:
@@ -333,6 +360,9 @@ class GatewayService(MultiService):
             self.reloads += 1
             self.failed_reloads += not result
             self.last_reload_failed = not result
+            if self.last_reload is not None:
+                self.last_reload = dataclasses.replace(self.last_reload, started=started)
+            self._write_status()
             if not self.stopping:
                 self._announce("ready")
             return result
@@ -350,6 +380,7 @@ class GatewayService(MultiService):
                     "reload refused, the running routes stay in force: {problem}",
                     problem=str(problem),
                 )
+            self._reload_result(False, [str(p) for p in exc.problems])
             return False
         old = self.runtime
         if config.spool != old.config.spool:
@@ -362,53 +393,75 @@ class GatewayService(MultiService):
             config = dataclasses.replace(config, spool=old.config.spool)
         try:
             destinations = self._destinations(config, old.destinations)
-        except Exception:
+        except Exception as exc:
             log.failure("reload refused: building the destinations failed")
+            self._reload_result(False, [f"building the destinations failed: {exc}"])
             return False
-        new_services: dict[str, ListenerService] = {}
-        opened: list[ListenerService] = []
-        # Close listeners that are gone or whose sockets change first, so a changed
-        # listener can bind its port again.
-        for name, service in list(self.listeners.items()):
-            lconf = config.listeners.get(name)
-            if lconf is None or not service.listener.keeps_sockets(lconf):
-                await service.listener.close()
-                service.disownServiceParent()  # type: ignore[no-untyped-call]
-                del self.listeners[name]
-                log.info("listener {listener} closed", listener=name)
+        fresh = [
+            d for d in destinations.values() if all(d is not o for o in old.destinations.values())
+        ]
+        swap = _SocketSwap(self, config)
         try:
-            for name, lconf in config.listeners.items():
-                existing = self.listeners.get(name)
-                if existing is not None:
-                    if existing.config != lconf:
-                        existing.listener.reconfigure(lconf)
-                    new_services[name] = existing
-                    continue
-                service = ListenerService(lconf, self.port, self.reactor)
-                await service.listener.open()
-                opened.append(service)
-                new_services[name] = service
-        except Exception as exc:
+            await swap.prepare()
+        except _Refused as exc:
             log.error(
-                "reload: a listener failed to open ({error}); the others are in force",
-                error=str(exc),
+                "reload refused, the running listeners and routes stay in force: {why}",
+                why=exc.why,
             )
-        for service in opened:
-            service.setServiceParent(self)  # type: ignore[no-untyped-call]
-        self.listeners = new_services
-        try:
-            await self._open_admin(config.admin)
-        except Exception as exc:
-            log.error(
-                "reload: the admin site failed to open on {endpoint}: {error}",
-                endpoint=config.admin,
-                error=str(exc),
-            )
+            for dest in fresh:
+                Deferred.fromCoroutine(dest.close())
+            self._reload_result(False, [exc.why])
+            return False
+        swap.commit()
+        await swap.close_old()
         self.runtime = Runtime(config, transforms, destinations)
         old.retired = True
         self._retire(old, destinations)
         log.info("configuration reloaded: {routes} route(s)", routes=len(config.routes))
+        self._reload_result(True, [])
         return True
+
+    def _reload_result(self, ok: bool, problems: list[str]) -> None:
+        self.last_reload = ReloadResult(time.time(), ok, tuple(problems))
+        if ok:
+            self.loaded_at = self.last_reload.at
+
+    def _write_status(self) -> None:
+        """The status file ``gateway reload`` reads: this process, its last reload."""
+        if self.status_path is None or self.stopping:
+            return
+        last = self.last_reload
+        try:
+            write_status(
+                self.status_path,
+                {
+                    "pid": os.getpid(),
+                    "loaded_at": self.loaded_at,
+                    "reloads": self.reloads,
+                    "last_reload": None if last is None else dataclasses.asdict(last),
+                },
+            )
+        except OSError as exc:
+            log.warn(
+                "cannot write the status file {path} ('gateway reload' reads it): {error}",
+                path=str(self.status_path),
+                error=str(exc),
+            )
+
+    def configuration_line(self) -> str:
+        """Which configuration is in force and how the last reload went, for /readyz."""
+        loaded = _iso(self.loaded_at) if self.loaded_at else "-"
+        last = self.last_reload
+        if last is None:
+            return f"configuration: loaded {loaded} at start"
+        if last.ok:
+            return f"configuration: reloaded {_iso(last.at)}"
+        why = last.problems[0] if last.problems else "see the log"
+        more = f" (and {len(last.problems) - 1} more)" if len(last.problems) > 1 else ""
+        return (
+            f"configuration: reload refused {_iso(last.at)}, the one loaded {loaded} stays:"
+            f" {why}{more}"
+        )
 
     def _retire(self, old: Runtime, kept: dict[str, Destination]) -> None:
         stale = [d for d in old.destinations.values() if all(d is not k for k in kept.values())]
@@ -500,6 +553,184 @@ class GatewayService(MultiService):
     def _count_route(self, route: str, outcome: str) -> None:
         key = (route, outcome)
         self.routed[key] = self.routed.get(key, 0) + 1
+
+
+def _iso(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """The outcome of the last reload, for /metrics, /readyz and ``gateway reload``."""
+
+    at: float  # wall-clock time it ended
+    ok: bool
+    problems: tuple[str, ...]
+    started: float = 0.0  # wall-clock time it began (the file was read after it)
+
+
+class _Refused(Exception):
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class _SocketSwap:
+    """The listeners (and admin site) of a new configuration, opened all or none.
+
+    prepare() opens every new socket while the old ones still serve; a socket
+    that can only be bound once an old one lets go of the same address waits
+    for it, and if anything fails, every socket opened is closed and every one
+    given up is opened again: the running listeners stay as they were.  commit()
+    then puts the new set in force, and close_old() closes what it replaced.
+    """
+
+    def __init__(self, gateway: GatewayService, config: Config) -> None:
+        self.gateway = gateway
+        self.config = config
+        current = gateway.listeners
+        self.going = {
+            name: service
+            for name, service in current.items()
+            if name not in config.listeners
+            or not service.listener.keeps_sockets(config.listeners[name])
+        }
+        self.kept = {name: s for name, s in current.items() if name not in self.going}
+        self.opened: dict[str, ListenerService] = {}
+        self.released: list[ListenerService] = []  # old ones closed early, to free an address
+        self.admin_port: Any = None
+        self.admin_released = False
+        self.admin_changes = config.admin != gateway.admin_endpoint
+        self.stale_admin: Any = None  # the admin socket commit() replaced
+
+    def _held(self, names: list[str]) -> list[tuple[str, tuple[str, str, str]]]:
+        held = []
+        for name in names:
+            for endpoint in self.going[name].config.listen:
+                address = socket_address(str(endpoint))
+                if address is not None:
+                    held.append((name, address))
+        return held
+
+    def _blockers(self, endpoints: list[str]) -> set[str]:
+        """The old listeners holding an address one of ``endpoints`` needs."""
+        wanted = [a for a in map(socket_address, endpoints) if a is not None]
+        return {
+            name
+            for name, held in self._held(list(self.going))
+            if any(clash(held, w) for w in wanted)
+        }
+
+    def _admin_blocked(self, endpoint: str) -> bool:
+        old = self.gateway.admin_endpoint
+        if old is None or self.gateway.admin_port is None:
+            return False
+        a, b = socket_address(endpoint), socket_address(old)
+        return a is not None and b is not None and clash(a, b)
+
+    async def prepare(self) -> None:
+        gateway = self.gateway
+        new = [
+            (name, lconf) for name, lconf in self.config.listeners.items() if name not in self.kept
+        ]
+        first = [(n, c) for n, c in new if not self._blockers([str(e) for e in c.listen])]
+        later = [(n, c) for n, c in new if (n, c) not in first]
+        try:
+            for name, lconf in first:
+                await self._open(name, lconf)
+            admin = self.config.admin
+            if self.admin_changes and admin is not None and not self._admin_blocked(str(admin)):
+                self.admin_port = await self._listen_admin(str(admin))
+            # What needs an address an old listener holds: that one lets go first.
+            for name, lconf in later:
+                for blocker in sorted(self._blockers([str(e) for e in lconf.listen])):
+                    service = self.going[blocker]
+                    if service not in self.released:
+                        await service.listener.close()
+                        self.released.append(service)
+                await self._open(name, lconf)
+            if self.admin_changes and admin is not None and self.admin_port is None:
+                if gateway.admin_port is not None:
+                    await gateway.admin_port.stopListening()
+                    self.admin_released = True
+                self.admin_port = await self._listen_admin(str(admin))
+        except _Refused:
+            await self._undo()
+            raise
+        except Exception as exc:
+            await self._undo()
+            raise _Refused(f"giving up the old sockets failed: {exc}") from exc
+
+    async def _open(self, name: str, lconf: ListenerConfig) -> None:
+        try:
+            service = ListenerService(lconf, self.gateway.port, self.gateway.reactor)
+            await service.listener.open()
+        except Exception as exc:
+            raise _Refused(f"listener '{name}' cannot open: {exc}") from exc
+        self.opened[name] = service
+
+    async def _listen_admin(self, endpoint: str) -> Any:
+        try:
+            return await self.gateway.listen_admin(endpoint)
+        except Exception as exc:
+            raise _Refused(f"the admin site cannot open on {endpoint}: {exc}") from exc
+
+    async def _undo(self) -> None:
+        for service in self.opened.values():
+            await service.listener.close()
+        if self.admin_port is not None:
+            await self.admin_port.stopListening()
+        for service in self.released:
+            try:
+                await service.listener.open()
+            except Exception as exc:
+                log.critical(
+                    "listener {listener} could not take its sockets back after a refused"
+                    " reload: {error}",
+                    listener=service.name,
+                    error=str(exc),
+                )
+        if self.admin_released and self.gateway.admin_endpoint is not None:
+            try:
+                self.gateway.admin_port = await self.gateway.listen_admin(
+                    self.gateway.admin_endpoint
+                )
+            except Exception as exc:
+                self.gateway.admin_port = None
+                log.critical(
+                    "the admin site could not take its socket back: {error}", error=str(exc)
+                )
+
+    def commit(self) -> None:
+        gateway = self.gateway
+        for service in self.going.values():
+            service.disownServiceParent()  # type: ignore[no-untyped-call]
+        services: dict[str, ListenerService] = {}
+        for name, lconf in self.config.listeners.items():
+            existing = self.kept.get(name)
+            if existing is None:
+                services[name] = self.opened[name]
+                self.opened[name].setServiceParent(gateway)  # type: ignore[no-untyped-call]
+                continue
+            if existing.config != lconf:
+                try:
+                    existing.listener.reconfigure(lconf)
+                except Exception:
+                    log.failure("listener {listener}: the new settings failed", listener=name)
+            services[name] = existing
+        gateway.listeners = services
+        if self.admin_changes:
+            self.stale_admin = None if self.admin_released else gateway.admin_port
+            gateway.admin_port = self.admin_port
+            gateway.admin_endpoint = self.config.admin
+
+    async def close_old(self) -> None:
+        for name, service in self.going.items():
+            if service not in self.released:
+                await service.listener.close()
+            log.info("listener {listener} closed", listener=name)
+        if self.stale_admin is not None:
+            await self.stale_admin.stopListening()
 
 
 class ServicePort:

@@ -78,9 +78,9 @@ echo "== reload, then a broken file is refused and the gateway keeps running"
 run systemctl reload gateway
 cp "$root/etc/gateway/routes.yaml" "$root/root/routes.good"
 echo "bogus: 1" >> "$root/etc/gateway/routes.yaml"
-run systemctl reload gateway
+! run systemctl reload gateway || fail "systemctl reload succeeded with a broken file"
 sleep 0.5
-run journalctl -u gateway -p err --no-pager | grep -q "reload refused" || fail "no refusal logged"
+run journalctl -u gateway --no-pager | grep -q "was not asked to reload" || fail "no refusal logged"
 cp "$root/root/routes.good" "$root/etc/gateway/routes.yaml"
 run systemctl is-active gateway || fail "the gateway stopped after a broken reload"
 curl -sf http://127.0.0.1:9100/readyz >/dev/null || fail "/readyz is not ready"

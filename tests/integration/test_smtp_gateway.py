@@ -708,6 +708,107 @@ def test_sighup_opens_new_listeners_and_closes_removed_ones(
         socket.create_connection(("127.0.0.1", second), timeout=5)
 
 
+def _reload(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "reload", "-c", str(config), "--timeout", "30"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_reload_that_cannot_open_a_listener_changes_nothing(
+    tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
+) -> None:
+    """The listener moves onto a port another program holds, and the same file adds a
+    route: the reload is refused as a whole while mail flows, the old port goes on
+    answering, the new route is not in force, and `gateway reload` exits 1 saying why."""
+    gw, port = gateway
+    path = tmp_path / "routes.yaml"
+    good = path.read_text()
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def flow() -> None:
+        while not stop.is_set():
+            results.append(swaks_send(port, "x@relay.test"))
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        flowing = threading.Thread(target=flow)
+        flowing.start()
+        try:
+            path.write_text(
+                good.replace(f"listen: tcp:{port}:", f"listen: tcp:{busy}:")
+                + "  - name: new\n    from: mail-in\n    match: {rcpt: '@new\\.test$'}\n"
+                "    to: relay\n"
+            )
+            out = _reload(path)
+            assert out.returncode == 1, out.stdout + out.stderr
+            assert "refused the reload" in out.stderr
+            assert "listener 'mail-in' cannot open" in out.stderr and str(busy) in out.stderr
+            log = gw.log_text()
+            assert "reload refused, the running listeners and routes stay in force" in log
+            assert "listener mail-in closed" not in log
+            # The old port still answers, with the old routes only.
+            assert swaks_send(port, "x@new.test")[0] == SwaksExit.RCPT_REJECTED
+            code, transcript = swaks_send(port, "x@relay.test")
+            assert code == SwaksExit.OK, transcript
+            time.sleep(1)  # mail keeps flowing after the refusal
+        finally:
+            stop.set()
+            flowing.join(60)
+    assert len(results) >= 2 and all(c == SwaksExit.OK for c, _ in results), [
+        t for c, t in results if c
+    ][:1]
+    # Once the port is free the same file goes in: listener moved, route in force.
+    out = _reload(path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("reloaded: ")
+    code, transcript = swaks_send(busy, "x@new.test")
+    assert code == SwaksExit.OK, transcript
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_a_reload_that_shares_a_port_with_the_old_sockets_moves_the_listener(
+    tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
+) -> None:
+    """A listener that keeps one of its ports and gains another: the old socket makes
+    way for the new one on the same port, and both ports answer afterwards."""
+    gw, port = gateway
+    path = tmp_path / "routes.yaml"
+    extra = free_port()
+    path.write_text(
+        path.read_text().replace(
+            f"listen: tcp:{port}:interface=127.0.0.1",
+            f"listen: [tcp:{port}:interface=127.0.0.1, tcp:{extra}:interface=127.0.0.1]",
+        )
+    )
+    out = _reload(path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for p in (port, extra):
+        code, transcript = swaks_send(p, "x@relay.test")
+        assert code == SwaksExit.OK, transcript
+
+
+def test_gateway_reload_refuses_a_file_that_does_not_check_without_signalling(
+    tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
+) -> None:
+    gw, port = gateway
+    path = tmp_path / "routes.yaml"
+    path.write_text(path.read_text().replace("to: relay\n", "to: relya\n"))
+    mark = gw.log_mark()
+    out = _reload(path)
+    assert out.returncode == 1
+    assert "did you mean 'relay'?" in out.stderr
+    assert "the running gateway was not asked to reload" in out.stderr
+    time.sleep(0.5)
+    assert "reload" not in gw.log_text(since=mark)
+
+
 def test_sigterm_lets_the_message_in_flight_finish_and_exits_0(
     tmp_path: Path, smtp_sink_factory
 ) -> None:
