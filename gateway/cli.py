@@ -184,6 +184,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_problems(exc)
         return 1
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(
         f"{args.config}: ok ({len(config.listeners)} listener(s), "
         f"{len(config.destinations)} destination(s), {len(config.routes)} route(s))"

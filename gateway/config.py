@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import functools
 import ipaddress
 import os
 import re
+import socket
 import string
+import tempfile
 import types
 import typing
 from collections.abc import Mapping
@@ -200,6 +203,7 @@ class Endpoint(str, Value):
         "type": "string",
         "pattern": "^(" + "|".join(_SERVER_ENDPOINTS) + "):",
     }
+    binds: typing.ClassVar[bool] = True  # a socket of this machine: its interface is checked
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
@@ -214,7 +218,9 @@ class Endpoint(str, Value):
                 raise ValueError(f"a socket passed by systemd only listens, got '{text}'")
             systemd_endpoint_args(text)
         elif kind == "udp":
-            udp_endpoint_args(text)
+            _, interface = udp_endpoint_args(text)
+            if cls.binds:
+                _check_interface(text, interface, socket.SOCK_DGRAM)
         elif kind == "systemd":
             systemd_endpoint_args(text)
         else:
@@ -239,6 +245,7 @@ class Endpoint(str, Value):
         except Exception as exc:
             raise ValueError(_endpoint_problem(text, exc, _SERVER_OPTIONS)) from None
         _check_port(text, endpoint)
+        _check_interface(text, str(getattr(endpoint, "_interface", "") or ""), socket.SOCK_STREAM)
 
     @property
     def is_udp(self) -> bool:
@@ -253,6 +260,7 @@ class ClientEndpoint(Endpoint):
         "type": "string",
         "pattern": "^(" + "|".join(_CLIENT_ENDPOINTS) + "):",
     }
+    binds = False
 
     @staticmethod
     def _check_with_twisted(text: str) -> None:
@@ -264,6 +272,11 @@ class ClientEndpoint(Endpoint):
         except Exception as exc:
             raise ValueError(_endpoint_problem(text, exc, _CLIENT_OPTIONS)) from None
         _check_port(text, endpoint, lowest=1)
+        if getattr(endpoint, "_host", None) == "":
+            raise ValueError(
+                _ipv6_problem(text)
+                or f"endpoint '{text}': the host is missing (tcp:HOST:PORT, e.g. tcp:127.0.0.1:25)"
+            )
 
 
 # The options of Twisted's endpoint strings the gateway's users write, for suggestions.
@@ -272,9 +285,51 @@ _SERVER_OPTIONS = ("port", "interface", "backlog", "privateKey", "certKey", "ext
 _CLIENT_OPTIONS = ("host", "port", "timeout", "bindAddress", "path", "checkPID")
 
 
+def _check_interface(text: str, interface: str, kind: int) -> None:
+    """An endpoint's interface must be an address of this machine: bind a probe to it."""
+    try:
+        address = ipaddress.ip_address(interface)
+    except ValueError:
+        return  # none, or a name: resolved when the socket opens
+    if address.is_unspecified:
+        return
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, kind) as probe:
+            probe.bind((str(address), 0))
+    except OSError as exc:
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
+            raise ValueError(
+                f"endpoint '{text}': {address} is not an address of this machine"
+                " ('ip address' lists them); listen on one of those, or on every address"
+                " by leaving interface= out"
+            ) from None
+
+
+_IPV6_OPTION = re.compile(r"(interface|host|bindAddress)=((?:[0-9A-Fa-f]{0,4}:){2,}[0-9A-Fa-f.]*)")
+
+
+def _ipv6_problem(text: str) -> str | None:
+    """The classic mistake of an IPv6 address with bare colons inside an endpoint."""
+    unescaped = _IPV6_OPTION.search(text)
+    if not unescaped:
+        return None
+    name, address = unescaped.groups()
+    if address.endswith(":") and not address.endswith("::"):
+        address = address[:-1]  # the colon before the next option
+    fixed = text.replace(f"{name}={address}", f"{name}=" + address.replace(":", "\\:"), 1)
+    return (
+        f"endpoint '{text}': the colons of an IPv6 address in an endpoint are escaped"
+        f" with a backslash: write '{fixed}' (in single quotes in YAML)"
+    )
+
+
 def _endpoint_problem(text: str, exc: Exception, options: tuple[str, ...]) -> str:
     """Twisted's complaint about an endpoint string, in the gateway's words."""
     message = str(exc)
+    unescaped = _ipv6_problem(text)
+    if unescaped:
+        return unescaped
     unknown = re.search(r"unexpected keyword argument '(\w+)'", message)
     if unknown:
         name = unknown.group(1)
@@ -698,6 +753,9 @@ class Config:
     )
     routes: tuple[Route, ...] = ()
     source: str = field(default="", compare=False, metadata={"yaml": None})
+    # What is allowed but probably not meant (see _warnings): `gateway check` prints
+    # these, the gateway logs them; neither fails.
+    warnings: tuple[Problem, ...] = field(default=(), compare=False, metadata={"yaml": None})
 
 
 # --- conversion from YAML nodes --------------------------------------------------
@@ -765,6 +823,14 @@ class _Reader:
             value = self.scalar(node)
             if value not in args:
                 choices = ", ".join(repr(a) for a in args)
+                numbers = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+                if isinstance(value, str) and any(value.strip() == str(a) for a in numbers):
+                    self.fail(
+                        node,
+                        f"{what}: expected the number {value.strip()}, got the text"
+                        f" {value!r}; write it without quotes",
+                    )
+                    return _Invalid
                 hint_text = suggest(str(value), [str(a) for a in args])
                 self.fail(node, f"{what}: expected one of {choices}, got {value!r}{hint_text}")
                 return _Invalid
@@ -797,6 +863,11 @@ class _Reader:
             if hint is str:
                 if value is None or isinstance(value, (list, dict)):
                     raise ValueError("expected text")
+                if isinstance(value, bool):
+                    raise ValueError(
+                        f"YAML reads {node.value} as {str(value).lower()}, not as text;"
+                        f" put it in quotes: '{node.value}'"
+                    )
                 return str(value)
             if hint is ConfigPath:
                 if value is None or not str(value).strip():
@@ -1075,15 +1146,103 @@ def _check_nodes(reader: _Reader, root: yaml.Node) -> None:
         )
 
 
-def parse(text: str, filename: str = "routes.yaml", base: Path | None = None) -> Config:
-    """Parse and check a configuration text; raise ConfigError listing every problem found."""
+def _first(
+    given: Mapping[str, tuple[yaml.Node, yaml.Node]], key: Any, node: yaml.Node, skip: Any
+) -> bool:
+    """Whether ``node`` is the first occurrence of a text key not in ``skip``."""
+    return isinstance(key, str) and key not in skip and key in given and given[key][0] is node
+
+
+def yaml_problem(exc: yaml.MarkedYAMLError, filename: str, text: str) -> Problem:
+    """A YAML syntax error at the line where the mistake is, in plain words.
+
+    The parser notices an unclosed quote or bracket, or a key without its colon,
+    only further on (often at the end of the file); the place it started is the
+    one to show, with what the parser saw and where.
+    """
+
+    def at(mark: Any) -> Location | None:
+        return Location(filename, mark.line + 1, mark.column + 1) if mark is not None else None
+
+    context, problem = exc.context or "", exc.problem or str(exc)
+    start, noticed = exc.context_mark, exc.problem_mark
+    seen = f" (noticed at line {noticed.line + 1})" if noticed is not None else ""
+    line = (
+        text.splitlines()[start.line]
+        if start is not None and start.line < len(text.splitlines())
+        else ""
+    )
+    if "quoted scalar" in context and start is not None:
+        quote = line[start.column : start.column + 1] or "quote"
+        return Problem(
+            at(start),
+            f"not valid YAML: the {quote} opened here is never closed{seen}; end the value"
+            f" with a matching {quote}",
+        )
+    if "simple key" in context and start is not None:
+        return Problem(
+            at(start),
+            f"not valid YAML: this line has no ':' after its key{seen}; write 'key: value'",
+        )
+    if ("flow mapping" in context or "flow sequence" in context) and start is not None:
+        close = "}" if "mapping" in context else "]"
+        return Problem(
+            at(start),
+            f"not valid YAML: the '{line[start.column : start.column + 1] or close}' opened"
+            f" here is not closed with '{close}', or a ',' is missing between its items{seen}",
+        )
+    where = at(noticed) or at(start)
+    if noticed is not None and noticed.index >= len(text.rstrip()):
+        return Problem(
+            at(start) or where,
+            f"not valid YAML: the file ends in the middle of a value ({problem}); look for"
+            " a '[' or '{' that is never closed",
+        )
+    if "tab character" in problem:
+        return Problem(where, "not valid YAML: a tab; YAML indents with spaces only")
+    if "cannot start any token" in problem and noticed is not None:
+        char = text.splitlines()[noticed.line][noticed.column : noticed.column + 1]
+        if char == "\t":
+            return Problem(where, "not valid YAML: a tab; YAML indents with spaces only")
+        if char in "@`":
+            return Problem(
+                where, f"not valid YAML: a value cannot start with '{char}'; put it in quotes"
+            )
+    if "mapping values are not allowed" in problem:
+        return Problem(
+            where,
+            "not valid YAML: a ': ' inside a value; put the value in quotes"
+            " (an IPv6 address such as ::1 too: '::1')",
+        )
+    if "did not find expected node content" in problem or "expected <block end>" in problem:
+        return Problem(
+            where,
+            f"not valid YAML: {problem}; check this line's indentation against the lines"
+            " above it, and quote a value that starts with ':', '[', '{', '*', '&' or '!'"
+            " (an IPv6 address such as ::1: '::1')",
+        )
+    if "did not find expected key" in problem:
+        return Problem(
+            where,
+            "not valid YAML: this line's indentation does not match the lines above it"
+            " (YAML nests by indentation: keys of one mapping start in the same column)",
+        )
+    return Problem(where, f"not valid YAML: {problem}")
+
+
+def parse(
+    text: str, filename: str = "routes.yaml", base: Path | None = None, *, folders: bool = False
+) -> Config:
+    """Parse and check a configuration text; raise ConfigError listing every problem found.
+
+    ``folders``: also check that the plugin folders exist and that the spool folder
+    can be created or written (``load`` does: the file is meant for this machine).
+    """
     reader = _Reader(filename, base if base is not None else Path(filename).resolve().parent)
     try:
         root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = Location(filename, mark.line + 1, mark.column + 1) if mark else None
-        raise ConfigError([Problem(where, f"not valid YAML: {exc.problem or exc}")]) from None
+        raise ConfigError([yaml_problem(exc, filename, text)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([Problem(None, f"{filename}: not valid YAML: {exc}")]) from None
     if root is None:
@@ -1113,7 +1272,8 @@ def parse(text: str, filename: str = "routes.yaml", base: Path | None = None) ->
             parsed[key] = _by_protocol(reader, given[key][1], types_, key)
     rest = yaml.MappingNode(
         root.tag,
-        [(k, v) for k, v in root.value if reader.scalar(k) not in special],
+        # Each key once (a second one, or one that is not text, was reported above).
+        [(k, v) for k, v in root.value if _first(given, reader.scalar(k), k, special)],
         root.start_mark,
         root.end_mark,
     )
@@ -1131,9 +1291,90 @@ def parse(text: str, filename: str = "routes.yaml", base: Path | None = None) ->
             )
     if config.spool is None:
         config = dataclasses.replace(config, spool=ConfigPath(str(default_spool(reader.base))))
+    if folders:
+        _check_folders(reader, config, given)
     if reader.problems:
         raise ConfigError(reader.problems)
-    return typing.cast(Config, config)
+    return typing.cast(Config, dataclasses.replace(config, warnings=_warnings(reader, config)))
+
+
+def _warnings(reader: _Reader, config: Any) -> tuple[Problem, ...]:
+    """Listeners no route takes from, destinations no route sends to, no listener at all."""
+    found: list[Problem] = []
+    used_from = {name for route in config.routes for name in route.from_}
+    used_to = {name for route in config.routes for name in route.to}
+    for name in config.listeners:
+        if name not in used_from:
+            found.append(
+                Problem(
+                    reader.where.get(f"listeners.{name}"),
+                    f"listener '{name}' is used by no route: it accepts connections but"
+                    " refuses or drops everything; add a route 'from: "
+                    f"{name}' or remove it",
+                )
+            )
+    for name in config.destinations:
+        if name not in used_to:
+            found.append(
+                Problem(
+                    reader.where.get(f"destinations.{name}"),
+                    f"destination '{name}' is used by no route: nothing is ever sent there",
+                )
+            )
+    if not config.listeners:
+        found.append(
+            Problem(
+                Location(reader.filename, 1, 1),
+                "the file has no listeners: the gateway would start and take no traffic",
+            )
+        )
+    return tuple(found)
+
+
+def _check_folders(
+    reader: _Reader, config: Any, given: Mapping[str, tuple[yaml.Node, yaml.Node]]
+) -> None:
+    if "plugins" in given:
+        node = given["plugins"][1]
+        items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        for folder, item in zip(config.plugins, items, strict=False):
+            _check_folder(reader, Path(folder), "plugin folder", reader.loc(item))
+    spool_at = reader.loc(given["spool"][1]) if "spool" in given else None
+    _check_spool(reader, Path(str(config.spool)), spool_at)
+
+
+def _check_folder(reader: _Reader, folder: Path, what: str, where: Location | None) -> None:
+    if not folder.exists():
+        reader.problems.append(Problem(where, f"{what} {folder} does not exist"))
+    elif not folder.is_dir():
+        reader.problems.append(Problem(where, f"{what} {folder} is not a folder"))
+    elif not os.access(folder, os.R_OK | os.X_OK):
+        reader.problems.append(Problem(where, f"{what} {folder} cannot be read by this user"))
+
+
+def _check_spool(reader: _Reader, folder: Path, where: Location | None) -> None:
+    """The spool folder must be one this user can create, or write in: tried for real."""
+    what = "the spool folder" if where is not None else "the spool folder (the default)"
+    fix = "; name another with 'spool:' or give this user the right to write there"
+    try:
+        if folder.exists():
+            if not folder.is_dir():
+                raise OSError(f"{folder} is not a folder")
+            with tempfile.TemporaryFile(dir=folder, prefix=".gateway-check-"):
+                pass
+            return
+        parent = folder.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise OSError(f"{parent} is not a folder")
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".gateway-check-"))
+    except OSError as exc:
+        text = exc.strerror.lower() if exc.strerror else str(exc)
+        named = f" ({exc.filename})" if exc.filename and exc.strerror else ""
+        reader.problems.append(
+            Problem(where, f"{what} {folder} cannot be created or written: {text}{named}{fix}")
+        )
 
 
 def default_spool(base: Path, environ: Mapping[str, str] | None = None) -> Path:
@@ -1159,7 +1400,7 @@ def load(path: str | Path) -> Config:
         raise ConfigError([Problem(None, f"cannot read {p}: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([Problem(None, f"{p} is not UTF-8 text: {exc}")]) from None
-    return parse(text, str(path), p.resolve().parent)
+    return parse(text, str(path), p.resolve().parent, folders=True)
 
 
 class RouteContext:

@@ -237,6 +237,7 @@ class GatewayService(MultiService):
         """Load the file (unless given) and open every listener; raise on any failure."""
         config, transforms = loaded if loaded is not None else load_checked(self.path)
         self.loaded_at = time.time()
+        _log_warnings(config)
         self.runtime = Runtime(config, transforms, self._destinations(config, {}))
         spool = SqliteSpool(str(config.spool), self.reactor)
         await spool.open()
@@ -382,6 +383,7 @@ class GatewayService(MultiService):
                 )
             self._reload_result(False, [str(p) for p in exc.problems])
             return False
+        _log_warnings(config)
         old = self.runtime
         if config.spool != old.config.spool:
             log.warn(
@@ -553,6 +555,11 @@ class GatewayService(MultiService):
     def _count_route(self, route: str, outcome: str) -> None:
         key = (route, outcome)
         self.routed[key] = self.routed.get(key, 0) + 1
+
+
+def _log_warnings(config: Config) -> None:
+    for warning in config.warnings:
+        log.warn("configuration: {warning}", warning=str(warning))
 
 
 def _iso(stamp: float) -> str:

@@ -292,7 +292,7 @@ def clash(first: str, second: str, admin: str = "tcp:9100:interface=127.0.0.1") 
     [
         ("tcp:2525:interface=127.0.0.1", "tcp:2525:interface=127.0.0.1"),
         ("tcp:2525:interface=127.0.0.1", "tcp:2525"),  # the wildcard takes every address
-        ("tcp:2525", "tcp:2525:interface=192.0.2.1"),
+        ("tcp:2525", "tcp:2525:interface=127.0.0.2"),
         ("tcp:2525:interface=127.0.0.1", "tcp6:2525"),  # [::] takes IPv4 too
         ("tcp6:2525:interface=\\:\\:1", "tcp6:2525"),
         ("unix:/run/gw.sock", "unix:/run/gw.sock"),
@@ -421,3 +421,123 @@ def test_numbers_out_of_range_and_endpoint_mistakes_are_named(
     )
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse(text)
+
+
+@pytest.mark.parametrize(
+    ("listener", "destination", "message"),
+    [
+        ("listen: tcp:25:interface=::1", "",
+         r"write 'tcp:25:interface=\:\:1' (in single quotes in YAML)"),
+        ("listen: 'tcp:25:interface=192.0.2.1'", "",
+         "192.0.2.1 is not an address of this machine"),
+        ("listen: 'udp:53:interface=192.0.2.1'", "",
+         "192.0.2.1 is not an address of this machine"),
+        ("listen: 'tcp:25'", "connect: 'tcp::25'", "endpoint 'tcp::25': the host is missing"),
+        ("listen: 'tcp:25'", "connect: 'tcp:host=::1:port=25'",
+         r"write 'tcp:host=\:\:1:port=25'"),
+        ("listen: 'tcp:25', hostname: yes", "",
+         "'hostname': YAML reads yes as true, not as text; put it in quotes: 'yes'"),
+    ],
+)  # fmt: skip
+def test_endpoint_and_value_traps_are_explained(
+    listener: str, destination: str, message: str
+) -> None:
+    text = (
+        f"version: 1\nlisteners:\n  s: {{protocol: smtp, {listener}}}\n"
+        + (f"destinations:\n  d: {{protocol: smtp, {destination}}}\n" if destination else "")
+        + "routes: []\n"
+    )
+    if "udp:" in listener:
+        text = text.replace("protocol: smtp, listen", "protocol: dns, listen")
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    [found] = [str(p) for p in caught.value.problems]
+    line = 5 if destination else 3
+    assert found.startswith(f"routes.yaml:{line}:") and message in found, found
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # An unclosed quote: at the line that opens it, not at the end of the file.
+        ('version: 1\nlisteners:\n  in: {protocol: smtp, listen: "tcp:25}\nroutes: []\n',
+         'routes.yaml:3:32: not valid YAML: the " opened here is never closed'),
+        ("version: 1\nlisteners:\n  in:\n    protocol: smtp\n    listen 'tcp:25'\nroutes: []\n",
+         "routes.yaml:5:5: not valid YAML: this line has no ':' after its key"),
+        ("version: 1\nlisteners: {in: {protocol: smtp, listen: 'tcp:25'}\nroutes: []\n",
+         "routes.yaml:2:12: not valid YAML: the '{' opened here is not closed with '}'"),
+        ("version: 1\nlisteners:\n  in:\n    protocol: smtp\n   listen: 'tcp:25'\n",
+         "routes.yaml:5:4: not valid YAML: this line's indentation does not match"),
+        ("version: 1\nlisteners:\n\tin: {}\n",
+         "routes.yaml:3:1: not valid YAML: a tab; YAML indents with spaces only"),
+        ("version: 1\ndestinations:\n  d: {protocol: dns, connect: ::1}\n",
+         "routes.yaml:3:31: not valid YAML: did not find expected node content;"),
+        ("version: 1\nadmin: tcp:9100: a\n",
+         "routes.yaml:2:16: not valid YAML: a ': ' inside a value; put the value in quotes"),
+        ('version: "1"\n',
+         "routes.yaml:1:10: top level: 'version': expected the number 1, got the text '1';"
+         " write it without quotes"),
+        ("version: 1\nversion: 1\n", "routes.yaml:2:1: top level: 'version' appears twice"),
+    ],
+)  # fmt: skip
+def test_yaml_mistakes_are_shown_where_they_start_with_a_hint(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    found = [str(p) for p in caught.value.problems]
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_missing_folders_are_reported_at_the_line_that_names_them(tmp_path: Path) -> None:
+    from gateway.config import load
+
+    (tmp_path / "afile").write_text("")
+    path = tmp_path / "routes.yaml"
+    path.write_text("version: 1\nplugins: [plugins, afile]\nspool: afile/spool\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    found = [str(p) for p in caught.value.problems]
+    assert found == [
+        f"{path}:2:11: plugin folder {tmp_path / 'plugins'} does not exist",
+        f"{path}:2:20: plugin folder {tmp_path / 'afile'} is not a folder",
+        f"{path}:3:8: the spool folder {tmp_path / 'afile' / 'spool'} cannot be created or"
+        f" written: {tmp_path / 'afile'} is not a folder; name another with 'spool:' or give"
+        " this user the right to write there",
+    ]
+    path.write_text("version: 1\nspool: /proc/gateway-spool\n")
+    with pytest.raises(ConfigError, match=r":2:8: the spool folder /proc/gateway-spool cannot"):
+        load(path)
+    (tmp_path / "plugins").mkdir()
+    path.write_text("version: 1\nplugins: [plugins]\nspool: var/spool\n")
+    assert load(path).spool == str(tmp_path / "var" / "spool")
+    assert not (tmp_path / "var").exists()  # checked, not created
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".gateway")] == []
+
+
+def test_a_missing_name_file_is_reported_at_its_line(tmp_path: Path) -> None:
+    text = (
+        "version: 1\nlisteners:\n  d: {protocol: dns, listen: 'udp:53'}\nroutes:\n"
+        "  - from: d\n    match: {qname_file: nofile.txt}\n    action: refuse\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "routes.yaml", tmp_path)
+    assert [str(p) for p in caught.value.problems] == [
+        f"routes.yaml:6:25: route 1: 'qname_file': cannot read the name file"
+        f" {tmp_path / 'nofile.txt'}: no such file or directory"
+    ]
+
+
+def test_unused_listeners_and_destinations_and_no_listener_are_warnings_not_errors() -> None:
+    config = parse(
+        "version: 1\nlisteners:\n  in: {protocol: smtp, listen: 'tcp:25'}\n"
+        "  spare: {protocol: smtp, listen: 'tcp:26'}\n"
+        "destinations:\n  box: {protocol: maildir, path: m}\n  idle: {protocol: maildir, path: n}\n"
+        "routes:\n  - {from: in, match: {rcpt: x}, to: box}\n"
+    )
+    assert [str(w) for w in config.warnings] == [
+        "routes.yaml:4:35: listener 'spare' is used by no route: it accepts connections but"
+        " refuses or drops everything; add a route 'from: spare' or remove it",
+        "routes.yaml:7:9: destination 'idle' is used by no route: nothing is ever sent there",
+    ]
+    assert [str(w) for w in parse("version: 1\n").warnings] == [
+        "routes.yaml:1:1: the file has no listeners: the gateway would start and take no traffic"
+    ]

@@ -359,7 +359,12 @@ def check_dns_route(route: Route, context: RouteContext) -> Route:
     if path is None:
         return route
     names, problems = read_name_file(path)
-    context.problems(problems)
+    for problem in problems:
+        if problem.where is None:
+            # The file as a whole: reported at the line that names it.
+            context.problem("match.qname_file=", problem.message)
+        else:
+            context.problems([problem])
     return dataclasses.replace(route, match=route.match.with_values(file_names=names))
 
 
@@ -372,8 +377,11 @@ def read_name_file(path: str) -> tuple[tuple[QName, ...], list[Problem]]:
     names: list[QName] = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        return (), [Problem(None, f"cannot read the name file {path}: {exc}")]
+    except OSError as exc:
+        why = (exc.strerror or str(exc)).lower()
+        return (), [Problem(None, f"'qname_file': cannot read the name file {path}: {why}")]
+    except UnicodeDecodeError as exc:
+        return (), [Problem(None, f"'qname_file': the name file {path} is not UTF-8 text: {exc}")]
     for number, line in enumerate(lines, start=1):
         text = line.split("#", 1)[0].strip()
         if not text:
