@@ -275,8 +275,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     from twisted.internet import defer, task
 
-    from gateway.message import MailMessage
-    from gateway.routing import NoRoute, Router, Trace, TransformFailed
+    from gateway.dry_run import dry_run
     from gateway.service import load_checked
 
     if not args.dry_run:
@@ -287,56 +286,13 @@ def cmd_route(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_problems(exc)
         return 1
-    mail_listeners = [n for n, lc in config.listeners.items() if lc.kind.value == "mail"]
-    listener = args.listener or (mail_listeners[0] if mail_listeners else "")
-    if listener not in config.listeners:
-        print(f"error: no listener '{listener}' in {args.config}", file=sys.stderr)
-        return 1
-    data = sys.stdin.buffer.read().replace(b"\r\n", b"\n")
-    msg = MailMessage.from_bytes(
-        data, sender=args.sender, recipients=args.recipients, listener=listener, client=args.client
-    )
-    router = Router(config, transforms)
-    trace = Trace()
-    result: dict[str, int] = {"code": 0}
+    result = {"code": 0}
 
-    async def go(reactor: object) -> None:
-        try:
-            routed = await router.route(msg, trace)
-        except NoRoute as exc:
-            for step in trace.steps:
-                print(step)
-            print(f"refused: {exc}")
-            result["code"] = 1
-            return
-        except TransformFailed as exc:
-            for step in trace.steps:
-                print(step)
-            print(f"failed: {exc}")
-            result["code"] = 1
-            return
-        for step in trace.steps:
-            print(step)
-        if not routed:
-            print("the transforms dropped the message: nothing would be sent")
-        for item in routed:
-            print()
-            print(f"=== route '{item.route.name}' -> {', '.join(item.destinations)}")
-            out = item.message
-            if isinstance(out, MailMessage):
-                rcpts = ", ".join(f"<{r}>" for r in out.recipients)
-                print(f"envelope: from <{out.sender}> to {rcpts}")
-            to_bytes = getattr(out, "to_bytes", None)
-            if to_bytes is not None:
-                sys.stdout.flush()
-                sys.stdout.buffer.write(to_bytes())
-                sys.stdout.buffer.flush()
-
-    def run(reactor: Any) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(go(reactor))
+    async def go() -> None:
+        result["code"] = await dry_run(config, transforms, args)
 
     try:
-        task.react(run)
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(go()))
     except SystemExit as exc:
         if exc.code not in (0, None):
             return int(exc.code) if isinstance(exc.code, int) else 1
@@ -431,20 +387,40 @@ def build_parser() -> argparse.ArgumentParser:
     reload.set_defaults(func=cmd_reload)
     schema = sub.add_parser("schema", help="print a JSON Schema of the routes file")
     schema.set_defaults(func=cmd_schema)
-    route = with_config(sub.add_parser("route", help="show how a message read on stdin is routed"))
+    route = with_config(
+        sub.add_parser(
+            "route",
+            help="show how a message, article, DNS query or HTTP request would be routed",
+            description="Route a sample without sending anything: mail (--to, the message"
+            " on stdin), an article (--article, on stdin), a DNS query (--query NAME [TYPE])"
+            " or an HTTP request (--method, --path, --header, --body FILE). Exit 0 if it"
+            " would be delivered or answered, 1 if it would be refused.",
+        )
+    )
     route.add_argument("--dry-run", action="store_true", help="route and transform, send nothing")
-    route.add_argument("--from", dest="sender", default="", help="envelope sender")
+    route.add_argument("--from", dest="sender", default="", help="mail: envelope sender")
     route.add_argument(
         "--to",
         dest="recipients",
         action="append",
-        required=True,
-        help="envelope recipient (repeat for several)",
+        help="mail: envelope recipient (repeat for several)",
     )
+    route.add_argument("--article", action="store_true", help="news: an article read on stdin")
     route.add_argument(
-        "--listener", help="listener the message arrives on (default: the first mail one)"
+        "--query", nargs="+", metavar="NAME", help="DNS: the query name, then its type (A)"
+    )
+    route.add_argument("--method", help="HTTP: the request method (GET with --path alone)")
+    route.add_argument("--path", help="HTTP: the request target, e.g. /hooks/alert?x=1")
+    route.add_argument("--host", help="HTTP: the Host (or give --header 'Host: ...')")
+    route.add_argument(
+        "--header", dest="headers", action="append", help="HTTP: 'Name: value' (repeat)"
+    )
+    route.add_argument("--body", help="HTTP: a file holding the request body")
+    route.add_argument(
+        "--listener", help="the listener it arrives on (default: the first of the right kind)"
     )
     route.add_argument("--client", default="127.0.0.1", help="client address for 'client' matches")
+    route.add_argument("--user", help="the logged-in user, for 'user' and 'authenticated' matches")
     route.set_defaults(func=cmd_route)
     passwd = sub.add_parser(
         "passwd",

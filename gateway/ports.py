@@ -349,6 +349,44 @@ Matcher = Callable[["Match", Message, "str | None", dict[str, str], bool], bool]
 
 
 @dataclass(frozen=True)
+class Sample:
+    """What ``gateway route --dry-run`` is asked to route, in no protocol's words.
+
+    A protocol's dry run reads the fields it knows: mail and articles ``data``
+    (and the envelope), DNS ``name`` and ``type``, HTTP ``method``, ``target``,
+    ``host``, ``headers`` and ``data`` as the body.
+    """
+
+    listener: str
+    client: str = "127.0.0.1"
+    user: str = ""
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    data: bytes = b""
+    name: str = ""
+    type: str = "A"
+    method: str = ""
+    target: str = "/"
+    host: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Explained:
+    """A listener's own routing of a sample: the route it chose (None: none) and what it
+    would do, in lines for people; or a message the router routes from there on."""
+
+    route: str | None = None
+    lines: tuple[str, ...] = ()
+    message: Message | None = None
+
+
+# A listener's dry run: (its config, its routes, each destination's shape, the sample)
+# -> Explained. Raises ValueError when the sample is not something the listener takes.
+DryRun = Callable[[Any, "tuple[Route, ...]", Mapping[str, str], Sample], Explained]
+
+
+@dataclass(frozen=True)
 class ListenerEntry:
     """The listener side of a protocol: its settings, how to build it, what its routes may say.
 
@@ -357,7 +395,9 @@ class ListenerEntry:
     (DNS: ``answer``, ``action``, ``cache``...).  ``matcher`` matches a message
     against them for the router (store-and-forward listeners);
     ``check_route`` checks and completes a route from this listener at load
-    time (reading files it names, say).
+    time (reading files it names, say).  ``dry_run`` shows how the listener
+    would route a sample (``gateway route --dry-run``); without one, the
+    listener's messages go to the router as its kind says (mail, articles).
     """
 
     config: type[ListenerConfig]
@@ -366,6 +406,7 @@ class ListenerEntry:
     route: type | None = None
     matcher: Matcher | None = None
     check_route: RouteCheck | None = None
+    dry_run: DryRun | None = None
 
 
 @dataclass(frozen=True)
@@ -401,9 +442,10 @@ def listener_entry(
     route: type | None = None,
     matcher: Matcher | None = None,
     check_route: RouteCheck | None = None,
+    dry_run: DryRun | None = None,
 ) -> ListenerEntry:
     """A ListenerEntry whose builder is checked against its config class."""
-    return ListenerEntry(config, build, match, route, matcher, check_route)
+    return ListenerEntry(config, build, match, route, matcher, check_route, dry_run)
 
 
 def destination_entry(

@@ -13,6 +13,7 @@ from gateway.protocols.dns.config import (
     check_dns_route,
 )
 from gateway.protocols.dns.destination import DnsDestination, DohDestination
+from gateway.protocols.dns.dry_run import dns_dry_run
 from gateway.protocols.dns.listener import DnsSockets, DohSockets
 
 # Routes from DNS listeners are chosen by the listener itself (DnsRoutes), not by the
@@ -26,6 +27,7 @@ PROTOCOLS = (
             match=DnsMatch,
             route=DnsRoute,
             check_route=check_dns_route,
+            dry_run=dns_dry_run,
         ),
         destination=destination_entry(DnsDestinationConfig, DnsDestination, shape="resolve"),
     ),
@@ -37,6 +39,7 @@ PROTOCOLS = (
             match=DnsMatch,
             route=DnsRoute,
             check_route=check_dns_route,
+            dry_run=dns_dry_run,
         ),
         destination=destination_entry(DohDestinationConfig, DohDestination, shape="resolve"),
     ),

@@ -12,14 +12,18 @@ from gateway.protocols.http.config import (
 )
 from gateway.protocols.http.listener import HttpSockets
 from gateway.protocols.http.proxy import HttpProxyDestination
-from gateway.protocols.http.routes import match_request
+from gateway.protocols.http.routes import http_dry_run, match_request
 from gateway.protocols.http.webhook import WebhookDestination
 
 PROTOCOLS = (
     ProtocolEntry(
         "http",
         listener=listener_entry(
-            HttpListenerConfig, HttpSockets, match=HttpMatch, matcher=match_request
+            HttpListenerConfig,
+            HttpSockets,
+            match=HttpMatch,
+            matcher=match_request,
+            dry_run=http_dry_run,
         ),
         destination=destination_entry(HttpDestinationConfig, HttpProxyDestination, shape="proxy"),
     ),

@@ -6,10 +6,12 @@ fast path mean the same by a route.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from gateway.config import Match, Route, client_allowed
 from gateway.message import HttpRequest, Message
+from gateway.ports import Explained, Sample
 from gateway.protocols.http.config import HttpMatch
 from gateway.routing import search_groups
 
@@ -156,4 +158,48 @@ def match_request(
     keys = match.view(HttpMatch)
     return (
         http_match(keys, message.method, message.host, message.target, values, groups) is not None
+    )
+
+
+def http_dry_run(
+    config: Any, routes: tuple[Route, ...], shapes: Mapping[str, str], sample: Sample
+) -> Explained:
+    """``gateway route --dry-run`` for an HTTP listener: the route its own index picks; a
+    request for a store-and-forward route goes on to the router as a message."""
+    if not sample.method:
+        raise ValueError("give the request to route: --method METHOD --path PATH [--header ...]")
+    headers = sample.headers
+    host = sample.host or next((v for k, v in headers if k.lower() == "host"), "")
+
+    def values(name: str) -> list[str]:
+        wanted = name.lower()
+        return [v for k, v in headers if k.lower() == wanted]
+
+    what = f"{sample.method} {sample.target} (Host: {host or '-'}) from {sample.client}"
+    allow = config.allow
+    if allow and not client_allowed(allow, sample.client):
+        return Explained(None, (f"{what}: the client is not in the listener's 'allow' list; 403",))
+    chosen = HttpRoutes(routes).select(sample.method, host, sample.target, values, sample.client)
+    if chosen is None:
+        return Explained(None, (f"{what}: no route takes it; answered 404",))
+    route, groups = chosen
+    found = f" (named groups: {groups})" if groups else ""
+    proxies = [name for name in route.to if shapes.get(name) == "proxy"]
+    if proxies:
+        return Explained(
+            route.name, (f"{what}: route '{route.name}'{found} proxies it to {proxies[0]}",)
+        )
+    request = HttpRequest(
+        listener=config.name,
+        client=sample.client,
+        method=sample.method,
+        target=sample.target,
+        host=host,
+        http_headers=headers,
+        body=sample.data,
+    )
+    return Explained(
+        route.name,
+        (f"{what}: route '{route.name}'{found} takes it as a message (202 once stored)",),
+        request,
     )
