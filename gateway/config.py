@@ -997,7 +997,9 @@ class _Reader:
         try:
             return cls(**values)
         except ValueError as exc:  # a __post_init__ check across fields
-            self.fail(node, f"{what}: {exc}")
+            # At the value it names (an exception with a ``key``), else at the mapping.
+            at = where.get(getattr(exc, "key", "") or "")
+            self.problems.append(Problem(at or self.loc(node), f"{what}: {exc}"))
             return _Invalid
 
 
@@ -1078,6 +1080,8 @@ def _by_protocol(
             continue
         listen = fields.get("listen")
         reader.where[f"{what}.{name}"] = reader.loc(listen[1] if listen else value_node)
+        for key, (_, field_node) in fields.items():
+            reader.where[f"{what}.{name}.{key}"] = reader.loc(field_node)
         value = reader.dataclass(value_node, cls, label, extra={"name": name})
         if value is not _Invalid:
             out[name] = value
@@ -1285,10 +1289,12 @@ def parse(
         reader.where["admin"] = reader.loc(given["admin"][1])
     _check_addresses(reader, config)
     for name, listener in config.listeners.items():
-        for _key, message in listener.check(config):
-            reader.problems.append(
-                Problem(reader.where.get(f"listeners.{name}"), f"listener '{name}': {message}")
+        for key, message in listener.check(config):
+            # At the value the problem is about (users_file, say), else at the listener.
+            where = reader.where.get(f"listeners.{name}.{key}") or reader.where.get(
+                f"listeners.{name}"
             )
+            reader.problems.append(Problem(where, f"listener '{name}': {message}"))
     if config.spool is None:
         config = dataclasses.replace(config, spool=ConfigPath(str(default_spool(reader.base))))
     if folders:

@@ -46,6 +46,8 @@ HASH_PREFIXES = ("$argon2id$", "$argon2i$", "$argon2d$")
 class UsersError(ValueError):
     """A users file or an inline entry that cannot be used; says where."""
 
+    key = ""  # the configuration key the problem is about, when there is one
+
 
 def hash_password(password: str) -> str:
     """The Argon2id hash of ``password`` with a fresh salt, for a users file."""
@@ -127,7 +129,11 @@ def check_settings(users: Mapping[str, str], users_file: str | None, require_aut
         raise ValueError("require_auth needs 'users' or 'users_file' to authenticate against")
     check_inline(users)
     if users_file is not None:
-        read_users_file(users_file)  # a bad line is an error at check time
+        try:
+            read_users_file(users_file)  # a bad line is an error at check time
+        except UsersError as exc:
+            exc.key = "users_file"  # reported at the line that names the file
+            raise
 
 
 def write_user(path: Path, name: str, password: str) -> bool:

@@ -292,11 +292,17 @@ def test_retry_makes_deliveries_due_and_the_running_gateway_delivers_them(
     wait_until(
         lambda: queue(spooled.config, "list").stdout == "the queue is empty\n", "an empty queue"
     )
+    # Revived, it began a new schedule: its one try since counts as the first.
     [dead] = wait_until(
-        lambda: [d for d in queue_json(spooled.config, "dead") if d["attempts"] == 2],
+        lambda: [d for d in queue_json(spooled.config, "dead") if d["revived"] > 0],
         "the second try of the dead letter",
     )
-    assert dead["id"] == spooled.dead
+    assert dead["id"] == spooled.dead and dead["attempts"] == 1
+    shown = queue_json(spooled.config, "show", spooled.dead)["deliveries"][0]
+    events = [h["event"] for h in shown["history"]]
+    assert events[0].startswith("accepted by route")
+    assert events[1].startswith("dead letter: ") and events[3].startswith("dead letter: ")
+    assert events[2] == "revived from the dead letters by 'gateway queue retry'"
 
 
 def test_retry_of_an_unknown_id_changes_nothing_and_exits_1(spooled: Spooled) -> None:

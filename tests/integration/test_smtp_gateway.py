@@ -778,7 +778,7 @@ def test_a_reload_that_shares_a_port_with_the_old_sockets_moves_the_listener(
 ) -> None:
     """A listener that keeps one of its ports and gains another: the old socket makes
     way for the new one on the same port, and both ports answer afterwards."""
-    gw, port = gateway
+    _gw, port = gateway
     path = tmp_path / "routes.yaml"
     extra = free_port()
     path.write_text(
@@ -797,7 +797,7 @@ def test_a_reload_that_shares_a_port_with_the_old_sockets_moves_the_listener(
 def test_gateway_reload_refuses_a_file_that_does_not_check_without_signalling(
     tmp_path: Path, sink: SmtpSink, gateway: tuple[GatewayProcess, int]
 ) -> None:
-    gw, port = gateway
+    gw, _port = gateway
     path = tmp_path / "routes.yaml"
     path.write_text(path.read_text().replace("to: relay\n", "to: relya\n"))
     mark = gw.log_mark()

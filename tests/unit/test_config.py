@@ -541,3 +541,16 @@ def test_unused_listeners_and_destinations_and_no_listener_are_warnings_not_erro
     assert [str(w) for w in parse("version: 1\n").warnings] == [
         "routes.yaml:1:1: the file has no listeners: the gateway would start and take no traffic"
     ]
+
+
+def test_a_missing_users_file_is_reported_at_its_line(tmp_path: Path) -> None:
+    text = (
+        "version: 1\nlisteners:\n  in:\n    protocol: smtp\n    listen: 'tcp:25'\n"
+        "    users_file: nousers\n    require_auth: true\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "routes.yaml", tmp_path)
+    assert [str(p) for p in caught.value.problems] == [
+        f"routes.yaml:6:17: listener 'in': cannot read the users file {tmp_path / 'nousers'}:"
+        " No such file or directory"
+    ]

@@ -69,7 +69,7 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         text = self.text
-        if self.code == 334:
+        if self.code == 334 and "\n" not in text and "\r" not in text:
             # An AUTH challenge: "334" SP [base64], the space even when it is empty.
             return f"334 {text}\r\n".encode("ascii", "replace")
         if "\n" not in text and "\r" not in text:

@@ -10,6 +10,7 @@ same gateway), the way a news peer with accounts would answer.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -301,3 +302,16 @@ def test_nntps_certificate_from_another_ca_is_refused(gateway: Gateway) -> None:
     line = gateway.wait_outcome(mid, "self-tls-bad", "temporary")
     assert "certificate verify failed" in line
     assert not gateway.outcomes(mid, "box")
+
+
+def test_the_inn_the_tests_run_reads_no_load_limit(inn: Inn) -> None:
+    """A loaded CI machine made nnrpd answer "400 load at 17.35, try later" to MODE READER:
+    the fixture's inn.conf turns the limit off, as INN itself reads it."""
+    out = subprocess.run(
+        ["/usr/lib/news/bin/innconfval", "nnrpdloadlimit"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
+import json
 import socket
 import subprocess
 import time
@@ -244,7 +245,7 @@ def test_default_routes_yaml_web_hook_and_proxy_routes(tmp_path: Path) -> None:
     text = (REPO_ROOT / "routes.yaml").read_text()
     web, app = free_port(), free_port()
     ports = {"tcp:8080:": f"tcp:{web}:", "127.0.0.1:8081": f"127.0.0.1:{app}"}
-    for old in ("tcp:2525:", "tcp:5870:", "tcp:1119:", "udp:5353:", "tcp:5353:"):
+    for old in ("tcp:2525:", "tcp:5870:", "tcp:1119:", "udp:5353:", "tcp:5353:", "tcp:9100:"):
         ports[old] = f"{old.split(':')[0]}:{free_port()}:"
     for old, new in ports.items():
         assert old in text, old
@@ -263,6 +264,7 @@ def test_default_routes_yaml_web_hook_and_proxy_routes(tmp_path: Path) -> None:
         )  # fmt: skip
         assert answer.stdout.startswith("HTTP/1.1 202 "), answer.stdout + answer.stderr
         assert '"status": "queued"' in answer.stdout
+        first_answer = answer.stdout
         unsigned = curl(
             "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
             "-H", "Content-Type: application/json", "--data-binary", payload.decode(), hook_url,
@@ -290,7 +292,12 @@ def test_default_routes_yaml_web_hook_and_proxy_routes(tmp_path: Path) -> None:
         assert "Subject: [deploy] Release 1.2" in mail
         assert "To: hooks@example.test" in mail
         assert '"by": "ci"' in mail  # the JSON, pretty-printed, is the text
-        assert "Traceback" not in gw.log_text()
+        # The id of the 202 is the message's queue id: its log lines carry it.
+        accepted = json.loads(first_answer[first_answer.index("{") :])
+        qid = accepted["id"]
+        log = gw.log_text()
+        assert f"id={qid} " in log and f"delivery={qid}.1 " in log, log[-2000:]
+        assert "Traceback" not in log
 
 
 def test_http2_requests_are_counted_once(tmp_path: Path, nginx: Nginx) -> None:
