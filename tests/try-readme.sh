@@ -40,7 +40,7 @@ git clone -q "$repo" "$root/root/gateway"
 
 # The README's commands: the prerequisite, the first two sh blocks, the peers line.
 readme="$repo/README.md"
-blocks=$(awk '/^```sh$/ {n++; next} /^```$/ {next} n>=1 && n<=2 {print n": "$0}' "$readme" | head -2)
+blocks=$(awk '/^```sh$/ {n++; inside=1; next} /^```$/ {inside=0; next} inside && n<=2 {print n": "$0}' "$readme")
 first=$(printf '%s\n' "$blocks" | sed -n 's/^1: //p')
 second=$(printf '%s\n' "$blocks" | sed -n 's/^2: //p')
 venv=$(grep -o '`apt-get install -y python3-venv`' "$readme" | head -1 | tr -d '`')
@@ -54,7 +54,7 @@ run bash -c "apt-get update -q && DEBIAN_FRONTEND=noninteractive $venv"
 
 first_command() {  # $1: who runs it; the gateway runs until it is ready, then stops
     local home=$1 log=$1/first.log
-    run bash -c "cd $home/gateway && setsid bash -c \"$first\" >$log 2>&1 & echo \$! > $home/first.pid"
+    run bash -c "cd $home/gateway && setsid bash -c \"$first\" >$log 2>&1 &"
     for _ in $(seq 300); do
         grep -q "gateway ready" "$root$log" 2>/dev/null && break
         grep -q "Traceback\|error:" "$root$log" 2>/dev/null && break
@@ -67,8 +67,15 @@ echo "== the first command, as root"
 first_command /root
 run bash -c "curl -sf http://127.0.0.1:9100/metrics 2>/dev/null || python3 -c \"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9100/metrics').read().decode())\"" |
     grep -q '^gateway_ready 1' || fail "/metrics of the default routes.yaml does not say ready"
-stop_first() { kill -TERM -- "-$(cat "$1")" 2>/dev/null || true; sleep 3; }
-stop_first "$root/root/first.pid"
+stop_first() {  # $1: the clone; the running gateway names its pid in its status file
+    local status=$1/var/spool/gateway.status pid
+    pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$status")
+    [ -n "$pid" ] || fail "no pid in $status"
+    kill -TERM "$pid"
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+    fail "the gateway $pid did not stop on SIGTERM"
+}
+stop_first "$root/root/gateway"
 
 echo "== the first command, as a user"
 run useradd -m tester 2>/dev/null || true
@@ -76,7 +83,7 @@ git clone -q "$repo" "$root/home/tester/gateway"
 chroot "$root" chown -R tester: /home/tester/gateway
 first_user() {
     chroot --userspec=tester:tester "$root" env -i PATH=/usr/bin:/bin HOME=/home/tester LANG=C.UTF-8 \
-        bash -c "cd /home/tester/gateway && setsid bash -c \"$first\" >/home/tester/first.log 2>&1 & echo \$! > /home/tester/first.pid"
+        bash -c "cd /home/tester/gateway && setsid bash -c \"$first\" >/home/tester/first.log 2>&1 &"
     for _ in $(seq 300); do
         grep -q "gateway ready" "$root/home/tester/first.log" 2>/dev/null && return 0
         sleep 1
@@ -84,7 +91,7 @@ first_user() {
     fail "the first command did not start the gateway as a user: $(tail -20 "$root/home/tester/first.log")"
 }
 first_user
-stop_first "$root/home/tester/first.pid"
+stop_first "$root/home/tester/gateway"
 
 echo "== $peers (as root)"
 run bash -c "cd /root/gateway && $peers"
