@@ -299,6 +299,52 @@ def cmd_route(args: argparse.Namespace) -> int:
     return result["code"]
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from twisted.internet import defer, task
+
+    from gateway.route_tests import CaseFileError, read_cases, report, run_cases, write_junit
+    from gateway.service import load_checked
+
+    try:
+        config, transforms = load_checked(args.config)
+    except ConfigError as exc:
+        print_problems(exc)
+        return 2
+    files = [Path(f) for f in args.tests] or [Path(args.config).parent / "routes.test.yaml"]
+    cases = []
+    problems = []
+    for path in files:
+        try:
+            cases += read_cases(path)
+        except CaseFileError as exc:
+            problems += exc.problems
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if not cases:
+        print(f"error: no test cases in {', '.join(map(str, files))}", file=sys.stderr)
+        return 2
+    results = []
+
+    async def go() -> None:
+        for path in files:
+            mine = [c for c in cases if c.where.file == str(path)]
+            results.extend(await run_cases(config, transforms, mine, path.resolve().parent))
+
+    try:
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(go()))
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            return 2
+    report(results)
+    if args.junit:
+        write_junit(Path(args.junit), results)
+    return 0 if all(r.passed for r in results) else 1
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     from gateway.queue_cli import run
 
@@ -385,6 +431,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, help="seconds to wait for the verdict (default 60)"
     )
     reload.set_defaults(func=cmd_reload)
+    tests = with_config(
+        sub.add_parser(
+            "test",
+            help="run route tests (routes.test.yaml beside the routes file) without sending",
+            description="Run the route tests of TESTS (default: routes.test.yaml next to the"
+            " routes file): each case's input goes through the routes and plugins as it"
+            " would on traffic, and what happens is compared with what it expects. Exit 0"
+            " when all pass, 1 when one fails, 2 when a file cannot be read.",
+        )
+    )
+    tests.add_argument("tests", nargs="*", metavar="TESTS", help="test files")
+    tests.add_argument("--junit", metavar="FILE", help="also write JUnit XML for CI systems")
+    tests.set_defaults(func=cmd_test)
     schema = sub.add_parser("schema", help="print a JSON Schema of the routes file")
     schema.set_defaults(func=cmd_schema)
     route = with_config(

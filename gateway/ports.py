@@ -379,6 +379,14 @@ class Explained:
     route: str | None = None
     lines: tuple[str, ...] = ()
     message: Message | None = None
+    refused: str = ""  # the protocol's answer when it is a refusal: "REFUSED", "404" ...
+    answer: str = ""  # what a route answers itself: "NXDOMAIN", records, "proxied to app"
+    destinations: tuple[str, ...] = ()  # where it would go (forwarded, proxied)
+
+
+# A listener's refusal of a message the router refused, in its protocol's words
+# ("550 5.1.1 ...", "441 ...", "403").
+Refusal = Callable[[Verdict], str]
 
 
 # A listener's dry run: (its config, its routes, each destination's shape, the sample)
@@ -407,6 +415,7 @@ class ListenerEntry:
     matcher: Matcher | None = None
     check_route: RouteCheck | None = None
     dry_run: DryRun | None = None
+    refusal: Refusal | None = None
 
 
 @dataclass(frozen=True)
@@ -443,9 +452,10 @@ def listener_entry(
     matcher: Matcher | None = None,
     check_route: RouteCheck | None = None,
     dry_run: DryRun | None = None,
+    refusal: Refusal | None = None,
 ) -> ListenerEntry:
     """A ListenerEntry whose builder is checked against its config class."""
-    return ListenerEntry(config, build, match, route, matcher, check_route, dry_run)
+    return ListenerEntry(config, build, match, route, matcher, check_route, dry_run, refusal)
 
 
 def destination_entry(

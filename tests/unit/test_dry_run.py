@@ -62,7 +62,7 @@ def test_mail_recipients_are_judged_one_by_one(monkeypatch, capsys) -> None:  # 
         "--to", "b@example.test", stdin="Subject: s\n\nbody\n",
     )  # fmt: skip
     assert code == 1  # one recipient would be refused
-    assert "<x@elsewhere.test>: refused at RCPT: 550 5.1.1 no route for it here" in out
+    assert "<x@elsewhere.test>: refused at RCPT: 550 5.1.1 <x@elsewhere.test>: Recipient address rejected: no route for it here" in out
     assert "=== route 'local' -> box" in out
     assert "envelope: from <> to <a@example.test>, <b@example.test>" in out
 

@@ -36,15 +36,18 @@ def dns_dry_run(
                 f"{question}: the client is not in the listener's 'allow' list;"
                 " answered REFUSED",
             ),
+            refused="REFUSED",
         )
     route = DnsRoutes(routes).select(qname, qtype, dns.rdataclass.IN, sample.client)
     if route is None:
-        return Explained(None, (f"{question}: no route takes it; answered REFUSED",))
+        return Explained(
+            None, (f"{question}: no route takes it; answered REFUSED",), refused="REFUSED"
+        )
     keys = route.view(DnsRoute)
     head = f"{question}: route '{route.name}'"
     if keys.action is not None:
         code = "REFUSED" if keys.action == "refuse" else "NXDOMAIN"
-        return Explained(route.name, (f"{head} answers {code}",))
+        return Explained(route.name, (f"{head} answers {code}",), answer=code)
     if keys.answer:
         wanted = dns.rdatatype.to_text(qtype)
         lines = [f"{head} answers from its own records:"]
@@ -53,10 +56,12 @@ def dns_dry_run(
             f"  none of its records is {qname} {wanted}: NOERROR with no answer, or NXDOMAIN"
             " when it has no record of that name"
         ]
-        return Explained(route.name, tuple(lines))
+        return Explained(route.name, tuple(lines), answer="\n".join(matching))
     cache = "with its cache" if keys.cache else "without a cache"
     return Explained(
-        route.name, (f"{head} forwards it to {', '.join(route.to)} (in that order), {cache}",)
+        route.name,
+        (f"{head} forwards it to {', '.join(route.to)} (in that order), {cache}",),
+        destinations=route.to,
     )
 
 

@@ -10,7 +10,7 @@ from gateway.protocols.http.config import (
     HttpMatch,
     WebhookDestinationConfig,
 )
-from gateway.protocols.http.listener import HttpSockets
+from gateway.protocols.http.listener import HttpSockets, refusal
 from gateway.protocols.http.proxy import HttpProxyDestination
 from gateway.protocols.http.routes import http_dry_run, match_request
 from gateway.protocols.http.webhook import WebhookDestination
@@ -24,6 +24,7 @@ PROTOCOLS = (
             match=HttpMatch,
             matcher=match_request,
             dry_run=http_dry_run,
+            refusal=refusal,
         ),
         destination=destination_entry(HttpDestinationConfig, HttpProxyDestination, shape="proxy"),
     ),

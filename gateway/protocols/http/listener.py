@@ -30,6 +30,13 @@ from gateway.stats import Histogram
 log = Logger(namespace="gateway.http.listener")
 
 
+def refusal(verdict: Verdict) -> str:
+    """The status a refused request gets (for route tests and dry runs)."""
+    if verdict.status is Status.PERMANENT:
+        return f"{_STATUS.get(verdict.reason, 400)} {verdict.detail}"
+    return f"503 {verdict.detail}"
+
+
 def _header_values(exchange: Exchange) -> HeaderValues:
     headers = exchange.head.headers
 

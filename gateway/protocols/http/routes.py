@@ -178,16 +178,22 @@ def http_dry_run(
     what = f"{sample.method} {sample.target} (Host: {host or '-'}) from {sample.client}"
     allow = config.allow
     if allow and not client_allowed(allow, sample.client):
-        return Explained(None, (f"{what}: the client is not in the listener's 'allow' list; 403",))
+        return Explained(
+            None,
+            (f"{what}: the client is not in the listener's 'allow' list",),
+            refused="connection closed (not in 'allow')",
+        )
     chosen = HttpRoutes(routes).select(sample.method, host, sample.target, values, sample.client)
     if chosen is None:
-        return Explained(None, (f"{what}: no route takes it; answered 404",))
+        return Explained(None, (f"{what}: no route takes it; answered 404",), refused="404")
     route, groups = chosen
     found = f" (named groups: {groups})" if groups else ""
     proxies = [name for name in route.to if shapes.get(name) == "proxy"]
     if proxies:
         return Explained(
-            route.name, (f"{what}: route '{route.name}'{found} proxies it to {proxies[0]}",)
+            route.name,
+            (f"{what}: route '{route.name}'{found} proxies it to {proxies[0]}",),
+            destinations=(proxies[0],),
         )
     request = HttpRequest(
         listener=config.name,

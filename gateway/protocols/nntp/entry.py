@@ -9,7 +9,7 @@ from gateway.protocols.nntp.config import (
     NntpPollerConfig,
 )
 from gateway.protocols.nntp.destination import NntpDestination
-from gateway.protocols.nntp.listener import NntpListener
+from gateway.protocols.nntp.listener import NntpListener, refusal
 from gateway.protocols.nntp.poller import NntpPoller
 from gateway.routing import ArticleMatch, match_article
 
@@ -17,14 +17,18 @@ PROTOCOLS = (
     ProtocolEntry(
         "nntp",
         listener=listener_entry(
-            NntpListenerConfig, NntpListener, match=ArticleMatch, matcher=match_article
+            NntpListenerConfig,
+            NntpListener,
+            match=ArticleMatch,
+            matcher=match_article,
+            refusal=refusal,
         ),
         destination=destination_entry(NntpDestinationConfig, NntpDestination),
     ),
     ProtocolEntry(
         "nntp-poll",
         listener=listener_entry(
-            NntpPollerConfig, NntpPoller, match=ArticleMatch, matcher=match_article
+            NntpPollerConfig, NntpPoller, match=ArticleMatch, matcher=match_article, refusal=refusal
         ),
     ),
 )

@@ -54,7 +54,7 @@ from twisted.logger import Logger
 
 from gateway.listening import StreamListener, duration_metric, message_metric, retry_after
 from gateway.message import Article, new_message_id
-from gateway.ports import GatewayPort, Metric, Status
+from gateway.ports import GatewayPort, Metric, Status, Verdict
 from gateway.protocols._line_server import drain_sessions
 from gateway.protocols.nntp.codec import Response, is_message_id
 from gateway.protocols.nntp.config import NntpListenerConfig
@@ -173,6 +173,11 @@ _ANSWERS = {
     "IHAVE": _Answers(235, 436, 437, with_id=False),
     "TAKETHIS": _Answers(239, 400, 439, with_id=True),
 }
+
+
+def refusal(verdict: Verdict) -> str:
+    """The answer to a POST the gateway refuses (for route tests and dry runs)."""
+    return f"{_ANSWERS['POST'].permanent} {verdict.detail}"
 
 
 class NntpListener(StreamListener[NntpListenerConfig]):

@@ -86,6 +86,11 @@ def reply_for(verdict: Verdict) -> Reply:
     return Reply(code, status, verdict.detail)
 
 
+def refusal(verdict: Verdict) -> str:
+    """The reply a refused message gets, as one line (for route tests and dry runs)."""
+    return " ".join(reply_for(verdict).to_bytes().decode("ascii").split())
+
+
 def sender_specified_routing(recipient: str) -> bool:
     """Whether the address names another hop in its local part: user%host@, host!user@,
     "user@host"@ (RFC 1123 5.2.16's "percent hack", UUCP bang paths, quoted routes).
