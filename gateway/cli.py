@@ -345,6 +345,24 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
+def cmd_graph(args: argparse.Namespace) -> int:
+    from gateway.graph import GraphvizMissing, dot, mermaid, svg
+    from gateway.service import load_checked
+
+    try:
+        config, _ = load_checked(args.config)
+    except ConfigError as exc:
+        print_problems(exc)
+        return 1
+    draw = {"dot": dot, "svg": svg, "mermaid": mermaid}[args.format]
+    try:
+        sys.stdout.write(draw(config))
+    except GraphvizMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     from gateway.queue_cli import run
 
@@ -444,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
     tests.add_argument("tests", nargs="*", metavar="TESTS", help="test files")
     tests.add_argument("--junit", metavar="FILE", help="also write JUnit XML for CI systems")
     tests.set_defaults(func=cmd_test)
+    graph = with_config(
+        sub.add_parser(
+            "graph",
+            help="draw listeners -> routes -> destinations (Graphviz DOT, SVG or Mermaid)",
+            description="Print the routes file as a picture: listeners, routes (their match"
+            " and transforms) and destinations. Unused listeners and destinations are"
+            " dashed; a route that can never match is red.",
+        )
+    )
+    graph.add_argument(
+        "--format", choices=("dot", "svg", "mermaid"), default="dot", help="default: dot"
+    )
+    graph.set_defaults(func=cmd_graph)
     schema = sub.add_parser("schema", help="print a JSON Schema of the routes file")
     schema.set_defaults(func=cmd_schema)
     route = with_config(

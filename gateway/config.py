@@ -1334,6 +1334,16 @@ def _warnings(reader: _Reader, config: Any) -> tuple[Problem, ...]:
                 "the file has no listeners: the gateway would start and take no traffic",
             )
         )
+    from gateway.graph import shadowed_routes
+
+    for shadow in shadowed_routes(config.routes):
+        found.append(
+            Problem(
+                shadow.route.where.get(""),
+                f"route '{shadow.route.name}' never matches: route '{shadow.by.name}' before"
+                " it takes everything from the same listeners (no match, no continue)",
+            )
+        )
     return tuple(found)
 
 

@@ -44,6 +44,8 @@ PEER_PACKAGES=(
     # The TLS scanner the listeners' TLS is checked with.
     testssl.sh:/usr/bin/testssl
     iproute2:/usr/bin/ss
+    # gateway graph --format svg draws with Graphviz's dot.
+    graphviz:/usr/bin/dot
     # systemd's tools only (no init): socket activation and unit checks.
     systemd:/usr/bin/systemd-socket-activate
     systemd:/usr/bin/systemd-analyze
