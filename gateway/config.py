@@ -516,10 +516,45 @@ def yaml_key(name: str, doc: str = "") -> dict[str, str]:
     return {"yaml": name, "doc": doc}
 
 
-def doc(text: str, *, positive: bool = False) -> dict[str, Any]:
+def doc(text: str, *, positive: bool = False, secret: bool = False) -> dict[str, Any]:
     """Field metadata: the key's help, shown by ``gateway schema``; ``positive``: a number
-    (count, size, duration) that must be more than 0 (0 would mean nothing there)."""
-    return {"doc": text, "positive": True} if positive else {"doc": text}
+    (count, size, duration) that must be more than 0 (0 would mean nothing there);
+    ``secret``: a password or key, which may also come from ``KEY_file:`` (a file holding
+    it) or from ``${ENV_VAR}``, so that routes.yaml can be committed."""
+    out: dict[str, Any] = {"doc": text}
+    if positive:
+        out["positive"] = True
+    if secret:
+        out["secret"] = True
+    return out
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def secret_value(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """A secret with each ``${NAME}`` replaced by that environment variable (ValueError
+    naming a variable that is not set)."""
+    env = os.environ if environ is None else environ
+
+    def value(found: re.Match[str]) -> str:
+        name = found.group(1)
+        if name not in env:
+            raise ValueError(f"the environment variable {name} is not set")
+        return env[name]
+
+    return _ENV_REFERENCE.sub(value, text)
+
+
+def read_secret_file(path: Path) -> str:
+    """A secret kept in a file of its own: its text without the final line break."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {(exc.strerror or str(exc)).lower()}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 HIDDEN: dict[str, None] = {"yaml": None}  # field metadata: not a key of the file
@@ -784,6 +819,8 @@ class _Reader:
         self.declared: dict[str, set[str]] = {"listeners": set(), "destinations": set()}
         # Where some values are, for checks across the file: a listener's 'listen', 'admin'.
         self.where: dict[str, Location] = {}
+        # Secrets written in the file itself (not KEY_file, not ${ENV}), for a warning.
+        self.inline_secrets: list[tuple[Location, str]] = []
         self._loader = _Constructor()
 
     def loc(self, node: yaml.Node) -> Location:
@@ -890,6 +927,47 @@ class _Reader:
             return _Invalid
         raise TypeError(f"no converter for {hint!r}")  # a programming error, not a user's
 
+    def _secret(self, value: str, node: yaml.Node, what: str) -> Any:
+        """A secret given in the file: ${ENV} filled in; an inline one noted for a warning."""
+        if _ENV_REFERENCE.search(value):
+            try:
+                return secret_value(value)
+            except ValueError as exc:
+                self.fail(node, f"{what}: {exc}")
+                return _Invalid
+        if value:
+            self.inline_secrets.append((self.loc(node), what))
+        return value
+
+    def _secret_files(
+        self,
+        given: dict[str, tuple[yaml.Node, yaml.Node]],
+        known: Mapping[str | None, dataclasses.Field[Any]],
+        what: str,
+    ) -> dict[str, Any]:
+        """``KEY_file: path`` for each secret KEY: the file's text (taken out of ``given``)."""
+        found: dict[str, Any] = {}
+        for name, f in known.items():
+            key = f"{name}_file"
+            if not f.metadata.get("secret") or key not in given:
+                continue
+            key_node, value_node = given.pop(key)
+            if name in given:
+                self.fail(key_node, f"{what}: give '{name}' or '{key}', not both")
+                found[str(name)] = _Invalid
+                continue
+            path = self.scalar(value_node)
+            if not isinstance(path, str) or not path.strip():
+                self.fail(value_node, f"{what}: '{key}': expected a file name")
+                found[str(name)] = _Invalid
+                continue
+            try:
+                found[str(name)] = read_secret_file(self.base / path)
+            except ValueError as exc:
+                self.fail(value_node, f"{what}: '{key}': {exc}")
+                found[str(name)] = _Invalid
+        return found
+
     def mapping(self, node: yaml.Node, value_hint: Any, what: str) -> Any:
         if not isinstance(node, yaml.MappingNode):
             if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
@@ -940,6 +1018,7 @@ class _Reader:
         given = self.fields_of(node, what)
         hints = _hints(cls)
         known = {yaml_name(f): f for f in dataclasses.fields(cls) if yaml_name(f) is not None}
+        from_files = self._secret_files(given, known, what)
         added = self.added_keys.get(cls, {})
         values: dict[str, Any] = dict(extra or {})
         more: dict[str, Any] = {}
@@ -962,6 +1041,8 @@ class _Reader:
                 continue
             value = self.convert(value_node, hints[f.name], f"{what}: '{key}'")
             where[f.name] = self.loc(value_node)
+            if f.metadata.get("secret") and isinstance(value, str):
+                value = self._secret(value, value_node, f"{what}: '{key}'")
             if (
                 f.metadata.get("positive")
                 and isinstance(value, (int, float))
@@ -983,6 +1064,11 @@ class _Reader:
                 ok = False
             else:
                 values[f.name] = value
+        for name, secret in from_files.items():
+            if secret is _Invalid:
+                ok = False
+            else:
+                values[known[name].name] = secret
         if more:
             values["values"] = types.MappingProxyType(more)
         for name, f in known.items():
@@ -1304,6 +1390,14 @@ def parse(
     return typing.cast(Config, dataclasses.replace(config, warnings=_warnings(reader, config)))
 
 
+def readable_by_others(filename: str) -> bool:
+    """Whether a file's mode lets every user read it (False when it is not on disk)."""
+    try:
+        return bool(os.stat(filename).st_mode & 0o004)
+    except OSError:
+        return False  # not a file on disk (a text parsed in memory)
+
+
 def _warnings(reader: _Reader, config: Any) -> tuple[Problem, ...]:
     """Listeners no route takes from, destinations no route sends to, no listener at all."""
     found: list[Problem] = []
@@ -1334,6 +1428,16 @@ def _warnings(reader: _Reader, config: Any) -> tuple[Problem, ...]:
                 "the file has no listeners: the gateway would start and take no traffic",
             )
         )
+    if reader.inline_secrets and readable_by_others(reader.filename):
+        for where, what in reader.inline_secrets:
+            found.append(
+                Problem(
+                    where,
+                    f"{what}: a secret written in a file others may read; keep it in a file"
+                    " of its own (KEY_file: path) or in the environment (${NAME}), or make"
+                    " this file readable by its owner only",
+                )
+            )
     from gateway.graph import shadowed_routes
 
     for shadow in shadowed_routes(config.routes):
@@ -1641,6 +1745,7 @@ def _check_addresses(reader: _Reader, config: Config) -> None:
 def _placeholders(value: Any) -> set[str]:
     found: set[str] = set()
     if isinstance(value, str):
+        value = _ENV_REFERENCE.sub("", value)  # ${NAME}: a secret from the environment
         try:
             for _, name, _, _ in string.Formatter().parse(value):
                 if name:

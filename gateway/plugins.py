@@ -61,7 +61,8 @@ class Option:
     declare theirs): ``gateway check`` refuses a route that misses a required one, misspells
     one or gives one of the wrong type, and ``gateway schema`` lists them.
 
-    ``type`` is ``str``, ``bool``, ``int``, ``float``, ``list[str]``, ``dict[str, str]``,
+    ``secret``: see the field.  ``type`` is ``str``, ``bool``, ``int``, ``float``,
+    ``list[str]``, ``dict[str, str]``,
     or a union of these (``str | list[str]``: one address or several).  A string holding a
     ``{placeholder}`` stands for any type: it is filled in per message.
     """
@@ -70,6 +71,9 @@ class Option:
     type: Any = str
     required: bool = False
     help: str = ""
+    # A password or key: routes may give it as NAME_file (a file holding it) or with
+    # ${ENV_VAR} in it, so that routes.yaml can be committed.
+    secret: bool = False
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` (as routes.yaml gave it) is not of this option's type, or None."""

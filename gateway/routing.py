@@ -10,9 +10,11 @@ recipients in one copy, their option values joined (a crosspost).
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -28,6 +30,9 @@ from gateway.config import (
     client_allowed,
     doc,
     interpolate,
+    read_secret_file,
+    readable_by_others,
+    secret_value,
     suggest,
 )
 from gateway.message import Article, Kind, MailMessage, Message
@@ -433,6 +438,71 @@ def _transform_hint(name: str, transforms: Transforms) -> str:
     if name.lower().replace("-", "_") in ("mail_to_http", "mail_to_webhook", "news_to_http"):
         return "; mail becomes a web hook in a destination with 'protocol: webhook'"
     return suggest(name, transforms.names())
+
+
+def _literal(text: str) -> str:
+    """A value taken as it is by the per-message '{group}' filling of options."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def resolve_secret_options(
+    config: Config, transforms: Transforms, base: Path
+) -> tuple[Config, list[Problem]]:
+    """Route options that hold secrets, taken from NAME_file (a file, relative to ``base``)
+    or with ${ENV_VAR} filled in; the routes get the values themselves."""
+    problems: list[Problem] = []
+    inline: list[Problem] = []
+    routes = []
+    for route in config.routes:
+        secret = {
+            option.name
+            for name in route.transforms
+            if (spec := transforms.get(name)) is not None
+            for option in spec.options or ()
+            if option.secret
+        }
+        options = dict(route.options)
+        changed = False
+        label = f"route '{route.name}'"
+        for name in secret:
+            key = f"{name}_file"
+            here = route.where.get(f"options.{key}=", route.where.get(""))
+            if key in options:
+                changed = True
+                path = options.pop(key)
+                if name in options:
+                    problems.append(Problem(here, f"{label}: give '{name}' or '{key}', not both"))
+                    continue
+                try:
+                    options[name] = _literal(read_secret_file(base / str(path)))
+                except ValueError as exc:
+                    problems.append(Problem(here, f"{label}: option '{key}': {exc}"))
+            elif isinstance(options.get(name), str) and "${" in options[name]:
+                changed = True
+                try:
+                    options[name] = _literal(secret_value(options[name]))
+                except ValueError as exc:
+                    where = route.where.get(f"options.{name}=", here)
+                    problems.append(Problem(where, f"{label}: option '{name}': {exc}"))
+            elif options.get(name) and readable_by_others(config.source):
+                where = route.where.get(f"options.{name}=", here)
+                inline.append(
+                    Problem(
+                        where,
+                        f"{label}: option '{name}': a secret written in a file others may"
+                        f" read; give it as '{key}' (a file of its own) or as ${{NAME}} (from"
+                        " the environment), or make this file readable by its owner only",
+                    )
+                )
+        routes.append(
+            dataclasses.replace(route, options=types.MappingProxyType(options))
+            if changed
+            else route
+        )
+    resolved = dataclasses.replace(
+        config, routes=tuple(routes), warnings=(*config.warnings, *inline)
+    )
+    return resolved, problems
 
 
 def check_routes(config: Config, transforms: Transforms) -> list[Problem]:

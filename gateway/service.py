@@ -43,7 +43,13 @@ from gateway.message import Message, addressed_to, local_hostname
 from gateway.plugins import PluginError, Transforms, load_transforms
 from gateway.ports import Destination, Reason, RouteTable, Status, Verdict
 from gateway.protocols import registry
-from gateway.routing import NoRoute, Router, TransformFailed, check_routes
+from gateway.routing import (
+    NoRoute,
+    Router,
+    TransformFailed,
+    check_routes,
+    resolve_secret_options,
+)
 from gateway.spool import QUEUED, SpoolError, SqliteSpool, Stored
 from gateway.systemd import server_endpoint
 
@@ -64,7 +70,8 @@ def load_checked(path: str | Path) -> tuple[Config, Transforms]:
         transforms = load_transforms(config.plugins)
     except PluginError as exc:
         raise ConfigError([Problem(None, str(exc))]) from None
-    problems = check_routes(config, transforms)
+    config, problems = resolve_secret_options(config, transforms, Path(path).resolve().parent)
+    problems += check_routes(config, transforms)
     if problems:
         raise ConfigError(problems)
     return config, transforms

@@ -441,7 +441,12 @@ def _safe_filename(name: str) -> str:
         Option("subject", str, help="a template; default 'Web hook {{@path}}'"),
         Option("body", str, help="a template for the mail's text"),
         Option("body_field", str, help="the payload field that is the mail's text"),
-        Option("secret", str, help="check the HMAC-SHA256 signature of the body with it"),
+        Option(
+            "secret",
+            str,
+            help="check the HMAC-SHA256 signature of the body with it",
+            secret=True,
+        ),
         Option("signature_header", str, help="where the signature is (X-Hub-Signature-256)"),
         Option("message_id_domain", str, help="right side of the Message-ID (this host's name)"),
     ],

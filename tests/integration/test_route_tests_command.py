@@ -23,7 +23,7 @@ def gateway(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_default_route_tests_pass(tmp_path: Path) -> None:
-    for name in ("routes.yaml", "routes.test.yaml", "users"):
+    for name in ("routes.yaml", "routes.test.yaml", "users", "webhook.secret"):
         shutil.copy(REPO_ROOT / name, tmp_path / name)
     shutil.copytree(REPO_ROOT / "plugins", tmp_path / "plugins")
     junit = tmp_path / "junit.xml"
@@ -40,7 +40,7 @@ def test_the_default_route_tests_pass(tmp_path: Path) -> None:
 
 
 def test_a_failing_case_exits_1_naming_its_line(tmp_path: Path) -> None:
-    for name in ("routes.yaml", "users"):
+    for name in ("routes.yaml", "users", "webhook.secret"):
         shutil.copy(REPO_ROOT / name, tmp_path / name)
     shutil.copytree(REPO_ROOT / "plugins", tmp_path / "plugins")
     (tmp_path / "more.test.yaml").write_text(

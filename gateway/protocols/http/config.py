@@ -151,7 +151,8 @@ class WebhookDestinationConfig(DestinationConfig):
     protocol: Literal["webhook"] = "webhook"
     url: WebhookUrl = field(metadata=doc("where to POST, e.g. https://hooks.example/mail"))
     secret: str | None = field(
-        default=None, metadata=doc("sign each body with HMAC-SHA256 using this shared secret")
+        default=None,
+        metadata=doc("sign each body with HMAC-SHA256 using this shared secret", secret=True),
     )
     signature_header: str = field(
         default="X-Hub-Signature-256", metadata=doc("header that carries sha256=<hex>")

@@ -41,7 +41,7 @@ class NntpDestinationConfig(DestinationConfig):
         metadata=doc("post: MODE READER + POST; ihave: IHAVE; stream: CHECK + TAKETHIS"),
     )
     user: str | None = field(default=None, metadata=doc("AUTHINFO USER name (RFC 4643)"))
-    password: str | None = field(default=None, metadata=doc("AUTHINFO PASS password"))
+    password: str | None = field(default=None, metadata=doc("AUTHINFO PASS password", secret=True))
     max_connections: int = field(default=4, metadata=doc("connections open at once", positive=True))
     connect_timeout: Duration = field(
         default=Duration(30), metadata=doc("wait to connect", positive=True)
@@ -171,7 +171,7 @@ class NntpPollerConfig(ListenerConfig):
     )
     groups: tuple[str, ...] = field(metadata=doc("newsgroups to follow, e.g. [local.test]"))
     user: str | None = field(default=None, metadata=doc("AUTHINFO USER name (RFC 4643)"))
-    password: str | None = field(default=None, metadata=doc("AUTHINFO PASS password"))
+    password: str | None = field(default=None, metadata=doc("AUTHINFO PASS password", secret=True))
     interval: Duration = field(
         default=Duration(60), metadata=doc("time between polls", positive=True)
     )

@@ -281,6 +281,7 @@ def test_default_routes_run_without_a_news_server(tmp_path: Path) -> None:
     (tmp_path / "routes.yaml").write_text(text)
     shutil.copytree(REPO_ROOT / "plugins", tmp_path / "plugins")
     shutil.copy(REPO_ROOT / "users", tmp_path / "users")
+    shutil.copy(REPO_ROOT / "webhook.secret", tmp_path / "webhook.secret")
     with GatewayProcess(tmp_path / "routes.yaml") as process:
         process.start([smtp, nntp, admin], timeout=60)
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=10) as ready:

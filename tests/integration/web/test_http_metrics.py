@@ -253,6 +253,7 @@ def test_default_routes_yaml_web_hook_and_proxy_routes(tmp_path: Path) -> None:
     (tmp_path / "routes.yaml").write_text(text)
     shutil.copytree(REPO_ROOT / "plugins", tmp_path / "plugins")
     shutil.copy(REPO_ROOT / "users", tmp_path / "users")
+    shutil.copy(REPO_ROOT / "webhook.secret", tmp_path / "webhook.secret")
     payload = b'{"title": "Release 1.2", "by": "ci"}'
     digest = hmac.new(b"change-me", payload, hashlib.sha256).hexdigest()
     hook_url = f"http://{LOOPBACK}:{web}/hooks/deploy"
