@@ -1835,6 +1835,11 @@ def json_schema(options: Mapping[str, tuple[str, dict[str, Any]]] | None = None)
             if f.metadata.get("doc"):
                 schema["description"] = f.metadata["doc"]
             props[name] = schema
+            if f.metadata.get("secret"):
+                props[f"{name}_file"] = {
+                    "type": "string",
+                    "description": f"a file holding '{name}' (instead of '{name}' itself)",
+                }
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 required.append(name)
         out: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
@@ -1867,6 +1872,11 @@ def json_schema(options: Mapping[str, tuple[str, dict[str, Any]]] | None = None)
             help_text = described.get("description", "")
             described["description"] = f"{transform}: {help_text}".rstrip(": ")
             properties[name] = described
+            if described.pop("secret", False):
+                properties[f"{name}_file"] = {
+                    "type": "string",
+                    "description": f"{transform}: a file holding '{name}'",
+                }
         route_schema["properties"]["options"] = {
             "type": "object",
             "description": "for the transforms; '{group}' takes a named group of a match regex",

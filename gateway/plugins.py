@@ -87,6 +87,8 @@ class Option:
         schema = _json_type(self.type)
         if self.help:
             schema["description"] = self.help
+        if self.secret:
+            schema["secret"] = True  # json_schema adds NAME_file for it (and drops this)
         return schema
 
 

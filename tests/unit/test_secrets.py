@@ -99,3 +99,21 @@ def test_a_transform_option_that_is_a_secret_takes_a_file_or_the_environment(
         load_checked(write(tmp_path, hooks("      secret_file: none.key\n")))
     config, _ = load_checked(write(tmp_path, hooks("      secret: k\n"), 0o644))
     assert any("option 'secret': a secret written in a file" in str(w) for w in config.warnings)
+
+
+def test_the_schema_knows_the_file_forms_of_secrets() -> None:
+    from gateway.config import json_schema
+    from gateway.plugins import load_transforms
+
+    options = {
+        option.name: (spec.name, option.schema())
+        for spec in load_transforms(entry_points=False).specs()
+        for option in spec.options or ()
+    }
+    schema = json_schema(options)
+    text = str(schema)
+    assert "'password_file'" in text
+    route = schema["properties"]["routes"]
+    items = route["anyOf"][-1]["items"] if "anyOf" in route else route["items"]
+    props = items["properties"]["options"]["properties"]
+    assert "secret_file" in props and "secret" not in props["secret"]
