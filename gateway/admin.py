@@ -4,11 +4,13 @@
 200 only once every listener is bound and the configuration is loaded, and 503
 while starting, reloading or stopping, or just after the spool refused a
 message, so a load balancer can tell.  Its second line says which configuration
-is in force and how the last reload went.  /metrics is for Prometheus.
+is in force and how the last reload went.  /trace streams the routing decisions
+as server-sent events while someone reads it (``gateway trace``).  /metrics is for Prometheus.
 """
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -87,6 +89,69 @@ class _Metrics(Resource):
         return NOT_DONE_YET
 
 
+class _Trace(Resource):
+    """/trace: the routing decisions as they happen, as server-sent events (one JSON
+    object per event), filtered by ?route=, ?listener= and ?match=."""
+
+    isLeaf = True
+    keepalive = 15.0  # seconds between comments that keep idle proxies from closing it
+
+    def __init__(self, gateway: GatewayService) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.gateway = gateway
+
+    def render_GET(self, request: Request) -> int:
+        from twisted.internet import task
+
+        from gateway.tracing import Watcher
+
+        def arg(name: str) -> str:
+            values = request.args.get(name.encode()) or [b""]
+            return str(values[0].decode("utf-8", "replace"))
+
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")  # type: ignore[no-untyped-call]
+        request.setHeader(b"cache-control", b"no-cache")  # type: ignore[no-untyped-call]
+        state = {"paused": False}
+
+        def send(event: dict[str, Any]) -> bool:
+            if state["paused"]:
+                return False
+            data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+            request.write(f"data: {data}\n\n".encode())  # type: ignore[no-untyped-call]
+            return True
+
+        watcher = Watcher(send, route=arg("route"), listener=arg("listener"), match=arg("match"))
+        tracer = self.gateway.tracer
+        stop = tracer.watch(watcher)
+
+        class _Producer:
+            def pauseProducing(self) -> None:
+                state["paused"] = True
+
+            def resumeProducing(self) -> None:
+                state["paused"] = False
+                tracer.flush(watcher)
+
+            def stopProducing(self) -> None:
+                stop()
+
+        request.registerProducer(_Producer(), True)  # type: ignore[no-untyped-call]
+        request.write(b": tracing\n\n")  # type: ignore[no-untyped-call]
+        ping = task.LoopingCall(
+            lambda: state["paused"] or request.write(b": keep-alive\n\n")  # type: ignore[no-untyped-call]
+        )
+        ping.clock = self.gateway.reactor
+        ping.start(self.keepalive, now=False)
+
+        def gone(_: object) -> None:
+            stop()
+            if ping.running:
+                ping.stop()
+
+        request.notifyFinish().addBoth(gone)
+        return NOT_DONE_YET
+
+
 class _AdminSite(Site):
     noisy = False  # no "Starting factory" lines each time it opens
 
@@ -99,6 +164,8 @@ def admin_site(gateway: GatewayService) -> Site:
     health: Any = _Health()  # type: ignore[no-untyped-call]
     ready: Any = _Ready(gateway)
     metrics: Any = _Metrics(gateway)
+    trace: Any = _Trace(gateway)
+    root.putChild(b"trace", trace)
     root.putChild(b"healthz", health)
     root.putChild(b"readyz", ready)
     root.putChild(b"metrics", metrics)

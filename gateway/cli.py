@@ -363,6 +363,12 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from gateway.tracing import cmd_trace as trace
+
+    return trace(args)
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     from gateway.queue_cli import run
 
@@ -475,6 +481,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("dot", "svg", "mermaid"), default="dot", help="default: dot"
     )
     graph.set_defaults(func=cmd_graph)
+    trace = with_config(
+        sub.add_parser(
+            "trace",
+            help="follow the running gateway's routing decisions as they happen",
+            description="Print each routing decision of the running gateway (listener,"
+            " client, message id, routes and destinations or the refusal, the transforms"
+            " applied) and each delivery try, read from its admin site's /trace. Nothing"
+            " is recorded while no one traces.",
+        )
+    )
+    trace.add_argument("--route", help="only messages a route took (or tried to deliver)")
+    trace.add_argument("--listener", help="only messages that came in on this listener")
+    trace.add_argument("--match", help="only events that contain this text anywhere")
+    trace.add_argument("--json", action="store_true", help="one JSON object per event")
+    trace.set_defaults(func=cmd_trace)
     schema = sub.add_parser("schema", help="print a JSON Schema of the routes file")
     schema.set_defaults(func=cmd_schema)
     route = with_config(

@@ -462,6 +462,20 @@ class DeliveryManager:
             outcome=outcome,
             detail=detail,
         )
+        tracer = getattr(self.gateway, "tracer", None)
+        if tracer is not None and tracer.active:
+            tracer.emit(
+                "delivery",
+                id=delivery.queue_id,
+                delivery=delivery.id,
+                msgid=delivery.msgid,
+                route=delivery.route,
+                destination=delivery.destination,
+                to=list(delivery.recipients or addressed_to(message)),
+                attempt=delivery.attempts + 1,
+                outcome=outcome,
+                detail=detail,
+            )
 
     async def _dead(
         self,

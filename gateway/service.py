@@ -46,12 +46,14 @@ from gateway.protocols import registry
 from gateway.routing import (
     NoRoute,
     Router,
+    Trace,
     TransformFailed,
     check_routes,
     resolve_secret_options,
 )
 from gateway.spool import QUEUED, SpoolError, SqliteSpool, Stored
 from gateway.systemd import server_endpoint
+from gateway.tracing import Tracer
 
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
@@ -151,6 +153,7 @@ class GatewayService(MultiService):
         self.spool: SqliteSpool | None = None
         self.delivery: DeliveryManager | None = None
         self.metrics: GatewayMetrics | None = None  # made at the first /metrics request
+        self.tracer = Tracer()  # routing decisions for whoever reads /trace
         # Counters for /metrics and the status line.
         self.reloads = 0
         self.failed_reloads = 0
@@ -513,8 +516,44 @@ class GatewayService(MultiService):
     async def _submit(
         self, runtime: Runtime, message: Message, state: Mapping[str, str] | None = None
     ) -> Verdict:
+        if not self.tracer.active:
+            return await self._route_and_store(runtime, message, state, None, None)
+        trace, taken = Trace(), Taken()
+        verdict = await self._route_and_store(runtime, message, state, trace, taken)
+        self._trace(message, verdict, trace, taken)
+        return verdict
+
+    def _trace(self, message: Message, verdict: Verdict, trace: Trace, taken: Taken) -> None:
+        if verdict.status is Status.DELIVERED:
+            outcome = "queued" if taken.routes else "dropped"
+        else:
+            outcome = "refused" if verdict.status is Status.PERMANENT else "tempfail"
+        self.tracer.emit(
+            "routed",
+            id=message.id,
+            listener=message.listener,
+            client=message.client,
+            user=message.user,
+            kind=str(message.kind),
+            msgid=getattr(message, "message_id", None) or "",
+            to=list(addressed_to(message)),
+            routes=taken.routes,
+            destinations=taken.destinations,
+            outcome=outcome,
+            detail=verdict.detail,
+            steps=trace.steps,
+        )
+
+    async def _route_and_store(
+        self,
+        runtime: Runtime,
+        message: Message,
+        state: Mapping[str, str] | None,
+        trace: Trace | None,
+        taken: Taken | None,
+    ) -> Verdict:
         try:
-            routed = await runtime.router.route(message)
+            routed = await runtime.router.route(message, trace)
         except NoRoute as exc:
             log.info("message {id} refused: {reason}", id=message.id, reason=str(exc))
             return Verdict(Status.PERMANENT, Reason.NO_ROUTE, str(exc), exc.recipients)
@@ -531,6 +570,9 @@ class GatewayService(MultiService):
         if self.spool is None or self.delivery is None:
             return Verdict(Status.TEMPORARY, Reason.UNAVAILABLE, "the spool is not open")
         items = [Stored(r.message, r.route.name, r.destinations, message.id) for r in routed]
+        if taken is not None:
+            taken.routes = [r.route.name for r in routed]
+            taken.destinations = list(dict.fromkeys(d for r in routed for d in r.destinations))
         try:
             deliveries = await self.spool.put(items, state)
         except SpoolError as exc:
@@ -562,6 +604,14 @@ class GatewayService(MultiService):
     def _count_route(self, route: str, outcome: str) -> None:
         key = (route, outcome)
         self.routed[key] = self.routed.get(key, 0) + 1
+
+
+@dataclass
+class Taken:
+    """The routes and destinations a traced message went to."""
+
+    routes: list[str] = dataclasses.field(default_factory=list)
+    destinations: list[str] = dataclasses.field(default_factory=list)
 
 
 def _log_warnings(config: Config) -> None:
