@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     )
     from gateway.listening import Listener
     from gateway.message import KindSpec
+    from gateway.tracing import Tracer
 
 __all__ = [
     "Deliverer",
@@ -303,6 +304,9 @@ class RouteTable(Protocol):
 
 class GatewayPort(Protocol):
     """The few calls a listener makes into the gateway."""
+
+    # Routing decisions for ``gateway trace``: emit only while ``tracer.active``.
+    tracer: Tracer
 
     @property
     def stopping(self) -> bool:

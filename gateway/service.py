@@ -147,13 +147,13 @@ class GatewayService(MultiService):
         self.on_ready: list[Callable[[], None]] = []
         # Told "ready", "reloading" and "stopping" (systemd's notifications hang here).
         self.on_state: list[Callable[[str], None]] = []
+        self.tracer = Tracer()  # routing decisions for whoever reads /trace
         self.port = ServicePort(self)
         self.admin_port: Any = None
         self.admin_endpoint: str | None = None
         self.spool: SqliteSpool | None = None
         self.delivery: DeliveryManager | None = None
         self.metrics: GatewayMetrics | None = None  # made at the first /metrics request
-        self.tracer = Tracer()  # routing decisions for whoever reads /trace
         # Counters for /metrics and the status line.
         self.reloads = 0
         self.failed_reloads = 0
@@ -804,6 +804,7 @@ class ServicePort:
         self._service = service
         # The reactor's own method: the clock is read on hot paths (each DNS query).
         self.seconds: Callable[[], float] = service.reactor.seconds
+        self.tracer = service.tracer
 
     @property
     def stopping(self) -> bool:

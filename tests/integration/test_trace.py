@@ -112,3 +112,50 @@ def test_trace_without_an_admin_site_says_what_to_add(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert "has no admin site on a TCP port" in out.stderr
+
+
+def test_dns_queries_and_http_requests_are_traced_with_the_route_taken(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    import dns.message
+    import dns.query
+
+    dns_port, web, admin = free_port(), free_port(), free_port()
+    gw = gateway_factory(f"""
+version: 1
+admin: tcp:{admin}:interface=127.0.0.1
+listeners:
+  dns-in: {{protocol: dns, listen: "udp:{dns_port}:interface=127.0.0.1"}}
+  web-in: {{protocol: http, listen: "tcp:{web}:interface=127.0.0.1"}}
+destinations:
+  app: {{protocol: http, url: "http://127.0.0.1:{free_port()}"}}
+routes:
+  - {{name: printer, from: dns-in, match: {{qname: printer.test}},
+     answer: ["printer.test. 60 IN A 192.0.2.5"]}}
+  - {{name: site, from: web-in, match: {{prefix: /app/}}, to: app}}
+""")
+    gw.start([web, admin])
+    tracing = Tracing(gw.config_path)
+    try:
+        query = dns.message.make_query("printer.test.", "A")
+        dns.query.udp(query, "127.0.0.1", port=dns_port, timeout=5)
+        event = tracing.next(timeout=2)
+        assert event is not None and event["event"] == "dns"
+        assert (event["qname"], event["route"]) == ("printer.test.", "printer")
+        assert event["action"] == "answered from the route's records"
+        dns.query.udp(dns.message.make_query("other.test.", "A"), "127.0.0.1", port=dns_port, timeout=5)
+        event = tracing.next(timeout=2)
+        assert event is not None and event["action"] == "refused: no route takes it"
+        for path, action in (("/nothing", "404: no route takes it"), ("/app/x", "proxied to app")):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{web}{path}", timeout=10)
+            except urllib.error.HTTPError:
+                pass  # 404, and 502 from the proxy: nothing listens where app is
+            event = tracing.next(timeout=2)
+            assert event is not None and event["event"] == "http", event
+            assert (event["target"], event["action"]) == (path, action)
+    finally:
+        tracing.stop()

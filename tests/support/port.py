@@ -23,6 +23,7 @@ from gateway.plugins import Transforms, load_transforms
 from gateway.ports import Destination, Reason, RouteTable, Status, Verdict
 from gateway.service import Runtime
 from gateway.spool import SqliteSpool, Stored
+from gateway.tracing import Tracer
 
 __all__ = ["FakePort", "runtime_of"]
 
@@ -68,6 +69,7 @@ class FakePort:
         self._accepts = accepts
         self.seconds: Callable[[], float] = self.reactor.seconds
         self.spool = spool  # when given, what is taken and the state are stored in it
+        self.tracer = Tracer()
 
     # GatewayPort
 

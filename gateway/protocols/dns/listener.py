@@ -117,6 +117,14 @@ class RouteCounts:
         self.refused = self.servfail = self.stale = 0
 
 
+def _action(route: Route, keys: DnsRoute) -> str:
+    if keys.action is not None:
+        return "answered REFUSED" if keys.action == "refuse" else "answered NXDOMAIN"
+    if keys.answer:
+        return "answered from the route's records"
+    return "forwarded to " + ", ".join(route.to) + (" (or from the cache)" if keys.cache else "")
+
+
 class DnsListener:
     """Answers queries for one configured DNS or DoH listener (the DnsHandler).
 
@@ -135,6 +143,7 @@ class DnsListener:
         # id(route) -> its DNS keys and the resolvers of its 'to', for the table in force
         self._plans: dict[int, tuple[DnsRoute, tuple[Resolver[Question] | None, ...]]] = {}
         self.clock = gateway.seconds
+        self.tracer = gateway.tracer
         # For /metrics. Queries that reach no route count here, the rest per route.
         self.queries = 0
         self.malformed = 0
@@ -233,9 +242,13 @@ class DnsListener:
         )
         if route is None:
             self.unrouted += 1
+            if self.tracer.active:
+                self._trace(question, client, None, "refused: no route takes it")
             return error_response(data, REFUSED, question)
         counts = self.by_route.get(route.name) or self._counts(route.name)
         keys, resolvers = self._plans[id(route)]
+        if self.tracer.active:
+            self._trace(question, client, route, _action(route, keys))
         if keys.action is not None:
             if keys.action == "refuse":
                 counts.refused += 1
@@ -263,6 +276,17 @@ class DnsListener:
                 return self._fit(hit, question, transport)
         forward = _Forward(self, resolvers, route, data, question, client, transport, cache, counts)
         return forward.start(reply)
+
+    def _trace(self, question: Any, client: Any, route: Route | None, action: str) -> None:
+        self.tracer.emit(
+            "dns",
+            listener=self.config.name,
+            client=client[0],
+            qname=question.qname,
+            qtype=question.qtype,
+            route=route.name if route is not None else "",
+            action=action,
+        )
 
     def metrics(self) -> Iterable[Metric]:
         """What this listener's queries did: per route, per outcome, per cache, per upstream."""

@@ -156,6 +156,8 @@ class HttpListener:
         )
         if chosen is None:
             self.unrouted += 1
+            if self.gateway.tracer.active:
+                self._trace(exchange, method, host, target, "", "404: no route takes it")
             exchange.error(404, f"no route of listener '{self.config.name}' takes {target[:200]}")
             return
         route, _groups = chosen
@@ -169,6 +171,8 @@ class HttpListener:
                     return
                 self.proxied += 1
                 exchange.outcome = "proxied"
+                if self.gateway.tracer.active:
+                    self._trace(exchange, method, host, target, route.name, f"proxied to {name}")
                 destination.proxy(exchange, route.name)
                 return
         if length > self.config.max_size:
@@ -212,6 +216,20 @@ class HttpListener:
             exchange.json(status, {"error": verdict.detail}, extra)
         else:
             exchange.json(503, {"error": verdict.detail}, [(b"Retry-After", b"30")])
+
+    def _trace(
+        self, exchange: Exchange, method: str, host: str, target: str, route: str, action: str
+    ) -> None:
+        self.gateway.tracer.emit(
+            "http",
+            listener=self.config.name,
+            client=exchange.client,
+            method=method,
+            host=host,
+            target=target[:500],
+            route=route,
+            action=action,
+        )
 
     def done(self, exchange: Exchange) -> None:
         """Count an exchange that is over, answered or not (the server calls this once)."""
