@@ -152,6 +152,53 @@ class _Trace(Resource):
         return NOT_DONE_YET
 
 
+class _Dashboard(Resource):
+    """/: the dashboard page (see gateway.dashboard)."""
+
+    isLeaf = True
+
+    def __init__(self, gateway: GatewayService) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        from gateway.dashboard import Picture
+
+        self.gateway = gateway
+        self.picture = Picture()
+
+    def render_GET(self, request: Request) -> int | bytes:
+        from gateway.dashboard import render
+
+        if request.postpath not in ([], [b""]):
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
+            return b"not found\n"
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def send(page: bytes) -> None:
+            if gone:
+                return
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")  # type: ignore[no-untyped-call]
+            request.setHeader(b"content-security-policy", _CSP)  # type: ignore[no-untyped-call]
+            request.write(page)  # type: ignore[no-untyped-call]
+            request.finish()  # type: ignore[no-untyped-call]
+
+        def failed(failure: Failure) -> None:
+            log.failure("the dashboard failed", failure)
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()  # type: ignore[no-untyped-call]
+
+        Deferred.fromCoroutine(render(self.gateway, self.picture)).addCallbacks(send, failed)
+        return NOT_DONE_YET
+
+
+# The page loads nothing from elsewhere, and only its own inline style and script.
+_CSP = (
+    b"default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline';"
+    b" connect-src 'self'; img-src data:"
+)
+
+
 class _AdminSite(Site):
     noisy = False  # no "Starting factory" lines each time it opens
 
@@ -165,6 +212,8 @@ def admin_site(gateway: GatewayService) -> Site:
     ready: Any = _Ready(gateway)
     metrics: Any = _Metrics(gateway)
     trace: Any = _Trace(gateway)
+    dashboard: Any = _Dashboard(gateway)
+    root.putChild(b"", dashboard)
     root.putChild(b"trace", trace)
     root.putChild(b"healthz", health)
     root.putChild(b"readyz", ready)

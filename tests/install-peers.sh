@@ -46,6 +46,9 @@ PEER_PACKAGES=(
     iproute2:/usr/bin/ss
     # gateway graph --format svg draws with Graphviz's dot.
     graphviz:/usr/bin/dot
+    # The admin dashboard is tested in a real browser (Selenium drives Debian's chromium).
+    chromium:/usr/bin/chromium
+    chromium-driver:/usr/bin/chromedriver
     # systemd's tools only (no init): socket activation and unit checks.
     systemd:/usr/bin/systemd-socket-activate
     systemd:/usr/bin/systemd-analyze
