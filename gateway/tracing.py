@@ -43,18 +43,18 @@ class Watcher:
 class Tracer:
     def __init__(self) -> None:
         self._watchers: list[Watcher] = []
-
-    @property
-    def active(self) -> bool:
-        return bool(self._watchers)
+        # A plain attribute, not a property: listeners read it for every DNS query.
+        self.active = False
 
     def watch(self, watcher: Watcher) -> Callable[[], None]:
         """Start sending events to ``watcher``; the returned function stops it."""
         self._watchers.append(watcher)
+        self.active = True
 
         def stop() -> None:
             if watcher in self._watchers:
                 self._watchers.remove(watcher)
+            self.active = bool(self._watchers)
 
         return stop
 
