@@ -11,6 +11,7 @@ as server-sent events while someone reads it (``gateway trace``).  /metrics is f
 from __future__ import annotations
 
 import json
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -63,30 +64,35 @@ class _Metrics(Resource):
         if self.gateway.metrics is None:
             self.gateway.metrics = GatewayMetrics(self.gateway)
         accept = request.getHeader(b"accept")
-        d = Deferred.fromCoroutine(
-            self.gateway.metrics.render(accept.decode("latin-1") if accept else None)
-        )
+        page = self.gateway.metrics.render(accept.decode("latin-1") if accept else None)
+        return _answer_later(request, page, "/metrics")
 
-        gone: list[Failure] = []
-        request.notifyFinish().addErrback(gone.append)
 
-        def send(page: tuple[bytes, str]) -> None:
-            if gone:
-                return  # the scraper hung up
-            body, content_type = page
-            request.setHeader(b"content-type", content_type.encode())  # type: ignore[no-untyped-call]
-            request.write(body)  # type: ignore[no-untyped-call]
-            request.finish()  # type: ignore[no-untyped-call]
+def _answer_later(
+    request: Request, page: Coroutine[Any, Any, tuple[bytes, str]], what: str
+) -> int:
+    """Answer ``request`` with the (body, content type) ``page`` makes; 500 if it fails,
+    nothing if the client hung up meanwhile."""
+    gone: list[Failure] = []
+    request.notifyFinish().addErrback(gone.append)
 
-        def failed(failure: Failure) -> None:
-            log.failure("/metrics failed", failure)
-            if gone:
-                return
-            request.setResponseCode(500)
-            request.finish()  # type: ignore[no-untyped-call]
+    def send(answer: tuple[bytes, str]) -> None:
+        if gone:
+            return  # the client hung up
+        body, content_type = answer
+        request.setHeader(b"content-type", content_type.encode())  # type: ignore[no-untyped-call]
+        request.write(body)  # type: ignore[no-untyped-call]
+        request.finish()  # type: ignore[no-untyped-call]
 
-        d.addCallbacks(send, failed)
-        return NOT_DONE_YET
+    def failed(failure: Failure) -> None:
+        log.failure("{what} failed", failure, what=what)
+        if gone:
+            return
+        request.setResponseCode(500)
+        request.finish()  # type: ignore[no-untyped-call]
+
+    Deferred.fromCoroutine(page).addCallbacks(send, failed)
+    return NOT_DONE_YET
 
 
 class _Trace(Resource):
@@ -165,31 +171,17 @@ class _Dashboard(Resource):
         self.picture = Picture()
 
     def render_GET(self, request: Request) -> int | bytes:
-        from gateway.dashboard import render
-
         if request.postpath not in ([], [b""]):
             request.setResponseCode(404)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
             return b"not found\n"
-        gone: list[Failure] = []
-        request.notifyFinish().addErrback(gone.append)
+        request.setHeader(b"content-security-policy", _CSP)  # type: ignore[no-untyped-call]
+        return _answer_later(request, self._page(), "the dashboard")
 
-        def send(page: bytes) -> None:
-            if gone:
-                return
-            request.setHeader(b"content-type", b"text/html; charset=utf-8")  # type: ignore[no-untyped-call]
-            request.setHeader(b"content-security-policy", _CSP)  # type: ignore[no-untyped-call]
-            request.write(page)  # type: ignore[no-untyped-call]
-            request.finish()  # type: ignore[no-untyped-call]
+    async def _page(self) -> tuple[bytes, str]:
+        from gateway.dashboard import render
 
-        def failed(failure: Failure) -> None:
-            log.failure("the dashboard failed", failure)
-            if not gone:
-                request.setResponseCode(500)
-                request.finish()  # type: ignore[no-untyped-call]
-
-        Deferred.fromCoroutine(render(self.gateway, self.picture)).addCallbacks(send, failed)
-        return NOT_DONE_YET
+        return await render(self.gateway, self.picture), "text/html; charset=utf-8"
 
 
 # The page loads nothing from elsewhere, and only its own inline style and script.

@@ -1398,11 +1398,18 @@ def readable_by_others(filename: str) -> bool:
         return False  # not a file on disk (a text parsed in memory)
 
 
+def used_names(config: Config) -> tuple[set[str], set[str]]:
+    """The listeners some route takes from, and the destinations some route sends to."""
+    return (
+        {name for route in config.routes for name in route.from_},
+        {name for route in config.routes for name in route.to},
+    )
+
+
 def _warnings(reader: _Reader, config: Any) -> tuple[Problem, ...]:
     """Listeners no route takes from, destinations no route sends to, no listener at all."""
     found: list[Problem] = []
-    used_from = {name for route in config.routes for name in route.from_}
-    used_to = {name for route in config.routes for name in route.to}
+    used_from, used_to = used_names(config)
     for name in config.listeners:
         if name not in used_from:
             found.append(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.graph import GraphvizMissing, dot, svg
+from gateway.queue_cli import human_duration, one_line
 from gateway.spool import DEAD, QUEUED, Delivery
 
 if TYPE_CHECKING:
@@ -112,25 +113,17 @@ def _draw(config: Config) -> str:
         return f"<p>{_e(exc)}</p><pre>{_e(dot(config))}</pre>"
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
 def _deliveries(entries: list[Delivery], dead: bool) -> str:
     now = time.time()
     rows = [
         (
             d.id,
-            _age(now - d.created),
+            human_duration(now - d.created),
             d.route,
             d.destination,
             ",".join(d.recipients) or "-",
             d.attempts,
-            " ".join(d.last_error.split())[:200],
+            one_line(d.last_error)[:200],
         )
         for d in entries[:LISTED]
     ]

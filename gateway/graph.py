@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.config import Config, Route
+from gateway.config import Config, Route, used_names
 
 
 @dataclass(frozen=True)
@@ -81,20 +81,13 @@ def _label(route: Route) -> list[str]:
     return lines
 
 
-def _used(config: Config) -> tuple[set[str], set[str]]:
-    return (
-        {n for r in config.routes for n in r.from_},
-        {n for r in config.routes for n in r.to},
-    )
-
-
 def _dot_quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def dot(config: Config) -> str:
     """The routes as a Graphviz digraph, left to right."""
-    used_from, used_to = _used(config)
+    used_from, used_to = used_names(config)
     shadowed = {id(s.route): s for s in shadowed_routes(config.routes)}
     out = [
         "digraph gateway {",
@@ -147,7 +140,7 @@ def _mermaid_text(text: str) -> str:
 
 def mermaid(config: Config) -> str:
     """The routes as a Mermaid flowchart, for README files."""
-    used_from, used_to = _used(config)
+    used_from, used_to = used_names(config)
     shadowed = {id(s.route): s for s in shadowed_routes(config.routes)}
 
     def node_id(prefix: str, name: str) -> str:

@@ -101,7 +101,8 @@ def next_try_text(next_try: float, now: float) -> str:
     return f"in {human_duration(math.ceil(next_try - now))}"
 
 
-def _iso(stamp: float) -> str:
+def iso_utc(stamp: float) -> str:
+    """A time in ISO 8601, UTC, to the second."""
     return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
 
 
@@ -109,7 +110,8 @@ def _local(stamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(stamp))
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """Text on one line (runs of white space made one space), "-" when empty."""
     return " ".join(text.split()) or "-"
 
 
@@ -121,8 +123,8 @@ def _record(delivery: Delivery) -> dict[str, Any]:
     """A delivery's raw fields for --json, with the times also in ISO 8601 (UTC)."""
     record = dataclasses.asdict(delivery)
     record["recipients"] = list(delivery.recipients)
-    record["created_iso"] = _iso(delivery.created)
-    record["next_try_iso"] = _iso(delivery.next_try)
+    record["created_iso"] = iso_utc(delivery.created)
+    record["next_try_iso"] = iso_utc(delivery.next_try)
     return record
 
 
@@ -172,7 +174,7 @@ async def _listing(state: str, spool: SpoolBackend, args: argparse.Namespace) ->
         ]
         if not dead:
             row.append(next_try_text(d.next_try, now))
-        row.append(_one_line(d.last_error))
+        row.append(one_line(d.last_error))
         rows.append(row)
     print(table(header, rows, right=frozenset({1, 5})))
     oldest = human_duration(now - min(d.created for d in entries))
@@ -234,7 +236,7 @@ async def cmd_show(spool: SpoolBackend, args: argparse.Namespace, where: str) ->
         for delivery, history in zip(found, histories, strict=True):
             record = _record(delivery)
             record["history"] = [
-                {"at": at, "at_iso": _iso(at), "event": ev} for at, ev in history
+                {"at": at, "at_iso": iso_utc(at), "event": ev} for at, ev in history
             ]
             deliveries.append(record)
         _print_json(
@@ -242,7 +244,7 @@ async def cmd_show(spool: SpoolBackend, args: argparse.Namespace, where: str) ->
                 "queue_id": first.queue_id,
                 "msgid": first.msgid,
                 "created": first.created,
-                "created_iso": _iso(first.created),
+                "created_iso": iso_utc(first.created),
                 "message": None
                 if message is None
                 else {
@@ -283,12 +285,12 @@ async def cmd_show(spool: SpoolBackend, args: argparse.Namespace, where: str) ->
                 fields.append(("revived", _local(delivery.revived)))
             if delivery.bounced:
                 fields.append(("bounced", "the sender has been sent a bounce for it"))
-            fields.append(("last error", _one_line(delivery.last_error)))
+            fields.append(("last error", one_line(delivery.last_error)))
             print(f"\ndelivery {delivery.id}:")
             _print_fields(fields, "  ")
             print("  history:")
             for at, event in history:
-                print(f"    {_local(at)}  {_one_line(event)}")
+                print(f"    {_local(at)}  {one_line(event)}")
         print("\nheader:")
         for line in header_text.splitlines():
             print(f"  {line}")

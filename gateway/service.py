@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +42,7 @@ from gateway.message import Message, addressed_to, local_hostname
 from gateway.plugins import PluginError, Transforms, load_transforms
 from gateway.ports import Destination, Reason, RouteTable, Status, Verdict
 from gateway.protocols import registry
+from gateway.queue_cli import iso_utc
 from gateway.routing import (
     NoRoute,
     Router,
@@ -157,8 +157,8 @@ class GatewayService(MultiService):
         # Counters for /metrics and the status line.
         self.reloads = 0
         self.failed_reloads = 0
-        self.last_reload_failed = False
         self.last_reload: ReloadResult | None = None  # None: no reload since start
+        self._reload_started = 0.0  # wall-clock time the reload in progress began
         self.loaded_at = 0.0  # wall-clock time the configuration in force was read
         self.status_path: Path | None = None  # see _write_status
         self.routed: dict[tuple[str, str], int] = {}  # (route, queued|failed) -> messages
@@ -225,7 +225,7 @@ class GatewayService(MultiService):
         if self.delivery is not None:
             c = self.delivery.counters
             parts.append(f"{c.delivered} delivered, {c.deferred} deferred, {c.dead} dead")
-        if self.last_reload_failed:
+        if self.last_reload is not None and not self.last_reload.ok:
             parts.append("the last reload failed (see the log); the routes before it stay")
         return "; ".join(parts)
 
@@ -356,10 +356,11 @@ class GatewayService(MultiService):
         if self.stopping or self.runtime is None:
             return defer.succeed(False)
         self._announce("reloading")
+        # Before the file is read: `gateway reload` waits for a reload that began after
+        # its signal.
+        self._reload_started = time.time()
         d = Deferred.fromCoroutine(self._reload())
         self._reloading = d
-
-        started = time.time()
 
         def failed(failure: Failure) -> bool:
             log.failure("reload failed", failure)
@@ -370,9 +371,6 @@ class GatewayService(MultiService):
             self._reloading = None
             self.reloads += 1
             self.failed_reloads += not result
-            self.last_reload_failed = not result
-            if self.last_reload is not None:
-                self.last_reload = dataclasses.replace(self.last_reload, started=started)
             self._write_status()
             if not self.stopping:
                 self._announce("ready")
@@ -382,6 +380,7 @@ class GatewayService(MultiService):
 
     async def _reload(self) -> bool:
         if self.stopping or self.runtime is None:
+            self._reload_result(False, ["the gateway is stopping"])
             return False
         try:
             config, transforms = load_checked(self.path)
@@ -434,7 +433,7 @@ class GatewayService(MultiService):
         return True
 
     def _reload_result(self, ok: bool, problems: list[str]) -> None:
-        self.last_reload = ReloadResult(time.time(), ok, tuple(problems))
+        self.last_reload = ReloadResult(time.time(), ok, tuple(problems), self._reload_started)
         if ok:
             self.loaded_at = self.last_reload.at
 
@@ -462,16 +461,16 @@ class GatewayService(MultiService):
 
     def configuration_line(self) -> str:
         """Which configuration is in force and how the last reload went, for /readyz."""
-        loaded = _iso(self.loaded_at) if self.loaded_at else "-"
+        loaded = iso_utc(self.loaded_at) if self.loaded_at else "-"
         last = self.last_reload
         if last is None:
             return f"configuration: loaded {loaded} at start"
         if last.ok:
-            return f"configuration: reloaded {_iso(last.at)}"
+            return f"configuration: reloaded {iso_utc(last.at)}"
         why = last.problems[0] if last.problems else "see the log"
         more = f" (and {len(last.problems) - 1} more)" if len(last.problems) > 1 else ""
         return (
-            f"configuration: reload refused {_iso(last.at)}, the one loaded {loaded} stays:"
+            f"configuration: reload refused {iso_utc(last.at)}, the one loaded {loaded} stays:"
             f" {why}{more}"
         )
 
@@ -619,10 +618,6 @@ def _log_warnings(config: Config) -> None:
         log.warn("configuration: {warning}", warning=str(warning))
 
 
-def _iso(stamp: float) -> str:
-    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
-
-
 @dataclass(frozen=True)
 class ReloadResult:
     """The outcome of the last reload, for /metrics, /readyz and ``gateway reload``."""
@@ -630,7 +625,7 @@ class ReloadResult:
     at: float  # wall-clock time it ended
     ok: bool
     problems: tuple[str, ...]
-    started: float = 0.0  # wall-clock time it began (the file was read after it)
+    started: float  # wall-clock time it began (the file was read after it)
 
 
 class _Refused(Exception):

@@ -14,6 +14,7 @@ import dns.rdatatype
 from gateway.config import Route, client_allowed
 from gateway.ports import Explained, Sample
 from gateway.protocols.dns.config import DnsRoute
+from gateway.protocols.dns.listener import LocalZone
 from gateway.protocols.dns.routes import DnsRoutes
 
 
@@ -51,7 +52,9 @@ def dns_dry_run(
     if keys.answer:
         wanted = dns.rdatatype.to_text(qtype)
         lines = [f"{head} answers from its own records:"]
-        matching = [r for r in keys.answer if _owner_type(r) == (qname, wanted)]
+        # The listener's own index of the records (LocalZone), as it answers from it.
+        found = LocalZone(keys.answer).rrsets.get((qname, int(qtype)), [])
+        matching = [rrset.to_text() for rrset in found]
         lines += [f"  {r}" for r in matching] or [
             f"  none of its records is {qname} {wanted}: NOERROR with no answer, or NXDOMAIN"
             " when it has no record of that name"
@@ -63,13 +66,3 @@ def dns_dry_run(
         (f"{head} forwards it to {', '.join(route.to)} (in that order), {cache}",),
         destinations=route.to,
     )
-
-
-def _owner_type(record: str) -> tuple[str, str]:
-    fields = record.split()
-    owner = fields[0].lower() if fields else ""
-    if not owner.endswith("."):
-        owner += "."
-    words = [f.upper() for f in fields[1:5]]
-    kinds = [w for w in words if w not in ("IN", "CH", "HS") and not w.isdigit()]
-    return owner, kinds[0] if kinds else ""
