@@ -775,7 +775,17 @@ class Config:
             " $STATE_DIRECTORY/spool when systemd sets $STATE_DIRECTORY)"
         ),
     )
-    admin: Endpoint | None = field(default=None, metadata=doc("endpoint of /healthz, /readyz"))
+    admin: Endpoint | None = field(
+        default=None, metadata=doc("endpoint of the dashboard, /metrics, /healthz, /readyz")
+    )
+    admin_token: str = field(
+        default="",
+        metadata=doc(
+            "the token the dashboard asks for before it shows, retries or drops a queued"
+            " delivery (admin_token_file: a file holding it); without one it only lists them",
+            secret=True,
+        ),
+    )
     plugins: tuple[ConfigPath, ...] = field(default=(), metadata=doc("folders of plugin modules"))
     shutdown_timeout: Duration = field(
         default=Duration(30), metadata=doc("how long SIGTERM waits for work in flight")

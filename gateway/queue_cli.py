@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -216,83 +216,109 @@ async def _find(spool: SpoolBackend, keys: Sequence[str], where: str) -> list[De
     return None if unknown else list(found.values())
 
 
-async def cmd_show(spool: SpoolBackend, args: argparse.Namespace, where: str) -> int:
-    found = await _find(spool, [args.id], where)
-    if found is None:
-        return 1
+async def describe(spool: SpoolBackend, found: Sequence[Delivery]) -> tuple[dict[str, Any], str]:
+    """What ``gateway queue show --json`` prints of a message and its deliveries (and the
+    dashboard shows), and why its content could not be read ("" when it could)."""
     first = found[0]
-    histories = [await spool.history(d.id) for d in found]
-    message: Message | None = None
     missing = ""
+    message: Message | None = None
     try:
         message = await spool.load(first)
     except SpoolError as exc:
         missing = str(exc)
     header = getattr(message, "headers", None)
     header_text = header.to_bytes().decode("utf-8", "replace") if header is not None else ""
-    sender: str | None = getattr(message, "sender", None)
-    if args.json:
-        deliveries = []
-        for delivery, history in zip(found, histories, strict=True):
-            record = _record(delivery)
-            record["history"] = [
-                {"at": at, "at_iso": iso_utc(at), "event": ev} for at, ev in history
-            ]
-            deliveries.append(record)
-        _print_json(
-            {
-                "queue_id": first.queue_id,
-                "msgid": first.msgid,
-                "created": first.created,
-                "created_iso": iso_utc(first.created),
-                "message": None
-                if message is None
-                else {
-                    "kind": message.kind.value,
-                    "sender": sender,
-                    "listener": message.listener,
-                    "client": message.client,
-                    "header": header_text,
-                },
-                "deliveries": deliveries,
-            }
-        )
-    else:
-        now = time.time()
-        fields = [
-            ("queue id", first.queue_id),
-            ("message-id", first.msgid or "-"),
-            ("created", f"{_local(first.created)} ({human_duration(now - first.created)} ago)"),
+    deliveries = []
+    for delivery in found:
+        record = _record(delivery)
+        record["history"] = [
+            {"at": at, "at_iso": iso_utc(at), "event": ev}
+            for at, ev in await spool.history(delivery.id)
         ]
-        if message is not None:
-            fields.append(("received from", f"{message.client or '-'} on {message.listener}"))
-        if sender is not None:
-            fields.append(("sender", f"<{sender}>"))
-        _print_fields(fields, "")
-        for delivery, history in zip(found, histories, strict=True):
-            fields = [
-                ("id", delivery.id),
-                ("state", "dead letter" if delivery.state == DEAD else delivery.state),
-                ("route", delivery.route),
-                ("destination", delivery.destination),
-                ("recipients", ", ".join(delivery.recipients) or "-"),
-                ("attempts", str(delivery.attempts)),
-            ]
-            if delivery.state != DEAD:
-                when = next_try_text(delivery.next_try, now)
-                fields.append(("next try", f"{_local(delivery.next_try)} ({when})"))
-            if delivery.revived:
-                fields.append(("revived", _local(delivery.revived)))
-            if delivery.bounced:
-                fields.append(("bounced", "the sender has been sent a bounce for it"))
-            fields.append(("last error", one_line(delivery.last_error)))
-            print(f"\ndelivery {delivery.id}:")
+        deliveries.append(record)
+    record = {
+        "queue_id": first.queue_id,
+        "msgid": first.msgid,
+        "created": first.created,
+        "created_iso": iso_utc(first.created),
+        "message": None
+        if message is None
+        else {
+            "kind": message.kind.value,
+            "sender": getattr(message, "sender", None),
+            "listener": message.listener,
+            "client": message.client,
+            "header": header_text,
+        },
+        "deliveries": deliveries,
+    }
+    return record, missing
+
+
+Fields = list[tuple[str, str]]
+
+
+def show_fields(
+    record: Mapping[str, Any], now: float
+) -> tuple[Fields, list[tuple[str, Fields, Fields]]]:
+    """A described message (see describe) as (name, value) lines for people: the message's,
+    then per delivery its id, its lines and its history (time, event)."""
+    head = [
+        ("queue id", str(record["queue_id"])),
+        ("message-id", str(record["msgid"] or "-")),
+        (
+            "created",
+            f"{_local(record['created'])} ({human_duration(now - record['created'])} ago)",
+        ),
+    ]
+    described = record["message"]
+    if described is not None:
+        head.append(("received from", f"{described['client'] or '-'} on {described['listener']}"))
+        if described["sender"] is not None:
+            head.append(("sender", f"<{described['sender']}>"))
+    deliveries = []
+    for d in record["deliveries"]:
+        dead = d["state"] == DEAD
+        fields = [
+            ("id", str(d["id"])),
+            ("state", "dead letter" if dead else str(d["state"])),
+            ("route", str(d["route"])),
+            ("destination", str(d["destination"])),
+            ("recipients", ", ".join(d["recipients"]) or "-"),
+            ("attempts", str(d["attempts"])),
+        ]
+        if not dead:
+            when = next_try_text(d["next_try"], now)
+            fields.append(("next try", f"{_local(d['next_try'])} ({when})"))
+        if d["revived"]:
+            fields.append(("revived", _local(d["revived"])))
+        if d["bounced"]:
+            fields.append(("bounced", "the sender has been sent a bounce for it"))
+        fields.append(("last error", one_line(d["last_error"])))
+        history = [(_local(h["at"]), one_line(h["event"])) for h in d["history"]]
+        deliveries.append((str(d["id"]), fields, history))
+    return head, deliveries
+
+
+async def cmd_show(spool: SpoolBackend, args: argparse.Namespace, where: str) -> int:
+    found = await _find(spool, [args.id], where)
+    if found is None:
+        return 1
+    record, missing = await describe(spool, found)
+    if args.json:
+        _print_json(record)
+    else:
+        head, deliveries = show_fields(record, time.time())
+        _print_fields(head, "")
+        for delivery_id, fields, history in deliveries:
+            print(f"\ndelivery {delivery_id}:")
             _print_fields(fields, "  ")
             print("  history:")
             for at, event in history:
-                print(f"    {_local(at)}  {one_line(event)}")
+                print(f"    {at}  {event}")
         print("\nheader:")
-        for line in header_text.splitlines():
+        described = record["message"]
+        for line in (described["header"] if described else "").splitlines():
             print(f"  {line}")
     if missing:
         _error(missing)

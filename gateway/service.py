@@ -37,6 +37,8 @@ from gateway.config import (
 from gateway.control import remove_status, status_path, write_status
 from gateway.delivery import DeliveryManager
 from gateway.destination import build_destination
+from gateway.history import History
+from gateway.history import Key as HistoryKey
 from gateway.listening import Listener
 from gateway.message import Message, addressed_to, local_hostname
 from gateway.plugins import PluginError, Transforms, load_transforms
@@ -154,6 +156,7 @@ class GatewayService(MultiService):
         self.spool: SqliteSpool | None = None
         self.delivery: DeliveryManager | None = None
         self.metrics: GatewayMetrics | None = None  # made at the first /metrics request
+        self.history: History | None = None  # the last hour per minute, for the dashboard
         # Counters for /metrics and the status line.
         self.reloads = 0
         self.failed_reloads = 0
@@ -229,6 +232,15 @@ class GatewayService(MultiService):
             parts.append("the last reload failed (see the log); the routes before it stay")
         return "; ".join(parts)
 
+    def totals(self) -> dict[HistoryKey, int]:
+        """The running totals the dashboard charts: messages per route and outcome,
+        deliveries per destination and outcome."""
+        out = {("route", route, outcome): n for (route, outcome), n in self.routed.items()}
+        if self.delivery is not None:
+            for (name, outcome), n in self.delivery.counters.by_destination.items():
+                out["destination", name, outcome] = n
+        return out
+
     async def _open_admin(self, endpoint: str | None) -> None:
         """At start: the admin site on ``endpoint`` (none when None)."""
         self.admin_endpoint = endpoint
@@ -266,6 +278,8 @@ class GatewayService(MultiService):
             await spool.retry([d.id for d in queued])
         self.delivery = DeliveryManager(spool, self, self.reactor)
         self.delivery.start()
+        self.history = History(self.totals, self.reactor)
+        self.history.start()
         await self._open_admin(config.admin)
         for name, lconf in config.listeners.items():
             service = ListenerService(lconf, self.port, self.reactor)
@@ -330,6 +344,8 @@ class GatewayService(MultiService):
                 )
         if self.spool is not None:
             await self.spool.close()
+        if self.history is not None:
+            self.history.stop()
         if self.admin_port is not None:
             await self.admin_port.stopListening()
             self.admin_port = None

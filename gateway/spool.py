@@ -181,8 +181,11 @@ class SpoolBackend(Protocol):
 
     async def history(self, delivery_id: str) -> list[tuple[float, str]]: ...
 
-    async def retry(self, delivery_ids: Sequence[str] | None) -> int:
-        """Make deliveries (all when None, dead ones included) due now; the number changed."""
+    async def retry(
+        self, delivery_ids: Sequence[str] | None, by: str = "'gateway queue retry'"
+    ) -> int:
+        """Make deliveries (all when None, dead ones included) due now; the number changed.
+        A dead letter's history says it was revived ``by`` whom."""
         ...
 
     async def drop(self, delivery_id: str) -> bool: ...
@@ -778,7 +781,9 @@ class SqliteSpool:
 
         return await self._submit(query, write=False)
 
-    async def retry(self, delivery_ids: Sequence[str] | None) -> int:
+    async def retry(
+        self, delivery_ids: Sequence[str] | None, by: str = "'gateway queue retry'"
+    ) -> int:
         now = self.clock()
         # A dead letter brought back starts a new schedule: its tries count from zero
         # and max_age from now.  A queued delivery only becomes due now.
@@ -791,7 +796,7 @@ class SqliteSpool:
             "INSERT INTO history (delivery_id, at, event) SELECT id, ?, ? FROM deliveries"
             " WHERE state = ?"
         )
-        event = "revived from the dead letters by 'gateway queue retry'"
+        event = f"revived from the dead letters by {by}"
 
         def change(db: sqlite3.Connection) -> int:
             # The queued ones first: those revived next must not be counted twice.

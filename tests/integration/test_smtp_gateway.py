@@ -907,7 +907,10 @@ def test_route_dry_run_sends_nothing(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 1
-    assert b"<x@nowhere.test>: refused at RCPT: 550 5.1.1 <x@nowhere.test>: Recipient address rejected" in out.stdout
+    assert (
+        b"<x@nowhere.test>: refused at RCPT: 550 5.1.1 <x@nowhere.test>: Recipient address rejected"
+        in out.stdout
+    )
 
 
 def test_schema_command() -> None:

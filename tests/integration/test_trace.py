@@ -146,7 +146,9 @@ routes:
         assert event is not None and event["event"] == "dns"
         assert (event["qname"], event["route"]) == ("printer.test.", "printer")
         assert event["action"] == "answered from the route's records"
-        dns.query.udp(dns.message.make_query("other.test.", "A"), "127.0.0.1", port=dns_port, timeout=5)
+        dns.query.udp(
+            dns.message.make_query("other.test.", "A"), "127.0.0.1", port=dns_port, timeout=5
+        )
         event = tracing.next(timeout=2)
         assert event is not None and event["action"] == "refused: no route takes it"
         for path, action in (("/nothing", "404: no route takes it"), ("/app/x", "proxied to app")):

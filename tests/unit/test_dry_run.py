@@ -62,7 +62,10 @@ def test_mail_recipients_are_judged_one_by_one(monkeypatch, capsys) -> None:  # 
         "--to", "b@example.test", stdin="Subject: s\n\nbody\n",
     )  # fmt: skip
     assert code == 1  # one recipient would be refused
-    assert "<x@elsewhere.test>: refused at RCPT: 550 5.1.1 <x@elsewhere.test>: Recipient address rejected: no route for it here" in out
+    assert (
+        "<x@elsewhere.test>: refused at RCPT: 550 5.1.1 <x@elsewhere.test>: Recipient address rejected: no route for it here"
+        in out
+    )
     assert "=== route 'local' -> box" in out
     assert "envelope: from <> to <a@example.test>, <b@example.test>" in out
 
@@ -98,7 +101,10 @@ def test_a_dns_query_shows_the_route_the_listener_picks(
 
 def test_an_http_request_is_proxied_or_becomes_a_message(monkeypatch, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = route(monkeypatch, capsys, "--path", "/app/page", "--host", "www.test")
-    assert code == 0 and "GET /app/page (Host: www.test) from 127.0.0.1: route 'site' proxies it to app" in out
+    assert (
+        code == 0
+        and "GET /app/page (Host: www.test) from 127.0.0.1: route 'site' proxies it to app" in out
+    )
     body = tmp_path / "body.json"
     body.write_text('{"title": "disk full"}')
     code, out, _ = route(

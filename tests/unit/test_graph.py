@@ -48,10 +48,18 @@ def test_a_route_after_a_catch_all_of_the_same_listeners_never_matches() -> None
 
 def test_dot_marks_unused_and_unreachable_and_graphviz_draws_it() -> None:
     text = dot(parse(CONFIG))
-    assert '"l:spare" [shape=box, label="spare (smtp)\\n(no route takes from it)", style=dashed' in text
-    assert '"d:idle" [shape=box, label="idle (maildir)\\n(no route sends to it)", style=dashed' in text
-    assert "(never matches: route 'all-mail' takes everything first)\", color=\"#cc0000\"" in text
-    assert 'label="tagged \\"x\\"\\nmatch rcpt: ^(?P<u>\\\\w+)@x\\\\.test$\\ntransforms: tag_subject"' in text
+    assert (
+        '"l:spare" [shape=box, label="spare (smtp)\\n(no route takes from it)", style=dashed'
+        in text
+    )
+    assert (
+        '"d:idle" [shape=box, label="idle (maildir)\\n(no route sends to it)", style=dashed' in text
+    )
+    assert '(never matches: route \'all-mail\' takes everything first)", color="#cc0000"' in text
+    assert (
+        'label="tagged \\"x\\"\\nmatch rcpt: ^(?P<u>\\\\w+)@x\\\\.test$\\ntransforms: tag_subject"'
+        in text
+    )
     assert '"l:mail-in" -> "r:0";' in text and '"r:0" -> "d:box";' in text
     assert "match client: [10.0.0.0/8]" in text
     dot_program = shutil.which("dot")

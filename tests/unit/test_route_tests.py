@@ -94,7 +94,9 @@ def test_cases_pass_and_fail_with_what_differs(tmp_path: Path, plugins: Path) ->
     assert text.endswith("4 passed, 1 failed\n")
 
 
-def test_junit_xml_has_one_testcase_per_case_and_the_failures(tmp_path: Path, plugins: Path) -> None:
+def test_junit_xml_has_one_testcase_per_case_and_the_failures(
+    tmp_path: Path, plugins: Path
+) -> None:
     results = results_for(tmp_path, plugins)
     junit = tmp_path / "junit.xml"
     write_junit(junit, results)

@@ -286,7 +286,9 @@ def test_plugin_errors_are_clear(tmp_path: Path) -> None:
 
 
 def test_a_transform_defined_in_two_plugin_files_names_both_files(tmp_path: Path) -> None:
-    text = "from gateway.plugins import transform\n\n@transform('tag')\ndef t(m, o):\n    return m\n"
+    text = (
+        "from gateway.plugins import transform\n\n@transform('tag')\ndef t(m, o):\n    return m\n"
+    )
     (tmp_path / "first.py").write_text(text)
     (tmp_path / "second.py").write_text(text)
     with pytest.raises(PluginError) as caught:

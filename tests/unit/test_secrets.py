@@ -117,3 +117,16 @@ def test_the_schema_knows_the_file_forms_of_secrets() -> None:
     items = route["anyOf"][-1]["items"] if "anyOf" in route else route["items"]
     props = items["properties"]["options"]["properties"]
     assert "secret_file" in props and "secret" not in props["secret"]
+
+
+def test_the_admin_token_comes_from_a_file_and_inline_it_is_warned_about(tmp_path: Path) -> None:
+    base = "version: 1\nadmin: tcp:9100:interface=127.0.0.1\n"
+    (tmp_path / "admin.token").write_text("long-random-token\n")
+    assert load(write(tmp_path, base + "admin_token_file: admin.token\n")).admin_token == (
+        "long-random-token"
+    )
+    inline = load(write(tmp_path, base + "admin_token: long-random-token\n", mode=0o644))
+    assert inline.admin_token == "long-random-token"
+    assert any("admin_token" in str(w) for w in inline.warnings), inline.warnings
+    with pytest.raises(ConfigError, match=r":3:19: top level: 'admin_token_file': cannot read"):
+        load(write(tmp_path, base + "admin_token_file: missing.token\n"))

@@ -33,10 +33,7 @@ def dns_dry_run(
     if allow and not client_allowed(allow, sample.client):
         return Explained(
             None,
-            (
-                f"{question}: the client is not in the listener's 'allow' list;"
-                " answered REFUSED",
-            ),
+            (f"{question}: the client is not in the listener's 'allow' list; answered REFUSED",),
             refused="REFUSED",
         )
     route = DnsRoutes(routes).select(qname, qtype, dns.rdataclass.IN, sample.client)
