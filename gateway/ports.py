@@ -431,6 +431,9 @@ class DestinationEntry:
     # deliver: store-and-forward; resolve: request/response; proxy: takes the whole exchange
     # (a route to it has no transforms, no other destination, no 'continue').
     shape: Literal["deliver", "resolve", "proxy"] = "deliver"
+    # What the destination would send for a message, as JSON data (a web hook's body),
+    # for `gateway test`'s `json:` expectations; None when it sends no JSON.
+    preview: Callable[[Any, Message], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -467,6 +470,7 @@ def destination_entry(
     build: Callable[[DC, Any], Destination],
     *,
     shape: Literal["deliver", "resolve", "proxy"] = "deliver",
+    preview: Callable[[DC, Message], Any] | None = None,
 ) -> DestinationEntry:
     """A DestinationEntry whose builder is checked against its config class."""
-    return DestinationEntry(config, build, shape)
+    return DestinationEntry(config, build, shape, preview)

@@ -3,7 +3,8 @@
 A test file (``routes.test.yaml`` by default) lists cases; each gives one input
 (mail, an article, a DNS query or an HTTP request) and what must happen to it:
 which routes take it, which destinations get it, what the transforms make of
-it, or how it is refused.  Plugins run for real; no destination is contacted.
+it (headers, body, the JSON a web hook would be sent), or how it is refused.
+Plugins run for real; no destination is contacted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from gateway.dry_run import SampleError, Simulation, listener_for, simulate
 from gateway.message import Kind, MailMessage
 from gateway.plugins import Transforms
 from gateway.ports import Sample
+from gateway.protocols import registry
 
 # The inputs a case may give, by kind, and the keys each takes.
 _INPUTS: dict[str, tuple[Kind, frozenset[str]]] = {
@@ -49,6 +51,7 @@ _EXPECT = frozenset(
         "headers",
         "headers_match",
         "body_contains",
+        "json",
     }
 )
 
@@ -158,6 +161,11 @@ def read_cases(path: Path) -> list[Case]:
                         where, f"{title}: 'expect' has no key '{key}'{suggest(str(key), _EXPECT)}"
                     )
                 )
+        if "json" in expect and (not isinstance(expect["json"], dict) or not expect["json"]):
+            problems.append(
+                Problem(where, f"{title}: 'json' must map field paths (a.b.0) to values")
+            )
+            continue
         cases.append(Case(title, where, kind, given, expect))
     if problems:
         raise CaseFileError(problems)
@@ -207,7 +215,60 @@ def _names(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def judge(case: Case, sim: Simulation) -> list[str]:
+_MISSING = object()
+
+
+def json_at(document: Any, path: str) -> Any:
+    """The value at a dotted path (``envelope.recipients.0``) of JSON data, else _MISSING."""
+    value = document
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def _previews(config: Config, sim: Simulation) -> list[tuple[str, Any]]:
+    """(destination, the JSON it would send, or the ValueError why not) for each copy
+    going to a destination that sends JSON (a web hook)."""
+    found: list[tuple[str, Any]] = []
+    for copy in sim.copies:
+        for name in copy.destinations:
+            destination = config.destinations.get(name)
+            if destination is None:
+                continue
+            preview = registry().destination(destination.protocol).preview
+            if preview is None:
+                continue
+            try:
+                found.append((name, preview(destination, copy.message)))
+            except ValueError as exc:
+                found.append((name, exc))
+    return found
+
+
+def _judge_json(config: Config, wanted: Mapping[str, Any], sim: Simulation) -> list[str]:
+    previews = _previews(config, sim)
+    if not previews:
+        return ["expected JSON for a web hook, but no copy goes to a destination that sends JSON"]
+    failures = []
+    for name, document in previews:
+        if isinstance(document, ValueError):
+            failures.append(f"{name} would send nothing: {document}")
+            continue
+        for path, value in wanted.items():
+            got = json_at(document, str(path))
+            if got is _MISSING:
+                failures.append(f"expected {path} in the JSON for {name}, but it has no such field")
+            elif got != value:
+                failures.append(f"expected {path}: {value!r} in the JSON for {name}, got {got!r}")
+    return failures
+
+
+def judge(case: Case, sim: Simulation, config: Config) -> list[str]:
     """What in ``sim`` differs from what the case expects."""
     expect = case.expect
     failures: list[str] = []
@@ -255,6 +316,8 @@ def judge(case: Case, sim: Simulation) -> list[str]:
             text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
             if str(expect["body_contains"]) not in text:
                 failures.append(f"expected the body to contain {expect['body_contains']!r}")
+    if "json" in expect:
+        failures += _judge_json(config, expect["json"], sim)
     return failures
 
 
@@ -271,7 +334,7 @@ async def run_cases(
             result.failures.append(f"cannot be tried: {exc}")
         else:
             result.trace = sim.trace
-            result.failures = judge(case, sim)
+            result.failures = judge(case, sim, config)
         result.seconds = time.monotonic() - started
         results.append(result)
     return results

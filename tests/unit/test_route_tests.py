@@ -143,3 +143,70 @@ def test_mistakes_in_a_test_file_are_named_at_their_line(
     with pytest.raises(CaseFileError) as caught:
         read_cases(path)
     assert any(problem in str(p) for p in caught.value.problems), caught.value.problems
+
+
+HOOK_CONFIG = textwrap.dedent(
+    r"""
+    version: 1
+    listeners:
+      mail-in: {protocol: smtp, listen: 'tcp:2525'}
+    destinations:
+      box: {protocol: maildir, path: mail}
+      chat: {protocol: webhook, url: 'http://127.0.0.1:8082/mail'}
+    routes:
+      - {name: alerts, from: mail-in, match: {rcpt: '@alerts\.test$'},
+         transforms: [tag_subject], options: {tag: '[ops]'}, to: chat}
+      - {name: local, from: mail-in, match: {rcpt: '@example\.test$'}, to: box}
+    """
+)
+
+
+def test_json_fields_of_what_a_web_hook_would_be_sent(tmp_path: Path, plugins: Path) -> None:
+    tests = textwrap.dedent(
+        """
+        version: 1
+        tests:
+          - name: right
+            mail:
+              from: nagios@example.test
+              to: [ops@alerts.test]
+              headers: {Subject: disk full, From: 'Nagios <nagios@example.test>'}
+              body: "sda1 at 99%\\n"
+            expect:
+              json:
+                subject: '[ops] disk full'
+                envelope.recipients: [ops@alerts.test]
+                envelope.recipients.0: ops@alerts.test
+                from: {name: Nagios, address: nagios@example.test}
+                text: "sda1 at 99%\\n"
+                attachments: []
+                cc: []
+          - name: wrong
+            mail: {from: a@b.test, to: [ops@alerts.test], headers: {Subject: x}}
+            expect: {json: {subject: x, envelope.sender: c@d.test, to.0.address: y, nothing: 1}}
+          - name: not a web hook
+            mail: {from: a@b.test, to: [ann@example.test]}
+            expect: {json: {subject: x}}
+        """
+    )
+    path = tmp_path / "routes.test.yaml"
+    path.write_text(tests)
+    transforms = load_transforms([plugins], entry_points=False)
+    results = run(run_cases(parse(HOOK_CONFIG), transforms, read_cases(path), tmp_path))
+    assert results[0].failures == []
+    assert results[1].failures == [
+        "expected subject: 'x' in the JSON for chat, got '[ops] x'",
+        "expected envelope.sender: 'c@d.test' in the JSON for chat, got 'a@b.test'",
+        "expected to.0.address in the JSON for chat, but it has no such field",
+        "expected nothing in the JSON for chat, but it has no such field",
+    ]
+    assert results[2].failures == [
+        "expected JSON for a web hook, but no copy goes to a destination that sends JSON"
+    ]
+
+
+def test_json_expectations_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("version: 1\ntests:\n  - name: x\n    mail: {}\n    expect: {json: [a]}\n")
+    with pytest.raises(CaseFileError, match=r":3:5: x: 'json' must map field paths"):
+        read_cases(path)

@@ -13,7 +13,7 @@ from gateway.protocols.http.config import (
 from gateway.protocols.http.listener import HttpSockets, refusal
 from gateway.protocols.http.proxy import HttpProxyDestination
 from gateway.protocols.http.routes import http_dry_run, match_request
-from gateway.protocols.http.webhook import WebhookDestination
+from gateway.protocols.http.webhook import WebhookDestination, preview
 
 PROTOCOLS = (
     ProtocolEntry(
@@ -29,6 +29,9 @@ PROTOCOLS = (
         destination=destination_entry(HttpDestinationConfig, HttpProxyDestination, shape="proxy"),
     ),
     ProtocolEntry(
-        "webhook", destination=destination_entry(WebhookDestinationConfig, WebhookDestination)
+        "webhook",
+        destination=destination_entry(
+            WebhookDestinationConfig, WebhookDestination, preview=preview
+        ),
     ),
 )

@@ -312,6 +312,15 @@ def encode_document(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
+def preview(config: WebhookDestinationConfig, message: Message) -> Any:
+    """The JSON body the destination would POST for ``message``, as ``gateway test`` checks
+    it (ValueError for a message it does not take)."""
+    if not isinstance(message, MailMessage | Article):
+        raise ValueError(f"a web hook takes mail and articles, not {message.kind}")
+    body = encode_document(message_document(message, attachment_limit=int(config.attachment_limit)))
+    return json.loads(body)
+
+
 # --------------------------------------------------------------------------- the HTTP shell
 
 
