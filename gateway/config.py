@@ -1462,7 +1462,9 @@ def _warnings(reader: _Reader, config: Any) -> tuple[Problem, ...]:
             Problem(
                 shadow.route.where.get(""),
                 f"route '{shadow.route.name}' never matches: route '{shadow.by.name}' before"
-                " it takes everything from the same listeners (no match, no continue)",
+                " it takes everything it would from the same listeners ("
+                + ("no match" if not shadow.by.match.used() else "the same conditions or fewer")
+                + ", no continue)",
             )
         )
     return tuple(found)

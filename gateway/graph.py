@@ -24,20 +24,44 @@ class Shadowed:
     by: Route
 
 
+def _conditions(route: Route) -> frozenset[tuple[str, str]]:
+    """A route's match conditions as (key, value in routes.yaml's words)."""
+    m = route.match
+    found = set()
+    if m.client:
+        found.add(("client", _value_text(m.client)))
+    if m.authenticated is not None:
+        found.add(("authenticated", str(m.authenticated)))
+    if m.user:
+        found.add(("user", _value_text(m.user)))
+    for key, value in m.values.items():
+        if key == "file_names":
+            continue  # read from qname_file, which is a condition itself
+        if isinstance(value, Mapping):  # header: each field's pattern must match
+            found.update((f"{key}.{k.lower()}", _value_text(v)) for k, v in value.items())
+        else:
+            found.add((key, _value_text(value)))
+    return frozenset(found)
+
+
 def shadowed_routes(routes: tuple[Route, ...]) -> list[Shadowed]:
-    """Routes no message can reach: every listener they take from is taken whole by an
-    earlier route (one with no match conditions and no ``continue``)."""
+    """Routes no message can reach: for every listener they take from, an earlier route
+    without ``continue`` takes everything they would, because its conditions are some of
+    theirs, written the same (no conditions at all: it takes everything)."""
     found = []
-    catch_all: dict[str, Route] = {}
+    earlier: dict[str, list[tuple[Route, frozenset[tuple[str, str]]]]] = {}
     for route in routes:
-        blockers = [catch_all.get(name) for name in route.from_]
-        if route.from_ and all(b is not None for b in blockers):
-            first = blockers[0]
-            assert first is not None
+        conditions = _conditions(route)
+        blockers = [
+            next((r for r, c in earlier.get(name, ()) if c <= conditions), None)
+            for name in route.from_
+        ]
+        first = blockers[0] if blockers else None
+        if first is not None and all(b is not None for b in blockers):
             found.append(Shadowed(route, first))
-        if not route.match.used() and not route.continue_:
+        if not route.continue_:
             for name in route.from_:
-                catch_all.setdefault(name, route)
+                earlier.setdefault(name, []).append((route, conditions))
     return found
 
 

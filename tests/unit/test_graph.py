@@ -90,3 +90,40 @@ def test_svg_without_graphviz_says_what_to_install(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(graph.shutil, "which", lambda name: None)
     with pytest.raises(graph.GraphvizMissing, match=r"install it \(apt-get install graphviz\)"):
         graph.svg(parse(CONFIG))
+
+
+def test_a_route_whose_conditions_an_earlier_one_has_already_never_matches() -> None:
+    config = parse(
+        textwrap.dedent(
+            r"""
+            version: 1
+            listeners:
+              a: {protocol: smtp, listen: 'tcp:2525'}
+              b: {protocol: smtp, listen: 'tcp:2526'}
+            destinations:
+              box: {protocol: maildir, path: mail}
+            routes:
+              - {name: x-test, from: [a, b], match: {rcpt: '@x\.test$'}, to: box}
+              - {name: narrower, from: a, match: {rcpt: '@x\.test$', sender: '^ann@'}, to: box}
+              - {name: other-sender, from: a, match: {rcpt: '@y\.test$', sender: '^ann@'},
+                 to: box}
+              - {name: copies, from: b, match: {sender: '^bob@'}, continue: true, to: box}
+              - {name: after-copies, from: b, match: {sender: '^bob@', rcpt: '@z\.test$'},
+                 to: box}
+              - {name: only-partly, from: [a, b], match: {rcpt: '@y\.test$'}, to: box}
+              - {name: both-taken, from: [a, b], match: {rcpt: '@x\.test$', header: {To: x}},
+                 to: box}
+              - {name: urgent, from: a, match: {header: {Subject: urgent}}, to: box}
+              - {name: urgent-x, from: a, match: {header: {subject: urgent, X-Y: z}}, to: box}
+            """
+        )
+    )
+    shadows = [(s.route.name, s.by.name) for s in shadowed_routes(config.routes)]
+    # 'after-copies' follows a route with continue; 'only-partly' is not taken on b.
+    assert shadows == [("narrower", "x-test"), ("both-taken", "x-test"), ("urgent-x", "urgent")]
+    warnings = [str(w) for w in config.warnings]
+    assert any(
+        "route 'narrower' never matches: route 'x-test' before it takes everything it would"
+        " from the same listeners (the same conditions or fewer, no continue)" in w
+        for w in warnings
+    ), warnings
