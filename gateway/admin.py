@@ -27,23 +27,43 @@ if TYPE_CHECKING:
 log = Logger(namespace="gateway.admin")
 
 
-class _Health(Resource):
-    isLeaf = True
+class _Page(Resource):
+    """A leaf page of the admin site, of one gateway."""
 
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
-        return b"ok\n"
-
-
-class _Ready(Resource):
     isLeaf = True
 
     def __init__(self, gateway: GatewayService) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.gateway = gateway
 
+
+def _set(request: Request, *headers: tuple[bytes, bytes]) -> None:
+    """Set response headers (Twisted's Request.setHeader has no annotations)."""
+    untyped: Any = request
+    for name, value in headers:
+        untyped.setHeader(name, value)
+
+
+def _write(request: Request, data: bytes, *, finish: bool = False) -> None:
+    untyped: Any = request
+    if data:
+        untyped.write(data)
+    if finish:
+        untyped.finish()
+
+
+_TEXT = (b"content-type", b"text/plain; charset=utf-8")
+
+
+class _Health(_Page):
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
+        _set(request, _TEXT)
+        return b"ok\n"
+
+
+class _Ready(_Page):
+    def render_GET(self, request: Request) -> bytes:
+        _set(request, _TEXT)
         problems = self.gateway.readiness_problems()
         configuration = self.gateway.configuration_line() + "\n"
         if problems:
@@ -52,13 +72,7 @@ class _Ready(Resource):
         return ("ready\n" + configuration).encode()
 
 
-class _Metrics(Resource):
-    isLeaf = True
-
-    def __init__(self, gateway: GatewayService) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.gateway = gateway
-
+class _Metrics(_Page):
     def render_GET(self, request: Request) -> int:
         from gateway.metrics import GatewayMetrics
 
@@ -79,31 +93,25 @@ def _answer_later(request: Request, page: Coroutine[Any, Any, tuple[bytes, str]]
         if gone:
             return  # the client hung up
         body, content_type = answer
-        request.setHeader(b"content-type", content_type.encode())  # type: ignore[no-untyped-call]
-        request.write(body)  # type: ignore[no-untyped-call]
-        request.finish()  # type: ignore[no-untyped-call]
+        _set(request, (b"content-type", content_type.encode()))
+        _write(request, body, finish=True)
 
     def failed(failure: Failure) -> None:
         log.failure("{what} failed", failure, what=what)
         if gone:
             return
         request.setResponseCode(500)
-        request.finish()  # type: ignore[no-untyped-call]
+        _write(request, b"", finish=True)
 
     Deferred.fromCoroutine(page).addCallbacks(send, failed)
     return NOT_DONE_YET
 
 
-class _Trace(Resource):
+class _Trace(_Page):
     """/trace: the routing decisions as they happen, as server-sent events (one JSON
     object per event), filtered by ?route=, ?listener= and ?match=."""
 
-    isLeaf = True
     keepalive = 15.0  # seconds between comments that keep idle proxies from closing it
-
-    def __init__(self, gateway: GatewayService) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.gateway = gateway
 
     def render_GET(self, request: Request) -> int:
         from twisted.internet import task
@@ -114,15 +122,18 @@ class _Trace(Resource):
             values = request.args.get(name.encode()) or [b""]
             return str(values[0].decode("utf-8", "replace"))
 
-        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")  # type: ignore[no-untyped-call]
-        request.setHeader(b"cache-control", b"no-cache")  # type: ignore[no-untyped-call]
+        _set(
+            request,
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+        )
         state = {"paused": False}
 
         def send(event: dict[str, Any]) -> bool:
             if state["paused"]:
                 return False
             data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-            request.write(f"data: {data}\n\n".encode())  # type: ignore[no-untyped-call]
+            _write(request, f"data: {data}\n\n".encode())
             return True
 
         watcher = Watcher(send, route=arg("route"), listener=arg("listener"), match=arg("match"))
@@ -140,11 +151,15 @@ class _Trace(Resource):
             def stopProducing(self) -> None:
                 stop()
 
-        request.registerProducer(_Producer(), True)  # type: ignore[no-untyped-call]
-        request.write(b": tracing\n\n")  # type: ignore[no-untyped-call]
-        ping = task.LoopingCall(
-            lambda: state["paused"] or request.write(b": keep-alive\n\n")  # type: ignore[no-untyped-call]
-        )
+        untyped: Any = request
+        untyped.registerProducer(_Producer(), True)
+        _write(request, b": tracing\n\n")
+
+        def keep_alive() -> None:
+            if not state["paused"]:
+                _write(request, b": keep-alive\n\n")
+
+        ping = task.LoopingCall(keep_alive)
         ping.clock = self.gateway.reactor
         ping.start(self.keepalive, now=False)
 
@@ -157,20 +172,17 @@ class _Trace(Resource):
         return NOT_DONE_YET
 
 
-class _Dashboard(Resource):
+class _Dashboard(_Page):
     """/ (the dashboard page, see gateway.dashboard) and what people do from it:
     POST /sign-in and /sign-out, GET /queue/ID (show), POST /queue/retry and
     /queue/drop.  The last four need a session signed in with the admin token, and
     the changing ones its CSRF field and a request from this very origin."""
 
-    isLeaf = True
-
     def __init__(self, gateway: GatewayService) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__(gateway)
         from gateway.admin_auth import AdminSessions
         from gateway.dashboard import Picture
 
-        self.gateway = gateway
         self.picture = Picture()
         self.sessions = AdminSessions(gateway.reactor.seconds)
 
@@ -178,19 +190,28 @@ class _Dashboard(Resource):
         return self.gateway.current().config.admin_token
 
     def _viewer(self, request: Request, notice: str = "") -> Any:
-        from gateway.admin_auth import COOKIE
         from gateway.dashboard import Viewer
 
-        cookie = request.getCookie(COOKIE.encode())  # type: ignore[no-untyped-call]
-        session = self.sessions.session(cookie.decode("latin-1") if cookie else None, self._token())
+        session = self._session(request)
         csrf = self.sessions.csrf(session) if session else ""
         return Viewer(actions=bool(self._token()), csrf=csrf, notice=notice)
 
+    def _session(self, request: Request) -> str | None:
+        """The live session the request's cookie names, if any."""
+        from gateway.admin_auth import COOKIE
+
+        untyped: Any = request
+        cookie = untyped.getCookie(COOKIE.encode())
+        return self.sessions.session(cookie.decode("latin-1") if cookie else None, self._token())
+
     def _headers(self, request: Request) -> None:
-        request.setHeader(b"content-security-policy", _CSP)  # type: ignore[no-untyped-call]
-        request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
-        request.setHeader(b"x-frame-options", b"DENY")  # type: ignore[no-untyped-call]
-        request.setHeader(b"referrer-policy", b"same-origin")  # type: ignore[no-untyped-call]
+        _set(
+            request,
+            (b"content-security-policy", _CSP),
+            (b"cache-control", b"no-store"),
+            (b"x-frame-options", b"DENY"),
+            (b"referrer-policy", b"same-origin"),
+        )
 
     def render_GET(self, request: Request) -> int | bytes:
         self._headers(request)
@@ -211,7 +232,7 @@ class _Dashboard(Resource):
         if path in (["sign-in"], ["sign-out"]):
             return _see(request, "/#queue-title")  # the forms are on the dashboard
         request.setResponseCode(404)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
+        _set(request, _TEXT)
         return b"not found\n"
 
     def render_POST(self, request: Request) -> int | bytes:
@@ -243,10 +264,7 @@ class _Dashboard(Resource):
                 return _see(request, "/#queue-title")
             if path not in ("sign-out", "queue/retry", "queue/drop"):
                 raise Refused(404, "no such action")
-            cookie = request.getCookie(COOKIE.encode())  # type: ignore[no-untyped-call]
-            found = self.sessions.session(
-                cookie.decode("latin-1") if cookie else None, self._token()
-            )
+            found = self._session(request)
             if found is None:
                 raise Refused(403, _SIGN_IN_FIRST)
             self.sessions.check_csrf(found, _arg(request, "csrf"))
@@ -264,7 +282,7 @@ class _Dashboard(Resource):
         from gateway.dashboard import render_refusal
 
         request.setResponseCode(status)
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")  # type: ignore[no-untyped-call]
+        _set(request, (b"content-type", _HTML.encode()))
         return render_refusal(status, reason)
 
     async def _page(self, viewer: Any) -> tuple[bytes, str]:
@@ -341,8 +359,7 @@ def _header(request: Request, name: bytes) -> str | None:
 
 def _see(request: Request, where: str) -> bytes:
     request.setResponseCode(303)
-    request.setHeader(b"location", where.encode())  # type: ignore[no-untyped-call]
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
+    _set(request, (b"location", where.encode()), _TEXT)
     return b""
 
 
@@ -361,19 +378,16 @@ class _AdminSite(Site):
 
 
 def admin_site(gateway: GatewayService) -> Site:
-    root = Resource()  # type: ignore[no-untyped-call]
-    health: Any = _Health()  # type: ignore[no-untyped-call]
-    ready: Any = _Ready(gateway)
-    metrics: Any = _Metrics(gateway)
-    trace: Any = _Trace(gateway)
-    dashboard: Any = _Dashboard(gateway)
-    root.putChild(b"", dashboard)
-    for action in (b"sign-in", b"sign-out", b"queue"):
-        root.putChild(action, dashboard)
-    root.putChild(b"trace", trace)
-    root.putChild(b"healthz", health)
-    root.putChild(b"readyz", ready)
-    root.putChild(b"metrics", metrics)
-    site = _AdminSite(root)  # type: ignore[no-untyped-call]
+    make: Any = Resource  # Twisted's Resource and Site have no annotations
+    root = make()
+    dashboard = _Dashboard(gateway)
+    for path in (b"", b"sign-in", b"sign-out", b"queue"):
+        root.putChild(path, dashboard)
+    root.putChild(b"trace", _Trace(gateway))
+    root.putChild(b"healthz", _Health(gateway))
+    root.putChild(b"readyz", _Ready(gateway))
+    root.putChild(b"metrics", _Metrics(gateway))
+    make = _AdminSite
+    site: Site = make(root)
     site.displayTracebacks = False
     return site

@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="show how a message, article, DNS query or HTTP request would be routed",
             description="Route a sample without sending anything: mail (--to, the message"
             " on stdin), an article (--article, on stdin), a DNS query (--query NAME [TYPE])"
-            " or an HTTP request (--method, --path, --header, --body FILE). Exit 0 if it"
+            ", an HTTP request (--method, --path, --header, --body FILE) or a file asked for"
+            " by name (--file NAME, as by TFTP). Exit 0 if it"
             " would be delivered or answered, 1 if it would be refused.",
         )
     )
@@ -520,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument(
         "--query", nargs="+", metavar="NAME", help="DNS: the query name, then its type (A)"
     )
+    route.add_argument("--file", metavar="NAME", help="files: the name asked for (TFTP read)")
     route.add_argument("--method", help="HTTP: the request method (GET with --path alone)")
     route.add_argument("--path", help="HTTP: the request target, e.g. /hooks/alert?x=1")
     route.add_argument("--host", help="HTTP: the Host (or give --header 'Host: ...')")

@@ -1554,6 +1554,13 @@ class RouteContext:
         self.label = label
         self.kinds = kinds  # of the route's listeners
 
+    def destination_shape(self, name: str) -> str | None:
+        """How destination ``name`` works (deliver, resolve, proxy, files); None if unknown."""
+        destination = self.config.destinations.get(name)
+        if destination is None:
+            return None
+        return self._reader.registry.destinations[destination.protocol].shape
+
     def problem(self, key: str, message: str) -> None:
         """Report ``message`` (prefixed with the route's label) at the route's ``key``."""
         where = self.route.where.get(key, self.route.where.get(""))

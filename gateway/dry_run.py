@@ -27,6 +27,7 @@ KIND_WORDS = {
     Kind.ARTICLE: "articles",
     Kind.DNS: "DNS queries",
     Kind.HTTP: "HTTP requests",
+    Kind.FILE: "files",
 }
 
 
@@ -191,6 +192,8 @@ async def simulate(config: Config, transforms: Transforms, sample: Sample) -> Si
 def _wanted_kind(args: argparse.Namespace) -> Kind | None:
     if args.query:
         return Kind.DNS
+    if args.file:
+        return Kind.FILE
     if args.method or args.path:
         return Kind.HTTP
     if args.article:
@@ -223,7 +226,7 @@ def _sample(args: argparse.Namespace, listener: str, kind: Kind) -> Sample:
         sender=args.sender,
         recipients=tuple(args.recipients or ()),
         data=data,
-        name=query[0] if query else "",
+        name=query[0] if query else (args.file or ""),
         type=query[1] if len(query) > 1 else "A",
         method=(args.method or ("GET" if args.path else "")).upper(),
         target=args.path or "/",
@@ -240,7 +243,8 @@ async def dry_run(config: Config, transforms: Transforms, args: argparse.Namespa
     if kind is None:
         print(
             "error: say what to route: --to ADDRESS (mail), --article (an article on stdin),"
-            " --query NAME [TYPE] (DNS) or --method M --path P (HTTP)",
+            " --query NAME [TYPE] (DNS), --method M --path P (HTTP) or --file NAME (a file"
+            " asked for, as by TFTP)",
             file=sys.stderr,
         )
         return 2

@@ -34,6 +34,7 @@ class Kind(str):
     ARTICLE: ClassVar[Kind]
     DNS: ClassVar[Kind]
     HTTP: ClassVar[Kind]
+    FILE: ClassVar[Kind]
 
     @property
     def value(self) -> str:
@@ -50,6 +51,7 @@ Kind.MAIL = Kind("mail")
 Kind.ARTICLE = Kind("article")
 Kind.DNS = Kind("dns")
 Kind.HTTP = Kind("http")
+Kind.FILE = Kind("file")
 
 
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
@@ -306,6 +308,19 @@ class HttpRequest(Message):
     body: bytes = b""
 
 
+@dataclass(frozen=True, kw_only=True)
+class FileMessage(Message):
+    """A file asked for or sent by name (TFTP, FTP): the name as the client gave it.
+
+    A read request carries no content; ``size`` is what the client announced
+    (TFTP's ``tsize``), None when it said nothing.
+    """
+
+    kind: ClassVar[Kind] = Kind.FILE
+    name: str = ""
+    size: int | None = None
+
+
 # --- kinds and how the spool stores them ---------------------------------------------------
 
 _COMMON = ("id", "listener", "client", "user", "received")
@@ -408,6 +423,7 @@ register_kind(KindSpec(Kind.MAIL, MailMessage, _encode_mail, _decode_mail))
 register_kind(KindSpec(Kind.ARTICLE, Article, _encode_article, _decode_article))
 register_kind(KindSpec(Kind.DNS, DnsQuery))
 register_kind(KindSpec(Kind.HTTP, HttpRequest))
+register_kind(KindSpec(Kind.FILE, FileMessage))
 
 
 def local_hostname() -> str:

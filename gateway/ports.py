@@ -287,6 +287,40 @@ class Proxy(Destination, Generic[E_contra]):
     def proxy(self, exchange: E_contra, route: str) -> None: ...
 
 
+class FileProblem(Exception):
+    """Why a file source cannot give a file: ``not-found``, ``denied`` (outside what it
+    serves, or unreadable), or ``unavailable`` (its server is down: try again later)."""
+
+    def __init__(self, reason: Literal["not-found", "denied", "unavailable"], detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class FileReader(ABC):
+    """An open file being read from a source, a block at a time."""
+
+    # The size in bytes when the source knows it before the end (a folder's file,
+    # an HTTP answer with Content-Length), else None.
+    size: int | None = None
+
+    @abstractmethod
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes, fewer only at the end; b"" once it is over. FileProblem if
+        the source fails midway."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class FileSource(Destination):
+    """Request/response for files: asked for a name (a TFTP read), it opens the file."""
+
+    @abstractmethod
+    async def fetch(self, name: str) -> FileReader:
+        """The file ``name`` (as the client gave it) opened for reading, or FileProblem."""
+
+
 # --- the gateway, as a listener sees it ---------------------------------------------------
 
 
@@ -429,8 +463,9 @@ class DestinationEntry:
     config: type[BaseDestinationConfig]
     build: Callable[[Any, Any], Destination]
     # deliver: store-and-forward; resolve: request/response; proxy: takes the whole exchange
-    # (a route to it has no transforms, no other destination, no 'continue').
-    shape: Literal["deliver", "resolve", "proxy"] = "deliver"
+    # (a route to it has no transforms, no other destination, no 'continue'); files:
+    # serves files by name (a FileSource).
+    shape: Literal["deliver", "resolve", "proxy", "files"] = "deliver"
     # What the destination would send for a message, as JSON data (a web hook's body),
     # for `gateway test`'s `json:` expectations; None when it sends no JSON.
     preview: Callable[[Any, Message], Any] | None = None
@@ -469,7 +504,7 @@ def destination_entry(
     config: type[DC],
     build: Callable[[DC, Any], Destination],
     *,
-    shape: Literal["deliver", "resolve", "proxy"] = "deliver",
+    shape: Literal["deliver", "resolve", "proxy", "files"] = "deliver",
     preview: Callable[[DC, Message], Any] | None = None,
 ) -> DestinationEntry:
     """A DestinationEntry whose builder is checked against its config class."""

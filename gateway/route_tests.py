@@ -1,9 +1,10 @@
 """``gateway test``: route tests written in YAML beside routes.yaml, run without sending.
 
 A test file (``routes.test.yaml`` by default) lists cases; each gives one input
-(mail, an article, a DNS query or an HTTP request) and what must happen to it:
-which routes take it, which destinations get it, what the transforms make of
-it (headers, body, the JSON a web hook would be sent), or how it is refused.
+(mail, an article, a DNS query, an HTTP request or a file asked for by name) and
+what must happen to it: which routes take it, which destinations get it, what
+the transforms make of it (headers, body, the JSON a web hook would be sent),
+or how it is refused.
 Plugins run for real; no destination is contacted.
 """
 
@@ -39,6 +40,8 @@ _INPUTS: dict[str, tuple[Kind, frozenset[str]]] = {
         Kind.HTTP,
         frozenset({"listener", "client", "user", "method", "path", "host", "headers", "body"}),
     ),
+    # A file asked for by name (a TFTP read request).
+    "file": (Kind.FILE, frozenset({"listener", "client", "name"})),
 }
 _EXPECT = frozenset(
     {

@@ -49,6 +49,9 @@ PEER_PACKAGES=(
     # The admin dashboard is tested in a real browser (Selenium drives Debian's chromium).
     chromium:/usr/bin/chromium
     chromium-driver:/usr/bin/chromedriver
+    # TFTP clients: tftp-hpa (plain RFC 1350), atftp (blksize, windowsize, timeout).
+    tftp-hpa:/usr/bin/tftp
+    atftp:/usr/bin/atftp
     # systemd's tools only (no init): socket activation and unit checks.
     systemd:/usr/bin/systemd-socket-activate
     systemd:/usr/bin/systemd-analyze

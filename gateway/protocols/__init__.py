@@ -38,6 +38,8 @@ BUILTIN = (
     "gateway.protocols.nntp.entry",
     "gateway.protocols.dns.entry",
     "gateway.protocols.http.entry",
+    "gateway.protocols.tftp.entry",
+    "gateway.protocols.folder.entry",
 )
 
 ENTRY_POINT_GROUP = "gateway.protocols"

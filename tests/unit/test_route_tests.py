@@ -131,7 +131,7 @@ def test_a_refusal_that_was_not_expected_fails(tmp_path: Path, plugins: Path) ->
         ("version: 1\ntests:\n  - name: x\n    dns: {name: a.test}\n",
          ":3:5: x: 'expect' must say what must happen"),
         ("version: 1\ntests:\n  - {name: x, dns: {}, mail: {}, expect: {accepted: true}}\n",
-         ":3:5: x: give exactly one input of mail, article, dns, http; it has dns, mail"),
+         ":3:5: x: give exactly one input of mail, article, dns, http, file; it has dns, mail"),
         ("version: 1\ntests: [\n", "not valid YAML"),
     ],
 )  # fmt: skip
@@ -210,3 +210,44 @@ def test_json_expectations_must_be_a_mapping(tmp_path: Path) -> None:
     path.write_text("version: 1\ntests:\n  - name: x\n    mail: {}\n    expect: {json: [a]}\n")
     with pytest.raises(CaseFileError, match=r":3:5: x: 'json' must map field paths"):
         read_cases(path)
+
+
+def test_a_file_asked_for_by_name_is_routed_by_the_tftp_listener(tmp_path: Path) -> None:
+    config = parse(
+        textwrap.dedent(
+            r"""
+            version: 1
+            listeners:
+              boot: {protocol: tftp, listen: 'udp:6969', allow: [10.0.0.0/8, 127.0.0.1]}
+            destinations:
+              lab: {protocol: folder, path: lab}
+              boot: {protocol: folder, path: boot}
+            routes:
+              - {name: lab, from: boot, match: {name: '^lab/', client: [10.1.0.0/16]}, to: lab}
+              - {name: pxe, from: boot, match: {name: '\.(0|efi)$'}, to: boot}
+            """
+        )
+    )
+    tests = textwrap.dedent(
+        """
+        version: 1
+        tests:
+          - {name: lab, file: {name: lab/x.0, client: 10.1.2.3}, expect: {routes: [lab]}}
+          - {name: pxe, file: {name: lab/x.0, client: 10.2.0.1}, expect: {destinations: [boot]}}
+          - {name: none, file: {name: x.txt, client: 10.1.2.3}, expect: {refused: file not found}}
+          - {name: outside, file: {name: x.0, client: 192.0.2.1}, expect: {refused: access}}
+          - {name: wrong, file: {name: x.0}, expect: {routes: [lab]}}
+        """
+    )
+    path = tmp_path / "t.yaml"
+    path.write_text(tests)
+    results = run(
+        run_cases(config, load_transforms([], entry_points=False), read_cases(path), tmp_path)
+    )
+    assert [r.failures for r in results] == [
+        [],
+        [],
+        [],
+        [],
+        ["expected routes ['lab'], got ['pxe']"],
+    ]

@@ -1,0 +1,1 @@
+"""The ``folder`` destination: a local folder that serves files by name (TFTP reads)."""

@@ -1,0 +1,292 @@
+"""The TFTP listener: read requests routed by name to a file source, each transfer on a
+port of its own.
+
+A request is answered at once when it cannot be served: an address outside
+``allow`` or a write request (access violation), a name no route serves or
+the source does not have (file not found), ``max_transfers`` already running
+(busy), a malformed packet (illegal operation).  Otherwise the route's
+destination opens the file, the options the client asked for are negotiated,
+and a ReadTransfer sends it from a new port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from gateway.config import Route, client_allowed, udp_endpoint_args
+from gateway.listening import Listener, ListeningPort
+from gateway.ports import Explained, FileProblem, FileSource, GatewayPort, Metric, Sample
+from gateway.protocols.tftp import codec
+from gateway.protocols.tftp.codec import TftpError
+from gateway.protocols.tftp.config import TftpListenerConfig, TftpMatch
+from gateway.protocols.tftp.transfer import ReadTransfer
+
+log = Logger(namespace="gateway.tftp")
+
+_CODES = {
+    "not-found": codec.FILE_NOT_FOUND,
+    "denied": codec.ACCESS_VIOLATION,
+    "unavailable": codec.NOT_DEFINED,
+}
+
+
+def select(routes: Iterable[Route], name: str, host: str) -> Route | None:
+    """The first route whose conditions the request meets."""
+    for route in routes:
+        match = route.match
+        if match.client and not client_allowed(match.client, host):
+            continue
+        pattern = match.view(TftpMatch).name
+        if pattern is not None and pattern.compiled.search(name) is None:
+            continue
+        return route
+    return None
+
+
+class _Server(DatagramProtocol):
+    """The listening port: requests only (transfers have ports of their own)."""
+
+    def __init__(self, listener: TftpSockets, interface: str) -> None:
+        self.listener = listener
+        self.interface = interface
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.listener.request(self, datagram, (addr[0], addr[1]))
+
+    def reply(self, client: tuple[str, int], code: int, text: str) -> None:
+        udp: Any = self.transport  # zope's interfaces type its methods without self
+        if udp is not None:
+            udp.write(codec.error(code, text), client)
+
+
+class TftpSockets(Listener[TftpListenerConfig]):
+    def __init__(self, config: TftpListenerConfig, gateway: GatewayPort, reactor: Any) -> None:
+        super().__init__(config, gateway, reactor)
+        self.transfers: set[ReadTransfer] = set()
+        self.opening = 0  # requests whose file is being opened
+        self.outcomes: dict[tuple[str, str], int] = {}  # (route, outcome) -> transfers
+        self.refusals: dict[str, int] = {}  # error code name -> requests refused
+        self.bytes_sent = 0
+
+    async def listen_on(self, description: str) -> ListeningPort:
+        number, interface = udp_endpoint_args(description)
+        port: ListeningPort = self.reactor.listenUDP(
+            number, _Server(self, interface), interface=interface
+        )
+        return port
+
+    def reconfigure(self, config: TftpListenerConfig) -> None:
+        self.config = config
+
+    # --- requests ---
+
+    def request(self, server: _Server, datagram: bytes, client: tuple[str, int]) -> None:
+        host = client[0]
+        try:
+            packet = codec.parse(datagram)
+        except TftpError as exc:
+            self._refuse(server, client, exc.code, exc.text)
+            return
+        if not isinstance(packet, codec.Request):
+            self._refuse(server, client, codec.ILLEGAL_OPERATION, "expected a read request")
+            return
+        if self.gateway.stopping:
+            self._refuse(server, client, codec.NOT_DEFINED, "the server is shutting down")
+            return
+        if self.config.allow and not client_allowed(self.config.allow, host):
+            self._refuse(server, client, codec.ACCESS_VIOLATION, "not allowed from this address")
+            return
+        if not packet.is_read:
+            self._refuse(
+                server, client, codec.ACCESS_VIOLATION, "this gateway takes no uploads (writes)"
+            )
+            return
+        if len(self.transfers) + self.opening >= self.config.max_transfers:
+            self._refuse(server, client, codec.NOT_DEFINED, "busy: too many transfers, try later")
+            return
+        table = self.gateway.current()
+        route = select(table.routes_for(self.name), packet.filename, host)
+        if route is None:
+            self._refuse(server, client, codec.FILE_NOT_FOUND, "no route serves this name")
+            self._trace(client, packet.filename, None, "no route")
+            return
+        source = table.destination(route.to[0]) if route.to else None
+        if not isinstance(source, FileSource):
+            self._refuse(
+                server, client, codec.NOT_DEFINED, "the route's destination serves no files"
+            )
+            return
+        self.requests += 1
+        self.opening += 1
+        Deferred.fromCoroutine(self._start(server, packet, route, source, client)).addErrback(
+            lambda f: log.failure("TFTP request from {client} failed", f, client=client)
+        )
+
+    async def _start(
+        self,
+        server: _Server,
+        packet: codec.Request,
+        route: Route,
+        source: FileSource,
+        client: tuple[str, int],
+    ) -> None:
+        try:
+            reader = await source.fetch(packet.filename)
+        except FileProblem as problem:
+            self._refuse(server, client, _CODES[problem.reason], problem.detail[:200])
+            self._count(route.name, problem.reason)
+            self._trace(client, packet.filename, route, problem.reason)
+            return
+        finally:
+            self.opening -= 1
+        terms = codec.negotiate(
+            packet,
+            reader.size,
+            max_blksize=self.config.max_blksize,
+            max_windowsize=self.config.max_windowsize,
+        )
+
+        def done(outcome: str, sent: int, detail: str) -> None:
+            self.transfers.discard(transfer)
+            self.bytes_sent += sent
+            self._count(route.name, outcome)
+            self._trace(client, packet.filename, route, outcome)
+            log.info(
+                "{listener}: {client} read {name} by route {route}: {outcome}, {sent} bytes"
+                "{detail}",
+                listener=self.name,
+                client=f"{client[0]}:{client[1]}",
+                name=packet.filename,
+                route=route.name,
+                outcome=outcome,
+                sent=sent,
+                detail=f" ({detail})" if detail else "",
+            )
+
+        transfer = ReadTransfer(
+            client,
+            reader,
+            terms,
+            netascii=packet.mode == "netascii",
+            timeout=float(self.config.timeout),
+            retries=self.config.retries,
+            reactor=self.reactor,
+            done=done,
+        )
+        self.transfers.add(transfer)
+        try:
+            self.reactor.listenUDP(0, transfer, interface=server.interface)
+        except CannotListenError as exc:
+            self.transfers.discard(transfer)
+            reader.close()
+            self._refuse(server, client, codec.NOT_DEFINED, "no port free for the transfer")
+            log.error("TFTP: no port for a transfer: {error}", error=exc)
+
+    def _refuse(self, server: _Server, client: tuple[str, int], code: int, text: str) -> None:
+        server.reply(client, code, text)
+        reason = _CODE_NAMES.get(code, str(code))
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+
+    def _count(self, route: str, outcome: str) -> None:
+        self.outcomes[route, outcome] = self.outcomes.get((route, outcome), 0) + 1
+
+    def _trace(self, client: tuple[str, int], name: str, route: Route | None, outcome: str) -> None:
+        tracer = self.gateway.tracer
+        if tracer.active:
+            tracer.emit(
+                "tftp",
+                listener=self.name,
+                client=client[0],
+                name=name,
+                route=route.name if route is not None else "",
+                destinations=list(route.to) if route is not None else [],
+                outcome=outcome,
+            )
+
+    # --- life cycle and metrics ---
+
+    async def drain(self, timeout: float) -> None:
+        """Transfers running at shutdown get ``timeout`` seconds, then an error packet."""
+        deadline = self.reactor.seconds() + timeout
+        while self.transfers and self.reactor.seconds() < deadline:
+            wait: Deferred[None] = Deferred()
+            self.reactor.callLater(0.05, wait.callback, None)
+            await wait
+        for transfer in list(self.transfers):
+            transfer.abort(codec.NOT_DEFINED, "the server is shutting down")
+
+    def metrics(self) -> Iterable[Metric]:
+        transfers = Metric(
+            "gateway_tftp_transfers",
+            "TFTP read transfers by listener, route and outcome: complete, timeout (the"
+            " client stopped ACKing), aborted, failed, not-found, denied, unavailable",
+            "counter",
+            ("listener", "route", "outcome"),
+        )
+        for (route, outcome), n in sorted(self.outcomes.items()):
+            transfers.add((self.name, route, outcome), n)
+        refused = Metric(
+            "gateway_tftp_refusals",
+            "TFTP requests answered with an error packet at once, by error",
+            "counter",
+            ("listener", "error"),
+        )
+        for reason, n in sorted(self.refusals.items()):
+            refused.add((self.name, reason), n)
+        return (
+            transfers,
+            refused,
+            Metric(
+                "gateway_tftp_sent_bytes",
+                "File bytes sent in TFTP DATA blocks (retransmissions not counted)",
+                "counter",
+                ("listener",),
+            ).add((self.name,), self.bytes_sent),
+            Metric(
+                "gateway_listener_open_connections",
+                "Connections (for TFTP: transfers) open now",
+                "gauge",
+                ("listener",),
+            ).add((self.name,), len(self.transfers)),
+        )
+
+
+_CODE_NAMES = {
+    codec.NOT_DEFINED: "not-defined",
+    codec.FILE_NOT_FOUND: "file-not-found",
+    codec.ACCESS_VIOLATION: "access-violation",
+    codec.ILLEGAL_OPERATION: "illegal-operation",
+    codec.UNKNOWN_TID: "unknown-tid",
+}
+
+
+def tftp_dry_run(
+    config: TftpListenerConfig, routes: tuple[Route, ...], shapes: Any, sample: Sample
+) -> Explained:
+    """How a read request for ``sample.name`` from ``sample.client`` would be answered."""
+    name = sample.name
+    if not name:
+        raise ValueError("a TFTP request needs a file name ('name')")
+    if config.allow and not client_allowed(config.allow, sample.client):
+        return Explained(
+            None,
+            (f"{name}: the client is not in the listener's 'allow' list; access violation",),
+            refused="access violation",
+        )
+    route = select(routes, name, sample.client)
+    if route is None:
+        return Explained(
+            None, (f"{name}: no route serves this name; file not found",), refused="file not found"
+        )
+    return Explained(
+        route.name,
+        (f"{name}: route '{route.name}' serves it from {', '.join(route.to)}",),
+        answer=f"read from {', '.join(route.to)}",
+        destinations=tuple(route.to),
+    )
