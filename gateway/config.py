@@ -30,7 +30,7 @@ from gateway.message import Kind
 from gateway.protocols import AddedKey, registry
 
 if typing.TYPE_CHECKING:
-    from gateway.ports import ListenerEntry
+    from gateway.ports import DestinationEntry, ListenerEntry
     from gateway.tls import TlsConfig
 
 # --- locations and errors ---------------------------------------------------
@@ -1554,12 +1554,12 @@ class RouteContext:
         self.label = label
         self.kinds = kinds  # of the route's listeners
 
-    def destination_shape(self, name: str) -> str | None:
-        """How destination ``name`` works (deliver, resolve, proxy, files); None if unknown."""
+    def destination_entry(self, name: str) -> DestinationEntry | None:
+        """The registry entry of destination ``name``'s protocol; None if there is none."""
         destination = self.config.destinations.get(name)
         if destination is None:
             return None
-        return self._reader.registry.destinations[destination.protocol].shape
+        return self._reader.registry.destinations[destination.protocol]
 
     def problem(self, key: str, message: str) -> None:
         """Report ``message`` (prefixed with the route's label) at the route's ``key``."""

@@ -469,6 +469,8 @@ class DestinationEntry:
     # What the destination would send for a message, as JSON data (a web hook's body),
     # for `gateway test`'s `json:` expectations; None when it sends no JSON.
     preview: Callable[[Any, Message], Any] | None = None
+    # Whether it also serves files by name (a FileSource: TFTP reads), whatever its shape.
+    serves_files: bool = False
 
 
 @dataclass(frozen=True)
@@ -506,6 +508,7 @@ def destination_entry(
     *,
     shape: Literal["deliver", "resolve", "proxy", "files"] = "deliver",
     preview: Callable[[DC, Message], Any] | None = None,
+    serves_files: bool = False,
 ) -> DestinationEntry:
     """A DestinationEntry whose builder is checked against its config class."""
-    return DestinationEntry(config, build, shape, preview)
+    return DestinationEntry(config, build, shape, preview, serves_files or shape == "files")

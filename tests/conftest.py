@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.peers import Dnsdist, GatewayProcess, SmtpSink, Unbound
+from tests.peers_web import Nginx
 
 
 def _file_system(path: Path) -> str:
@@ -194,3 +195,27 @@ def _stop_all(peers: Sequence[Unbound | Dnsdist]) -> None:
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+NginxFactory = Callable[..., Nginx]
+
+
+@pytest.fixture
+def nginx_factory(tmp_path: Path) -> Iterator[NginxFactory]:
+    """Start nginx instances with Nginx's options; each is stopped after the test."""
+    started: list[Nginx] = []
+
+    def start(**options: Any) -> Nginx:
+        server = Nginx(tmp_path / f"nginx-{len(started) + 1}", **options)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
+def nginx(nginx_factory: NginxFactory) -> Nginx:
+    """One nginx origin server (see tests/peers_web.py for what it serves)."""
+    return nginx_factory()

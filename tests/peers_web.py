@@ -133,6 +133,8 @@ class Nginx:
         client_max_body_size 0;
         keepalive_requests 100000;
         location = /file {{ default_type application/octet-stream; }}
+        # The same files at 100 kB/s, for streaming (TFTP reads from the web).
+        location /slow/ {{ alias {self.root}/; limit_rate 100k; }}
         location = /big {{ default_type application/octet-stream; }}
         location = /echo {{
             client_body_buffer_size 4m;

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.protocols.tftp import codec
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, NginxFactory
 from tests.peers import free_port, require_binary, wait_until
 
 MIB = 1024 * 1024
@@ -250,3 +250,79 @@ def test_a_busy_listener_says_so(gateway_factory: GatewayFactory, files: Path) -
                      f"tftp://127.0.0.1:{port}/pxelinux/rand5m.bin"])  # fmt: skip
         assert done.returncode == 71, done  # error 0 (not defined): busy
         s.sendto(codec.error(0, "enough"), peer)
+
+
+def _web_config(port: int, admin: int, url: str, extra: str = "") -> str:
+    return f"""
+version: 1
+admin: tcp:{admin}:interface=127.0.0.1
+listeners:
+  boot: {{protocol: tftp, listen: "udp:{port}:interface=127.0.0.1"}}
+destinations:
+  web: {{protocol: http, url: "{url}", timeout: 5s{extra}}}
+routes:
+  - {{name: from-web, from: boot, to: web}}
+"""
+
+
+def _web_gateway(gateway_factory: GatewayFactory, url: str, extra: str = "") -> tuple[int, int]:
+    port, admin = free_port("udp"), free_port()
+    gateway_factory(_web_config(port, admin, url, extra)).start(admin)
+    wait_until(lambda: _answers(port), "the TFTP listener to answer")
+    return port, admin
+
+
+def test_files_are_read_from_a_web_server_with_its_size_and_errors(
+    gateway_factory: GatewayFactory, nginx_factory: NginxFactory, tmp_path: Path
+) -> None:
+    origin = nginx_factory()
+    boot = origin.root / "boot" / "pxelinux"
+    boot.mkdir(parents=True)
+    data = os.urandom(5 * MIB + 777)
+    (boot / "rand5m.bin").write_bytes(data)
+    port, _ = _web_gateway(gateway_factory, f"{origin.url}/boot/")
+    atftp, curl = require_binary("atftp"), require_binary("curl")
+    for blksize in (512, 1468, 65464):
+        out = tmp_path / f"web-{blksize}.bin"
+        done = _run([atftp, "--get", "-r", "pxelinux/rand5m.bin", "-l", str(out),
+                     "--option", f"blksize {blksize}", "127.0.0.1", str(port)])  # fmt: skip
+        assert done.returncode == 0 and out.read_bytes() == data, done
+    # tsize is the answer's Content-Length.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(codec.request(codec.RRQ, "/pxelinux/rand5m.bin", tsize="0"), ("127.0.0.1", port))
+        packet, peer = s.recvfrom(600)
+        assert codec.parse(packet) == codec.OptionAck({"tsize": str(len(data))})
+        s.sendto(codec.error(0, "only asking"), peer)
+    assert "GET\t/boot/pxelinux/rand5m.bin\t200" in origin.access_log_path.read_text()
+    # A name the server does not have: 404 there, "file not found" here; '..' may not
+    # climb above the URL's path.
+    done = _run([curl, "-s", "-o", os.devnull, f"tftp://127.0.0.1:{port}/pxelinux/nothere"])
+    assert done.returncode == 68, done
+    done = _run([atftp, "--get", "-r", "../file", "-l", os.devnull, "127.0.0.1", str(port)])
+    assert "leads out of the served path" in done.stderr, done
+    # The web server down: an error packet at once, not a hang.
+    origin.stop()
+    started = time.monotonic()
+    done = _run([curl, "-s", "-o", os.devnull, f"tftp://127.0.0.1:{port}/pxelinux/rand5m.bin"])
+    assert done.returncode == 71 and time.monotonic() - started < 5, done  # 0: not defined
+
+
+def test_the_first_block_goes_out_long_before_a_slow_file_has_arrived(
+    gateway_factory: GatewayFactory, nginx_factory: NginxFactory
+) -> None:
+    origin = nginx_factory()
+    data = os.urandom(2 * MIB)  # 20 s at the origin's 100 kB/s
+    (origin.root / "slow.bin").write_bytes(data)
+    port, _ = _web_gateway(gateway_factory, f"{origin.url}/slow/")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        started = time.monotonic()
+        s.sendto(codec.request(codec.RRQ, "slow.bin", blksize="1468"), ("127.0.0.1", port))
+        packet, peer = s.recvfrom(2000)
+        assert codec.parse(packet) == codec.OptionAck({"blksize": "1468"})
+        s.sendto(codec.ack(0), peer)
+        packet, _ = s.recvfrom(2000)
+        assert codec.parse(packet) == codec.Data(1, data[:1468])
+        assert time.monotonic() - started < 2.0
+        s.sendto(codec.error(0, "that will do"), peer)

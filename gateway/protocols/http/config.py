@@ -174,9 +174,11 @@ class WebhookDestinationConfig(DestinationConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class HttpDestinationConfig(BaseDestinationConfig):
-    """A reverse proxy: each request is streamed to one of the upstream servers, the answer back."""
+    """A reverse proxy: each request is streamed to one of the upstream servers, the answer back;
+    and a web server that files asked for by name (TFTP reads) are fetched from."""
 
-    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.HTTP})
+    # file: a name asked for is fetched as the URL's path plus the name.
+    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.HTTP, Kind.FILE})
     protocol: Literal["http"] = "http"
     url: tuple[HttpUrl, ...] = field(
         metadata=doc("upstream base URL(s), e.g. http://127.0.0.1:8080; a path is put in front")

@@ -26,7 +26,9 @@ PROTOCOLS = (
             dry_run=http_dry_run,
             refusal=refusal,
         ),
-        destination=destination_entry(HttpDestinationConfig, HttpProxyDestination, shape="proxy"),
+        destination=destination_entry(
+            HttpDestinationConfig, HttpProxyDestination, shape="proxy", serves_files=True
+        ),
     ),
     ProtocolEntry(
         "webhook",

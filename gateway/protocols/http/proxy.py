@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.message import Kind
-from gateway.ports import Metric, Proxy
+from gateway.ports import FileReader, FileSource, Metric, Proxy
 from gateway.protocols.http.codec import (
     END,
     HOP_BY_HOP,
@@ -40,6 +40,7 @@ from gateway.protocols.http.codec import (
     chunk,
 )
 from gateway.protocols.http.config import HttpDestinationConfig, HttpUrl
+from gateway.protocols.http.files import HttpFiles
 from gateway.protocols.http.server import Exchange, send_now
 
 log = Logger(namespace="gateway.http.proxy")
@@ -540,10 +541,10 @@ class ProxyCall:
 _REPLACED_RESPONSE = HOP_BY_HOP
 
 
-class HttpProxyDestination(Proxy[Exchange]):
+class HttpProxyDestination(Proxy[Exchange], FileSource):
     """The running ``http`` destination."""
 
-    kinds = frozenset({Kind.HTTP})
+    kinds = frozenset({Kind.HTTP, Kind.FILE})
 
     def __init__(self, config: HttpDestinationConfig, reactor: Any) -> None:
         self.config = config
@@ -558,6 +559,7 @@ class HttpProxyDestination(Proxy[Exchange]):
         self.strip = config.strip_prefix.encode()
         self.rewrite_host = config.host == "upstream"
         self._sweeper: LoopingCall | None = None
+        self._files: HttpFiles | None = None  # made at the first file asked for (TFTP)
 
     # --- what the listener calls -----------------------------------------------------
 
@@ -568,6 +570,12 @@ class HttpProxyDestination(Proxy[Exchange]):
             self._sweeper.clock = self.reactor
             self._sweeper.start(min(0.5, self.timeout / 4), now=False)
         ProxyCall(self, exchange, route).start()
+
+    async def fetch(self, name: str) -> FileReader:
+        """A file below the destination's URL, streamed (see gateway.protocols.http.files)."""
+        if self._files is None:
+            self._files = HttpFiles(self.reactor, self.choose, self.timeout)
+        return await self._files.fetch(name)
 
     def choose(self, tried: list[Upstream]) -> Upstream | None:
         upstreams = self.upstreams
@@ -709,6 +717,8 @@ class HttpProxyDestination(Proxy[Exchange]):
 
     async def close(self) -> None:
         self.closed = True
+        if self._files is not None:
+            await self._files.close()
         if not self.busy and self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
             self._sweeper = None

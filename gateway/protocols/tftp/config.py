@@ -86,12 +86,12 @@ def check_tftp_route(route: Route, context: RouteContext) -> Route:
     if len(route.to) != 1:
         context.problem("to", "a TFTP route names exactly one destination that serves files")
     for name in route.to:
-        shape = context.destination_shape(name)
-        if shape not in (None, "files"):  # None: unknown, which is reported already
+        entry = context.destination_entry(name)
+        if entry is not None and not entry.serves_files:  # None: unknown, reported already
             context.problem(
                 "to",
                 f"destination '{name}' does not serve files; a TFTP route needs one that"
-                " does (protocol: folder)",
+                " does (protocol: folder, or http for a web server)",
             )
     if route.transforms:
         context.problem("transforms", "transforms do not apply to TFTP read requests")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.web.conftest import NginxFactory
+from tests.conftest import NginxFactory
 from tests.peers import (
     LOOPBACK,
     GatewayProcess,
