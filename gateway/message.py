@@ -312,13 +312,17 @@ class HttpRequest(Message):
 class FileMessage(Message):
     """A file asked for or sent by name (TFTP, FTP): the name as the client gave it.
 
-    A read request carries no content; ``size`` is what the client announced
-    (TFTP's ``tsize``), None when it said nothing.
+    A read request carries no content: ``path`` is "" and ``size`` what the
+    client announced (TFTP's ``tsize``), None when it said nothing.  An upload's
+    content is a file on disk, never in memory: ``path`` is where it is (in the
+    spool's incoming folder while it arrives, in its files folder once stored)
+    and ``size`` its length.
     """
 
     kind: ClassVar[Kind] = Kind.FILE
     name: str = ""
     size: int | None = None
+    path: str = ""
 
 
 # --- kinds and how the spool stores them ---------------------------------------------------
@@ -419,11 +423,20 @@ def _decode_article(meta: Mapping[str, Any], body: bytes, common: dict[str, Any]
     return Article.from_bytes(body, **common)
 
 
+def _encode_file(message: FileMessage) -> tuple[dict[str, Any], bytes]:
+    # The content stays in its own file: the spool moves it into its files folder.
+    return {"name": message.name, "size": message.size}, b""
+
+
+def _decode_file(meta: Mapping[str, Any], body: bytes, common: dict[str, Any]) -> Message:
+    return FileMessage(name=meta["name"], size=meta["size"], **common)
+
+
 register_kind(KindSpec(Kind.MAIL, MailMessage, _encode_mail, _decode_mail))
 register_kind(KindSpec(Kind.ARTICLE, Article, _encode_article, _decode_article))
 register_kind(KindSpec(Kind.DNS, DnsQuery))
 register_kind(KindSpec(Kind.HTTP, HttpRequest))
-register_kind(KindSpec(Kind.FILE, FileMessage))
+register_kind(KindSpec(Kind.FILE, FileMessage, _encode_file, _decode_file))
 
 
 def local_hostname() -> str:

@@ -260,6 +260,13 @@ class Deliverer(Destination):
     async def deliver(self, message: Message) -> Outcome: ...
 
 
+class FileSink(Deliverer):
+    """A store-and-forward destination of uploaded files (FileMessage): a folder, later an
+    FTP or SFTP server.  ``takes_uploads`` is False where the operator made it read-only."""
+
+    takes_uploads: bool = True
+
+
 Q_contra = TypeVar("Q_contra", contravariant=True)
 E_contra = TypeVar("E_contra", contravariant=True)
 
@@ -295,6 +302,24 @@ class FileProblem(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+def tidy_name(name: str) -> str:
+    """A file name as a relative path, the same on every file source and destination:
+    whatever it starts with, ``\\`` counted as ``/``, empty parts and ``.`` dropped, ``..``
+    resolved; FileProblem("denied") if ``..`` climbs above the top, "not-found" if nothing
+    is left."""
+    parts: list[str] = []
+    for part in name.replace("\\", "/").split("/"):
+        if part == "..":
+            if not parts:
+                raise FileProblem("denied", f"'{name}' leads out of the folder")
+            parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    if not parts:
+        raise FileProblem("not-found", f"'{name}' names no file")
+    return "/".join(parts)
 
 
 class FileReader(ABC):
@@ -336,6 +361,25 @@ class RouteTable(Protocol):
     def destination(self, name: str) -> Destination | None: ...
 
 
+class Upload(Protocol):
+    """A file being received into the spool (see GatewayPort.upload)."""
+
+    path: str
+    size: int
+
+    def write(self, data: bytes) -> None:
+        """Hand ``data`` to the disk (OSError at once on a full disk)."""
+        ...
+
+    def finish(self) -> None:
+        """Flush it to disk; then a FileMessage with this ``path`` may be submitted."""
+        ...
+
+    def discard(self) -> None:
+        """Remove it (the upload broke off, or was refused)."""
+        ...
+
+
 class GatewayPort(Protocol):
     """The few calls a listener makes into the gateway."""
 
@@ -373,6 +417,11 @@ class GatewayPort(Protocol):
         ...
 
     async def set_state(self, key: str, value: str) -> None: ...
+
+    def upload(self) -> Upload:
+        """A new file in the spool for an upload's content to be written into as it
+        arrives (OSError if the spool cannot take one)."""
+        ...
 
 
 # --- the registry entry of a protocol ------------------------------------------------------

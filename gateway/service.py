@@ -42,7 +42,7 @@ from gateway.history import Key as HistoryKey
 from gateway.listening import Listener
 from gateway.message import Message, addressed_to, local_hostname
 from gateway.plugins import PluginError, Transforms, load_transforms
-from gateway.ports import Destination, Reason, RouteTable, Status, Verdict
+from gateway.ports import Destination, Reason, RouteTable, Status, Upload, Verdict
 from gateway.protocols import registry
 from gateway.queue_cli import iso_utc
 from gateway.routing import (
@@ -844,3 +844,9 @@ class ServicePort:
         if spool is None:
             raise SpoolError("the spool is not open")
         await spool.set_state(key, value)
+
+    def upload(self) -> Upload:
+        spool = self._service.spool
+        if spool is None:
+            raise OSError("the spool is not open")
+        return spool.upload()

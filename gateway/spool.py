@@ -15,12 +15,14 @@ methods; nothing outside this module touches SQL.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
 import queue
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +34,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from gateway.message import (
+    FileMessage,
     MailMessage,
     Message,
     NotStored,
@@ -309,6 +312,10 @@ class SqliteSpool:
         """
         self.directory = Path(directory)
         self.path = self.directory / "spool.sqlite"
+        # Uploads (file messages) keep their content out of the database: in
+        # incoming/ while they arrive, in files/ (named by message id) once stored.
+        self.incoming = self.directory / "incoming"
+        self.files = self.directory / "files"
         self.reactor = reactor
         self.clock = clock
         self.reserve = reserve
@@ -328,6 +335,8 @@ class SqliteSpool:
 
     def _connect(self) -> sqlite3.Connection:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.incoming.mkdir(exist_ok=True, mode=0o700)
+        self.files.mkdir(exist_ok=True, mode=0o700)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA busy_timeout=10000")  # the queue command may write at the same time
         db.execute("PRAGMA journal_mode=WAL")
@@ -514,8 +523,13 @@ class SqliteSpool:
         except (sqlite3.Error, OSError) as exc:
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from None
         if self.reactor is None:
-            self._inline = db
+            self._inline = db  # the queue command, beside a running gateway: no sweep
             return
+        try:
+            self._sweep_contents(db)
+        except (sqlite3.Error, OSError) as exc:
+            db.close()
+            raise SpoolError(f"cannot open the spool {self.path}: {exc}") from None
         try:
             reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             reader.execute("PRAGMA busy_timeout=10000")
@@ -556,12 +570,17 @@ class SqliteSpool:
         rows: list[Delivery] = []
         payloads: list[tuple[str, bytes]] = []
         numbers: dict[str, int] = {}
+        moves: list[tuple[Path, Path]] = []  # upload contents: incoming -> files
         for item in items:
             payload_id = new_message_id(now)
             try:
                 payloads.append((payload_id, encode_message(item.message)))
             except NotStored as exc:
                 raise SpoolError(str(exc)) from None
+            if isinstance(item.message, FileMessage):
+                if not item.message.path:
+                    raise SpoolError(f"file {item.message.name} has no content to store")
+                moves.append((Path(item.message.path), self.files / payload_id))
             recipients = item.message.recipients if isinstance(item.message, MailMessage) else ()
             msgid = getattr(item.message, "message_id", None) or ""
             queue_id = item.queue_id or item.message.id
@@ -606,6 +625,8 @@ class SqliteSpool:
         def store(db: sqlite3.Connection) -> list[Delivery]:
             nonlocal rows
             self._check_room(db, sum(len(data) for _, data in payloads))
+            if moves:
+                self._move_in(moves)
             db.executemany("INSERT INTO messages (id, data) VALUES (?, ?)", payloads)
             db.execute("SAVEPOINT rows")
             try:
@@ -674,23 +695,30 @@ class SqliteSpool:
             raise SpoolError(str(exc)) from None
         if isinstance(message, MailMessage):
             message = message.with_recipients(delivery.recipients)
+        elif isinstance(message, FileMessage):
+            content = self.files / delivery.message_id
+            if not content.exists():
+                raise SpoolError(f"the content of file {message.name} ({content}) is missing")
+            message = message.evolve(path=str(content))
         return message
 
     async def delivered(self, delivery: Delivery, note: str, forget_before: float | None) -> None:
         now = self.clock()
 
-        def change(db: sqlite3.Connection) -> None:
+        def change(db: sqlite3.Connection) -> bool:
             db.execute("DELETE FROM deliveries WHERE id = ?", (delivery.id,))
             db.execute("DELETE FROM history WHERE delivery_id = ?", (delivery.id,))
-            _forget_unused_message(db, delivery.message_id)
+            gone = _forget_unused_message(db, delivery.message_id)
             if delivery.msgid and forget_before is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO delivered (destination, msgid, at) VALUES (?, ?, ?)",
                     (delivery.destination, delivery.msgid, now),
                 )
                 db.execute("DELETE FROM delivered WHERE at < ?", (forget_before,))
+            return gone
 
-        await self._submit(change)
+        if await self._submit(change):
+            self._remove_content(delivery.message_id)
 
     async def defer(
         self, delivery: Delivery, next_try: float, error: str, recipients: tuple[str, ...]
@@ -814,18 +842,58 @@ class SqliteSpool:
         return await self._submit(change)
 
     async def drop(self, delivery_id: str) -> bool:
-        def change(db: sqlite3.Connection) -> bool:
+        def change(db: sqlite3.Connection) -> tuple[bool, str]:
             row = db.execute(
                 "SELECT message_id FROM deliveries WHERE id = ?", (delivery_id,)
             ).fetchone()
             if row is None:
-                return False
+                return False, ""
             db.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
             db.execute("DELETE FROM history WHERE delivery_id = ?", (delivery_id,))
-            _forget_unused_message(db, row[0])
-            return True
+            return True, row[0] if _forget_unused_message(db, row[0]) else ""
 
-        return await self._submit(change)
+        dropped, unused = await self._submit(change)
+        if unused:
+            self._remove_content(unused)
+        return dropped
+
+    # --- upload contents ---
+
+    def upload(self) -> IncomingFile:
+        """A new file in incoming/ for an upload to be written into as it arrives."""
+        return IncomingFile(self.incoming)
+
+    def _move_in(self, moves: list[tuple[Path, Path]]) -> None:
+        """On the writer thread, in the transaction that stores them: each upload's content
+        into files/, the folder flushed before the commit acknowledges them."""
+        done: list[tuple[Path, Path]] = []
+        try:
+            for source, target in moves:
+                os.rename(source, target)
+                done.append((source, target))
+            _fsync_folder(self.files)
+        except OSError as exc:
+            for source, target in done:  # put back: the transaction is rolled back
+                with contextlib.suppress(OSError):
+                    os.rename(target, source)
+            raise SpoolError(f"cannot store an upload in {self.files}: {exc}") from None
+
+    def _remove_content(self, message_id: str) -> None:
+        """After the commit that forgot a message: its upload content, if it had one."""
+        with contextlib.suppress(OSError):
+            (self.files / message_id).unlink(missing_ok=True)
+
+    def _sweep_contents(self, db: sqlite3.Connection) -> None:
+        """At open: uploads that never finished (never acknowledged) and contents of
+        messages no longer in the database (a crash between the commit and the unlink)."""
+        for leftover in self.incoming.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        for content in self.files.iterdir():
+            known = db.execute("SELECT 1 FROM messages WHERE id = ?", (content.name,)).fetchone()
+            if known is None:
+                with contextlib.suppress(OSError):
+                    content.unlink()
 
     async def stats(self) -> Stats:
         def query(db: sqlite3.Connection) -> Stats:
@@ -854,12 +922,60 @@ def _renumbered(db: sqlite3.Connection, rows: list[Delivery]) -> list[Delivery]:
     return out
 
 
-def _forget_unused_message(db: sqlite3.Connection, message_id: str) -> None:
-    db.execute(
+def _forget_unused_message(db: sqlite3.Connection, message_id: str) -> bool:
+    """Delete the message when no delivery needs it any more; whether it was."""
+    gone = db.execute(
         "DELETE FROM messages WHERE id = ? AND NOT EXISTS"
         " (SELECT 1 FROM deliveries WHERE message_id = ?)",
         (message_id, message_id),
-    )
+    ).rowcount
+    return bool(gone)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class IncomingFile:
+    """An upload being written into the spool's incoming folder.
+
+    ``write`` hands each piece to the operating system as it arrives (an error
+    such as a full disk is raised at once); ``finish`` flushes it to disk, after
+    which put() may store it; ``discard`` removes it (a broken-off upload).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        fd, name = tempfile.mkstemp(dir=folder, prefix="upload-")
+        self.path = name
+        self.size = 0
+        self._fd: int | None = fd
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None, "the upload is finished"
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self.size += len(data)
+
+    def finish(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
 
 
 async def _join(reactor: Any, thread: threading.Thread) -> None:

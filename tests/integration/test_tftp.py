@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -300,7 +301,7 @@ def test_files_are_read_from_a_web_server_with_its_size_and_errors(
     done = _run([curl, "-s", "-o", os.devnull, f"tftp://127.0.0.1:{port}/pxelinux/nothere"])
     assert done.returncode == 68, done
     done = _run([atftp, "--get", "-r", "../file", "-l", os.devnull, "127.0.0.1", str(port)])
-    assert "leads out of the served path" in done.stderr, done
+    assert "leads out of the folder" in done.stderr, done
     # The web server down: an error packet at once, not a hang.
     origin.stop()
     started = time.monotonic()
@@ -326,3 +327,125 @@ def test_the_first_block_goes_out_long_before_a_slow_file_has_arrived(
         assert codec.parse(packet) == codec.Data(1, data[:1468])
         assert time.monotonic() - started < 2.0
         s.sendto(codec.error(0, "that will do"), peer)
+
+
+def _upload_gateway(
+    gateway_factory: GatewayFactory, tmp_path: Path, extra: str = ""
+) -> tuple[int, int, Path, Any]:
+    port, admin = free_port("udp"), free_port()
+    inbox = tmp_path / "inbox"
+    gw = gateway_factory(f"""
+version: 1
+admin: tcp:{admin}:interface=127.0.0.1
+listeners:
+  boot:
+    protocol: tftp
+    listen: "udp:{port}:interface=127.0.0.1"
+{extra}
+destinations:
+  inbox: {{protocol: folder, path: "{inbox}", uploads: true}}
+  readonly: {{protocol: folder, path: "{tmp_path}"}}
+routes:
+  - {{name: uploads, from: boot, match: {{name: '\\.cfg$'}}, to: inbox}}
+  - {{name: reads, from: boot, to: readonly}}
+""")
+    gw.start(admin)
+    wait_until(lambda: _answers(port), "the TFTP listener to answer")
+    return port, admin, inbox, gw
+
+
+def test_uploads_by_each_client_land_whole_in_the_folder(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    port, admin, inbox, _ = _upload_gateway(gateway_factory, tmp_path)
+    data = os.urandom(3 * MIB + 321)
+    local = tmp_path / "local.cfg"
+    local.write_bytes(data)
+    tftp, atftp, curl = require_binary("tftp"), require_binary("atftp"), require_binary("curl")
+    done = _run([tftp, "-m", "binary", "127.0.0.1", str(port), "-c", "put", str(local), "hpa.cfg"])
+    assert done.returncode == 0 and "Error" not in done.stdout, done
+    done = _run([atftp, "--put", "-l", str(local), "-r", "sites/atftp.cfg", "--option",
+                 "blksize 1468", "--option", "windowsize 4", "--option", f"tsize {len(data)}",
+                 "127.0.0.1", str(port)])  # fmt: skip
+    assert done.returncode == 0, done
+    done = _run([curl, "-sS", "-T", str(local), f"tftp://127.0.0.1:{port}/curl.cfg"])
+    assert done.returncode == 0, done
+    for name in ("hpa.cfg", "sites/atftp.cfg", "curl.cfg"):
+        path = wait_until(lambda n=name: (inbox / n).exists() and inbox / n, f"{name} delivered")
+        assert path.read_bytes() == data, name
+    text = tmp_path / "text.cfg"
+    text.write_bytes(b"interface eth0\nend\n")
+    done = _run([tftp, "-m", "netascii", "127.0.0.1", str(port), "-c", "put", str(text), "t.cfg"])
+    assert done.returncode == 0, done
+    wait_until(lambda: (inbox / "t.cfg").exists() or None, "the netascii upload")
+    assert (inbox / "t.cfg").read_bytes() == b"interface eth0\nend\n"
+    metrics = _run([curl, "-s", f"http://127.0.0.1:{admin}/metrics"]).stdout
+    assert (
+        'gateway_tftp_transfers_total{listener="boot",outcome="complete",route="uploads"} 4.0'
+        in (metrics)
+    )
+    assert 'gateway_deliveries_total{destination="inbox",outcome="delivered"} 4.0' in metrics
+    # The spool keeps nothing once they are delivered.
+    spool = tmp_path / "var" / "spool"
+    assert list((spool / "incoming").iterdir()) == [] and list((spool / "files").iterdir()) == []
+
+
+def test_uploads_that_cannot_be_taken_are_refused_and_leave_nothing(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    port, _, inbox, _ = _upload_gateway(
+        gateway_factory, tmp_path, "    max_size: 1MiB\n    timeout: 200ms\n    retries: 2"
+    )
+    curl = require_binary("curl")
+    big = tmp_path / "big.cfg"
+    big.write_bytes(os.urandom(2 * MIB))
+    # Announced too large (tsize): refused at once; curl maps error 3 (disk full) to 70.
+    done = _run([curl, "-s", "-T", str(big), f"tftp://127.0.0.1:{port}/big.cfg"])
+    assert done.returncode == 70, done
+    # Not announced: refused when it grows past max_size.
+    done = _run([require_binary("tftp"), "-m", "binary", "127.0.0.1", str(port), "-c", "put",
+                 str(big), "big2.cfg"])  # fmt: skip
+    assert "larger than 1048576 octets" in done.stdout, done
+    # A name for reads only (the read-only folder): access violation (curl 69).
+    done = _run([curl, "-s", "-T", str(big), f"tftp://127.0.0.1:{port}/notes.txt"])
+    assert done.returncode == 69, done
+    # A client that stops in the middle: the transfer times out, nothing is delivered.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        s.sendto(codec.request(codec.WRQ, "half.cfg"), ("127.0.0.1", port))
+        packet, peer = s.recvfrom(600)
+        assert codec.parse(packet) == codec.Ack(0)
+        s.sendto(codec.data(1, b"x" * 512), peer)
+        assert codec.parse(s.recvfrom(600)[0]) == codec.Ack(1)
+        while not isinstance(codec.parse(s.recvfrom(600)[0]), codec.Error):
+            pass  # ACK 1 again, then the error
+    time.sleep(0.5)
+    assert not inbox.exists() or list(inbox.iterdir()) == []
+    spool = tmp_path / "var" / "spool"
+    assert list((spool / "incoming").iterdir()) == []
+
+
+def test_no_acknowledged_upload_is_lost_when_the_gateway_is_killed(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    port, admin, inbox, gw = _upload_gateway(gateway_factory, tmp_path)
+    curl = require_binary("curl")
+    local = tmp_path / "local.cfg"
+    results: dict[str, int] = {}
+    killed_at = 15
+    for n in range(40):
+        local.write_bytes(f"upload {n}\n".encode() * 20000)
+        if n == killed_at:
+            gw.kill9()  # no shutdown at all
+        done = _run([curl, "-s", "--max-time", "3", "-T", str(local),
+                     f"tftp://127.0.0.1:{port}/u{n}.cfg"])  # fmt: skip
+        results[f"u{n}.cfg"] = done.returncode
+        if n == killed_at + 5:
+            gw.start(admin)
+            wait_until(lambda: _answers(port), "the TFTP listener to answer again")
+    acknowledged = [name for name, code in results.items() if code == 0]
+    assert len(acknowledged) >= 30, results
+    for name in acknowledged:
+        path = wait_until(lambda n=name: (inbox / n).exists() and inbox / n, f"{name} delivered")
+        n = int(name[1:-4])
+        assert path.read_bytes() == f"upload {n}\n".encode() * 20000, name

@@ -20,7 +20,7 @@ from twisted.internet.testing import MemoryReactorClock
 from gateway.config import Config, parse
 from gateway.message import Message
 from gateway.plugins import Transforms, load_transforms
-from gateway.ports import Destination, Reason, RouteTable, Status, Verdict
+from gateway.ports import Destination, Reason, RouteTable, Status, Upload, Verdict
 from gateway.service import Runtime
 from gateway.spool import SqliteSpool, Stored
 from gateway.tracing import Tracer
@@ -113,3 +113,8 @@ class FakePort:
             await self.spool.set_state(key, value)
         else:
             self.state[key] = value
+
+    def upload(self) -> Upload:
+        if self.spool is None:
+            raise OSError("this FakePort has no spool for uploads")
+        return self.spool.upload()

@@ -201,3 +201,125 @@ def test_a_stranger_gets_unknown_tid_and_the_transfer_goes_on() -> None:
     assert not done
     _ack(transfer, 1)
     assert done == [("complete", 10, "")]
+
+
+class _Upload:
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.data = bytearray()
+        self.size = 0
+        self.path = "/spool/incoming/upload-x"
+        self.finished = self.discarded = False
+        self.fail_after = fail_after
+
+    def write(self, data: bytes) -> None:
+        if self.fail_after is not None and self.size + len(data) > self.fail_after:
+            raise OSError(28, "No space left on device")
+        self.data += data
+        self.size += len(data)
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def discard(self) -> None:
+        self.discarded = True
+
+
+def _write(
+    *, max_size: int = 10**6, upload: _Upload | None = None, **terms: Any
+) -> tuple[Any, _Udp, Clock, list[Any], list[Any], _Upload]:
+    from twisted.internet.defer import Deferred
+
+    from gateway.protocols.tftp.transfer import WriteTransfer
+
+    clock, udp, done, stored = Clock(), _Udp(), [], []
+    upload = upload or _Upload()
+
+    def store(size: int) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        stored.append((size, d))
+        return d
+
+    transfer = WriteTransfer(
+        CLIENT,
+        upload,
+        codec.Terms(**terms),
+        netascii=False,
+        timeout=1.0,
+        retries=2,
+        max_size=max_size,
+        reactor=clock,
+        store=store,
+        done=lambda *outcome: done.append(outcome),
+    )
+    transfer.transport = udp  # type: ignore[assignment]
+    transfer.startProtocol()
+    return transfer, udp, clock, done, stored, upload
+
+
+def _data(transfer: Any, block: int, payload: bytes) -> None:
+    transfer.datagramReceived(codec.data(block, payload), CLIENT)
+
+
+def test_an_upload_is_acked_block_by_block_and_finally_only_once_stored() -> None:
+    transfer, udp, clock, done, stored, upload = _write()
+    assert udp.sent == [(codec.Ack(0), CLIENT)]
+    _data(transfer, 1, b"a" * 512)
+    _data(transfer, 1, b"a" * 512)  # again (our ACK was lost): ACKed again, written once
+    assert [p for p, _ in udp.sent[1:]] == [codec.Ack(1), codec.Ack(1)]
+    _data(transfer, 2, b"end")
+    assert bytes(upload.data) == b"a" * 512 + b"end"
+    assert stored and stored[0][0] == 515 and udp.sent[-1][0] == codec.Ack(1)  # not yet
+    stored[0][1].callback(None)
+    assert udp.sent[-1][0] == codec.Ack(2) and done == [("complete", 515, "")]
+    _data(transfer, 2, b"end")  # the final ACK was lost: it is sent again while dallying
+    assert udp.sent[-1][0] == codec.Ack(2) and len(udp.sent) == 5
+    clock.advance(10)
+    assert udp.stopped and not upload.discarded
+
+
+def test_an_upload_the_gateway_does_not_store_gets_an_error_and_is_discarded() -> None:
+    transfer, udp, _, done, stored, upload = _write()
+    _data(transfer, 1, b"short")
+    stored[0][1].callback((codec.ACCESS_VIOLATION, "no route takes it"))
+    assert udp.sent[-1][0] == codec.Error(codec.ACCESS_VIOLATION, "no route takes it")
+    assert upload.discarded and done[0][0] == "failed"
+
+
+def test_a_full_disk_and_a_file_too_large_end_the_upload_with_error_3() -> None:
+    transfer, udp, _, _, _, upload = _write(upload=_Upload(fail_after=600))
+    _data(transfer, 1, b"a" * 512)
+    _data(transfer, 2, b"a" * 512)
+    assert udp.sent[-1][0] == codec.Error(
+        codec.DISK_FULL, "cannot write the file: No space left on device"
+    )
+    assert upload.discarded
+    transfer, udp, _, _, _, upload = _write(max_size=1000)
+    _data(transfer, 1, b"a" * 512)
+    _data(transfer, 2, b"a" * 512)
+    assert udp.sent[-1][0] == codec.Error(codec.DISK_FULL, "the file is larger than 1000 octets")
+
+
+def test_a_silent_client_is_asked_again_then_given_up_on() -> None:
+    transfer, udp, clock, done, _, upload = _write()
+    _data(transfer, 1, b"a" * 512)
+    clock.advance(1.0)
+    clock.advance(2.0)
+    assert [p for p, _ in udp.sent] == [codec.Ack(0), codec.Ack(1), codec.Ack(1), codec.Ack(1)]
+    clock.advance(4.0)
+    assert isinstance(udp.sent[-1][0], codec.Error) and done[0][0] == "timeout"
+    assert upload.discarded
+
+
+def test_with_a_window_the_last_block_of_each_is_acked_and_a_gap_is_named() -> None:
+    transfer, udp, _, _, stored, upload = _write(
+        blksize=8, windowsize=3, reply={"blksize": "8", "windowsize": "3"}
+    )
+    assert udp.sent == [(codec.OptionAck({"blksize": "8", "windowsize": "3"}), CLIENT)]
+    for block in (1, 2, 3):
+        _data(transfer, block, b"b" * 8)
+    assert [p for p, _ in udp.sent[1:]] == [codec.Ack(3)]
+    _data(transfer, 5, b"b" * 8)  # block 4 was lost: the client hears "3" again
+    assert udp.sent[-1][0] == codec.Ack(3)
+    _data(transfer, 4, b"b" * 8)
+    _data(transfer, 5, b"")
+    assert bytes(upload.data) == b"b" * 32 and stored[0][0] == 32

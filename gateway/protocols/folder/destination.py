@@ -1,20 +1,29 @@
-"""Files served from a local folder, by the name a client asks for.
+"""A local folder: files served from it by name (TFTP reads), and uploads delivered into it.
 
 A name is taken relative to the folder whatever it starts with (PXE clients
 often ask for ``/pxelinux.0``; backslashes count as slashes), and it must
 stay inside the folder: ``..`` that climbs out, or a symbolic link that leads
 out, is refused, as tftpd-hpa refuses with ``-s``.  Reads are plain reads of a
 local file (as tftpd does): one block at a time, on the event loop.
+
+With ``uploads: true``, an upload is copied from the spool into a hidden temporary file beside its
+final name, flushed to disk, and then linked into place, so that a reader
+never sees half a file; an existing file is kept (the delivery fails for
+good, naming it) unless ``overwrite: true``.  The copy runs in the thread pool.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gateway.message import Kind
-from gateway.ports import FileProblem, FileReader, FileSource
+from twisted.internet import threads
+
+from gateway.message import FileMessage, Kind, Message
+from gateway.ports import FileProblem, FileReader, FileSink, FileSource, Outcome, tidy_name
 from gateway.protocols.folder.config import FolderDestinationConfig
 
 
@@ -34,18 +43,9 @@ class _LocalFile(FileReader):
 
 
 def inside(root: Path, name: str) -> Path:
-    """The path of ``name`` below ``root``; FileProblem("denied") if it leads elsewhere."""
-    parts: list[str] = []
-    for part in name.replace("\\", "/").split("/"):
-        if part == "..":
-            if not parts:
-                raise FileProblem("denied", f"'{name}' leads out of the folder")
-            parts.pop()
-        elif part not in ("", "."):
-            parts.append(part)
-    if not parts:
-        raise FileProblem("not-found", f"'{name}' names no file")
-    path = root.joinpath(*parts)
+    """The existing file ``name`` below ``root``; FileProblem if it leads elsewhere or is not
+    there."""
+    path = root / tidy_name(name)
     try:
         real = path.resolve(strict=True)
     except FileNotFoundError:
@@ -57,12 +57,47 @@ def inside(root: Path, name: str) -> Path:
     return real
 
 
-class FolderDestination(FileSource):
+class Exists(Exception):
+    """The name is taken and the destination may not overwrite it."""
+
+
+def store_file(root: Path, name: str, source: str, overwrite: bool) -> Path:
+    """Copy ``source`` to ``name`` below ``root`` (folders made as needed), durably."""
+    target = root / tidy_name(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.resolve().is_relative_to(root.resolve()):
+        raise FileProblem("denied", f"'{name}' leads out of the folder (a link)")
+    temporary = target.parent / f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.part"
+    try:
+        with open(source, "rb") as src, open(temporary, "xb") as dst:
+            shutil.copyfileobj(src, dst, 1024 * 1024)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if overwrite:
+            os.replace(temporary, target)
+        else:
+            try:
+                os.link(temporary, target)  # fails if the name is taken: nothing is lost
+            except FileExistsError:
+                raise Exists(str(target)) from None
+        fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return target
+
+
+class FolderDestination(FileSink, FileSource):
     def __init__(self, config: FolderDestinationConfig, reactor: Any) -> None:
         self.config = config
         self.name = config.name
         self.kinds = frozenset({Kind.FILE})
         self.root = Path(config.path)
+        self.reactor = reactor
+        self.takes_uploads = config.uploads
 
     async def fetch(self, name: str) -> FileReader:
         path = inside(self.root, name)
@@ -76,6 +111,34 @@ class FolderDestination(FileSource):
         except OSError as exc:
             raise FileProblem("unavailable", f"'{name}': {exc.strerror or exc}") from None
         return _LocalFile(handle, size)
+
+    async def deliver(self, message: Message) -> Outcome:
+        if not isinstance(message, FileMessage) or not message.path:
+            return Outcome.permanent(f"a folder takes uploaded files, not {message.kind}")
+        if not self.takes_uploads:
+            return Outcome.permanent(f"folder {self.root} is read-only (uploads: false)")
+        overwrite = self.config.overwrite
+        try:
+            target = await threads.deferToThreadPool(
+                self.reactor,
+                self.reactor.getThreadPool(),
+                store_file,
+                self.root,
+                message.name,
+                message.path,
+                overwrite,
+            )
+        except Exists as exc:
+            return Outcome.permanent(f"{exc} exists already (set overwrite: true to replace it)")
+        except FileProblem as exc:
+            return Outcome.permanent(exc.detail)
+        except OSError as exc:
+            # A full disk, a quota or permissions may be fixed: try again later.
+            reason = errno.errorcode.get(exc.errno or 0, "error")
+            return Outcome.temporary(
+                f"cannot write into {self.root}: {exc.strerror or exc} ({reason})"
+            )
+        return Outcome.delivered(f"saved as {target}")
 
     async def close(self) -> None:
         return None

@@ -2,7 +2,7 @@
 
 The name is joined to the destination's URL (``http://boot.example/tftp/`` and
 ``pxelinux/ipxe.efi`` fetch ``/tftp/pxelinux/ipxe.efi``) after it is tidied
-as a folder would tidy it: ``..`` may not climb above the URL's path.  The
+as a folder tidies it (``tidy_name``): ``..`` may not climb above the URL's path.  The
 body is streamed: it is read from the server as the client takes it, a few
 hundred kilobytes ahead at most (the server's socket is paused beyond that), so
 the first block goes out as soon as it has arrived and a file of any size costs
@@ -34,7 +34,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from gateway import __version__
-from gateway.ports import FileProblem, FileReader
+from gateway.ports import FileProblem, FileReader, tidy_name
 
 log = Logger(namespace="gateway.http.files")
 
@@ -50,22 +50,6 @@ _UNREACHABLE = (
     ResponseNeverReceived,
     RequestTransmissionFailed,
 )
-
-
-def tidy(name: str) -> str:
-    """A name as a path below the URL's: no empty parts or '.', '..' resolved, and
-    FileProblem("denied") if '..' would climb above it."""
-    parts: list[str] = []
-    for part in name.replace("\\", "/").split("/"):
-        if part == "..":
-            if not parts:
-                raise FileProblem("denied", f"'{name}' leads out of the served path")
-            parts.pop()
-        elif part not in ("", "."):
-            parts.append(part)
-    if not parts:
-        raise FileProblem("not-found", f"'{name}' names no file")
-    return "/".join(parts)
 
 
 class _Body(Protocol):
@@ -158,7 +142,7 @@ class HttpFiles:
         self.failures = 0
 
     async def fetch(self, name: str) -> FileReader:
-        path = tidy(name)
+        path = tidy_name(name)
         tried: list[Any] = []
         errors: list[str] = []
         while True:

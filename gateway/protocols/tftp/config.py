@@ -13,6 +13,7 @@ from gateway.config import (
     Pattern,
     Route,
     RouteContext,
+    Size,
     doc,
 )
 from gateway.message import Kind
@@ -23,7 +24,8 @@ LOOPBACK = (Network.parse("127.0.0.0/8"), Network.parse("::1"))
 
 @dataclass(frozen=True, kw_only=True)
 class TftpListenerConfig(ListenerConfig):
-    """A TFTP server whose read requests are routed to a folder."""
+    """A TFTP server: reads are answered from a folder or a web server, uploads stored and
+    delivered to the route's destinations."""
 
     kind: typing.ClassVar[Kind] = Kind.FILE
     protocol: Literal["tftp"] = "tftp"
@@ -51,6 +53,10 @@ class TftpListenerConfig(ListenerConfig):
     max_blksize: int = field(
         default=MAX_BLKSIZE,
         metadata=doc("the largest 'blksize' granted (RFC 2348: 8 to 65464 octets)"),
+    )
+    max_size: Size = field(
+        default=Size(100 * 1024 * 1024),
+        metadata=doc("the largest upload taken (error 3 beyond it)", positive=True),
     )
     max_windowsize: int = field(
         default=64, metadata=doc("the largest 'windowsize' granted (RFC 7440)", positive=True)
@@ -80,21 +86,22 @@ class TftpMatch:
 
 
 def check_tftp_route(route: Route, context: RouteContext) -> Route:
-    """A TFTP route sends its requests to one folder, unchanged."""
+    """A TFTP route names destinations that serve files (reads come from the first of
+    them) or take them (uploads go to all of them), and no transforms."""
     if len(context.kinds) > 1:
         context.problem("from_", "a route takes either TFTP listeners or others, not both")
-    if len(route.to) != 1:
-        context.problem("to", "a TFTP route names exactly one destination that serves files")
+    if not route.to:
+        context.problem("to", "a TFTP route names the destination(s) files come from or go to")
     for name in route.to:
         entry = context.destination_entry(name)
-        if entry is not None and not entry.serves_files:  # None: unknown, reported already
+        if entry is not None and not entry.serves_files and Kind.FILE not in entry.config.kinds:
             context.problem(
                 "to",
-                f"destination '{name}' does not serve files; a TFTP route needs one that"
-                " does (protocol: folder, or http for a web server)",
+                f"destination '{name}' neither serves nor takes files; a TFTP route needs"
+                " one that does (protocol: folder, or http for a web server)",
             )
     if route.transforms:
-        context.problem("transforms", "transforms do not apply to TFTP read requests")
+        context.problem("transforms", "transforms do not apply to TFTP routes yet")
     if route.continue_:
         context.problem("continue", "a TFTP request is answered by one route: no 'continue'")
     return route

@@ -1,31 +1,44 @@
-"""The TFTP listener: read requests routed by name to a file source, each transfer on a
-port of its own.
+"""The TFTP listener: read requests routed by name to a file source, uploads stored in the
+spool for the route's destinations, each transfer on a port of its own.
 
 A request is answered at once when it cannot be served: an address outside
-``allow`` or a write request (access violation), a name no route serves or
-the source does not have (file not found), ``max_transfers`` already running
-(busy), a malformed packet (illegal operation).  Otherwise the route's
-destination opens the file, the options the client asked for are negotiated,
-and a ReadTransfer sends it from a new port.
+``allow`` (access violation), a name no route serves or the source does not
+have (file not found), a read of a name for uploads only or an upload of a
+name for reads only (access violation), ``max_transfers`` already running
+(busy), an upload announced larger than ``max_size`` (disk full), a
+malformed packet (illegal operation).  Otherwise the options the client asked
+for are negotiated and a ReadTransfer sends the file the route's destination
+opened, or a WriteTransfer receives the upload into the spool, from a new port.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from gateway.config import Route, client_allowed, udp_endpoint_args
+from gateway.config import Match, Route, client_allowed, udp_endpoint_args
 from gateway.listening import Listener, ListeningPort
-from gateway.ports import Explained, FileProblem, FileSource, GatewayPort, Metric, Sample
+from gateway.message import FileMessage, Message
+from gateway.ports import (
+    Explained,
+    FileProblem,
+    FileSink,
+    FileSource,
+    GatewayPort,
+    Metric,
+    Reason,
+    Sample,
+)
 from gateway.protocols.tftp import codec
 from gateway.protocols.tftp.codec import TftpError
 from gateway.protocols.tftp.config import TftpListenerConfig, TftpMatch
-from gateway.protocols.tftp.transfer import ReadTransfer
+from gateway.protocols.tftp.transfer import ReadTransfer, WriteTransfer
 
 log = Logger(namespace="gateway.tftp")
 
@@ -68,11 +81,12 @@ class _Server(DatagramProtocol):
 class TftpSockets(Listener[TftpListenerConfig]):
     def __init__(self, config: TftpListenerConfig, gateway: GatewayPort, reactor: Any) -> None:
         super().__init__(config, gateway, reactor)
-        self.transfers: set[ReadTransfer] = set()
+        self.transfers: set[ReadTransfer | WriteTransfer] = set()
         self.opening = 0  # requests whose file is being opened
         self.outcomes: dict[tuple[str, str], int] = {}  # (route, outcome) -> transfers
         self.refusals: dict[str, int] = {}  # error code name -> requests refused
         self.bytes_sent = 0
+        self.bytes_received = 0  # of uploads stored
 
     async def listen_on(self, description: str) -> ListeningPort:
         number, interface = udp_endpoint_args(description)
@@ -102,11 +116,6 @@ class TftpSockets(Listener[TftpListenerConfig]):
         if self.config.allow and not client_allowed(self.config.allow, host):
             self._refuse(server, client, codec.ACCESS_VIOLATION, "not allowed from this address")
             return
-        if not packet.is_read:
-            self._refuse(
-                server, client, codec.ACCESS_VIOLATION, "this gateway takes no uploads (writes)"
-            )
-            return
         if len(self.transfers) + self.opening >= self.config.max_transfers:
             self._refuse(server, client, codec.NOT_DEFINED, "busy: too many transfers, try later")
             return
@@ -116,12 +125,14 @@ class TftpSockets(Listener[TftpListenerConfig]):
             self._refuse(server, client, codec.FILE_NOT_FOUND, "no route serves this name")
             self._trace(client, packet.filename, None, "no route")
             return
-        source = table.destination(route.to[0]) if route.to else None
-        if not isinstance(source, FileSource):
-            self._refuse(
-                server, client, codec.NOT_DEFINED, "the route's destination serves no files"
-            )
+        if not packet.is_read:
+            self._upload(server, packet, route, client)
             return
+        sources = [d for d in map(table.destination, route.to) if isinstance(d, FileSource)]
+        if not sources:
+            self._refuse(server, client, codec.ACCESS_VIOLATION, "this name is for uploads only")
+            return
+        source = sources[0]
         self.requests += 1
         self.opening += 1
         Deferred.fromCoroutine(self._start(server, packet, route, source, client)).addErrback(
@@ -155,19 +166,7 @@ class TftpSockets(Listener[TftpListenerConfig]):
         def done(outcome: str, sent: int, detail: str) -> None:
             self.transfers.discard(transfer)
             self.bytes_sent += sent
-            self._count(route.name, outcome)
-            self._trace(client, packet.filename, route, outcome)
-            log.info(
-                "{listener}: {client} read {name} by route {route}: {outcome}, {sent} bytes"
-                "{detail}",
-                listener=self.name,
-                client=f"{client[0]}:{client[1]}",
-                name=packet.filename,
-                route=route.name,
-                outcome=outcome,
-                sent=sent,
-                detail=f" ({detail})" if detail else "",
-            )
+            self._finished("read", client, packet.filename, route, outcome, sent, detail)
 
         transfer = ReadTransfer(
             client,
@@ -179,14 +178,110 @@ class TftpSockets(Listener[TftpListenerConfig]):
             reactor=self.reactor,
             done=done,
         )
+        self._open(server, client, transfer, reader.close)
+
+    def _upload(
+        self, server: _Server, packet: codec.Request, route: Route, client: tuple[str, int]
+    ) -> None:
+        """A write request: received into the spool, stored as a file message for the
+        route's destinations, and only then given its final ACK."""
+        table = self.gateway.current()
+        takers = [table.destination(n) for n in route.to]
+        if not takers or not all(isinstance(d, FileSink) and d.takes_uploads for d in takers):
+            self._refuse(server, client, codec.ACCESS_VIOLATION, "this name is for reads only")
+            return
+        terms = codec.negotiate(
+            packet,
+            None,
+            max_blksize=self.config.max_blksize,
+            max_windowsize=self.config.max_windowsize,
+        )
+        limit = int(self.config.max_size)
+        if terms.tsize is not None and terms.tsize > limit:
+            self._refuse(server, client, codec.DISK_FULL, f"larger than {limit} octets")
+            return
+        try:
+            upload = self.gateway.upload()
+        except OSError as exc:
+            log.error("TFTP upload refused: {error}", error=exc)
+            self._refuse(server, client, codec.DISK_FULL, "the server cannot take files now")
+            return
+        self.requests += 1
+        name, host = packet.filename, client[0]
+
+        async def store(size: int) -> tuple[int, str] | None:
+            await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), upload.finish
+            )
+            message = FileMessage(
+                name=name, size=size, path=upload.path, listener=self.name, client=host
+            )
+            verdict = await self.gateway.submit(message)
+            if verdict.ok:
+                self.accepted += 1
+                return None
+            code = _UPLOAD_ERRORS.get(verdict.reason, codec.NOT_DEFINED)
+            return code, (verdict.detail or verdict.reason.value)[:200]
+
+        def done(outcome: str, size: int, detail: str) -> None:
+            self.transfers.discard(transfer)
+            self.bytes_received += size if outcome == "complete" else 0
+            self._finished("wrote", client, name, route, outcome, size, detail)
+
+        transfer = WriteTransfer(
+            client,
+            upload,
+            terms,
+            netascii=packet.mode == "netascii",
+            timeout=float(self.config.timeout),
+            retries=self.config.retries,
+            max_size=limit,
+            reactor=self.reactor,
+            store=lambda size: Deferred.fromCoroutine(store(size)),
+            done=done,
+        )
+        self._open(server, client, transfer, upload.discard)
+
+    def _open(
+        self,
+        server: _Server,
+        client: tuple[str, int],
+        transfer: ReadTransfer | WriteTransfer,
+        release: Callable[[], None],
+    ) -> None:
+        """Start ``transfer`` on a port of its own (on the listener's address)."""
         self.transfers.add(transfer)
         try:
             self.reactor.listenUDP(0, transfer, interface=server.interface)
         except CannotListenError as exc:
             self.transfers.discard(transfer)
-            reader.close()
+            release()
             self._refuse(server, client, codec.NOT_DEFINED, "no port free for the transfer")
             log.error("TFTP: no port for a transfer: {error}", error=exc)
+
+    def _finished(
+        self,
+        verb: str,
+        client: tuple[str, int],
+        name: str,
+        route: Route,
+        outcome: str,
+        size: int,
+        detail: str,
+    ) -> None:
+        self._count(route.name, outcome)
+        self._trace(client, name, route, outcome)
+        log.info(
+            "{listener}: {client} {verb} {name} by route {route}: {outcome}, {size} bytes{detail}",
+            listener=self.name,
+            client=f"{client[0]}:{client[1]}",
+            verb=verb,
+            name=name,
+            route=route.name,
+            outcome=outcome,
+            size=size,
+            detail=f" ({detail})" if detail else "",
+        )
 
     def _refuse(self, server: _Server, client: tuple[str, int], code: int, text: str) -> None:
         server.reply(client, code, text)
@@ -249,6 +344,12 @@ class TftpSockets(Listener[TftpListenerConfig]):
                 ("listener",),
             ).add((self.name,), self.bytes_sent),
             Metric(
+                "gateway_tftp_received_bytes",
+                "Bytes of TFTP uploads stored in the spool",
+                "counter",
+                ("listener",),
+            ).add((self.name,), self.bytes_received),
+            Metric(
                 "gateway_listener_open_connections",
                 "Connections (for TFTP: transfers) open now",
                 "gauge",
@@ -257,13 +358,40 @@ class TftpSockets(Listener[TftpListenerConfig]):
         )
 
 
+# What an upload the gateway did not store gets (RFC 1350 has few codes).
+_UPLOAD_ERRORS = {
+    Reason.NO_ROUTE: codec.ACCESS_VIOLATION,
+    Reason.POLICY: codec.ACCESS_VIOLATION,
+    Reason.BAD_ADDRESS: codec.ACCESS_VIOLATION,
+    Reason.UNAUTHENTICATED: codec.ACCESS_VIOLATION,
+    Reason.DUPLICATE: codec.FILE_EXISTS,
+    Reason.TOO_BIG: codec.DISK_FULL,
+    Reason.UNAVAILABLE: codec.DISK_FULL,
+}
+
 _CODE_NAMES = {
     codec.NOT_DEFINED: "not-defined",
     codec.FILE_NOT_FOUND: "file-not-found",
     codec.ACCESS_VIOLATION: "access-violation",
     codec.ILLEGAL_OPERATION: "illegal-operation",
     codec.UNKNOWN_TID: "unknown-tid",
+    codec.DISK_FULL: "disk-full",
+    codec.FILE_EXISTS: "file-exists",
 }
+
+
+def match_file(
+    match: Match, message: Message, rcpt: str | None, groups: dict[str, str], headers: bool
+) -> bool:
+    """The router's test of an upload against a route's ``name`` (its groups are kept)."""
+    pattern = match.view(TftpMatch).name
+    if pattern is None:
+        return True
+    found = pattern.compiled.search(getattr(message, "name", ""))
+    if found is None:
+        return False
+    groups.update({k: v for k, v in found.groupdict().items() if v is not None})
+    return True
 
 
 def tftp_dry_run(

@@ -1,4 +1,5 @@
-"""One TFTP read transfer: blocks out, ACKs in, on a port of its own (RFC 1350's TID).
+"""TFTP transfers, each on a port of its own (RFC 1350's TID): reads (blocks out, ACKs
+in) and uploads (blocks in, ACKs out).
 
 The transfer sends a window of blocks (one, unless the client asked for a
 ``windowsize``) and waits for the ACK of the last; an ACK of an earlier
@@ -21,7 +22,7 @@ from twisted.logger import Logger
 
 from gateway.ports import FileProblem, FileReader
 from gateway.protocols.tftp import codec
-from gateway.protocols.tftp.codec import NetasciiEncoder, Terms, TftpError
+from gateway.protocols.tftp.codec import NetasciiDecoder, NetasciiEncoder, Terms, TftpError
 
 log = Logger(namespace="gateway.tftp")
 
@@ -222,6 +223,188 @@ class ReadTransfer(DatagramProtocol):
             self._send(self.oack)
         for _, packet in self.sent:
             self._send(packet)
+        self._arm()
+
+    def _send(self, packet: bytes, to: tuple[str, int] | None = None) -> None:
+        udp: Any = self.transport
+        if udp is not None:
+            udp.write(packet, to or self.client)
+
+
+# What becomes of a finished upload: given its size, stores it and says whether the
+# client gets the final ACK (None) or an error (code, text).
+Store = Callable[[int], "Deferred[tuple[int, str] | None]"]
+
+DALLY = 3.0  # seconds the final ACK is repeated for a client whose last DATA comes again
+
+
+class WriteTransfer(DatagramProtocol):
+    """One upload: DATA in, each block written to the spool's incoming file before it is
+    ACKed; the final ACK only once the file is stored (``store``)."""
+
+    def __init__(
+        self,
+        client: tuple[str, int],
+        upload: Any,
+        terms: Terms,
+        *,
+        netascii: bool,
+        timeout: float,
+        retries: int,
+        max_size: int,
+        reactor: Any,
+        store: Store,
+        done: Done,
+    ) -> None:
+        self.client = client
+        self.upload = upload
+        self.terms = terms
+        self.decoder = NetasciiDecoder() if netascii else None
+        self.timeout = terms.timeout or timeout
+        self.retries = retries
+        self.max_size = max_size
+        self.reactor = reactor
+        self.store = store
+        self.on_done = done
+        self.received = 0  # absolute number of the last block written
+        self.in_window = 0  # blocks since the last ACK
+        self.tries = 0
+        self.wait = self.timeout
+        self.timer: Any = None
+        self.last_answer = codec.oack(terms.reply) if terms.reply else codec.ack(0)
+        self.storing = False
+        self.finished = False
+        self.ended = False  # stored and ACKed: only repeating the final ACK (dallying)
+
+    def startProtocol(self) -> None:
+        self._send(self.last_answer)
+        self._arm()
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        if (addr[0], addr[1]) != self.client:
+            self._send(codec.error(codec.UNKNOWN_TID, "unknown transfer ID"), addr)
+            return
+        if self.finished and not self.ended:
+            return
+        try:
+            packet = codec.parse(datagram)
+        except TftpError as exc:
+            self._fail(exc.code, exc.text)
+            return
+        if isinstance(packet, codec.Error):
+            self._close("aborted", f"the client ended it: error {packet.code} {packet.text}")
+            return
+        if not isinstance(packet, codec.Data):
+            self._fail(codec.ILLEGAL_OPERATION, "expected DATA")
+            return
+        if self.ended or self.storing:
+            if packet.block == self.received & 0xFFFF and self.ended:
+                self._send(self.last_answer)  # our final ACK was lost
+            return
+        expected = (self.received + 1) & 0xFFFF
+        if packet.block != expected:
+            # A block again (our ACK was lost) or one after a gap: say what we have.
+            if self.terms.windowsize > 1 or packet.block == self.received & 0xFFFF:
+                self.last_answer = codec.ack(self.received)
+                self._send(self.last_answer)
+                self.in_window = 0
+            return
+        data = packet.data
+        if len(data) > self.terms.blksize:
+            self._fail(codec.ILLEGAL_OPERATION, "a block is larger than the block size")
+            return
+        if self.upload.size + len(data) > self.max_size:
+            self._fail(codec.DISK_FULL, f"the file is larger than {self.max_size} octets")
+            return
+        try:
+            self.upload.write(self.decoder.decode(data) if self.decoder is not None else data)
+        except OSError as exc:
+            self._fail(codec.DISK_FULL, f"cannot write the file: {exc.strerror or exc}")
+            return
+        self.received += 1
+        self.in_window += 1
+        self.tries = 0
+        self.wait = self.timeout
+        if len(data) < self.terms.blksize:
+            self._last_block()
+            return
+        if self.in_window >= self.terms.windowsize:
+            self.in_window = 0
+            self.last_answer = codec.ack(self.received)
+            self._send(self.last_answer)
+        self._arm()
+
+    def _last_block(self) -> None:
+        if self.decoder is not None:
+            try:
+                self.upload.write(self.decoder.flush())
+            except OSError as exc:
+                self._fail(codec.DISK_FULL, f"cannot write the file: {exc.strerror or exc}")
+                return
+        self.storing = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.store(self.upload.size).addCallbacks(self._stored, self._store_failed)
+
+    def _stored(self, refusal: tuple[int, str] | None) -> None:
+        self.storing = False
+        if refusal is not None:
+            self._fail(*refusal)
+            return
+        self.last_answer = codec.ack(self.received)
+        self._send(self.last_answer)
+        self.ended = True
+        self.finished = True
+        self.on_done("complete", self.upload.size, "")
+        # Dally: the final ACK may be lost, and the client then sends its last DATA again.
+        self.timer = self.reactor.callLater(DALLY, self._stop_listening)
+
+    def _store_failed(self, failure: Any) -> None:
+        log.failure("storing an upload from {client} failed", failure, client=self.client)
+        self.storing = False
+        self._fail(codec.NOT_DEFINED, "the server failed to store the file")
+
+    def _fail(self, code: int, text: str) -> None:
+        self._send(codec.error(code, text))
+        self._close("failed", text)
+
+    def _close(self, outcome: str, detail: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        # Not stored (a stored upload's file has moved into the spool already).
+        self.upload.discard()
+        self._stop_listening()
+        self.on_done(outcome, self.upload.size, detail)
+
+    def abort(self, code: int, text: str) -> None:
+        if not self.finished and not self.storing:
+            self._fail(code, text)
+
+    def _stop_listening(self) -> None:
+        udp: Any = self.transport
+        if udp is not None:
+            udp.stopListening()
+
+    def _arm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(self.wait)
+        else:
+            self.timer = self.reactor.callLater(self.wait, self._expired)
+
+    def _expired(self) -> None:
+        if self.finished or self.storing:
+            return
+        self.tries += 1
+        if self.tries > self.retries:
+            self._send(codec.error(codec.NOT_DEFINED, "timed out waiting for DATA"))
+            self._close("timeout", f"no DATA after {self.retries} retries")
+            return
+        self.wait = min(self.wait * 2, MAX_WAIT)
+        self._send(self.last_answer)
+        self.in_window = 0
         self._arm()
 
     def _send(self, packet: bytes, to: tuple[str, int] | None = None) -> None:
