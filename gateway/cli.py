@@ -522,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--query", nargs="+", metavar="NAME", help="DNS: the query name, then its type (A)"
     )
     route.add_argument("--file", metavar="NAME", help="files: the name asked for (TFTP read)")
+    route.add_argument("--upload", action="store_true", help="files: an upload of --file NAME")
+    route.add_argument("--size", type=int, help="files: the upload's size in octets")
     route.add_argument("--method", help="HTTP: the request method (GET with --path alone)")
     route.add_argument("--path", help="HTTP: the request target, e.g. /hooks/alert?x=1")
     route.add_argument("--host", help="HTTP: the Host (or give --header 'Host: ...')")

@@ -644,6 +644,10 @@ class BaseDestinationConfig:
     protocol: str
     kinds: typing.ClassVar[frozenset[Kind]]  # the kinds of message it takes
 
+    def takes_uploads(self) -> bool:
+        """Whether uploaded files (file messages) may be delivered to it."""
+        return False
+
 
 @dataclass(frozen=True, kw_only=True)
 class DestinationConfig(BaseDestinationConfig):

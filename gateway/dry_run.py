@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import Config
-from gateway.message import Article, Kind, MailMessage, Message
+from gateway.message import Article, FileMessage, Kind, MailMessage, Message
 from gateway.plugins import Transforms
 from gateway.ports import Explained, Reason, Sample, Status, Verdict
 from gateway.protocols import registry
@@ -181,6 +181,14 @@ async def simulate(config: Config, transforms: Transforms, sample: Sample) -> Si
             result.trace.append(f"failed: {exc}")
         return result
     result.trace += trace.steps
+    if isinstance(message, FileMessage):
+        # An upload is taken only when every destination of its route takes uploads.
+        for r in routed:
+            closed = [d for d in r.destinations if not config.destinations[d].takes_uploads()]
+            if closed:
+                result.refused = f"access violation: {', '.join(closed)} take(s) no uploads"
+                result.trace.append(f"refused: route '{r.route.name}' is for reads only")
+                return result
     result.dropped = not routed
     result.copies = [Copy(r.route.name, r.destinations, r.message) for r in routed]
     return result
@@ -232,6 +240,8 @@ def _sample(args: argparse.Namespace, listener: str, kind: Kind) -> Sample:
         target=args.path or "/",
         host=args.host or "",
         headers=tuple(headers),
+        upload=bool(args.upload),
+        size=args.size,
     )
 
 

@@ -441,7 +441,8 @@ class Sample:
 
     A protocol's dry run reads the fields it knows: mail and articles ``data``
     (and the envelope), DNS ``name`` and ``type``, HTTP ``method``, ``target``,
-    ``host``, ``headers`` and ``data`` as the body.
+    ``host``, ``headers`` and ``data`` as the body, files ``name`` (a read, or
+    an ``upload`` of ``size`` octets).
     """
 
     listener: str
@@ -456,6 +457,8 @@ class Sample:
     target: str = "/"
     host: str = ""
     headers: tuple[tuple[str, str], ...] = ()
+    upload: bool = False
+    size: int | None = None
 
 
 @dataclass(frozen=True)

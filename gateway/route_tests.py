@@ -40,8 +40,8 @@ _INPUTS: dict[str, tuple[Kind, frozenset[str]]] = {
         Kind.HTTP,
         frozenset({"listener", "client", "user", "method", "path", "host", "headers", "body"}),
     ),
-    # A file asked for by name (a TFTP read request).
-    "file": (Kind.FILE, frozenset({"listener", "client", "name"})),
+    # A file asked for by name (a TFTP read), or sent (upload: true, of size octets).
+    "file": (Kind.FILE, frozenset({"listener", "client", "user", "name", "upload", "size"})),
 }
 _EXPECT = frozenset(
     {
@@ -209,6 +209,8 @@ def _sample(config: Config, case: Case, base: Path) -> Sample:
         headers=tuple((str(k), str(v)) for k, v in headers.items())
         if case.kind == Kind.HTTP
         else (),
+        upload=bool(given.get("upload", False)),
+        size=int(given["size"]) if given.get("size") is not None else None,
     )
 
 

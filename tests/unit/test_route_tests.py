@@ -222,9 +222,11 @@ def test_a_file_asked_for_by_name_is_routed_by_the_tftp_listener(tmp_path: Path)
             destinations:
               lab: {protocol: folder, path: lab}
               boot: {protocol: folder, path: boot}
+              inbox: {protocol: folder, path: inbox, uploads: true}
             routes:
               - {name: lab, from: boot, match: {name: '^lab/', client: [10.1.0.0/16]}, to: lab}
               - {name: pxe, from: boot, match: {name: '\.(0|efi)$'}, to: boot}
+              - {name: up, from: boot, match: {name: '\.cfg$'}, to: inbox}
             """
         )
     )
@@ -237,6 +239,9 @@ def test_a_file_asked_for_by_name_is_routed_by_the_tftp_listener(tmp_path: Path)
           - {name: none, file: {name: x.txt, client: 10.1.2.3}, expect: {refused: file not found}}
           - {name: outside, file: {name: x.0, client: 192.0.2.1}, expect: {refused: access}}
           - {name: wrong, file: {name: x.0}, expect: {routes: [lab]}}
+          - {name: up, file: {name: a.cfg, upload: true, size: 9}, expect: {destinations: [inbox]}}
+          - {name: ro, file: {name: a.0, upload: true}, expect: {refused: boot take(s) no uploads}}
+          - {name: none, file: {name: a.txt, upload: true}, expect: {refused: no route}}
         """
     )
     path = tmp_path / "t.yaml"
@@ -250,4 +255,7 @@ def test_a_file_asked_for_by_name_is_routed_by_the_tftp_listener(tmp_path: Path)
         [],
         [],
         ["expected routes ['lab'], got ['pxe']"],
+        [],
+        [],
+        [],
     ]

@@ -25,3 +25,6 @@ class FolderDestinationConfig(DestinationConfig):
         default=False,
         metadata=doc("replace a file of the same name (else such an upload is a dead letter)"),
     )
+
+    def takes_uploads(self) -> bool:
+        return self.uploads

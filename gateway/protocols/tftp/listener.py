@@ -397,7 +397,8 @@ def match_file(
 def tftp_dry_run(
     config: TftpListenerConfig, routes: tuple[Route, ...], shapes: Any, sample: Sample
 ) -> Explained:
-    """How a read request for ``sample.name`` from ``sample.client`` would be answered."""
+    """How a read request for ``sample.name`` from ``sample.client`` would be answered, or
+    the message an upload would become (the router routes it from there)."""
     name = sample.name
     if not name:
         raise ValueError("a TFTP request needs a file name ('name')")
@@ -407,6 +408,22 @@ def tftp_dry_run(
             (f"{name}: the client is not in the listener's 'allow' list; access violation",),
             refused="access violation",
         )
+    if sample.upload:
+        if sample.size is not None and sample.size > config.max_size:
+            return Explained(
+                None,
+                (f"{name}: {sample.size} octets, more than max_size; disk full",),
+                refused="disk full",
+            )
+        upload = FileMessage(
+            name=name,
+            size=sample.size,
+            path="(the upload)",
+            listener=config.name,
+            client=sample.client,
+            user=sample.user,
+        )
+        return Explained(None, (f"{name}: an upload, stored and routed",), message=upload)
     route = select(routes, name, sample.client)
     if route is None:
         return Explained(
