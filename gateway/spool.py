@@ -860,8 +860,11 @@ class SqliteSpool:
     # --- upload contents ---
 
     def upload(self) -> IncomingFile:
-        """A new file in incoming/ for an upload to be written into as it arrives."""
-        return IncomingFile(self.incoming)
+        """A new file in incoming/ for an upload to be written into as it arrives; it
+        refuses to grow into the space kept free for recording deliveries."""
+        if self.reserve and self._free_space() < self.reserve:
+            raise OSError(errno.ENOSPC, "the spool's disk is full (its reserve is kept free)")
+        return IncomingFile(self.incoming, lambda: self._free_space() >= self.reserve)
 
     def _move_in(self, moves: list[tuple[Path, Path]]) -> None:
         """On the writer thread, in the transaction that stores them: each upload's content
@@ -948,14 +951,23 @@ class IncomingFile:
     which put() may store it; ``discard`` removes it (a broken-off upload).
     """
 
-    def __init__(self, folder: Path) -> None:
+    CHECK_EVERY = 1024 * 1024  # bytes written between two looks at the free space
+
+    def __init__(self, folder: Path, room: Callable[[], bool] = lambda: True) -> None:
         fd, name = tempfile.mkstemp(dir=folder, prefix="upload-")
         self.path = name
         self.size = 0
         self._fd: int | None = fd
+        self._room = room
+        self._unchecked = 0
 
     def write(self, data: bytes) -> None:
         assert self._fd is not None, "the upload is finished"
+        self._unchecked += len(data)
+        if self._unchecked >= self.CHECK_EVERY:
+            self._unchecked = 0
+            if not self._room():
+                raise OSError(errno.ENOSPC, "the spool's disk is full (its reserve is kept free)")
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)

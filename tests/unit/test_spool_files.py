@@ -110,3 +110,21 @@ def test_a_folder_gets_the_file_whole_and_keeps_what_is_there(tmp_path: Path) ->
     with pytest.raises(FileProblem, match="leads out of the folder"):
         store_file(root, "../escape.cfg", str(source), overwrite=True)
     assert sorted(p.name for p in (root / "backups").iterdir()) == ["sw1.cfg"]  # no .part left
+
+
+def test_an_upload_does_not_eat_the_space_kept_for_recording_deliveries(tmp_path: Path) -> None:
+    free = [10 * 1024 * 1024]
+    s = SqliteSpool(tmp_path / "spool", reserve=5 * 1024 * 1024)
+    s._free_space = lambda: free[0]  # type: ignore[method-assign]
+    run(s.open())
+    try:
+        upload = s.upload()
+        upload.write(b"x" * (2 * 1024 * 1024))
+        free[0] = 4 * 1024 * 1024  # the disk fills up meanwhile
+        with pytest.raises(OSError, match="reserve is kept free"):
+            upload.write(b"x" * (1024 * 1024))
+        upload.discard()
+        with pytest.raises(OSError, match="reserve is kept free"):
+            s.upload()
+    finally:
+        run(s.close())
