@@ -335,8 +335,6 @@ class SqliteSpool:
 
     def _connect(self) -> sqlite3.Connection:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.incoming.mkdir(exist_ok=True, mode=0o700)
-        self.files.mkdir(exist_ok=True, mode=0o700)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA busy_timeout=10000")  # the queue command may write at the same time
         db.execute("PRAGMA journal_mode=WAL")
@@ -864,6 +862,7 @@ class SqliteSpool:
         refuses to grow into the space kept free for recording deliveries."""
         if self.reserve and self._free_space() < self.reserve:
             raise OSError(errno.ENOSPC, "the spool's disk is full (its reserve is kept free)")
+        self.incoming.mkdir(exist_ok=True, mode=0o700)  # made with the first upload
         return IncomingFile(self.incoming, lambda: self._free_space() >= self.reserve)
 
     def _move_in(self, moves: list[tuple[Path, Path]]) -> None:
@@ -871,6 +870,7 @@ class SqliteSpool:
         into files/, the folder flushed before the commit acknowledges them."""
         done: list[tuple[Path, Path]] = []
         try:
+            self.files.mkdir(exist_ok=True, mode=0o700)
             for source, target in moves:
                 os.rename(source, target)
                 done.append((source, target))
@@ -889,10 +889,10 @@ class SqliteSpool:
     def _sweep_contents(self, db: sqlite3.Connection) -> None:
         """At open: uploads that never finished (never acknowledged) and contents of
         messages no longer in the database (a crash between the commit and the unlink)."""
-        for leftover in self.incoming.iterdir():
+        for leftover in self.incoming.iterdir() if self.incoming.is_dir() else ():
             with contextlib.suppress(OSError):
                 leftover.unlink()
-        for content in self.files.iterdir():
+        for content in self.files.iterdir() if self.files.is_dir() else ():
             known = db.execute("SELECT 1 FROM messages WHERE id = ?", (content.name,)).fetchone()
             if known is None:
                 with contextlib.suppress(OSError):

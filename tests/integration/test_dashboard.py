@@ -189,10 +189,10 @@ routes:
     assert _post(f"{url}queue/retry", {"id": delivery_id, "csrf": csrf}, foreign) == 403
     assert good.messages() == []
 
-    browser.find_element(By.LINK_TEXT, delivery_id).click()
+    _follow(browser, browser.find_element(By.LINK_TEXT, delivery_id))
     assert "dead letter" in browser.find_element(By.TAG_NAME, "body").text
     browser.save_screenshot(str(OUTPUT / "dashboard-show.png"))
-    browser.find_element(By.CSS_SELECTOR, f"button[value='{delivery_id}']").click()  # retry
+    _follow(browser, browser.find_element(By.CSS_SELECTOR, f"button[value='{delivery_id}']"))
     assert f"{delivery_id} retried" in browser.find_element(By.ID, "notice").text
     wait_until(lambda: good.messages() or None, "the retried mail at the partner")
     wait_until(lambda: delivery_id not in _page(browser, url).find_element(By.ID, "dead").text
@@ -201,7 +201,7 @@ routes:
     rows = _rows(browser, "destinations")
     assert "partner 1 0 0 2" in rows, rows
     drop = f"#dead form[action='/queue/drop'] button[value='{dropped_id}']"
-    browser.find_element(By.CSS_SELECTOR, drop).click()
+    _follow(browser, browser.find_element(By.CSS_SELECTOR, drop))
     assert f"{dropped_id} dropped" in browser.find_element(By.ID, "notice").text
     assert "0 dead letters" in browser.find_element(By.ID, "dead").text
     browser.get(f"{url}queue/{dropped_id}")
@@ -228,7 +228,22 @@ def _sign_in(browser: Any, token: str) -> None:
 
     form = browser.find_element(By.ID, "sign-in")
     form.find_element(By.NAME, "token").send_keys(token)
-    form.find_element(By.TAG_NAME, "button").click()
+    _follow(browser, form.find_element(By.TAG_NAME, "button"))
+
+
+def _follow(browser: Any, element: Any) -> None:
+    """Click a link or a form's button and wait until the next page has replaced this one
+    (a click does not wait for the navigation it starts)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = browser.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(browser, 10).until(expected_conditions.staleness_of(page))
+    WebDriverWait(browser, 10).until(
+        lambda b: b.execute_script("return document.readyState") == "complete"
+    )
 
 
 def _post(url: str, fields: dict[str, str], headers: dict[str, str] | None = None) -> int:

@@ -337,6 +337,7 @@ def test_read_only_subcommands_leave_the_spool_as_it_was(spooled: Spooled) -> No
         return {
             p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
             for p in sorted(spooled.spool.parent.iterdir())
+            if p.is_file()
         }
 
     before = state()

@@ -108,7 +108,7 @@ class TftpSockets(Listener[TftpListenerConfig]):
             self._refuse(server, client, exc.code, exc.text)
             return
         if not isinstance(packet, codec.Request):
-            self._refuse(server, client, codec.ILLEGAL_OPERATION, "expected a read request")
+            self._refuse(server, client, codec.ILLEGAL_OPERATION, "expected RRQ or WRQ")
             return
         if self.gateway.stopping:
             self._refuse(server, client, codec.NOT_DEFINED, "the server is shutting down")
