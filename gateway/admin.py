@@ -269,6 +269,12 @@ class _Dashboard(_Page):
                 raise Refused(403, _SIGN_IN_FIRST)
             self.sessions.check_csrf(found, _arg(request, "csrf"))
         except Refused as refused:
+            if path == "sign-in":  # as sshd logs failed logins: for fail2ban and people
+                log.warn(
+                    "dashboard: sign-in from {client} refused: {reason}",
+                    client=client,
+                    reason=refused.reason,
+                )
             return self._refuse(request, refused.status, refused.reason)
         if path == "sign-out":
             self.sessions.sign_out(found)

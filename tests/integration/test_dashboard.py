@@ -211,6 +211,7 @@ routes:
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
     assert "dashboard: 127.0.0.1 retried " + delivery_id in gw.log_text()
     assert "dashboard: 127.0.0.1 dropped " + dropped_id in gw.log_text()
+    assert "dashboard: sign-in from 127.0.0.1 refused: wrong token" in gw.log_text()
 
 
 def _rows(browser: Any, table: str) -> list[str]:
