@@ -16,13 +16,14 @@ processes fetch it at once with ``--option "blksize N"``, ``--runs`` times,
 interleaved; the median is reported.  Targets:
 
 * ``tftpd-hpa``: ``in.tftpd -L -s`` serving the file from disk (a child
-  process per transfer; its CPU is the reaped children's);
+  process per transfer);
 * ``gateway-folder``: the gateway's tftp listener and a folder destination;
 * ``gateway-http``: the gateway's tftp listener and an http destination: each
   transfer is a GET to an nginx origin, streamed (nginx's own CPU is shown
   apart).
 
-Servers run on CPU 0 (``taskset``), the clients and this script on CPU 1.
+Servers run on CPU 0 (``taskset``), the clients and this script on CPU 1; a
+server's CPU time is CPU 0's busy time during the run, less nginx's own.
 Every client's copy is compared with the file; a run whose copies differ or
 whose clients fail is an error.  Every process started is stopped at the end.
 """
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (
     BenchError,
+    cpu_busy,
     gateway_env,
     median,
     pin,
@@ -62,7 +64,7 @@ SERVER_CPU, LOAD_CPU = 0, 1
 @dataclass
 class Run:
     seconds: float
-    server_cpu: float  # the TFTP server's CPU seconds (tftpd: with its children)
+    server_cpu: float  # CPU 0's busy seconds less nginx's: the TFTP server's
     origin_cpu: float  # nginx's, for gateway-http
 
 
@@ -139,7 +141,8 @@ def main() -> int:
     origin = Nginx(work / "nginx")
     try:
         origin.start()
-        (origin.root / "file.bin").write_bytes(data)
+        (origin.root / "web").mkdir()
+        (origin.root / "web" / "file.bin").write_bytes(data)
         tftpd_port, gw_port, admin = free_port("udp"), free_port("udp"), free_port()
         tftpd = subprocess.Popen(
             ["taskset", "-c", str(SERVER_CPU), "/usr/sbin/in.tftpd", "-L", "-a",
@@ -174,22 +177,24 @@ routes:
         pin(nginx_pid, SERVER_CPU, with_children=True)
         os.sched_setaffinity(0, {LOAD_CPU})
         targets = {
-            "tftpd-hpa": (tftpd_port, "file.bin", tftpd.pid, True),
-            "gateway-folder": (gw_port, "file.bin", gateway.pid, False),
-            "gateway-http": (gw_port, "web/file.bin", gateway.pid, False),
+            "tftpd-hpa": (tftpd_port, "file.bin"),
+            "gateway-folder": (gw_port, "file.bin"),
+            "gateway-http": (gw_port, "web/file.bin"),
         }
         runs: dict[str, list[Run]] = {name: [] for name in targets}
         for n in range(args.runs):
-            for name, (port, path, pid, reaped) in targets.items():
+            for name, (port, path) in targets.items():
                 wait_for_quiet([SERVER_CPU, LOAD_CPU], 20)
-                before = proc_cpu(pid)
+                busy_before = cpu_busy()[SERVER_CPU]
                 origin_before = sum(proc_cpu(p)[0] for p in [nginx_pid, *_kids(nginx_pid)])
                 seconds = _fetch_all(port, path, args.clients, args.blksize, work / "out", want)
-                time.sleep(0.3)  # let tftpd reap its children
-                after = proc_cpu(pid)
+                busy_after = cpu_busy()[SERVER_CPU]
                 origin_after = sum(proc_cpu(p)[0] for p in [nginx_pid, *_kids(nginx_pid)])
-                cpu = (after[0] - before[0]) + ((after[1] - before[1]) if reaped else 0.0)
-                runs[name].append(Run(seconds, cpu, origin_after - origin_before))
+                # CPU 0 runs the servers only: its busy time is theirs (tftpd's children
+                # included); nginx's part is shown apart.
+                origin_cpu = origin_after - origin_before
+                cpu = busy_after - busy_before - origin_cpu
+                runs[name].append(Run(seconds, cpu, origin_cpu))
                 print(f"run {n + 1} {name}: {seconds:.2f} s, server CPU {cpu:.2f} s", flush=True)
         total = args.clients * len(data)
         rows = []

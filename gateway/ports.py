@@ -334,6 +334,12 @@ class FileReader(ABC):
         """Up to ``n`` bytes, fewer only at the end; b"" once it is over. FileProblem if
         the source fails midway."""
 
+    def read_now(self, n: int) -> bytes | None:
+        """Without waiting: up to ``n`` bytes that are there already (fewer too; b"" at the
+        end), or None when none are yet (then ``read`` waits for them). Lets a transfer
+        send a block without a coroutine per block."""
+        return None
+
     @abstractmethod
     def close(self) -> None: ...
 

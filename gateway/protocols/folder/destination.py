@@ -33,6 +33,9 @@ class _LocalFile(FileReader):
         self.size = size
 
     async def read(self, n: int) -> bytes:
+        return self.read_now(n)
+
+    def read_now(self, n: int) -> bytes:
         try:
             return self.handle.read(n)
         except OSError as exc:

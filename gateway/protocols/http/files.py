@@ -104,6 +104,15 @@ class HttpFile(FileReader):
             self.wanted = n
             self.waiting = Deferred()
             await self.waiting
+        return self._take(n)
+
+    def read_now(self, n: int) -> bytes | None:
+        """What has arrived, up to ``n`` bytes (None when nothing has, yet)."""
+        if not self.buffer and not self.done:
+            return None
+        return self._take(min(n, len(self.buffer)) if self.buffer else n)
+
+    def _take(self, n: int) -> bytes:
         if self.problem is not None and len(self.buffer) < n:
             raise self.problem
         chunk = bytes(self.buffer[:n])

@@ -30,6 +30,7 @@ log = Logger(namespace="gateway.tftp")
 Done = Callable[[str, int, str], None]
 
 MAX_WAIT = 16.0  # seconds: the longest wait between retries, however it doubled
+READ_SIZE = 65536  # bytes asked of the source at a time
 
 
 class ReadTransfer(DatagramProtocol):
@@ -59,6 +60,7 @@ class ReadTransfer(DatagramProtocol):
         self.next_block = 1
         self.last_block: int | None = None  # the short block that ends the file, once read
         self.buffer = b""
+        self.at = 0  # where the next block starts in buffer
         self.at_end = False
         self.bytes_sent = 0
         self.tries = 0
@@ -106,6 +108,9 @@ class ReadTransfer(DatagramProtocol):
             # Another port: not this transfer's peer (RFC 1350 section 4).
             self._send(codec.error(codec.UNKNOWN_TID, "unknown transfer ID"), addr)
             return
+        if len(datagram) == 4 and datagram[:2] == b"\x00\x04":  # an ACK: the usual case
+            self._acked(int.from_bytes(datagram[2:], "big"))
+            return
         try:
             packet = codec.parse(datagram)
         except TftpError as exc:
@@ -151,11 +156,36 @@ class ReadTransfer(DatagramProtocol):
     # --- blocks out ---
 
     def _fill(self) -> None:
-        """Read and send blocks until the window is full or the file is over."""
+        """Send blocks until the window is full or the file is over: at once while the
+        source has the bytes ready (a local file, a web answer read ahead), else by
+        waiting for them."""
         if self.reading or self.finished:
             return
-        self.reading = True
-        Deferred.fromCoroutine(self._read_more()).addErrback(self._read_failed)
+        windowsize = self.terms.windowsize
+        try:
+            while self.last_block is None and len(self.sent) < windowsize:
+                payload = self._payload_now()
+                if payload is None:
+                    break
+                self._emit(payload)
+        except FileProblem as problem:
+            self._source_failed(problem)
+            return
+        if self.last_block is None and len(self.sent) < windowsize:
+            self.reading = True
+            Deferred.fromCoroutine(self._read_more()).addErrback(self._read_failed)
+        else:
+            self._arm()
+
+    def _emit(self, payload: bytes) -> None:
+        number = self.next_block
+        self.next_block += 1
+        packet = codec.data(number, payload)
+        self.sent.append((number, packet))
+        self.bytes_sent += len(payload)
+        if len(payload) < self.blksize:
+            self.last_block = number
+        self._send(packet)
 
     async def _read_more(self) -> None:
         try:
@@ -167,36 +197,50 @@ class ReadTransfer(DatagramProtocol):
                 payload = await self._next_payload()
                 if self.finished:
                     return
-                number = self.next_block
-                self.next_block += 1
-                packet = codec.data(number, payload)
-                self.sent.append((number, packet))
-                self.bytes_sent += len(payload)
-                if len(payload) < self.blksize:
-                    self.last_block = number
-                self._send(packet)
+                self._emit(payload)
             if not self.finished:
                 self._arm()
         finally:
             self.reading = False
 
-    async def _next_payload(self) -> bytes:
-        while len(self.buffer) < self.blksize and not self.at_end:
-            chunk = await self.reader.read(max(self.blksize, 8192))
-            if not chunk:
-                self.at_end = True
-            elif self.encoder is not None:
-                self.buffer += self.encoder.encode(chunk)
-            else:
-                self.buffer += chunk
-        payload, self.buffer = self.buffer[: self.blksize], self.buffer[self.blksize :]
+    def _take(self, chunk: bytes) -> None:
+        rest = self.buffer[self.at :]
+        self.at = 0
+        if not chunk:
+            self.at_end = True
+            self.buffer = rest
+        elif self.encoder is not None:
+            self.buffer = rest + self.encoder.encode(chunk)
+        else:
+            self.buffer = rest + chunk
+
+    def _cut(self) -> bytes:
+        payload = self.buffer[self.at : self.at + self.blksize]
+        self.at += len(payload)
         return payload
+
+    def _payload_now(self) -> bytes | None:
+        while len(self.buffer) - self.at < self.blksize and not self.at_end:
+            chunk = self.reader.read_now(max(self.blksize, READ_SIZE))
+            if chunk is None:
+                return None
+            self._take(chunk)
+        return self._cut()
+
+    async def _next_payload(self) -> bytes:
+        while len(self.buffer) - self.at < self.blksize and not self.at_end:
+            # Only what this block lacks: the first block goes out as soon as it is there.
+            self._take(await self.reader.read(self.blksize - (len(self.buffer) - self.at)))
+        return self._cut()
+
+    def _source_failed(self, problem: FileProblem) -> None:
+        self._send(codec.error(codec.NOT_DEFINED, problem.detail[:200]))
+        self._finish("failed", problem.detail)
 
     def _read_failed(self, failure: Any) -> None:
         problem = failure.value
         if isinstance(problem, FileProblem):
-            self._send(codec.error(codec.NOT_DEFINED, problem.detail[:200]))
-            self._finish("failed", problem.detail)
+            self._source_failed(problem)
             return
         log.failure("TFTP transfer to {client} failed", failure, client=self.client)
         self._send(codec.error(codec.NOT_DEFINED, "the server failed"))
