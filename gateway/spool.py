@@ -871,14 +871,23 @@ class SqliteSpool:
         done: list[tuple[Path, Path]] = []
         try:
             self.files.mkdir(exist_ok=True, mode=0o700)
+            moved: dict[Path, Path] = {}
             for source, target in moves:
+                if source in moved:  # the same upload routed twice: one content, two names
+                    os.link(moved[source], target)
+                    done.append((target, target))
+                    continue
                 os.rename(source, target)
+                moved[source] = target
                 done.append((source, target))
             _fsync_folder(self.files)
         except OSError as exc:
-            for source, target in done:  # put back: the transaction is rolled back
+            for source, target in reversed(done):  # put back: the transaction is rolled back
                 with contextlib.suppress(OSError):
-                    os.rename(target, source)
+                    if source == target:
+                        os.unlink(target)  # a second name
+                    else:
+                        os.rename(target, source)
             raise SpoolError(f"cannot store an upload in {self.files}: {exc}") from None
 
     def _remove_content(self, message_id: str) -> None:

@@ -128,3 +128,16 @@ def test_an_upload_does_not_eat_the_space_kept_for_recording_deliveries(tmp_path
             s.upload()
     finally:
         run(s.close())
+
+
+def test_one_upload_routed_twice_is_stored_under_both_messages(spool: SqliteSpool) -> None:
+    message = _upload(spool, b"twice")
+    first, second = run(
+        spool.put([Stored(message, "a", ("inbox",)), Stored(message, "b", ("backup",))])
+    )
+    assert first.message_id != second.message_id
+    for delivery in (first, second):
+        path = run(spool.load(delivery)).path  # type: ignore[attr-defined]
+        assert Path(path).read_bytes() == b"twice"
+    run(spool.delivered(first, "saved", None))
+    assert Path(run(spool.load(second)).path).read_bytes() == b"twice"  # type: ignore[attr-defined]
