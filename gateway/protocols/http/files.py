@@ -13,6 +13,7 @@ answer or a server that cannot be reached "not defined" with the reason.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -64,13 +65,18 @@ class _Body(Protocol):
 
 
 class HttpFile(FileReader):
-    """The body of one answer, read by the block, with back-pressure on the server."""
+    """The body of one answer, read by the block, with back-pressure on the server.
+
+    The pieces are kept as they arrived (no copying into one buffer); a read takes
+    whole pieces, cutting one only when it asks for less.
+    """
 
     def __init__(self, response: Any, url: str) -> None:
         length = response.length
         self.size = length if isinstance(length, int) else None
         self.url = url
-        self.buffer = bytearray()
+        self.pieces: deque[bytes] = deque()
+        self.held = 0  # bytes in pieces
         self.done = False
         self.problem: FileProblem | None = None
         self.paused = False
@@ -80,11 +86,12 @@ class HttpFile(FileReader):
         response.deliverBody(self.body)
 
     def arrived(self, data: bytes) -> None:
-        self.buffer += data
-        if len(self.buffer) > AHEAD and not self.paused and self.body.transport is not None:
+        self.pieces.append(data)
+        self.held += len(data)
+        if self.held > AHEAD and not self.paused and self.body.transport is not None:
             self.paused = True
             self.body.transport.pauseProducing()
-        if len(self.buffer) >= self.wanted:
+        if self.held >= self.wanted:
             self._wake()
 
     def ended(self, reason: Failure | None) -> None:
@@ -100,24 +107,37 @@ class HttpFile(FileReader):
             waiting.callback(None)
 
     async def read(self, n: int) -> bytes:
-        while len(self.buffer) < n and not self.done:
+        while self.held < n and not self.done:
             self.wanted = n
             self.waiting = Deferred()
             await self.waiting
+        if self.problem is not None and self.held < n:
+            raise self.problem
         return self._take(n)
 
     def read_now(self, n: int) -> bytes | None:
         """What has arrived, up to ``n`` bytes (None when nothing has, yet)."""
-        if not self.buffer and not self.done:
-            return None
-        return self._take(min(n, len(self.buffer)) if self.buffer else n)
+        if not self.held:
+            if not self.done:
+                return None
+            if self.problem is not None:
+                raise self.problem
+            return b""
+        return self._take(n)
 
     def _take(self, n: int) -> bytes:
-        if self.problem is not None and len(self.buffer) < n:
-            raise self.problem
-        chunk = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        if self.paused and len(self.buffer) < AHEAD // 2 and self.body.transport is not None:
+        taken: list[bytes] = []
+        want = n
+        while want > 0 and self.pieces:
+            piece = self.pieces.popleft()
+            if len(piece) > want:
+                self.pieces.appendleft(piece[want:])
+                piece = piece[:want]
+            taken.append(piece)
+            want -= len(piece)
+        chunk = taken[0] if len(taken) == 1 else b"".join(taken)
+        self.held -= len(chunk)
+        if self.paused and self.held < AHEAD // 2 and self.body.transport is not None:
             self.paused = False
             self.body.transport.resumeProducing()
         return chunk
