@@ -33,7 +33,77 @@ MAX_WAIT = 16.0  # seconds: the longest wait between retries, however it doubled
 READ_SIZE = 65536  # bytes asked of the source at a time
 
 
-class ReadTransfer(DatagramProtocol):
+class _Transfer(DatagramProtocol):
+    """What both directions share: the peer's port, the wait with back-off, the timer."""
+
+    def __init__(
+        self,
+        client: tuple[str, int],
+        terms: Terms,
+        *,
+        timeout: float,
+        retries: int,
+        reactor: Any,
+        done: Done,
+    ) -> None:
+        self.client = client
+        self.terms = terms
+        self.timeout = terms.timeout or timeout
+        self.retries = retries
+        self.reactor = reactor
+        self.on_done = done
+        self.tries = 0
+        self.wait = self.timeout
+        self.timer: Any = None
+        self.finished = False
+
+    def _from_stranger(self, addr: Any) -> bool:
+        """A packet from another port is not this transfer's (RFC 1350 section 4)."""
+        if (addr[0], addr[1]) == self.client:
+            return False
+        self._send(codec.error(codec.UNKNOWN_TID, "unknown transfer ID"), addr)
+        return True
+
+    def _heard(self) -> None:
+        """The peer answered: the next wait is the first again."""
+        self.tries = 0
+        self.wait = self.timeout
+
+    def _again(self, awaited: str) -> bool:
+        """The wait ran out: True to send again (the next wait doubled), False once the
+        retries are spent (the peer is told)."""
+        self.tries += 1
+        if self.tries > self.retries:
+            self._send(codec.error(codec.NOT_DEFINED, f"timed out waiting for {awaited}"))
+            return False
+        self.wait = min(self.wait * 2, MAX_WAIT)
+        return True
+
+    def _arm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(self.wait)  # cheaper than a new call for every block
+        else:
+            self.timer = self.reactor.callLater(self.wait, self._expired)
+
+    def _disarm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+
+    def _expired(self) -> None:
+        raise NotImplementedError
+
+    def _send(self, packet: bytes, to: tuple[str, int] | None = None) -> None:
+        udp: Any = self.transport  # zope's interfaces type its methods without self
+        if udp is not None:
+            udp.write(packet, to or self.client)
+
+    def _stop_listening(self) -> None:
+        udp: Any = self.transport
+        if udp is not None:
+            udp.stopListening()
+
+
+class ReadTransfer(_Transfer):
     def __init__(
         self,
         client: tuple[str, int],
@@ -46,14 +116,11 @@ class ReadTransfer(DatagramProtocol):
         reactor: Any,
         done: Done,
     ) -> None:
-        self.client = client
+        super().__init__(
+            client, terms, timeout=timeout, retries=retries, reactor=reactor, done=done
+        )
         self.reader = reader
-        self.terms = terms
         self.encoder = NetasciiEncoder() if netascii else None
-        self.timeout = terms.timeout or timeout
-        self.retries = retries
-        self.reactor = reactor
-        self.on_done = done
         self.blksize = terms.blksize
         self.sent: list[tuple[int, bytes]] = []  # (absolute block number, packet) not yet ACKed
         self.acked = 0  # absolute number of the last block ACKed (0: the OACK, or nothing)
@@ -63,11 +130,7 @@ class ReadTransfer(DatagramProtocol):
         self.at = 0  # where the next block starts in buffer
         self.at_end = False
         self.bytes_sent = 0
-        self.tries = 0
-        self.wait = self.timeout
-        self.timer: Any = None
         self.reading = False
-        self.finished = False
         self.oack: bytes | None = codec.oack(terms.reply) if terms.reply else None
         self.oack_waiting = False
 
@@ -85,12 +148,9 @@ class ReadTransfer(DatagramProtocol):
         if self.finished:
             return
         self.finished = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self._disarm()
         self.reader.close()
-        udp: Any = self.transport  # zope's interfaces type its methods without self
-        if udp is not None:
-            udp.stopListening()
+        self._stop_listening()
         self.on_done(outcome, self.bytes_sent, detail)
 
     def abort(self, code: int, text: str) -> None:
@@ -102,11 +162,7 @@ class ReadTransfer(DatagramProtocol):
     # --- packets in ---
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        if self.finished:
-            return
-        if (addr[0], addr[1]) != self.client:
-            # Another port: not this transfer's peer (RFC 1350 section 4).
-            self._send(codec.error(codec.UNKNOWN_TID, "unknown transfer ID"), addr)
+        if self.finished or self._from_stranger(addr):
             return
         if len(datagram) == 4 and datagram[:2] == b"\x00\x04":  # an ACK: the usual case
             self._acked(int.from_bytes(datagram[2:], "big"))
@@ -130,8 +186,7 @@ class ReadTransfer(DatagramProtocol):
         if self.oack_waiting:
             if block == 0:  # the client takes the options: data follows
                 self.oack_waiting = False
-                self.tries = 0
-                self.wait = self.timeout
+                self._heard()
                 self._fill()
             return
         # Which of the blocks in flight (or the one acknowledged last) this 16-bit number is.
@@ -141,8 +196,7 @@ class ReadTransfer(DatagramProtocol):
             return  # an old or duplicate ACK: ignored, never answered with data
         self.acked = number
         self.sent = [(n, p) for n, p in self.sent if n > number]
-        self.tries = 0
-        self.wait = self.timeout
+        self._heard()
         if self.last_block is not None and number >= self.last_block:
             self._finish("complete")
             return
@@ -248,31 +302,17 @@ class ReadTransfer(DatagramProtocol):
 
     # --- waiting and sending again ---
 
-    def _arm(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(self.wait)  # cheaper than a new call for every block
-        else:
-            self.timer = self.reactor.callLater(self.wait, self._expired)
-
     def _expired(self) -> None:
         if self.finished:
             return
-        self.tries += 1
-        if self.tries > self.retries:
-            self._send(codec.error(codec.NOT_DEFINED, "timed out waiting for an ACK"))
+        if not self._again("an ACK"):
             self._finish("timeout", f"no ACK after {self.retries} retries")
             return
-        self.wait = min(self.wait * 2, MAX_WAIT)
         if self.oack is not None and self.oack_waiting:
             self._send(self.oack)
         for _, packet in self.sent:
             self._send(packet)
         self._arm()
-
-    def _send(self, packet: bytes, to: tuple[str, int] | None = None) -> None:
-        udp: Any = self.transport
-        if udp is not None:
-            udp.write(packet, to or self.client)
 
 
 # What becomes of a finished upload: given its size, stores it and says whether the
@@ -282,7 +322,7 @@ Store = Callable[[int], "Deferred[tuple[int, str] | None]"]
 DALLY = 3.0  # seconds the final ACK is repeated for a client whose last DATA comes again
 
 
-class WriteTransfer(DatagramProtocol):
+class WriteTransfer(_Transfer):
     """One upload: DATA in, each block written to the spool's incoming file before it is
     ACKed; the final ACK only once the file is stored (``store``)."""
 
@@ -300,24 +340,17 @@ class WriteTransfer(DatagramProtocol):
         store: Store,
         done: Done,
     ) -> None:
-        self.client = client
+        super().__init__(
+            client, terms, timeout=timeout, retries=retries, reactor=reactor, done=done
+        )
         self.upload = upload
-        self.terms = terms
         self.decoder = NetasciiDecoder() if netascii else None
-        self.timeout = terms.timeout or timeout
-        self.retries = retries
         self.max_size = max_size
-        self.reactor = reactor
         self.store = store
-        self.on_done = done
         self.received = 0  # absolute number of the last block written
         self.in_window = 0  # blocks since the last ACK
-        self.tries = 0
-        self.wait = self.timeout
-        self.timer: Any = None
         self.last_answer = codec.oack(terms.reply) if terms.reply else codec.ack(0)
         self.storing = False
-        self.finished = False
         self.ended = False  # stored and ACKed: only repeating the final ACK (dallying)
 
     def startProtocol(self) -> None:
@@ -325,8 +358,7 @@ class WriteTransfer(DatagramProtocol):
         self._arm()
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        if (addr[0], addr[1]) != self.client:
-            self._send(codec.error(codec.UNKNOWN_TID, "unknown transfer ID"), addr)
+        if self._from_stranger(addr):
             return
         if self.finished and not self.ended:
             return
@@ -367,8 +399,7 @@ class WriteTransfer(DatagramProtocol):
             return
         self.received += 1
         self.in_window += 1
-        self.tries = 0
-        self.wait = self.timeout
+        self._heard()
         if len(data) < self.terms.blksize:
             self._last_block()
             return
@@ -386,8 +417,7 @@ class WriteTransfer(DatagramProtocol):
                 self._fail(codec.DISK_FULL, f"cannot write the file: {exc.strerror or exc}")
                 return
         self.storing = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self._disarm()
         self.store(self.upload.size).addCallbacks(self._stored, self._store_failed)
 
     def _stored(self, refusal: tuple[int, str] | None) -> None:
@@ -416,8 +446,7 @@ class WriteTransfer(DatagramProtocol):
         if self.finished:
             return
         self.finished = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self._disarm()
         # Not stored (a stored upload's file has moved into the spool already).
         self.upload.discard()
         self._stop_listening()
@@ -427,31 +456,12 @@ class WriteTransfer(DatagramProtocol):
         if not self.finished and not self.storing:
             self._fail(code, text)
 
-    def _stop_listening(self) -> None:
-        udp: Any = self.transport
-        if udp is not None:
-            udp.stopListening()
-
-    def _arm(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(self.wait)
-        else:
-            self.timer = self.reactor.callLater(self.wait, self._expired)
-
     def _expired(self) -> None:
         if self.finished or self.storing:
             return
-        self.tries += 1
-        if self.tries > self.retries:
-            self._send(codec.error(codec.NOT_DEFINED, "timed out waiting for DATA"))
+        if not self._again("DATA"):
             self._close("timeout", f"no DATA after {self.retries} retries")
             return
-        self.wait = min(self.wait * 2, MAX_WAIT)
         self._send(self.last_answer)
         self.in_window = 0
         self._arm()
-
-    def _send(self, packet: bytes, to: tuple[str, int] | None = None) -> None:
-        udp: Any = self.transport
-        if udp is not None:
-            udp.write(packet, to or self.client)
