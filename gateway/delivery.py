@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from gateway.bounce import make_bounce
 from gateway.config import DestinationConfig
-from gateway.message import FileMessage, MailMessage, Message, addressed_to
+from gateway.message import MailMessage, Message, addressed_to
 from gateway.ports import Deliverer, Outcome, Reason, RecipientFailure, Status
 from gateway.spool import Delivery, SpoolBackend, SpoolError
 from gateway.stats import Histogram
@@ -154,8 +154,6 @@ class DeliveryManager:
         """Start just-stored deliveries at once when their destination has room."""
         for delivery in deliveries:
             message = messages.get(delivery.message_id)
-            if isinstance(message, FileMessage):
-                message = None  # its content moved into the spool: read back where it is
             if self.stopping or self._free(delivery.destination) <= 0:
                 # The poll picks it up when a slot frees.
                 if message is not None:

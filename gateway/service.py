@@ -610,7 +610,10 @@ class GatewayService(MultiService):
                 dests=",".join(item.destinations),
             )
         payload_ids = list(dict.fromkeys(d.message_id for d in deliveries))
-        messages = {pid: item.message for pid, item in zip(payload_ids, items, strict=True)}
+        messages = {
+            pid: self.spool.stored_form(item.message, pid)
+            for pid, item in zip(payload_ids, items, strict=True)
+        }
         self.delivery.offer(deliveries, messages)
         return Verdict(
             Status.DELIVERED, Reason.NONE, f"queued as {message.id}", queue_id=message.id

@@ -144,6 +144,11 @@ class SpoolBackend(Protocol):
         """Queued deliveries to ``destination`` whose next try is due, oldest first."""
         ...
 
+    def stored_form(self, message: Message, message_id: str) -> Message:
+        """``message`` as the spool holds it once stored as ``message_id`` (an upload's
+        content has moved into files/)."""
+        ...
+
     async def load(self, delivery: Delivery) -> Message:
         """The message of a delivery, with the delivery's remaining recipients."""
         ...
@@ -698,6 +703,11 @@ class SqliteSpool:
             if not content.exists():
                 raise SpoolError(f"the content of file {message.name} ({content}) is missing")
             message = message.evolve(path=str(content))
+        return message
+
+    def stored_form(self, message: Message, message_id: str) -> Message:
+        if isinstance(message, FileMessage):
+            return message.evolve(path=str(self.files / message_id))  # as load() gives it
         return message
 
     async def delivered(self, delivery: Delivery, note: str, forget_before: float | None) -> None:
