@@ -118,10 +118,6 @@ class _Trace(_Page):
 
         from gateway.tracing import Watcher
 
-        def arg(name: str) -> str:
-            values = request.args.get(name.encode()) or [b""]
-            return str(values[0].decode("utf-8", "replace"))
-
         _set(
             request,
             (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -136,7 +132,12 @@ class _Trace(_Page):
             _write(request, f"data: {data}\n\n".encode())
             return True
 
-        watcher = Watcher(send, route=arg("route"), listener=arg("listener"), match=arg("match"))
+        watcher = Watcher(
+            send,
+            route=_arg(request, "route"),
+            listener=_arg(request, "listener"),
+            match=_arg(request, "match"),
+        )
         tracer = self.gateway.tracer
         stop = tracer.watch(watcher)
 
