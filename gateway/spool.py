@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gateway.disk import fsync_folder
 from gateway.message import (
     FileMessage,
     MailMessage,
@@ -890,7 +891,7 @@ class SqliteSpool:
                 os.rename(source, target)
                 moved[source] = target
                 done.append((source, target))
-            _fsync_folder(self.files)
+            fsync_folder(self.files)
         except OSError as exc:
             for source, target in reversed(done):  # put back: the transaction is rolled back
                 with contextlib.suppress(OSError):
@@ -952,14 +953,6 @@ def _forget_unused_message(db: sqlite3.Connection, message_id: str) -> bool:
         (message_id, message_id),
     ).rowcount
     return bool(gone)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class IncomingFile:

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from twisted.internet import threads
 
+from gateway.disk import fsync_folder
 from gateway.message import FileMessage, Kind, Message
 from gateway.ports import FileProblem, FileReader, FileSink, FileSource, Outcome, tidy_name
 from gateway.protocols.folder.config import FolderDestinationConfig
@@ -83,11 +84,7 @@ def store_file(root: Path, name: str, source: str, overwrite: bool) -> Path:
                 os.link(temporary, target)  # fails if the name is taken: nothing is lost
             except FileExistsError:
                 raise Exists(str(target)) from None
-        fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_folder(target.parent)
     finally:
         temporary.unlink(missing_ok=True)
     return target

@@ -18,6 +18,7 @@ from twisted.internet import threads
 from twisted.internet.interfaces import IReactorCore, IReactorThreads
 from twisted.logger import Logger
 
+from gateway.disk import fsync_folder
 from gateway.message import Article, Kind, MailMessage, Message
 from gateway.ports import Deliverer, Outcome
 from gateway.protocols.maildir.config import MaildirDestinationConfig
@@ -64,11 +65,7 @@ def write_maildir(root: Path, data: bytes) -> Path:
     final = root / "new" / name
     try:
         os.rename(tmp, final)
-        dirfd = os.open(root / "new", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        fsync_folder(root / "new")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
