@@ -112,6 +112,64 @@ class Size(int, Value):
         return cls(int(float(m.group(1)) * cls._UNITS[m.group(2).lower()]))
 
 
+class SizeRange(Value):
+    """Sizes a match takes: ``<10MiB``, ``<=1k``, ``>1GB``, ``>=512``, or ``1k-10MiB`` (both
+    ends taken)."""
+
+    __slots__ = ("high", "low", "text")
+    schema: typing.ClassVar[dict[str, Any]] = {
+        "type": "string",
+        "pattern": r"^\s*(<=?|>=?)?\s*\d[^-]*(-\s*\d.*)?$",
+    }
+
+    def __init__(self, text: str, low: int, high: int | None) -> None:
+        self.text = text
+        self.low = low  # the smallest size taken
+        self.high = high  # the largest, None: no limit
+
+    @classmethod
+    def parse(cls, text: str) -> SizeRange:
+        rest = str(text).strip()
+        try:
+            for sign in ("<=", ">=", "<", ">"):
+                if rest.startswith(sign):
+                    size = Size.parse(rest[len(sign) :])
+                    low, high = {
+                        "<=": (0, int(size)),
+                        "<": (0, int(size) - 1),
+                        ">=": (int(size), None),
+                        ">": (int(size) + 1, None),
+                    }[sign]
+                    return cls(rest, low, high)
+            first, dash, last = rest.partition("-")
+            if dash:
+                low, high = int(Size.parse(first)), int(Size.parse(last))
+                if low > high:
+                    raise ValueError(f"the range '{text}' is empty (write the smaller size first)")
+                return cls(rest, low, high)
+        except ValueError as exc:
+            if "empty" in str(exc):
+                raise
+        raise ValueError(f"expected sizes such as '<10MiB', '>=1k' or '1k-10MiB', got '{text}'")
+
+    def __contains__(self, size: object) -> bool:
+        return (
+            isinstance(size, int) and self.low <= size and (self.high is None or size <= self.high)
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SizeRange) and (self.low, self.high) == (other.low, other.high)
+
+    def __hash__(self) -> int:
+        return hash((self.low, self.high))
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"SizeRange({self.text!r})"
+
+
 class Duration(float, Value):
     """A duration in seconds with a unit: 250ms, 2s, 5m, 1h, 5d; a bare number is seconds."""
 

@@ -344,12 +344,36 @@ class FileReader(ABC):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    """A file or folder of a source, as listings show it: ``name`` is its last part."""
+
+    name: str
+    size: int | None = None
+    modified: float | None = None  # seconds since the epoch
+    folder: bool = False
+
+
 class FileSource(Destination):
-    """Request/response for files: asked for a name (a TFTP read), it opens the file."""
+    """Request/response for files: asked for a name (a TFTP or FTP read), it opens the file."""
 
     @abstractmethod
     async def fetch(self, name: str) -> FileReader:
         """The file ``name`` (as the client gave it) opened for reading, or FileProblem."""
+
+    async def info(self, name: str) -> FileInfo:
+        """What ``name`` is (FTP SIZE, MDTM, MLST, CWD); "" is the top. FileProblem if it is
+        not there. By default: opened, and its size taken (a source without folders)."""
+        if not name:
+            return FileInfo("", folder=True)
+        reader = await self.fetch(name)
+        reader.close()
+        return FileInfo(name.rpartition("/")[2], reader.size)
+
+    async def listing(self, name: str) -> list[FileInfo]:
+        """The entries of the folder ``name`` ("" is the top), or of the file alone.
+        FileProblem("denied") by default: a source that cannot list (a web server)."""
+        raise FileProblem("denied", "this source does not list its files")
 
 
 # --- the gateway, as a listener sees it ---------------------------------------------------

@@ -52,6 +52,13 @@ PEER_PACKAGES=(
     # TFTP clients: tftp-hpa (plain RFC 1350), atftp (blksize, windowsize, timeout).
     tftp-hpa:/usr/bin/tftp
     atftp:/usr/bin/atftp
+    # FTP: vsftpd is the FTP server uploads are delivered to, lftp a second client.
+    vsftpd:/usr/sbin/vsftpd
+    lftp:/usr/bin/lftp
+    # SFTP: OpenSSH's sshd (a private instance) takes uploads, sftp checks them.
+    openssh-server:/usr/sbin/sshd
+    openssh-client:/usr/bin/sftp
+    openssh-client:/usr/bin/ssh-keygen
     # systemd's tools only (no init): socket activation and unit checks.
     systemd:/usr/bin/systemd-socket-activate
     systemd:/usr/bin/systemd-analyze
@@ -137,6 +144,13 @@ else
     for package in "${packages[@]}"; do
         [[ $package == inn2 ]] || first+=("$package")
     done
+    # Packages start their system daemons on install (sshd on 22, vsftpd on 21): the
+    # tests run private instances only, so the install may start none.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "${first[@]}"
     install_inn2
     for entry in "${PEER_PACKAGES[@]}"; do

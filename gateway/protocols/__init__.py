@@ -39,6 +39,7 @@ BUILTIN = (
     "gateway.protocols.dns.entry",
     "gateway.protocols.http.entry",
     "gateway.protocols.tftp.entry",
+    "gateway.protocols.ftp.entry",
     "gateway.protocols.folder.entry",
 )
 

@@ -24,7 +24,15 @@ from twisted.internet import threads
 
 from gateway.disk import fsync_folder
 from gateway.message import FileMessage, Kind, Message
-from gateway.ports import FileProblem, FileReader, FileSink, FileSource, Outcome, tidy_name
+from gateway.ports import (
+    FileInfo,
+    FileProblem,
+    FileReader,
+    FileSink,
+    FileSource,
+    Outcome,
+    tidy_name,
+)
 from gateway.protocols.folder.config import FolderDestinationConfig
 
 
@@ -47,9 +55,9 @@ class _LocalFile(FileReader):
 
 
 def inside(root: Path, name: str) -> Path:
-    """The existing file ``name`` below ``root``; FileProblem if it leads elsewhere or is not
-    there."""
-    path = root / tidy_name(name)
+    """The existing file ``name`` below ``root`` ("" or "/": the root itself); FileProblem
+    if it leads elsewhere or is not there."""
+    path = root / tidy_name(name) if name.strip("/\\") else root
     try:
         real = path.resolve(strict=True)
     except FileNotFoundError:
@@ -111,6 +119,40 @@ class FolderDestination(FileSink, FileSource):
         except OSError as exc:
             raise FileProblem("unavailable", f"'{name}': {exc.strerror or exc}") from None
         return _LocalFile(handle, size)
+
+    async def info(self, name: str) -> FileInfo:
+        path = inside(self.root, name)
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise FileProblem("denied", f"'{name}': {exc.strerror or exc}") from None
+        folder = path.is_dir()
+        return FileInfo(path.name, None if folder else stat.st_size, stat.st_mtime, folder)
+
+    async def listing(self, name: str) -> list[FileInfo]:
+        path = inside(self.root, name)
+        if not path.is_dir():
+            return [await self.info(name)]
+        root = self.root.resolve()
+        entries: list[FileInfo] = []
+        try:
+            with os.scandir(path) as found:
+                for entry in found:
+                    if entry.name.startswith(".") and entry.name.endswith(".part"):
+                        continue  # an upload being written
+                    try:
+                        real = Path(entry.path).resolve(strict=True)
+                        stat = real.stat()
+                    except OSError:
+                        continue  # a dangling link
+                    if not real.is_relative_to(root):
+                        continue  # leads out of the folder: not served, not shown
+                    folder = real.is_dir()
+                    size = None if folder else stat.st_size
+                    entries.append(FileInfo(entry.name, size, stat.st_mtime, folder))
+        except OSError as exc:
+            raise FileProblem("denied", f"'{name}': {exc.strerror or exc}") from None
+        return sorted(entries, key=lambda e: e.name)
 
     async def deliver(self, message: Message) -> Outcome:
         if not isinstance(message, FileMessage) or not message.path:

@@ -10,9 +10,6 @@ from gateway.config import (
     Duration,
     ListenerConfig,
     Network,
-    Pattern,
-    Route,
-    RouteContext,
     Size,
     doc,
 )
@@ -73,35 +70,3 @@ class TftpListenerConfig(ListenerConfig):
             raise ValueError(f"'max_blksize' must be 512 to {MAX_BLKSIZE} octets")
         if not 0 <= self.retries <= 20:
             raise ValueError("'retries' must be 0 to 20")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TftpMatch:
-    """The match keys of routes from TFTP listeners."""
-
-    name: Pattern | None = field(
-        default=None,
-        metadata=doc("the file name the client asks for (regex, searched; '^' anchors it)"),
-    )
-
-
-def check_tftp_route(route: Route, context: RouteContext) -> Route:
-    """A TFTP route names destinations that serve files (reads come from the first of
-    them) or take them (uploads go to all of them), and no transforms."""
-    if len(context.kinds) > 1:
-        context.problem("from_", "a route takes either TFTP listeners or others, not both")
-    if not route.to:
-        context.problem("to", "a TFTP route names the destination(s) files come from or go to")
-    for name in route.to:
-        entry = context.destination_entry(name)
-        if entry is not None and not entry.serves_files and Kind.FILE not in entry.config.kinds:
-            context.problem(
-                "to",
-                f"destination '{name}' neither serves nor takes files; a TFTP route needs"
-                " one that does (protocol: folder, or http for a web server)",
-            )
-    if route.transforms:
-        context.problem("transforms", "transforms do not apply to TFTP routes yet")
-    if route.continue_:
-        context.problem("continue", "a TFTP request is answered by one route: no 'continue'")
-    return route

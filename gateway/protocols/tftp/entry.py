@@ -4,8 +4,9 @@ whose uploads are stored and delivered."""
 from __future__ import annotations
 
 from gateway.ports import ProtocolEntry, listener_entry
-from gateway.protocols.tftp.config import TftpListenerConfig, TftpMatch, check_tftp_route
-from gateway.protocols.tftp.listener import TftpSockets, match_file, tftp_dry_run
+from gateway.protocols._files import FileMatch, check_file_route, match_file
+from gateway.protocols.tftp.config import TftpListenerConfig
+from gateway.protocols.tftp.listener import TftpSockets, tftp_dry_run
 
 # The listener picks the route of a read itself (by name and client); uploads go to the
 # router, whose matcher is match_file.
@@ -15,9 +16,9 @@ PROTOCOLS = (
         listener=listener_entry(
             TftpListenerConfig,
             TftpSockets,
-            match=TftpMatch,
+            match=FileMatch,
             matcher=match_file,
-            check_route=check_tftp_route,
+            check_route=check_file_route,
             dry_run=tftp_dry_run,
         ),
     ),

@@ -22,22 +22,21 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from gateway.config import Match, Route, client_allowed, udp_endpoint_args
+from gateway.config import Route, client_allowed, udp_endpoint_args
 from gateway.listening import Listener, ListeningPort
-from gateway.message import FileMessage, Message
+from gateway.message import FileMessage
 from gateway.ports import (
-    Explained,
     FileProblem,
     FileSink,
     FileSource,
     GatewayPort,
     Metric,
     Reason,
-    Sample,
 )
+from gateway.protocols._files import file_dry_run, select_route
 from gateway.protocols.tftp import codec
 from gateway.protocols.tftp.codec import TftpError
-from gateway.protocols.tftp.config import TftpListenerConfig, TftpMatch
+from gateway.protocols.tftp.config import TftpListenerConfig
 from gateway.protocols.tftp.transfer import ReadTransfer, WriteTransfer
 
 log = Logger(namespace="gateway.tftp")
@@ -47,19 +46,6 @@ _CODES = {
     "denied": codec.ACCESS_VIOLATION,
     "unavailable": codec.NOT_DEFINED,
 }
-
-
-def select(routes: Iterable[Route], name: str, host: str) -> Route | None:
-    """The first route whose conditions the request meets."""
-    for route in routes:
-        match = route.match
-        if match.client and not client_allowed(match.client, host):
-            continue
-        pattern = match.view(TftpMatch).name
-        if pattern is not None and pattern.compiled.search(name) is None:
-            continue
-        return route
-    return None
 
 
 class _Server(DatagramProtocol):
@@ -120,7 +106,9 @@ class TftpSockets(Listener[TftpListenerConfig]):
             self._refuse(server, client, codec.NOT_DEFINED, "busy: too many transfers, try later")
             return
         table = self.gateway.current()
-        route = select(table.routes_for(self.name), packet.filename, host)
+        route = select_route(
+            table.routes_for(self.name), packet.filename, host, reading=packet.is_read
+        )
         if route is None:
             self._refuse(server, client, codec.FILE_NOT_FOUND, "no route serves this name")
             self._trace(client, packet.filename, None, "no route")
@@ -380,58 +368,10 @@ _CODE_NAMES = {
 }
 
 
-def match_file(
-    match: Match, message: Message, rcpt: str | None, groups: dict[str, str], headers: bool
-) -> bool:
-    """The router's test of an upload against a route's ``name`` (its groups are kept)."""
-    pattern = match.view(TftpMatch).name
-    if pattern is None:
-        return True
-    found = pattern.compiled.search(getattr(message, "name", ""))
-    if found is None:
-        return False
-    groups.update({k: v for k, v in found.groupdict().items() if v is not None})
-    return True
-
-
-def tftp_dry_run(
-    config: TftpListenerConfig, routes: tuple[Route, ...], shapes: Any, sample: Sample
-) -> Explained:
-    """How a read request for ``sample.name`` from ``sample.client`` would be answered, or
-    the message an upload would become (the router routes it from there)."""
-    name = sample.name
-    if not name:
-        raise ValueError("a TFTP request needs a file name ('name')")
-    if config.allow and not client_allowed(config.allow, sample.client):
-        return Explained(
-            None,
-            (f"{name}: the client is not in the listener's 'allow' list; access violation",),
-            refused="access violation",
-        )
-    if sample.upload:
-        if sample.size is not None and sample.size > config.max_size:
-            return Explained(
-                None,
-                (f"{name}: {sample.size} octets, more than max_size; disk full",),
-                refused="disk full",
-            )
-        upload = FileMessage(
-            name=name,
-            size=sample.size,
-            path="(the upload)",
-            listener=config.name,
-            client=sample.client,
-            user=sample.user,
-        )
-        return Explained(None, (f"{name}: an upload, stored and routed",), message=upload)
-    route = select(routes, name, sample.client)
-    if route is None:
-        return Explained(
-            None, (f"{name}: no route serves this name; file not found",), refused="file not found"
-        )
-    return Explained(
-        route.name,
-        (f"{name}: route '{route.name}' serves it from {', '.join(route.to)}",),
-        answer=f"read from {', '.join(route.to)}",
-        destinations=tuple(route.to),
-    )
+# What the shared dry run calls TFTP's refusals.
+tftp_dry_run = file_dry_run(
+    "TFTP",
+    not_allowed="access violation",
+    not_found="file not found",
+    too_big="disk full",
+)

@@ -1,0 +1,29 @@
+"""The registry entry of FTP: a listener whose uploads are stored and delivered, and whose
+downloads and listings come from file sources."""
+
+from __future__ import annotations
+
+from gateway.ports import ProtocolEntry, listener_entry
+from gateway.protocols._files import FileMatch, check_file_route, file_dry_run, match_file
+from gateway.protocols.ftp.config import FtpListenerConfig
+from gateway.protocols.ftp.listener import FtpListener, refusal
+
+PROTOCOLS = (
+    ProtocolEntry(
+        "ftp",
+        listener=listener_entry(
+            FtpListenerConfig,
+            FtpListener,
+            match=FileMatch,
+            matcher=match_file,
+            check_route=check_file_route,
+            dry_run=file_dry_run(
+                "FTP",
+                not_allowed="421 not allowed from this address",
+                not_found="550 no such file",
+                too_big="552 exceeded storage allocation",
+            ),
+            refusal=refusal,
+        ),
+    ),
+)
