@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +73,30 @@ _POLL = 0.02
 
 
 # --------------------------------------------------------------------------- sockets
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``path`` for the test, unmounted afterwards."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.fail(
+            f"cannot mount a {size} tmpfs on {path}: {mounted.stderr.strip()}. This test needs"
+            " root with CAP_SYS_ADMIN (CI runs as root); run it as root or in a privileged"
+            " container.",
+            pytrace=False,
+        )
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def free_port(kind: Literal["tcp", "udp"] = "tcp") -> int:

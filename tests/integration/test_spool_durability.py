@@ -19,13 +19,12 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.peers import LOOPBACK, GatewayProcess, SinkMessage, SmtpSink, free_port
+from tests.peers import LOOPBACK, GatewayProcess, SinkMessage, SmtpSink, free_port, small_disk
 
 CRASH_RUNS = int(os.environ.get("CRASH_RUNS", "1"))
 CRASH_MESSAGES = 2000
@@ -143,30 +142,6 @@ def spool_rows(spool_file: Path) -> int:
     with contextlib.closing(sqlite3.connect(spool_file, timeout=10)) as db:
         (count,) = db.execute("SELECT COUNT(*) FROM deliveries").fetchone()
     return int(count)
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted on ``path`` for the test, unmounted afterwards."""
-    path.mkdir(parents=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.fail(
-            f"cannot mount a {size} tmpfs on {path}: {mounted.stderr.strip()}. This test needs"
-            " root with CAP_SYS_ADMIN (CI runs as root); run it as root or in a privileged"
-            " container.",
-            pytrace=False,
-        )
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 # --------------------------------------------------------------------------- kill -9

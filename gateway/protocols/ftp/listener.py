@@ -249,8 +249,16 @@ class FtpListener(StreamListener[FtpListenerConfig]):
     async def _store(self, session: FtpServerProtocol, request: FileRequest) -> Reply:
         name = request.path.lstrip("/")
         if request.verb == "STOU":
+            # A name of its own, beside the one given (its extension kept for the routes).
             base = name if request.given else f"{name}/upload".lstrip("/")
-            name = f"{base}.{os.urandom(6).hex()}"
+            folder, _, leaf = base.rpartition("/")
+            stem, dot, extension = leaf.rpartition(".")
+            leaf = (
+                f"{stem}.{os.urandom(6).hex()}.{extension}"
+                if dot and stem
+                else (f"{leaf}.{os.urandom(6).hex()}")
+            )
+            name = f"{folder}/{leaf}" if folder else leaf
         if not name:
             return Reply(553, "Name a file to store")
         if request.offset:

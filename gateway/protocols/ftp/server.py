@@ -120,9 +120,9 @@ class FtpServerProtocol(LineServerProtocol):
         peer = transport.getPeer()
         host = peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else ""
         factory = self.ftp_factory
-        self.codec.login_needs_tls = (factory.tls is not None and factory.tls.require) or (
-            not client_allowed(factory.login_without_tls, host)
-        )
+        networks = factory.login_without_tls  # [] names no one (not everyone, as allow does)
+        trusted = bool(networks) and client_allowed(networks, host)
+        self.codec.login_needs_tls = (factory.tls is not None and factory.tls.require) or not trusted
         super().connectionMade()
         self.codec.tls = self._tls  # implicit TLS (a tls: endpoint)
 
