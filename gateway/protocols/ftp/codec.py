@@ -52,13 +52,12 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         lines = self.text.split("\n")
-        out = [f"{self.code}-{line}" for line in lines[:-1]]
-        out.append(f"{self.code} {lines[-1]}")
-        # RFC 959 4.2: a continuation line that starts with digits would end the reply early.
-        for i in range(1, len(out) - 1):
-            body = out[i][4:]
-            if body[:3].isdigit():
-                out[i] = " " + body
+        if len(lines) == 1:
+            return f"{self.code} {lines[0]}\r\n".encode("utf-8", "replace")
+        # RFC 959 4.2: "code-" first, "code " last; a line between that starts with
+        # digits would look like the end, so it is indented (FEAT's lines are already).
+        middle = [" " + line if line[:3].isdigit() else line for line in lines[1:-1]]
+        out = [f"{self.code}-{lines[0]}", *middle, f"{self.code} {lines[-1]}"]
         return ("\r\n".join(out) + "\r\n").encode("utf-8", "replace")
 
 
@@ -259,6 +258,7 @@ class ServerCodec:
         self._offset = 0  # REST
         self._epsv_all = False
         self._buffer = bytearray()
+        self._skipping = False  # inside a line too long, thrown away up to its end
         self._events: deque[SendReply | Request] = deque()
         self.pending: Request | None = None
         self._closed = False
@@ -304,8 +304,10 @@ class ServerCodec:
         while not self._events:
             line = self._line()
             if line is None:
-                return None
+                break
             self._command(line)
+        if not self._events:
+            return None
         event = self._events.popleft()
         if not isinstance(event, SendReply):
             self.pending = event
@@ -328,11 +330,17 @@ class ServerCodec:
         end = self._buffer.find(b"\n")
         if end < 0:
             if len(self._buffer) > MAX_LINE:
+                # Refused now; the rest of it, up to its end, is thrown away as it comes.
                 self._buffer.clear()
-                self._say(500, "Command line too long")
+                if not self._skipping:
+                    self._skipping = True
+                    self._say(500, "Command line too long")
             return None
         raw = bytes(self._buffer[:end])
         del self._buffer[: end + 1]
+        if self._skipping:
+            self._skipping = False
+            return self._line()
         if len(raw) > MAX_LINE:
             return "\x00too long"
         raw = _TELNET.sub(b"", raw.rstrip(b"\r")).replace(b"\xff\xff", b"\xff")
