@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.peers import Dnsdist, GatewayProcess, SmtpSink, Unbound
+from tests.peers_files import Sshd, Vsftpd
 from tests.peers_web import Nginx
 
 
@@ -219,3 +220,18 @@ def nginx_factory(tmp_path: Path) -> Iterator[NginxFactory]:
 def nginx(nginx_factory: NginxFactory) -> Nginx:
     """One nginx origin server (see tests/peers_web.py for what it serves)."""
     return nginx_factory()
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    """An sshd on a free port of 127.0.0.1 serving SFTP to its test user (see
+    tests/peers_files.py); its chroot is removed after the test."""
+    with Sshd(tmp_path / "sshd") as server:
+        yield server.start()
+
+
+@pytest.fixture
+def vsftpd(tmp_path: Path) -> Iterator[Vsftpd]:
+    """A vsftpd on a free port of 127.0.0.1 for its test user (see tests/peers_files.py)."""
+    with Vsftpd(tmp_path / "vsftpd") as server:
+        yield server.start()

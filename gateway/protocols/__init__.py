@@ -41,6 +41,7 @@ BUILTIN = (
     "gateway.protocols.tftp.entry",
     "gateway.protocols.ftp.entry",
     "gateway.protocols.folder.entry",
+    "gateway.protocols.sftp.entry",
 )
 
 ENTRY_POINT_GROUP = "gateway.protocols"

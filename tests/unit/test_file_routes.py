@@ -125,3 +125,39 @@ def test_file_routes_name_destinations_that_serve_or_take_files(tmp_path: Path) 
         parse(text)
     with pytest.raises(ConfigError, match="no 'continue'"):
         parse(_config(tmp_path, FTP, "  - {name: r, from: drop, to: inbox, continue: true}"))
+
+
+def _sftp(tmp_path: Path, **settings: str) -> str:
+    fields = {"url": "sftp://backup@127.0.0.1:2222/incoming/", "key": "id", "known_hosts": "kh"}
+    fields.update(settings)
+    inline = ", ".join(f"{k}: '{v}'" for k, v in fields.items())
+    return _config(tmp_path, FTP, "  - {name: r, from: drop, to: backups}").replace(
+        "destinations:\n", f"destinations:\n  backups: {{protocol: sftp, {inline}}}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"url": "ftp://backup@127.0.0.1/x/"}, "must be sftp://user@host"),
+        ({"url": "sftp://127.0.0.1/x/"}, "must be sftp://user@host"),
+        ({"url": "sftp://a:secret@127.0.0.1/x/"}, "holds no password"),
+        ({"url": "sftp://a@127.0.0.1:99999/x/"}, "'url'"),
+        ({"key": "missing"}, "cannot read the key"),
+        ({"key": "id.pub"}, "is a public key"),
+        ({"key": "kh"}, "not a private key"),
+        ({"known_hosts": "missing"}, "cannot read known_hosts"),
+    ],
+)
+def test_sftp_destination_settings_are_checked(
+    tmp_path: Path, settings: dict[str, str], problem: str
+) -> None:
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")],
+                   check=True)  # fmt: skip
+    (tmp_path / "kh").write_text("127.0.0.1 ssh-ed25519 AAAA\n")
+    text = _sftp(tmp_path, **settings)
+    with pytest.raises(ConfigError, match=problem):
+        parse(text, str(tmp_path / "routes.yaml"))
+    parse(_sftp(tmp_path), str(tmp_path / "routes.yaml"))  # the same without the fault loads

@@ -122,7 +122,9 @@ class FtpServerProtocol(LineServerProtocol):
         factory = self.ftp_factory
         networks = factory.login_without_tls  # [] names no one (not everyone, as allow does)
         trusted = bool(networks) and client_allowed(networks, host)
-        self.codec.login_needs_tls = (factory.tls is not None and factory.tls.require) or not trusted
+        self.codec.login_needs_tls = (
+            factory.tls is not None and factory.tls.require
+        ) or not trusted
         super().connectionMade()
         self.codec.tls = self._tls  # implicit TLS (a tls: endpoint)
 

@@ -1,0 +1,1 @@
+"""SFTP (over SSH, with a key and a pinned host key): a destination for uploaded files."""
