@@ -34,11 +34,16 @@ def _require_root(what: str) -> None:
 
 
 def _system_user(name: str, home: str, password: str | None) -> pwd.struct_passwd:
-    """A system user that cannot log in to a shell; made once, kept for later runs."""
+    """A system user that cannot log in to a shell; made once, kept for later runs (its home
+    set to ``home`` each time: vsftpd enters it before its local_root)."""
     try:
-        return pwd.getpwnam(name)
+        user = pwd.getpwnam(name)
     except KeyError:
         pass
+    else:
+        if user.pw_dir != home:
+            subprocess.run(["usermod", "-d", home, name], check=True, capture_output=True)
+        return pwd.getpwnam(name)
     subprocess.run(
         ["useradd", "--system", "--home-dir", home, "--no-create-home", "--shell",
          "/usr/sbin/nologin", name],
@@ -219,6 +224,7 @@ class Vsftpd:
             "secure_chroot_dir=/var/run/vsftpd/empty\npam_service_name=vsftpd-gateway-test\n"
             f"seccomp_sandbox=NO\npasv_min_port={low}\npasv_max_port={high}\n"
             "connect_from_port_20=NO\nmax_clients=0\nmax_per_ip=0\nlog_ftp_protocol=YES\n"
+            "xferlog_enable=YES\nxferlog_std_format=NO\n"
             f"vsftpd_log_file={self.log_path}\nssl_enable=YES\nrsa_cert_file={cert}\n"
             f"rsa_private_key_file={key}\nforce_local_logins_ssl=NO\n"
             "force_local_data_ssl=NO\nrequire_ssl_reuse=NO\nssl_ciphers=HIGH\n"

@@ -48,10 +48,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from gateway.client_tls import UnverifiedTls, is_ip, load_trust_root
 from gateway.protocols.dns.client import UpstreamError
 from gateway.protocols.dns.wire import Question, WireError, parse_response_question, with_id
 from gateway.protocols.http.body import BytesProducer
-from gateway.protocols.http.client_tls import UnverifiedTls, is_ip, load_trust_root
 
 try:
     import h2.config  # type: ignore[import-not-found, unused-ignore]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -12,6 +13,7 @@ from typing import Any, Literal
 from gateway.config import (
     ClientLimits,
     ConfigPath,
+    DestinationConfig,
     Duration,
     ListenerConfig,
     Network,
@@ -162,3 +164,75 @@ class FtpListenerConfig(ListenerConfig):
         for endpoint in self.listen:
             if endpoint.lower().startswith("udp:"):
                 raise ValueError(f"FTP listens on TCP: write 'tcp:21', not '{endpoint}'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FtpDestinationConfig(DestinationConfig):
+    """An FTP server: each upload is sent under a temporary name, then renamed into place."""
+
+    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.FILE})
+    protocol: Literal["ftp"] = "ftp"
+    url: str = field(
+        metadata=doc("ftp://user@host:port/folder/ : files go below the folder by their name")
+    )
+    password: str = field(
+        metadata=doc("the user's password (password_file: a file holding it)", secret=True)
+    )
+    tls: Literal["none", "may", "require"] = field(
+        default="may",
+        metadata=doc("AUTH TLS, with protected data connections: never, when offered, or always"),
+    )
+    tls_verify: bool = field(default=False, metadata=doc("verify the server's certificate"))
+    ca: ConfigPath | None = field(default=None, metadata=doc("CA file for tls_verify"))
+    overwrite: bool = field(
+        default=False,
+        metadata=doc("replace a file of the same name (else such an upload is a dead letter)"),
+    )
+    max_connections: int = field(
+        default=4, metadata=doc("connections to the server at once", positive=True)
+    )
+    connect_timeout: Duration = field(
+        default=Duration(30), metadata=doc("wait to connect and log in", positive=True)
+    )
+    timeout: Duration = field(
+        default=Duration(120),
+        metadata=doc("wait for each reply, and for each block to move", positive=True),
+    )
+
+    def takes_uploads(self) -> bool:
+        return True
+
+    @property
+    def user(self) -> str:
+        return urllib.parse.unquote(urllib.parse.urlsplit(self.url).username or "")
+
+    @property
+    def host(self) -> str:
+        return urllib.parse.urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urllib.parse.urlsplit(self.url).port or 21
+
+    @property
+    def folder(self) -> str:
+        """The folder files go below, as the server names it ("" for the login folder)."""
+        return urllib.parse.unquote(urllib.parse.urlsplit(self.url).path).rstrip("/")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            parts = urllib.parse.urlsplit(self.url)
+            parts.port  # noqa: B018 (raises ValueError for a bad port)
+        except ValueError as exc:
+            raise ValueError(f"'url' {self.url!r}: {exc}") from None
+        if parts.scheme != "ftp" or not parts.hostname or not parts.username:
+            raise ValueError(f"'url' must be ftp://user@host[:port]/folder/, not {self.url!r}")
+        if parts.password is not None:
+            raise ValueError("'url' holds no password: give it in 'password' or 'password_file'")
+        if parts.query or parts.fragment:
+            raise ValueError(f"'url' has no query or fragment: {self.url!r}")
+        if self.tls_verify and self.tls == "none":
+            raise ValueError("'tls_verify' needs TLS: set tls to may or require")
+        if self.ca is not None and not self.tls_verify:
+            raise ValueError("'ca' is for tls_verify: set tls_verify: true")

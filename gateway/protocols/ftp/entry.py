@@ -1,11 +1,12 @@
 """The registry entry of FTP: a listener whose uploads are stored and delivered, and whose
-downloads and listings come from file sources."""
+downloads and listings come from file sources; a destination that uploads to a server."""
 
 from __future__ import annotations
 
-from gateway.ports import ProtocolEntry, listener_entry
+from gateway.ports import ProtocolEntry, destination_entry, listener_entry
 from gateway.protocols._files import FileMatch, check_file_route, file_dry_run, match_file
-from gateway.protocols.ftp.config import FtpListenerConfig
+from gateway.protocols.ftp.config import FtpDestinationConfig, FtpListenerConfig
+from gateway.protocols.ftp.destination import FtpDestination
 from gateway.protocols.ftp.listener import FtpListener, refusal
 
 PROTOCOLS = (
@@ -25,5 +26,6 @@ PROTOCOLS = (
             ),
             refusal=refusal,
         ),
+        destination=destination_entry(FtpDestinationConfig, FtpDestination),
     ),
 )

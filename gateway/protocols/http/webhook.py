@@ -80,10 +80,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from gateway.client_tls import UnverifiedTls, load_trust_root
 from gateway.message import Article, Kind, MailMessage, Message
 from gateway.ports import Deliverer, Outcome
 from gateway.protocols.http.body import BytesProducer
-from gateway.protocols.http.client_tls import UnverifiedTls, load_trust_root
 from gateway.protocols.http.config import WebhookDestinationConfig
 from gateway.signing import sign
 

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.protocol import Factory
 
-from gateway.protocols.http.client_tls import UnverifiedTls, is_ip, load_trust_root
+from gateway.client_tls import UnverifiedTls, is_ip, load_trust_root
 from tests.support.tls import server_key_and_certificate
 
 

@@ -1,4 +1,4 @@
-"""TLS for the gateway's HTTP clients (the web hook destination and DNS over HTTPS).
+"""TLS for the gateway's clients (web hooks, DNS over HTTPS, FTP destinations).
 
 A CA file named in the configuration becomes a trust root; ``verify: false``
 becomes a connection creator that checks nothing but still sends SNI.
