@@ -261,8 +261,9 @@ class Deliverer(Destination):
 
 
 class FileSink(Deliverer):
-    """A store-and-forward destination of uploaded files (FileMessage): a folder, later an
-    FTP or SFTP server.  ``takes_uploads`` is False where the operator made it read-only."""
+    """A store-and-forward destination of uploaded files (FileMessage): a folder, an FTP or
+    SFTP server, a web service.  ``takes_uploads`` is False where the operator made it
+    read-only."""
 
     takes_uploads: bool = True
 

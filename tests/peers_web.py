@@ -92,6 +92,7 @@ class Nginx:
         self.error_log = self.workdir / "error.log"
         self.access_log_path = self.workdir / "access.log"
         self.root = self.workdir / "www"
+        self.posted = self.workdir / "posted"  # request bodies POSTed to /post, one file each
 
     @property
     def url(self) -> str:
@@ -146,6 +147,14 @@ class Nginx:
             echo_read_request_body;
             echo "received";
         }}
+        # Uploads: PUT below /dav/ (WebDAV, folders made), POSTs kept whole in posted/.
+        location /dav/ {{ dav_methods PUT; create_full_put_path on; }}
+        location = /post {{
+            client_body_in_file_only on;
+            client_body_temp_path {self.posted};
+            echo_read_request_body;
+            echo "stored";
+        }}
         location = /hook {{
             default_type application/json;
             return 200 '{{"ok": true}}\\n';
@@ -189,6 +198,8 @@ http {{
         binary = require_binary("nginx")
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "dav").mkdir(exist_ok=True)
+        self.posted.mkdir(exist_ok=True)
         (self.root / "file").write_bytes(bytes(range(256)) * (FILE_SIZE // 256))
         if self.big_size:
             big = self.root / "big"

@@ -145,11 +145,19 @@ class HttpListenerConfig(ListenerConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class WebhookDestinationConfig(DestinationConfig):
-    """POSTs each mail (or article) as JSON to a web hook URL (the mail_to_http conversion)."""
+    """POSTs each mail (or article) as JSON to a web hook URL (the mail_to_http conversion);
+    sends each uploaded file to a web service (PUT at the URL plus its name, or POST)."""
 
-    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.MAIL, Kind.ARTICLE})
+    kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.MAIL, Kind.ARTICLE, Kind.FILE})
     protocol: Literal["webhook"] = "webhook"
     url: WebhookUrl = field(metadata=doc("where to POST, e.g. https://hooks.example/mail"))
+    method: Literal["POST", "PUT"] = field(
+        default="POST",
+        metadata=doc(
+            "for files: PUT each at the URL plus its name, or POST it to the URL as"
+            " multipart/form-data (field 'file'); mail and articles are always POSTed"
+        ),
+    )
     secret: str | None = field(
         default=None,
         metadata=doc("sign each body with HMAC-SHA256 using this shared secret", secret=True),
@@ -170,6 +178,9 @@ class WebhookDestinationConfig(DestinationConfig):
     )
     ca: ConfigPath | None = field(default=None, metadata=doc("CA file to verify the server"))
     verify: bool = field(default=True, metadata=doc("verify an https server's certificate"))
+
+    def takes_uploads(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True, kw_only=True)

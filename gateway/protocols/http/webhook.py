@@ -47,12 +47,14 @@ import email.message
 import email.policy
 import email.utils
 import json
+import mimetypes
+import os
 import re
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, Deferred
@@ -67,6 +69,7 @@ from twisted.internet.error import (
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent
@@ -81,11 +84,11 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from gateway.client_tls import UnverifiedTls, load_trust_root
-from gateway.message import Article, Kind, MailMessage, Message
-from gateway.ports import Deliverer, Outcome
-from gateway.protocols.http.body import BytesProducer
+from gateway.message import Article, FileMessage, Kind, MailMessage, Message
+from gateway.ports import FileProblem, FileSink, Outcome, tidy_name
+from gateway.protocols.http.body import BytesProducer, FileProducer
 from gateway.protocols.http.config import WebhookDestinationConfig
-from gateway.signing import sign
+from gateway.signing import sign, sign_file
 
 __all__ = [
     "WebhookDestination",
@@ -411,8 +414,9 @@ def _describe(exc: BaseException, origin: str) -> str:
     return f"request to {origin} failed: {'; '.join(str(v) or type(v).__name__ for v in reasons)}"
 
 
-class WebhookDestination(Deliverer):
-    """POSTs spooled mail and articles as JSON over a pool of keep-alive connections."""
+class WebhookDestination(FileSink):
+    """POSTs spooled mail and articles as JSON, and sends uploaded files (PUT or POST), over a
+    pool of keep-alive connections."""
 
     def __init__(
         self,
@@ -480,8 +484,12 @@ class WebhookDestination(Deliverer):
         return headers
 
     async def deliver(self, message: Message) -> Outcome:
+        if isinstance(message, FileMessage) and message.path:
+            return await self._deliver_file(message)
         if not isinstance(message, MailMessage | Article):
-            return Outcome.permanent(f"a web hook takes mail and articles, not {message.kind}")
+            return Outcome.permanent(
+                f"a web hook takes mail, articles and uploaded files, not {message.kind}"
+            )
         try:
             body = encode_document(
                 message_document(message, attachment_limit=int(self.config.attachment_limit))
@@ -512,23 +520,107 @@ class WebhookDestination(Deliverer):
                 timer.cancel()
         return outcome_for_status(self.shown_url, status, phrase, snippet, retry_after)
 
-    async def _post(self, body: bytes, headers: Headers) -> tuple[int, str, float | None, bytes]:
+    async def _deliver_file(self, message: FileMessage) -> Outcome:
+        """An uploaded file, streamed from the spool: PUT at the URL plus its name, or POSTed
+        to the URL as the one part of a multipart/form-data body."""
         try:
-            return await self._once(body, headers)
+            name = tidy_name(message.name)
+        except FileProblem as exc:
+            return Outcome.permanent(exc.detail)
+        leaf = name.rpartition("/")[2]
+        kind = mimetypes.guess_type(leaf)[0] or "application/octet-stream"
+        headers = Headers(
+            {b"user-agent": [_USER_AGENT], b"idempotency-key": [message.id.encode("ascii")]}
+        )
+        for header, value in self._extra:
+            headers.addRawHeader(header.encode("latin-1"), value.encode("utf-8"))
+        url: str = self.url
+        prefix, suffix = b"", b""
+        if self.config.method == "PUT":
+            parts = urlsplit(self.url)
+            path = parts.path.rstrip("/") + "/" + quote(name)
+            url = urlunsplit(parts._replace(path=path))
+            headers.setRawHeaders(b"content-type", [kind.encode("ascii")])
+        else:
+            boundary = f"gateway-{message.id}-{os.urandom(8).hex()}"
+            quoted = leaf.replace("\\", "\\\\").replace('"', '\\"')
+            prefix = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file";'
+                f' filename="{quoted}"\r\nContent-Type: {kind}\r\n\r\n'
+            ).encode("utf-8", "replace")
+            suffix = f"\r\n--{boundary}--\r\n".encode("ascii")
+            headers.setRawHeaders(
+                b"content-type", [f"multipart/form-data; boundary={boundary}".encode("ascii")]
+            )
+        if self.config.secret:
+            signature = await deferToThreadPool(
+                self.reactor,
+                self.reactor.getThreadPool(),
+                sign_file,
+                self.config.secret,
+                prefix,
+                message.path,
+                suffix,
+            )
+            headers.setRawHeaders(
+                self.config.signature_header.encode("latin-1"), [signature.encode("ascii")]
+            )
+        timeout = float(self.config.timeout)
+        timer: Any = None
+        attempt: Deferred[tuple[int, str, float | None, bytes]]
+
+        def expire() -> None:
+            attempt.cancel()
+
+        def progress() -> None:
+            # A large file takes its time: the timeout is for a stall, not for the whole.
+            if timer is not None and timer.active():
+                timer.reset(timeout)
+
+        def body() -> Any:
+            return FileProducer(self.reactor, message.path, prefix, suffix, progress)
+
+        self.requests += 1
+        method = self.config.method.encode("ascii")
+        attempt = Deferred.fromCoroutine(self._post(body, headers, method, url))
+        timer = self.reactor.callLater(timeout, expire)
+        shown = urlunsplit(urlsplit(url)._replace(query="", fragment=""))
+        try:
+            status, phrase, retry_after, snippet = await attempt
+        except OSError as exc:
+            return Outcome.temporary(f"cannot read the spooled file: {exc.strerror or exc}")
+        except CancelledError:
+            return Outcome.temporary(f"{shown} stalled for {timeout:g}s")
+        except Exception as exc:
+            return Outcome.temporary(_describe(exc, self._origin))
+        finally:
+            if timer.active():
+                timer.cancel()
+        return outcome_for_status(shown, status, phrase, snippet, retry_after)
+
+    async def _post(
+        self, body: Any, headers: Headers, method: bytes = b"POST", url: str = ""
+    ) -> tuple[int, str, float | None, bytes]:
+        """``body`` is the bytes, or a function that makes a new body producer each time."""
+        try:
+            return await self._once(body, headers, method, url)
         except _Stale:
             pass
         try:
-            return await self._once(body, headers)
+            return await self._once(body, headers, method, url)
         except _Stale as exc:
             raise exc.__cause__ or exc from None
 
-    async def _once(self, body: bytes, headers: Headers) -> tuple[int, str, float | None, bytes]:
+    async def _once(
+        self, body: Any, headers: Headers, method: bytes, url: str
+    ) -> tuple[int, str, float | None, bytes]:
+        producer: Any = BytesProducer(body) if isinstance(body, bytes) else body()
         try:
             response: Any = await self._agent.request(
-                b"POST",
-                self.url.encode("ascii", "strict"),
+                method,
+                (url or self.url).encode("ascii", "strict"),
                 headers,
-                BytesProducer(body),  # type: ignore[arg-type]
+                producer,
             )
         except CancelledError:
             raise
