@@ -88,21 +88,22 @@ def match_file(
 
 def check_file_route(route: Route, context: RouteContext) -> Route:
     """A route from file listeners names destinations that serve files (reads come from
-    the first of them) or take them (uploads go to all of them)."""
+    the first of them) or take them (uploads go to all of them), or transforms that turn
+    uploads into what its destinations take."""
     if len(context.kinds) > 1:
         context.problem("from_", "a route takes either file listeners or others, not both")
     if not route.to:
         context.problem("to", "a file route names the destination(s) files come from or go to")
-    for name in route.to:
+    # With transforms (file_to_mail), the router checks that their output reaches 'to'.
+    for name in () if route.transforms else route.to:
         entry = context.destination_entry(name)
         if entry is not None and not entry.serves_files and Kind.FILE not in entry.config.kinds:
             context.problem(
                 "to",
                 f"destination '{name}' neither serves nor takes files; a file route needs"
-                " one that does (protocol: folder, or http for a web server)",
+                " one that does (protocol: folder, sftp, ftp, webhook, or http for a web"
+                " server), or a transform such as file_to_mail",
             )
-    if route.transforms:
-        context.problem("transforms", "transforms do not apply to file routes yet")
     if route.continue_:
         context.problem("continue", "a file request is answered by one route: no 'continue'")
     return route

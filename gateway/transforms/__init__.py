@@ -6,6 +6,7 @@ import importlib
 import types
 
 _MODULES = (
+    "gateway.transforms.file_mail",
     "gateway.transforms.headers",
     "gateway.transforms.http_mail",
     "gateway.transforms.mail_to_news",

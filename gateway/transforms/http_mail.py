@@ -96,11 +96,11 @@ class Payload:
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 
-def render(template: str, lookup: Any, what: str) -> str:
+def render(template: str, lookup: Any, what: str, transform: str = "http_to_mail") -> str:
     """Fill ``{path}`` placeholders of ``template`` with ``lookup(path, what)``.
 
-    ``{{`` and ``}}`` stand for literal braces. ``what`` names the option in
-    messages. A stray brace raises ValueError (a mistake in routes.yaml).
+    ``{{`` and ``}}`` stand for literal braces. ``what`` names the option (of
+    ``transform``) in messages. A stray brace raises ValueError (a mistake in routes.yaml).
     """
     out: list[str] = []
     pos = 0
@@ -116,14 +116,14 @@ def render(template: str, lookup: Any, what: str) -> str:
             name = m.group(1).strip()
             if not name:
                 raise ValueError(
-                    f"option {what} of http_to_mail has an empty placeholder at position"
+                    f"option {what} of {transform} has an empty placeholder at position"
                     f" {m.start()}; write {{{{field}}}} in routes.yaml"
                 )
             out.append(as_text(lookup(name, what)))
         else:
             raise ValueError(
-                f"option {what} of http_to_mail has a lone '{token}' at position {m.start()};"
-                " a payload field is written {{field}} in routes.yaml and a literal brace"
+                f"option {what} of {transform} has a lone '{token}' at position {m.start()};"
+                " a field is written {{field}} in routes.yaml and a literal brace"
                 " {{{{ or }}}}"
             )
     out.append(template[pos:])
@@ -372,7 +372,7 @@ def check_signature(request: HttpRequest, options: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- the mail
 
 
-def _addresses(value: Any, option: str, *, required: bool) -> list[str]:
+def address_list(value: Any, option: str, *, required: bool) -> list[str]:
     entries: Sequence[Any] = [value] if isinstance(value, str) else (value or ())
     texts = [str(e).strip() for e in entries if str(e).strip()]
     if required and not texts:
@@ -391,7 +391,7 @@ _ENCODED_WORD_START = "=?"
 _NOT_7BIT_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """``text`` on one line: control characters (CR, LF, NUL, ESC...) become spaces."""
     return " ".join(_CONTROL.sub(" ", text).split())
 
@@ -403,7 +403,7 @@ def subject_field(text: str) -> bytes:
     RFC 2047 encoded word, is encoded here (RFC 2047, UTF-8), so that whatever the payload
     says reads back as the same text and can never decode into a line break.
     """
-    text = _one_line(text)
+    text = one_line(text)
     words = text.split(" ")
     plain = (
         text.isascii()
@@ -427,7 +427,7 @@ def subject_field(text: str) -> bytes:
 
 
 def _safe_filename(name: str) -> str:
-    return _one_line(name) or "upload"
+    return one_line(name) or "upload"
 
 
 @transform(
@@ -460,10 +460,10 @@ def http_to_mail(request: HttpRequest, options: Mapping[str, Any]) -> MailMessag
     check_signature(request, options)
     payload = parse_payload(request)
 
-    froms = _addresses(options.get("from"), "from", required=True)
+    froms = address_list(options.get("from"), "from", required=True)
     if len(froms) != 1:
         raise ValueError("route option 'from' of http_to_mail must be one address")
-    recipients_text = _addresses(options.get("to"), "to", required=True)
+    recipients_text = address_list(options.get("to"), "to", required=True)
     parts = urlsplit(request.target)
     meta = {
         "@method": request.method,
@@ -484,7 +484,7 @@ def http_to_mail(request: HttpRequest, options: Mapping[str, Any]) -> MailMessag
             return meta[path]
         return find(payload.data, path, payload.source, what)
 
-    subject = _one_line(render(str(options.get("subject") or DEFAULT_SUBJECT), lookup, "subject"))
+    subject = one_line(render(str(options.get("subject") or DEFAULT_SUBJECT), lookup, "subject"))
     if options.get("body") is not None:
         text = render(str(options["body"]), lookup, "body")
     elif options.get("body_field"):

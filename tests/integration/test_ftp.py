@@ -7,6 +7,8 @@ to the client's own address; kill -9 during 200 uploads."""
 from __future__ import annotations
 
 import concurrent.futures
+import email
+import email.policy
 import ftplib
 import hashlib
 import json
@@ -23,7 +25,14 @@ import pytest
 
 from gateway.users import hash_password
 from tests.conftest import GatewayFactory
-from tests.peers import free_port, make_tls_cert, require_binary, small_disk, wait_until
+from tests.peers import (
+    SmtpSink,
+    free_port,
+    make_tls_cert,
+    require_binary,
+    small_disk,
+    wait_until,
+)
 
 MIB = 1024 * 1024
 PASSWORD = "scan-pw"
@@ -395,3 +404,53 @@ def test_reads_and_lookups_come_from_the_routes_folder(
     assert stored.startswith("incoming/today/scan.") and stored.endswith(".pdf"), reply
     assert ftp.delivered(stored).read_bytes() == b"%PDF"
     client.quit()
+
+
+def test_uploads_become_mail_with_the_file_attached(
+    gateway_factory: GatewayFactory, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    port, admin = free_port(), free_port()
+    gw = gateway_factory(f"""
+version: 1
+admin: tcp:{admin}:interface=127.0.0.1
+listeners:
+  drop:
+    protocol: ftp
+    listen: tcp:{port}:interface=127.0.0.1
+    users: {{scan: '{HASH}'}}
+destinations:
+  relay: {{protocol: smtp, connect: "tcp:127.0.0.1:{smtp_sink.port}"}}
+routes:
+  - name: scans
+    from: drop
+    match: {{name: '^(?P<office>[a-z]+)/.*\\.pdf$', size: '<1MiB'}}
+    transforms: [file_to_mail]
+    options:
+      from: 'Scanner <scanner@example.test>'
+      to: ['{{office}}@example.test']
+      subject: 'Scan {{{{file}}}} for {{office}} ({{{{size}}}} bytes)'
+    to: relay
+""")
+    gw.start([port, admin])
+    data = b"%PDF-1.4\n" + os.urandom(200_000)
+    local = tmp_path / "a.pdf"
+    local.write_bytes(data)
+    done = _run(["curl", "-sS", "-w", "%{response_code}", "-T", str(local),
+                 f"ftp://scan:{PASSWORD}@127.0.0.1:{port}/paris/a.pdf"])  # fmt: skip
+    assert done.stdout == "226", done
+    # Too large for the route's size: no route takes it (553, after the transfer).
+    big = tmp_path / "big.pdf"
+    big.write_bytes(os.urandom(2 * MIB))
+    done = _run(["curl", "-sS", "-w", "%{response_code}", "-T", str(big),
+                 f"ftp://scan:{PASSWORD}@127.0.0.1:{port}/paris/big.pdf"])  # fmt: skip
+    assert done.stdout == "553", done
+    [mail] = smtp_sink.wait_for(1)
+    parsed = email.message_from_bytes(mail.raw, policy=email.policy.default)
+    assert parsed["Subject"] == f"Scan a.pdf for paris ({len(data)} bytes)"
+    assert parsed["To"] == "paris@example.test"
+    [attachment] = list(parsed.iter_attachments())
+    assert attachment.get_filename() == "a.pdf"
+    assert attachment.get_content_type() == "application/pdf"
+    assert attachment.get_content() == data
+    spool = tmp_path / "var" / "spool"
+    assert list((spool / "incoming").iterdir()) == []

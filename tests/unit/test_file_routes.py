@@ -11,6 +11,7 @@ import pytest
 from gateway.config import ConfigError, SizeRange, parse
 from gateway.message import FileMessage
 from gateway.protocols._files import match_file, select_route
+from gateway.service import load_checked
 from gateway.users import hash_password
 
 HASH = hash_password("pw")
@@ -117,12 +118,27 @@ def test_ftp_listener_settings_are_checked(tmp_path: Path, listener: str, proble
 
 
 def test_file_routes_name_destinations_that_serve_or_take_files(tmp_path: Path) -> None:
-    text = _config(tmp_path, FTP, "  - {name: r, from: drop, to: hook}").replace(
+    text = _config(tmp_path, FTP, "  - {name: r, from: drop, to: relay}").replace(
         "destinations:\n",
-        "destinations:\n  hook: {protocol: webhook, url: 'http://127.0.0.1:1/'}\n",
+        "destinations:\n  relay: {protocol: smtp, connect: 'tcp:127.0.0.1:25'}\n",
     )
     with pytest.raises(ConfigError, match="neither serves nor takes files"):
         parse(text)
+    # With file_to_mail in between, mail goes to the relay; mail cannot go through it.
+    options = "options: {from: a@example.test, to: b@example.test}"
+    mailed = tmp_path / "mailed.yaml"
+    mailed.write_text(
+        text.replace("to: relay}", f"to: relay, transforms: [file_to_mail], {options}}}")
+    )
+    load_checked(mailed)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(
+        mailed.read_text()
+        .replace("listeners:\n", "listeners:\n  mail: {protocol: smtp, listen: 'tcp:2525'}\n")
+        .replace("from: drop", "from: mail")
+    )
+    with pytest.raises(ConfigError, match="takes file messages but gets mail"):
+        load_checked(wrong)
     with pytest.raises(ConfigError, match="no 'continue'"):
         parse(_config(tmp_path, FTP, "  - {name: r, from: drop, to: inbox, continue: true}"))
 

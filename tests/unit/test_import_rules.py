@@ -2,7 +2,8 @@
 
 * A protocol (``gateway/protocols/...``) never imports the service, the spool,
   the delivery workers, the metrics or the admin site: it is handed a
-  GatewayPort and publishes Metric values.
+  GatewayPort and publishes Metric values.  Nor does it import another
+  protocol: what several share is in ``gateway/protocols/_*.py`` or the core.
 * The core imports no protocol module; it may ask the registry
   (``from gateway.protocols import registry``), nothing below it.
 * Transforms import no protocol module.
@@ -26,6 +27,7 @@ FORBIDDEN_IN_PROTOCOLS = (
     "gateway.cli",
     "gateway.queue_cli",
 )
+_BELOW = tuple(f"{m}." for m in FORBIDDEN_IN_PROTOCOLS)
 # What the core may take from the registry package itself (not from a protocol in it).
 REGISTRY_NAMES = {"registry", "Registry", "RegistryError", "AddedKey", "BUILTIN", "load"}
 
@@ -72,9 +74,17 @@ def violations(path: Path, source: str | None = None) -> list[str]:
         loaded = targets(module, name)
         where = f"{path.relative_to(PACKAGE.parent)}:{line}"
         if here.startswith("gateway.protocols."):
-            bad = [m for m in loaded if m.startswith(FORBIDDEN_IN_PROTOCOLS)]
+            bad = [m for m in loaded if m in FORBIDDEN_IN_PROTOCOLS or m.startswith(_BELOW)]
             if bad:
                 found.append(f"{where}: a protocol imports {bad[0]}")
+            own = here.split(".")[2]
+            for target in loaded:
+                parts = target.split(".")
+                if target.startswith("gateway.protocols.") and not (
+                    parts[2] == own or parts[2].startswith("_") or own.startswith("_")
+                ):
+                    found.append(f"{where}: a protocol imports another protocol's {target}")
+                    break
         elif here.startswith("gateway.transforms"):
             if module.startswith("gateway.protocols"):
                 found.append(f"{where}: a transform imports {module}")
@@ -106,6 +116,11 @@ def test_imports_follow_the_layers(path: Path) -> None:
             "protocols/smtp/listener.py",
             "def f():\n    from gateway.service import GatewayService\n",
             "a protocol imports gateway.service",
+        ),
+        (
+            "protocols/dns/doh_client.py",
+            "from gateway.protocols.http.codec import Request\n",
+            "a protocol imports another protocol's gateway.protocols.http.codec",
         ),
         (
             "protocols/nntp/poller.py",

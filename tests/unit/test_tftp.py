@@ -79,8 +79,10 @@ def test_names_stay_inside_the_folder(tmp_path: Path) -> None:
     assert inside(root, "/pxelinux.0") == (root / "pxelinux.0").resolve()
     assert inside(root, "\\pxelinux.0") == (root / "pxelinux.0").resolve()
     assert inside(root, "a/../pxelinux.0") == (root / "pxelinux.0").resolve()
+    # "/" is the folder itself (what an FTP listing of the top asks for).
+    assert inside(root, "/") == root.resolve()
     for name, reason in (("../secret", "denied"), ("link", "denied"), ("nope", "not-found"),
-                         ("/", "not-found")):  # fmt: skip
+                         ("/..", "denied")):  # fmt: skip
         with pytest.raises(FileProblem) as caught:
             inside(root, name)
         assert caught.value.reason == reason, name

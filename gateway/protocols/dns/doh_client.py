@@ -49,9 +49,9 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from gateway.client_tls import UnverifiedTls, is_ip, load_trust_root
+from gateway.protocols._bodies import BytesProducer
 from gateway.protocols.dns.client import UpstreamError
 from gateway.protocols.dns.wire import Question, WireError, parse_response_question, with_id
-from gateway.protocols.http.body import BytesProducer
 
 try:
     import h2.config  # type: ignore[import-not-found, unused-ignore]

@@ -355,6 +355,9 @@ class FtpListener(StreamListener[FtpListenerConfig]):
                 self.rejected += 1
             self._count(request.verb, "refused")
             return _reply(refusal(verdict))
+        # Stored, its content moved into the spool; or turned into something else
+        # (file_to_mail), the content no longer needed.
+        upload.discard()
         self.accepted += 1
         self.bytes_received += upload.size
         self._count(request.verb, "complete")

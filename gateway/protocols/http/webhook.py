@@ -86,7 +86,7 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 from gateway.client_tls import UnverifiedTls, load_trust_root
 from gateway.message import Article, FileMessage, Kind, MailMessage, Message
 from gateway.ports import FileProblem, FileSink, Outcome, tidy_name
-from gateway.protocols.http.body import BytesProducer, FileProducer
+from gateway.protocols._bodies import BytesProducer, FileProducer
 from gateway.protocols.http.config import WebhookDestinationConfig
 from gateway.signing import sign, sign_file
 

@@ -175,7 +175,8 @@ class TftpSockets(Listener[TftpListenerConfig]):
         route's destinations, and only then given its final ACK."""
         table = self.gateway.current()
         takers = [table.destination(n) for n in route.to]
-        if not takers or not all(isinstance(d, FileSink) and d.takes_uploads for d in takers):
+        taken = route.transforms or all(isinstance(d, FileSink) and d.takes_uploads for d in takers)
+        if not takers or not taken:
             self._refuse(server, client, codec.ACCESS_VIOLATION, "this name is for reads only")
             return
         terms = codec.negotiate(
@@ -207,6 +208,9 @@ class TftpSockets(Listener[TftpListenerConfig]):
             verdict = await self.gateway.submit(message)
             if verdict.ok:
                 self.accepted += 1
+                # Stored, its content moved into the spool; or turned into something else
+                # (file_to_mail), the content no longer needed.
+                upload.discard()
                 return None
             code = _UPLOAD_ERRORS.get(verdict.reason, codec.NOT_DEFINED)
             return code, (verdict.detail or verdict.reason.value)[:200]
