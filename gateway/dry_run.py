@@ -182,8 +182,11 @@ async def simulate(config: Config, transforms: Transforms, sample: Sample) -> Si
         return result
     result.trace += trace.steps
     if isinstance(message, FileMessage):
-        # An upload is taken only when every destination of its route takes uploads.
+        # An upload is taken only when every destination of its route takes uploads (unless
+        # a transform made something else of it: file_to_mail).
         for r in routed:
+            if not isinstance(r.message, FileMessage):
+                continue
             closed = [d for d in r.destinations if not config.destinations[d].takes_uploads()]
             if closed:
                 result.refused = f"access violation: {', '.join(closed)} take(s) no uploads"

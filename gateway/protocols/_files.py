@@ -9,6 +9,10 @@ byte arrives (the name, the client, the user).
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +113,25 @@ def check_file_route(route: Route, context: RouteContext) -> Route:
     return route
 
 
+_STAND_INS: list[str] = []
+
+
+def stand_in(size: int) -> str:
+    """A file of ``size`` zero bytes (sparse: it takes no room) that stands in for an
+    upload's content in a dry run, where transforms (file_to_mail) read it; removed when
+    the process ends."""
+    if not _STAND_INS:
+        folder = tempfile.mkdtemp(prefix="gateway-dry-run-")
+        _STAND_INS.append(folder)
+        atexit.register(shutil.rmtree, folder, True)
+    handle, path = tempfile.mkstemp(dir=_STAND_INS[0])
+    try:
+        os.ftruncate(handle, size)
+    finally:
+        os.close(handle)
+    return path
+
+
 def file_dry_run(protocol: str, *, not_allowed: str, not_found: str, too_big: str) -> DryRun:
     """A file listener's dry run (``gateway route --dry-run --file``): how a read of
     ``sample.name`` would be answered, or the message an upload would become (the router
@@ -134,7 +157,7 @@ def file_dry_run(protocol: str, *, not_allowed: str, not_found: str, too_big: st
             upload = FileMessage(
                 name=name,
                 size=sample.size,
-                path="(the upload)",
+                path=stand_in(sample.size or 0),
                 listener=config.name,
                 client=sample.client,
                 user=sample.user,
