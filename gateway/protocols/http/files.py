@@ -169,6 +169,7 @@ class HttpFiles:
         self.pool.maxPersistentPerHost = 8
         self.fetched = 0
         self.failures = 0
+        self.agents: dict[int, Any] = {}  # one Agent per upstream (by id: they live as long)
 
     async def fetch(self, name: str) -> FileReader:
         path = tidy_name(name)
@@ -193,14 +194,17 @@ class HttpFiles:
             return self._answer(response, url, name)
 
     async def _get(self, upstream: Any, url: str) -> Any:
-        endpoint = upstream.endpoint
+        agent = self.agents.get(id(upstream))
+        if agent is None:
+            endpoint = upstream.endpoint
 
-        class _One:
-            def endpointForURI(self, uri: Any) -> Any:
-                return endpoint
+            class _One:
+                def endpointForURI(self, uri: Any) -> Any:
+                    return endpoint
 
-        untyped: Any = Agent
-        agent = untyped.usingEndpointFactory(self.reactor, _One(), pool=self.pool)
+            untyped: Any = Agent
+            agent = untyped.usingEndpointFactory(self.reactor, _One(), pool=self.pool)
+            self.agents[id(upstream)] = agent
         headers = Headers({b"user-agent": [f"gateway/{__version__} (tftp)".encode()]})
         d: Deferred[Any] = agent.request(b"GET", url.encode(), headers)
         d.addTimeout(self.timeout, self.reactor)
