@@ -323,6 +323,8 @@ class FileMessage(Message):
     name: str = ""
     size: int | None = None
     path: str = ""
+    # The content goes at the end of the file of that name (FTP APPE), not in its place.
+    append: bool = False
 
 
 # --- kinds and how the spool stores them ---------------------------------------------------
@@ -425,11 +427,16 @@ def _decode_article(meta: Mapping[str, Any], body: bytes, common: dict[str, Any]
 
 def _encode_file(message: FileMessage) -> tuple[dict[str, Any], bytes]:
     # The content stays in its own file: the spool moves it into its files folder.
-    return {"name": message.name, "size": message.size}, b""
+    meta: dict[str, Any] = {"name": message.name, "size": message.size}
+    if message.append:
+        meta["append"] = True
+    return meta, b""
 
 
 def _decode_file(meta: Mapping[str, Any], body: bytes, common: dict[str, Any]) -> Message:
-    return FileMessage(name=meta["name"], size=meta["size"], **common)
+    return FileMessage(
+        name=meta["name"], size=meta["size"], append=bool(meta.get("append")), **common
+    )
 
 
 register_kind(KindSpec(Kind.MAIL, MailMessage, _encode_mail, _decode_mail))

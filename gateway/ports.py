@@ -266,6 +266,9 @@ class FileSink(Deliverer):
     read-only."""
 
     takes_uploads: bool = True
+    # Whether it can put an upload at the end of a file (FTP APPE) all at once, so that a
+    # retry never appends a piece twice: a folder can; a server over the network cannot.
+    appends: bool = False
 
 
 Q_contra = TypeVar("Q_contra", contravariant=True)

@@ -73,6 +73,13 @@ def test_files_are_put_below_the_url(
     stored = nginx.root / "dav" / "office" / "2026" / "scan 1.pdf"
     wait_until(lambda: (stored.exists() and stored.stat().st_size == len(data)) or None, "the PUT")
     assert stored.read_bytes() == data
+    # A web service cannot be asked to add to a file: APPE is refused before data moves.
+    done = subprocess.run(
+        [require_binary("curl"), "-sS", "--append", "-w", "%{response_code}", "-T", str(local),
+         f"ftp://scan:pw@127.0.0.1:{ftp}/office/2026/scan%201.pdf"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout == "550", done
     # A URL where the server refuses PUT (405): a dead letter that says so.
     gw.stop()
     ftp, gw = _gateway(gateway_factory, f"{nginx.url}/hook/", "PUT")

@@ -253,6 +253,11 @@ def test_uploads_that_break_off_or_cannot_be_taken_leave_nothing(
         client.retrbinary("RETR pub/missing.bin", lambda b: None)
     client.storbinary("STOR fine.txt", _Chunks(b"fine\n"))  # the session goes on
     assert ftp.delivered("fine.txt").read_bytes() == b"fine\n"
+    # APPE adds to the folder's file (a folder can do it all at once).
+    client.storbinary("APPE fine.txt", _Chunks(b"more\n"))
+    wait_until(
+        lambda: (ftp.inbox / "fine.txt").read_bytes() == b"fine\nmore\n" or None, "the append"
+    )
     client.quit()
     time.sleep(0.5)
     assert sorted(p.name for p in ftp.inbox.iterdir()) == ["fine.txt"]

@@ -25,7 +25,11 @@ def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[st
 
 
 def _gateway(
-    gateway_factory: GatewayFactory, vsftpd: Vsftpd, settings: str = "", password: str = ""
+    gateway_factory: GatewayFactory,
+    vsftpd: Vsftpd,
+    settings: str = "",
+    password: str = "",
+    routes: str = "",
 ) -> tuple[int, int, int, GatewayProcess]:
     ftp, tftp, admin = free_port(), free_port("udp"), free_port()
     gw = gateway_factory(f"""
@@ -48,7 +52,7 @@ destinations:
     retry_max: 2s
 {settings}
 routes:
-  - {{name: uploads, from: [drop, boot], match: {{name: '\\.(cfg|bin)$'}}, to: archive}}
+{routes}  - {{name: uploads, from: [drop, boot], match: {{name: '\\.(cfg|bin)$'}}, to: archive}}
 """)
     gw.start([ftp, admin])
     return ftp, tftp, admin, gw
@@ -141,3 +145,34 @@ def test_a_server_that_is_down_or_refuses_the_login_gets_the_files_later(
         "the delivery to wait, saying the login was refused",
     )
     assert len(waiting) == 1 and not (vsftpd.incoming / "refused.bin").exists()
+
+
+def test_downloads_listings_and_tftp_reads_come_from_the_ftp_server(
+    gateway_factory: GatewayFactory, vsftpd: Vsftpd, tmp_path: Path
+) -> None:
+    pub = vsftpd.incoming / "pub"
+    pub.mkdir()
+    data = os.urandom(3 * 1024 * 1024 + 11)
+    (pub / "image.bin").write_bytes(data)
+    (pub / "sub").mkdir()
+    ftp, tftp, _, _ = _gateway(
+        gateway_factory,
+        vsftpd,
+        "    tls: require",
+        routes="  - {name: reads, from: [drop, boot], match: {name: '^pub(/|$)'}, to: archive}\n",
+    )
+    curl = require_binary("curl")
+    out = tmp_path / "got.bin"
+    done = _run([curl, "-sS", "-o", str(out), f"ftp://scan:pw@127.0.0.1:{ftp}/pub/image.bin"])
+    assert done.returncode == 0 and out.read_bytes() == data, done
+    listing = _run([curl, "-sS", f"ftp://scan:pw@127.0.0.1:{ftp}/pub/"])
+    lines = listing.stdout.splitlines()
+    assert any(line.endswith(" image.bin") and f" {len(data)} " in line for line in lines), lines
+    assert any(line.startswith("d") and line.endswith(" sub") for line in lines), lines
+    done = _run([curl, "-sS", f"ftp://scan:pw@127.0.0.1:{ftp}/pub/missing.bin"])
+    assert done.returncode == 78, done  # 550: the file does not exist
+    # TFTP reads from the FTP server too, streamed.
+    out = tmp_path / "tftp.bin"
+    done = _run([require_binary("atftp"), "--get", "-r", "pub/image.bin", "-l", str(out),
+                 "--option", "blksize 1468", "127.0.0.1", str(tftp)])  # fmt: skip
+    assert done.returncode == 0 and out.read_bytes() == data, done

@@ -141,3 +141,23 @@ def test_one_upload_routed_twice_is_stored_under_both_messages(spool: SqliteSpoo
         assert Path(path).read_bytes() == b"twice"
     run(spool.delivered(first, "saved", None))
     assert Path(run(spool.load(second)).path).read_bytes() == b"twice"  # type: ignore[attr-defined]
+
+
+def test_an_append_is_kept_in_the_spool_and_adds_to_the_folders_file(
+    spool: SqliteSpool, tmp_path: Path
+) -> None:
+    message = _upload(spool, b"second\n", "log/app.log")
+    appended = FileMessage(name=message.name, size=message.size, path=message.path,
+                           listener="drop", append=True)  # fmt: skip
+    [delivery] = run(spool.put([Stored(appended, "uploads", ("inbox",))]))
+    loaded = run(spool.load(delivery))
+    assert isinstance(loaded, FileMessage) and loaded.append
+    root = tmp_path / "inbox"
+    (root / "log").mkdir(parents=True)
+    (root / "log" / "app.log").write_bytes(b"first\n")
+    # Appending never needs overwrite: nothing that was there is lost.
+    store_file(root, loaded.name, loaded.path, overwrite=False, append=True)
+    assert (root / "log" / "app.log").read_bytes() == b"first\nsecond\n"
+    store_file(root, "log/new.log", loaded.path, overwrite=False, append=True)
+    assert (root / "log" / "new.log").read_bytes() == b"second\n"
+    assert sorted(p.name for p in (root / "log").iterdir()) == ["app.log", "new.log"]

@@ -73,8 +73,9 @@ class Exists(Exception):
     """The name is taken and the destination may not overwrite it."""
 
 
-def store_file(root: Path, name: str, source: str, overwrite: bool) -> Path:
-    """Copy ``source`` to ``name`` below ``root`` (folders made as needed), durably."""
+def store_file(root: Path, name: str, source: str, overwrite: bool, append: bool = False) -> Path:
+    """Copy ``source`` to ``name`` below ``root`` (folders made as needed), durably; with
+    ``append``, the file of that name (if any) followed by ``source`` replaces it at once."""
     target = root / tidy_name(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.parent.resolve().is_relative_to(root.resolve()):
@@ -82,10 +83,16 @@ def store_file(root: Path, name: str, source: str, overwrite: bool) -> Path:
     temporary = target.parent / f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.part"
     try:
         with open(source, "rb") as src, open(temporary, "xb") as dst:
+            if append:
+                try:
+                    with open(target, "rb") as old:
+                        shutil.copyfileobj(old, dst, 1024 * 1024)
+                except FileNotFoundError:
+                    pass
             shutil.copyfileobj(src, dst, 1024 * 1024)
             dst.flush()
             os.fsync(dst.fileno())
-        if overwrite:
+        if overwrite or append:
             os.replace(temporary, target)
         else:
             try:
@@ -106,6 +113,7 @@ class FolderDestination(FileSink, FileSource):
         self.root = Path(config.path)
         self.reactor = reactor
         self.takes_uploads = config.uploads
+        self.appends = True
 
     async def fetch(self, name: str) -> FileReader:
         path = inside(self.root, name)
@@ -169,6 +177,7 @@ class FolderDestination(FileSink, FileSource):
                 message.name,
                 message.path,
                 overwrite,
+                message.append,
             )
         except Exists as exc:
             return Outcome.permanent(f"{exc} exists already (set overwrite: true to replace it)")

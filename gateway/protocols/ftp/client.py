@@ -22,6 +22,8 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from gateway.ports import FileProblem
+from gateway.protocols._streamed import StreamedFile
 from gateway.protocols.ftp.codec import Reply
 
 BLOCK = 256 * 1024
@@ -173,13 +175,71 @@ class _Data(TwistedProtocol):
         return sent
 
 
+class _Incoming(TwistedProtocol):
+    """A data connection that brings a file (RETR) or a listing (MLSD, NLST) in."""
+
+    def __init__(self, tls: Any, reader: StreamedFile) -> None:
+        self.tls = tls
+        self.reader = reader
+        self.made: defer.Deferred[_Incoming] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.reason: Failure | None = None
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        if self.tls is not None:
+            transport.startTLS(self.tls)
+        self.made.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reader.arrived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.made.called:
+            self.made.errback(reason)
+        self.reason = reason
+        self.lost.callback(None)
+
+    @property
+    def clean(self) -> bool:
+        return self.reason is not None and isinstance(self.reason.value, ConnectionDone)
+
+
+class Download(StreamedFile):
+    """A file coming in over a data connection; ``finished`` fires with the server's final
+    reply once the connection has ended (or with FtpFailure)."""
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__(size)
+        self.connection: _Incoming | None = None
+        self.finished: defer.Deferred[Reply] = defer.Deferred()
+
+    def _transport(self) -> Any:
+        return self.connection.transport if self.connection is not None else None
+
+    def pause(self) -> None:
+        transport = self._transport()
+        if transport is not None:
+            transport.pauseProducing()
+
+    def resume(self) -> None:
+        transport = self._transport()
+        if transport is not None:
+            transport.resumeProducing()
+
+    def stop(self) -> None:
+        transport = self._transport()
+        if transport is not None:
+            transport.abortConnection()
+
+
 class _Factory(ClientFactory):
     noisy = False
 
-    def __init__(self, protocol: _Control | _Data) -> None:
+    def __init__(self, protocol: _Control | _Data | _Incoming) -> None:
         self.built = protocol
 
-    def buildProtocol(self, addr: Any) -> _Control | _Data:
+    def buildProtocol(self, addr: Any) -> _Control | _Data | _Incoming:
         return self.built
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
@@ -198,6 +258,7 @@ class FtpSession:
         self.control = _Control()
         self.data_tls: Any = None  # a client TLS creator once PROT P is in force
         self.features: set[str] = set()
+        self.home = "/"  # the folder the login put the session in (PWD)
         self.closed = False
 
     @property
@@ -252,6 +313,9 @@ class FtpSession:
         elif reply.code == 332:
             raise FtpFailure("the server wants an account (ACCT), which is not supported", reply)
         await self.command("TYPE I", 200)
+        where = await self.command("PWD")
+        if where.code == 257 and where.text.startswith('"'):
+            self.home = where.text[1:].rsplit('"', 1)[0].replace('""', '"')
         feat = await self.command("FEAT")
         if feat.code == 211:
             self.features = {line.strip().split(" ")[0].upper() for line in feat.text.split("\n")}
@@ -297,6 +361,45 @@ class FtpSession:
         if reply.code not in {226, 250}:
             raise FtpFailure(f"STOR {path}", reply)
         return int(sent)
+
+    async def retrieve(self, command: str, size: int | None) -> Download:
+        """Send ``command`` (RETR, MLSD, NLST) and stream what comes over the data connection:
+        the Download is handed back once the server says it sends (150); its ``finished``
+        fires after the end with the final reply. FtpFailure if the server refuses."""
+        port = await self._passive()
+        download = Download(size)
+        data = _Incoming(self.data_tls, download)
+        download.connection = data
+        self.reactor.connectTCP(self.host, port, _Factory(data), timeout=self.timeout)
+        try:
+            await self._wait(data.made, "opening the data connection")
+        except FtpFailure:
+            raise
+        except Exception as exc:  # the connection was refused
+            raise FtpFailure(f"cannot open the data connection: {_reason(exc)}") from None
+        try:
+            await self.command(command, 125, 150)
+        except FtpFailure:
+            transport: Any = data.transport
+            transport.abortConnection()
+            raise
+        defer.ensureDeferred(self._finish(download, data, command)).chainDeferred(download.finished)
+        return download
+
+    async def _finish(self, download: Download, data: _Incoming, command: str) -> Reply:
+        await data.lost
+        problem = None if data.clean else FileProblem("unavailable", "the transfer broke off")
+        try:
+            reply: Reply = await self._wait(self.control.reply(), command)
+        except FtpFailure as exc:
+            download.ended(FileProblem("unavailable", str(exc)))
+            raise
+        if reply.code not in (226, 250):
+            problem = FileProblem("unavailable", f"{command}: {reply.code} {reply.text}")
+        download.ended(problem)
+        if problem is not None:
+            raise FtpFailure(command, reply)
+        return reply
 
     async def _passive(self) -> int:
         if "EPSV" in self.features or not self.features:

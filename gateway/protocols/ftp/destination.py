@@ -15,7 +15,9 @@ insist on resuming the control connection's TLS session on data connections
 
 from __future__ import annotations
 
+import calendar
 import posixpath
+import time
 from typing import Any
 
 from twisted.internet import defer, ssl
@@ -23,7 +25,15 @@ from twisted.logger import Logger
 
 from gateway.client_tls import UnverifiedTls, load_trust_root
 from gateway.message import FileMessage, Kind, Message
-from gateway.ports import FileProblem, FileSink, Outcome, tidy_name
+from gateway.ports import (
+    FileInfo,
+    FileProblem,
+    FileReader,
+    FileSink,
+    FileSource,
+    Outcome,
+    tidy_name,
+)
 from gateway.protocols.ftp.client import FtpFailure, FtpSession
 from gateway.protocols.ftp.config import FtpDestinationConfig
 
@@ -36,7 +46,7 @@ class _Exists(Exception):
     pass
 
 
-class FtpDestination(FileSink):
+class FtpDestination(FileSink, FileSource):
     def __init__(self, config: FtpDestinationConfig, reactor: Any) -> None:
         self.config = config
         self.name = config.name
@@ -86,6 +96,11 @@ class FtpDestination(FileSink):
     async def deliver(self, message: Message) -> Outcome:
         if not isinstance(message, FileMessage) or not message.path:
             return Outcome.permanent(f"FTP takes uploaded files, not {message.kind}")
+        if message.append:
+            return Outcome.permanent(
+                "FTP cannot add to the end of a file all at once (an upload by APPE):"
+                " a retry could add a piece twice"
+            )
         await self._slots.acquire()
         try:
             target = await self._put(message)
@@ -132,9 +147,172 @@ class FtpDestination(FileSink):
                 self._release(session)
         return target
 
+    # --- reads: downloads, listings and look-ups (FTP and TFTP listeners) ---
+
+    def _path(self, name: str) -> str:
+        folder = self.config.folder
+        relative = tidy_name(name) if name.strip("/\\") else ""
+        if not relative:
+            return folder or "/"
+        return posixpath.join(folder, relative) if folder else relative
+
+    async def _reading(self) -> FtpSession:
+        await self._slots.acquire()
+        try:
+            return await self._session()
+        except FtpFailure as exc:
+            self._slots.release()
+            raise FileProblem("unavailable", f"{self.config.host}: {exc}") from None
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _done_reading(self, session: FtpSession, ok: bool) -> None:
+        self._slots.release()
+        if ok:
+            self._release(session)
+        else:
+            session.close()
+
+    async def fetch(self, name: str) -> FileReader:
+        path = self._path(name)
+        session = await self._reading()
+        try:
+            size = None
+            reply = await session.command(f"SIZE {path}")
+            if reply.code == 213 and reply.text.strip().isdigit():
+                size = int(reply.text.strip())
+            download = await session.retrieve(f"RETR {path}", size)
+        except FtpFailure as exc:
+            self._done_reading(session, exc.reply is not None)
+            raise _problem(name, exc) from None
+        download.finished.addCallbacks(
+            lambda _: self._done_reading(session, True),
+            lambda _: self._done_reading(session, False),
+        )
+        return download
+
+    async def info(self, name: str) -> FileInfo:
+        path = self._path(name)
+        leaf = posixpath.basename(path)
+        session = await self._reading()
+        ok = True
+        try:
+            if "MLST" in session.features:
+                reply = await session.command(f"MLST {path}", 250)
+                lines = reply.text.split("\n")
+                facts = _facts(lines[1] if len(lines) > 2 else "")
+                return _info(leaf, facts)
+            reply = await session.command(f"SIZE {path}")
+            if reply.code == 213 and reply.text.strip().isdigit():
+                modified = None
+                stamp = await session.command(f"MDTM {path}")
+                if stamp.code == 213:
+                    modified = _time(stamp.text.strip())
+                return FileInfo(leaf, int(reply.text.strip()), modified)
+            # Not a file: a folder if the server lets the session enter it.
+            entered = await session.command(f"CWD {path}")
+            if entered.code == 250:
+                await session.command(f"CWD {session.home}")
+                return FileInfo(leaf, None, None, True)
+            raise FtpFailure(f"SIZE {path}", reply)
+        except FtpFailure as exc:
+            ok = exc.reply is not None
+            raise _problem(name, exc) from None
+        finally:
+            self._done_reading(session, ok)
+
+    async def listing(self, name: str) -> list[FileInfo]:
+        path = self._path(name)
+        session = await self._reading()
+        try:
+            machine = "MLST" in session.features
+            download = await session.retrieve(f"{'MLSD' if machine else 'LIST'} {path}", None)
+            text = b""
+            while block := await download.read(64 * 1024):
+                text += block
+                if len(text) > LISTING_LIMIT:
+                    download.close()
+                    raise FileProblem("unavailable", f"the listing of {path} is too long")
+            await download.finished
+        except FtpFailure as exc:
+            self._done_reading(session, exc.reply is not None)
+            raise _problem(name, exc) from None
+        except BaseException:
+            self._done_reading(session, False)
+            raise
+        self._done_reading(session, True)
+        lines = text.decode("utf-8", "replace").splitlines()
+        found = [_mlsd_entry(line) if machine else _list_entry(line) for line in lines]
+        return sorted((e for e in found if e is not None), key=lambda e: e.name)
+
     async def close(self) -> None:
         idle, self._idle = self._idle, []
         for session, timer in idle:
             if timer.active():
                 timer.cancel()
             session.close()
+
+
+LISTING_LIMIT = 16 * 1024 * 1024
+
+
+def _problem(name: str, failure: FtpFailure) -> FileProblem:
+    """What a refused read is, in a file source's words."""
+    reply = failure.reply
+    if reply is None:
+        return FileProblem("unavailable", str(failure))
+    if reply.code in (550, 553, 450):
+        return FileProblem("not-found", f"no file '{name}' ({reply.code} {reply.text})")
+    if reply.code in (530, 532, 534):
+        return FileProblem("denied", f"'{name}': {reply.code} {reply.text}")
+    return FileProblem("unavailable", str(failure))
+
+
+def _facts(line: str) -> dict[str, str]:
+    """The facts of an MLST/MLSD entry (RFC 3659 7.2), keys in lower case."""
+    facts, _, _ = line.strip().partition(" ")
+    out: dict[str, str] = {}
+    for fact in facts.split(";"):
+        key, equals, value = fact.partition("=")
+        if equals:
+            out[key.lower()] = value
+    return out
+
+
+def _time(stamp: str) -> float | None:
+    try:
+        when = time.strptime(stamp[:14], "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    return float(calendar.timegm(when))
+
+
+def _info(name: str, facts: dict[str, str]) -> FileInfo:
+    size = facts.get("size", "")
+    folder = facts.get("type", "").lower() in ("dir", "cdir", "pdir")
+    modified = _time(facts["modify"]) if "modify" in facts else None
+    return FileInfo(name, int(size) if size.isdigit() and not folder else None, modified, folder)
+
+
+def _mlsd_entry(line: str) -> FileInfo | None:
+    facts, space, name = line.partition(" ")
+    if not space or not name:
+        return None
+    parsed = _facts(facts + " ")
+    if parsed.get("type", "").lower() in ("cdir", "pdir"):
+        return None  # the folder itself and its parent
+    return _info(name, parsed)
+
+
+def _list_entry(line: str) -> FileInfo | None:
+    """A line of a Unix ``ls -l`` listing (what LIST gives when MLSD is not there)."""
+    fields = line.split(None, 8)
+    if len(fields) < 9 or fields[0][:1] not in ("-", "d", "l"):
+        return None
+    name = fields[8]
+    if fields[0].startswith("l"):
+        name = name.split(" -> ")[0]
+    folder = fields[0].startswith("d")
+    size = int(fields[4]) if fields[4].isdigit() and not folder else None
+    return None if name in (".", "..") else FileInfo(name, size, None, folder)

@@ -26,6 +26,6 @@ PROTOCOLS = (
             ),
             refusal=refusal,
         ),
-        destination=destination_entry(FtpDestinationConfig, FtpDestination),
+        destination=destination_entry(FtpDestinationConfig, FtpDestination, serves_files=True),
     ),
 )

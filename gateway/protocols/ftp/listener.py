@@ -279,6 +279,12 @@ class FtpListener(StreamListener[FtpListenerConfig]):
         ):
             self._count(request.verb, "refused")
             return Reply(553, f"{name} is for downloads only")
+        append = request.verb == "APPE"
+        if append and (
+            route.transforms or not all(isinstance(d, FileSink) and d.appends for d in takers)
+        ):
+            self._count(request.verb, "refused")
+            return Reply(550, f"{name} cannot be added to here (APPE): store it whole with STOR")
         try:
             upload = self.gateway.upload()
         except OSError as exc:
@@ -342,6 +348,7 @@ class FtpListener(StreamListener[FtpListenerConfig]):
             name=name,
             size=upload.size,
             path=upload.path,
+            append=request.verb == "APPE",
             listener=self.name,
             client=session.peer_host,
             user=session.user,

@@ -13,7 +13,6 @@ answer or a server that cannot be reached "not defined" with the reason.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -36,10 +35,10 @@ from twisted.web.http_headers import Headers
 
 from gateway import __version__
 from gateway.ports import FileProblem, FileReader, tidy_name
+from gateway.protocols._streamed import StreamedFile
 
 log = Logger(namespace="gateway.http.files")
 
-AHEAD = 256 * 1024  # bytes read from the server beyond what the client has taken
 
 # What a server that cannot be reached or does not answer raises: the next one is tried.
 _UNREACHABLE = (
@@ -61,91 +60,37 @@ class _Body(Protocol):
         self.reader.arrived(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self.reader.ended(reason)
+        self.reader.body_ended(reason)
 
 
-class HttpFile(FileReader):
-    """The body of one answer, read by the block, with back-pressure on the server.
-
-    The pieces are kept as they arrived (no copying into one buffer); a read takes
-    whole pieces, cutting one only when it asks for less.
-    """
+class HttpFile(StreamedFile):
+    """The body of one answer, read by the block, with back-pressure on the server."""
 
     def __init__(self, response: Any, url: str) -> None:
         length = response.length
-        self.size = length if isinstance(length, int) else None
+        super().__init__(length if isinstance(length, int) else None)
         self.url = url
-        self.pieces: deque[bytes] = deque()
-        self.held = 0  # bytes in pieces
-        self.done = False
-        self.problem: FileProblem | None = None
-        self.paused = False
-        self.waiting: Deferred[None] | None = None
-        self.wanted = 0
         self.body = _Body(self)
         response.deliverBody(self.body)
 
-    def arrived(self, data: bytes) -> None:
-        self.pieces.append(data)
-        self.held += len(data)
-        if self.held > AHEAD and not self.paused and self.body.transport is not None:
-            self.paused = True
-            self.body.transport.pauseProducing()
-        if self.held >= self.wanted:
-            self._wake()
-
-    def ended(self, reason: Failure | None) -> None:
-        self.done = True
+    def body_ended(self, reason: Failure | None) -> None:
         problem: Any = reason.value if reason is not None else None
-        if problem is not None and not isinstance(problem, ResponseDone | PotentialDataLoss):
-            self.problem = FileProblem("unavailable", f"{self.url} broke off: {problem}")
-        self._wake()
+        broken = problem is not None and not isinstance(problem, ResponseDone | PotentialDataLoss)
+        self.ended(
+            FileProblem("unavailable", f"{self.url} broke off: {problem}") if broken else None
+        )
 
-    def _wake(self) -> None:
-        waiting, self.waiting = self.waiting, None
-        if waiting is not None:
-            waiting.callback(None)
+    def pause(self) -> None:
+        if self.body.transport is not None:
+            self.body.transport.pauseProducing()
 
-    async def read(self, n: int) -> bytes:
-        while self.held < n and not self.done:
-            self.wanted = n
-            self.waiting = Deferred()
-            await self.waiting
-        if self.problem is not None and self.held < n:
-            raise self.problem
-        return self._take(n)
-
-    def read_now(self, n: int) -> bytes | None:
-        """What has arrived, up to ``n`` bytes (None when nothing has, yet)."""
-        if not self.held:
-            if not self.done:
-                return None
-            if self.problem is not None:
-                raise self.problem
-            return b""
-        return self._take(n)
-
-    def _take(self, n: int) -> bytes:
-        taken: list[bytes] = []
-        want = n
-        while want > 0 and self.pieces:
-            piece = self.pieces.popleft()
-            if len(piece) > want:
-                self.pieces.appendleft(piece[want:])
-                piece = piece[:want]
-            taken.append(piece)
-            want -= len(piece)
-        chunk = taken[0] if len(taken) == 1 else b"".join(taken)
-        self.held -= len(chunk)
-        if self.paused and self.held < AHEAD // 2 and self.body.transport is not None:
-            self.paused = False
+    def resume(self) -> None:
+        if self.body.transport is not None:
             self.body.transport.resumeProducing()
-        return chunk
 
-    def close(self) -> None:
-        if not self.done and self.body.transport is not None:
+    def stop(self) -> None:
+        if self.body.transport is not None:
             self.body.transport.stopProducing()  # the client left: stop downloading
-        self.done = True
 
 
 class HttpFiles:

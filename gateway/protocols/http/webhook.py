@@ -484,6 +484,8 @@ class WebhookDestination(FileSink):
         return headers
 
     async def deliver(self, message: Message) -> Outcome:
+        if isinstance(message, FileMessage) and message.append:
+            return Outcome.permanent("a web service cannot be asked to add to a file (APPE)")
         if isinstance(message, FileMessage) and message.path:
             return await self._deliver_file(message)
         if not isinstance(message, MailMessage | Article):

@@ -314,6 +314,11 @@ class SftpDestination(FileSink):
     async def deliver(self, message: Message) -> Outcome:
         if not isinstance(message, FileMessage) or not message.path:
             return Outcome.permanent(f"SFTP takes uploaded files, not {message.kind}")
+        if message.append:
+            return Outcome.permanent(
+                "SFTP cannot add to the end of a file all at once (an upload by APPE):"
+                " a retry could add a piece twice"
+            )
         self._busy += 1
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
