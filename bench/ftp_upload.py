@@ -68,9 +68,15 @@ def _upload(url: str, source: Path, files: int, parallel: int) -> float:
         capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     seconds = time.monotonic() - started
+    # curl reports the last reply of each transfer: 226, or QUIT's 221 for the transfer
+    # that ended a connection; its exit status says whether every one went through.
     codes = done.stdout.split()
-    if done.returncode != 0 or codes.count("226") != files:
-        raise BenchError(f"curl: status {done.returncode}, {codes.count('226')} of {files} 226")
+    if done.returncode != 0 or len(codes) != files or set(codes) - {"226", "221"}:
+        others = sorted({c for c in codes if c != "226"})
+        raise BenchError(
+            f"{url.rpartition('@')[2]}: curl status {done.returncode},"
+            f" {codes.count('226')} of {files} got 226 (others: {others}; {done.stderr[-300:]})"
+        )
     return seconds
 
 

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import enum
 import functools
+import hmac
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from twisted.internet.defer import DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -40,6 +42,10 @@ _HASHER = PasswordHasher()
 PARALLEL = 2
 # A failed login is answered this much later (as Dovecot's auth_failure_delay).
 FAILURE_DELAY = 1.0
+# A good login is remembered this long, for this many logins (Dovecot's auth_cache_ttl and
+# auth_cache_size): a client's next connections need no Argon2 check.
+CACHE_TTL = 600.0
+CACHE_SIZE = 4096
 HASH_PREFIXES = ("$argon2id$", "$argon2i$", "$argon2d$")
 
 
@@ -205,6 +211,10 @@ class Users:
         self._stamp: tuple[int, int, int] | None = None
         self.users: dict[str, str] = {}
         self._limit = DeferredSemaphore(PARALLEL)
+        self._now: Any = getattr(reactor, "seconds", time.monotonic)
+        self._key = os.urandom(32)  # keys the cache of good logins (never written anywhere)
+        self._good: dict[bytes, float] = {}  # login token -> until when it is good
+        self._checking: dict[bytes, list[Deferred[bool]]] = {}  # checks in progress
 
     @property
     def available(self) -> bool:
@@ -284,15 +294,57 @@ class Users:
         return Login.FAILED, 0.0
 
     async def verify(self, user: str, password: str) -> bool:
-        """Whether ``password`` is ``user``'s (False for an unknown user, after as long)."""
+        """Whether ``password`` is ``user``'s (False for an unknown user, after as long).
+
+        A good login is remembered for CACHE_TTL seconds, as Dovecot's auth cache does
+        (under an HMAC with a key made at start: the password itself is not kept), and
+        the same login checked by several connections at once is checked once: a client
+        that opens many connections (an FTP client's parallel transfers, a mail program)
+        costs one Argon2 check, not one per connection. A changed password or users file
+        changes the stored hash, and with it the key of the cache.
+        """
         self.refresh()
         hashed = self.users.get(user)
+        if hashed is None:
+            return await self._argon2(None, password) and False
+        token = hmac.new(
+            self._key,
+            "\0".join((user, password, hashed)).encode("utf-8", "surrogatepass"),
+            "sha256",
+        ).digest()
+        expiry = self._good.get(token)
+        if expiry is not None and expiry > self._now():
+            return True
+        waiting = self._checking.get(token)
+        if waiting is not None:
+            follower: Deferred[bool] = Deferred()
+            waiting.append(follower)
+            return await follower
+        followers: list[Deferred[bool]] = []
+        self._checking[token] = followers
+        try:
+            good = await self._argon2(hashed, password)
+        except BaseException as exc:
+            del self._checking[token]
+            for follower in followers:
+                follower.errback(exc)
+            raise
+        del self._checking[token]
+        if good:
+            if len(self._good) >= CACHE_SIZE:
+                self._good.pop(next(iter(self._good)))  # the oldest
+            self._good[token] = self._now() + CACHE_TTL
+        for follower in followers:
+            follower.callback(good)
+        return good
+
+    async def _argon2(self, hashed: str | None, password: str) -> bool:
         pool = getattr(self.reactor, "getThreadPool", None)
         if pool is None:  # a reactor without threads (a test clock): check here
-            return _check(hashed, password) and hashed is not None
+            return _check(hashed, password)
         await self._limit.acquire()
         try:
             good: bool = await deferToThreadPool(self.reactor, pool(), _check, hashed, password)
         finally:
             self._limit.release()
-        return good and hashed is not None
+        return good

@@ -80,12 +80,18 @@ def test_uploads_by_ftp_and_tftp_land_on_the_sftp_server(
     done = _run([require_binary("tftp"), "-m", "binary", "127.0.0.1", str(tftp), "-c", "put",
                  str(config), "switches/sw1.cfg"])  # fmt: skip
     assert done.returncode == 0, done
+    done = _run([require_binary("atftp"), "--put", "-l", str(config), "-r", "switches/sw2.cfg",
+                 "--option", "blksize 1468", "127.0.0.1", str(tftp)])  # fmt: skip
+    assert done.returncode == 0, done
+    done = _run([curl, "-sS", "-T", str(config), f"tftp://127.0.0.1:{tftp}/switches/sw3.cfg"])
+    assert done.returncode == 0, done
     image = sshd.incoming / "site-a" / "cam1" / "image.bin"
     wait_until(lambda: image.exists() or None, "the image on the SFTP server")
     assert hashlib.sha256(image.read_bytes()).digest() == hashlib.sha256(data).digest()
-    switch = sshd.incoming / "switches" / "sw1.cfg"
-    wait_until(lambda: switch.exists() or None, "the configuration on the SFTP server")
-    assert switch.read_bytes() == config.read_bytes()
+    for n in (1, 2, 3):
+        switch = sshd.incoming / "switches" / f"sw{n}.cfg"
+        wait_until(lambda s=switch: s.exists() or None, f"sw{n}.cfg on the SFTP server")
+        assert switch.read_bytes() == config.read_bytes()
     # Nothing half-written is left beside them, and OpenSSH's client sees the same.
     assert [p.name for p in image.parent.iterdir()] == ["image.bin"]
     listing = sshd.sftp("ls -l /incoming/site-a/cam1")

@@ -25,7 +25,14 @@ from gateway.protocols.smtp.config import SmtpLimits
 from gateway.protocols.smtp.listener import SmtpListener
 from gateway.protocols.smtp.server import SmtpSession
 from gateway.routing import Router
-from gateway.users import FAILURE_DELAY, Users, UsersError, read_users_file, write_user
+from gateway.users import (
+    FAILURE_DELAY,
+    Users,
+    UsersError,
+    hash_password,
+    read_users_file,
+    write_user,
+)
 from tests.support.port import FakePort, runtime_of
 from tests.support.users import hashed
 
@@ -393,3 +400,33 @@ def test_a_user_name_with_control_characters_is_refused_without_asking() -> None
     plain = b64(chr(0) + "al\x1bce" + chr(0) + "pw")
     assert auth.codes(f"AUTH PLAIN {plain}\r\n".encode()) == [535]
     assert auth.logins == []
+
+
+def test_a_good_login_is_remembered_for_a_while_and_a_bad_one_never(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from twisted.internet.task import Clock
+
+    from gateway import users as users_module
+
+    checks: list[str] = []
+    real = users_module._check
+
+    def counted(hashed: str | None, password: str) -> bool:
+        checks.append(password)
+        return real(hashed, password)
+
+    monkeypatch.setattr(users_module, "_check", counted)
+    clock = Clock()
+    checker = Users(clock, "test")
+    checker.configure({"alice": hash_password("right")}, None)
+    assert _verify(checker, "alice", "right") and _verify(checker, "alice", "right")
+    assert checks == ["right"]  # the second login needed no Argon2 check
+    assert not _verify(checker, "alice", "wrong") and not _verify(checker, "alice", "wrong")
+    assert checks == ["right", "wrong", "wrong"]
+    clock.advance(users_module.CACHE_TTL + 1)
+    assert _verify(checker, "alice", "right")
+    assert checks[-1] == "right" and len(checks) == 4
+    # A new password (a new hash) is not taken on the strength of the old one.
+    checker.configure({"alice": hash_password("new")}, None)
+    assert not _verify(checker, "alice", "right") and _verify(checker, "alice", "new")
