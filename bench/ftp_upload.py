@@ -12,8 +12,8 @@ Debian packages it needs (it installs nothing):
     apt-get install -y --no-install-recommends vsftpd curl util-linux
 
 One curl uploads ``--files`` files of ``--size-mib`` MiB each (random bytes)
-with ``-Z --parallel-max N``, ``--runs`` times per target, interleaved; the
-median is reported.  Targets:
+with ``-Z --parallel-max N`` (``--parallel 1``: one after another), ``--runs``
+times per target, interleaved; the median is reported.  Targets:
 
 * ``vsftpd``: writes each file into its folder (it does not flush it: no FTP
   server does before its 226);
@@ -61,9 +61,12 @@ SERVER_CPU, LOAD_CPU = 0, 1
 
 
 def _upload(url: str, source: Path, files: int, parallel: int) -> float:
+    """One curl uploads the files: ``parallel`` at once, or one after another (1) over one
+    control connection."""
+    at_once = ["-Z", "--parallel-max", str(parallel)] if parallel > 1 else []
     started = time.monotonic()
     done = subprocess.run(
-        ["taskset", "-c", str(LOAD_CPU), "curl", "-sS", "-Z", "--parallel-max", str(parallel),
+        ["taskset", "-c", str(LOAD_CPU), "curl", "-sS", *at_once,
          "-w", "%{response_code}\n", "-T", f"{source}/f[1-{files}].bin", url],
         capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
@@ -99,7 +102,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--size-mib", type=int, default=1)
-    parser.add_argument("--parallel", type=int, default=20)
+    parser.add_argument(
+        "--parallel", type=int, default=20, help="transfers at once (1: one after another)"
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -176,8 +181,13 @@ routes:
             rows.append((name, seconds, total / seconds / 1e6, cpu, base / seconds))
         print()
         print(
-            f"{args.files} files x {args.size_mib} MiB, curl -Z --parallel-max {args.parallel},"
-            f" median of {args.runs}"
+            f"{args.files} files x {args.size_mib} MiB,"
+            + (
+                f" curl -Z --parallel-max {args.parallel},"
+                if args.parallel > 1
+                else " one curl, one after another,"
+            )
+            + f" median of {args.runs}"
         )
         if args.markdown:
             print("| " + " | ".join(head) + " |")
