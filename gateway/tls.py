@@ -224,6 +224,7 @@ class ServerTls:
     def __init__(self, config: TlsConfig) -> None:
         self.config = config
         self._context = self._make(config)
+        self._tls12: ServerTls | None = None
 
     @staticmethod
     def _make(config: TlsConfig) -> Any:
@@ -258,6 +259,23 @@ class ServerTls:
         if config != self.config:
             self._context = self._make(config)
             self.config = config
+            self._tls12 = None
+
+    def up_to_tls12(self) -> ServerTls:
+        """The same TLS without version 1.3, for connections whose clients break with it
+        (FTP data connections: see gateway.protocols.ftp.data)."""
+        if self._tls12 is None:
+            from OpenSSL import SSL
+
+            if self.config.min_version == "1.3":
+                return self  # the operator wants 1.3 only: so be it
+            capped = ServerTls.__new__(ServerTls)
+            capped.config = self.config
+            capped._context = self._make(self.config)
+            capped._context.set_max_proto_version(SSL.TLS1_2_VERSION)
+            capped._tls12 = capped
+            self._tls12 = capped
+        return self._tls12
 
     @property
     def require(self) -> bool:

@@ -171,13 +171,18 @@ def test_tls_protects_the_login_and_the_data(
     out = tmp_path / "got.bin"
     done = _run([curl, "-sS", *tls, "-o", str(out), ftp.url("pub/a.bin")])
     assert done.returncode == 0 and out.read_bytes() == data, done
-    script = (
-        "set ftp:ssl-force yes; set ftp:ssl-protect-data yes; set ssl:verify-certificate no;"
-        f" set net:max-retries 1; put {local} -o lftp-tls.bin; bye"
-    )
-    done = _run([lftp, "-u", f"scan,{PASSWORD}", "-p", str(ftp.port), "-e", script, "127.0.0.1"])
-    assert done.returncode == 0, done
-    assert ftp.delivered("lftp-tls.bin").read_bytes() == data
+    # lftp (GnuTLS) broke off about one upload in four, each in a session of its own, when
+    # data connections spoke TLS 1.3 (they speak 1.2 at most now): eight in a row.
+    for n in range(8):
+        script = (
+            "set ftp:ssl-force yes; set ftp:ssl-protect-data yes; set ssl:verify-certificate no;"
+            f" set net:max-retries 1; set net:timeout 10; put {local} -o lftp-tls{n}.bin; bye"
+        )
+        done = _run([lftp, "-u", f"scan,{PASSWORD}", "-p", str(ftp.port), "-e", script,
+                     "127.0.0.1"])  # fmt: skip
+        assert done.returncode == 0, (n, done)
+    for n in range(8):
+        assert ftp.delivered(f"lftp-tls{n}.bin").read_bytes() == data
     # Without TLS the password is never asked for; with TLS on the control connection
     # only, the data connection is refused (data_tls).
     done = _run([curl, "-sS", "-T", str(local), ftp.url("clear.bin")])
@@ -292,7 +297,11 @@ def test_a_full_disk_gets_452_and_loses_nothing_acknowledged(
                          ftp.url(f"full{n}.bin")])  # fmt: skip
             codes.append(done.stdout)
         # Two fit beside the spool's 1 MiB reserve; the others get 452 and are not kept.
-        assert codes == ["226", "226", "452", "452"], codes
+        # (A 452 that comes while curl is still sending is not read by curl, which has
+        # lost its data connection: it reports the 150 and fails.)
+        assert codes[:2] == ["226", "226"] and set(codes[2:]) <= {"452", "150"}, codes
+        if "150" in codes:
+            assert "an upload failed" in ftp.gw.log_path.read_text()
         queue = _run([sys.executable, "-m", "gateway", "queue", "-c", str(ftp.gw.config_path),
                       "--json", "list"])  # fmt: skip
         assert queue.returncode == 0, queue
