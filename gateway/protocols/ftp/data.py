@@ -122,6 +122,11 @@ class DataConnection(TwistedProtocol):
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
+        if self.channel.protected and self.channel.tls is None:
+            # The listener was reloaded without its tls: block: nothing to protect it with.
+            self.abort("TLS is no longer offered")
+            self.made.callback(self)
+            return
         if self.channel.protected:
             # TLS 1.2 at most: with 1.3, the session tickets the server sends after the
             # handshake make GnuTLS clients (lftp, FileZilla) reset an upload now and then
