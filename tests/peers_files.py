@@ -180,8 +180,9 @@ class Vsftpd:
     USER = "ftptest"
     PASSWORD = "ftptest-pw"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, ssl_reuse: bool = False) -> None:
         _require_root("vsftpd")
+        self.ssl_reuse = ssl_reuse  # require_ssl_reuse: data connections resume the session
         self.directory = directory.resolve()
         self.port = free_port()
         self.root = self.directory / "root"
@@ -227,7 +228,8 @@ class Vsftpd:
             "xferlog_enable=YES\nxferlog_std_format=NO\n"
             f"vsftpd_log_file={self.log_path}\nssl_enable=YES\nrsa_cert_file={cert}\n"
             f"rsa_private_key_file={key}\nforce_local_logins_ssl=NO\n"
-            "force_local_data_ssl=NO\nrequire_ssl_reuse=NO\nssl_ciphers=HIGH\n"
+            f"force_local_data_ssl=NO\nrequire_ssl_reuse={'YES' if self.ssl_reuse else 'NO'}\n"
+            "ssl_ciphers=HIGH\n"
         )
         self.config_path.chmod(0o600)
 

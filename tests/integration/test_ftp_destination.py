@@ -176,3 +176,20 @@ def test_downloads_listings_and_tftp_reads_come_from_the_ftp_server(
     done = _run([require_binary("atftp"), "--get", "-r", "pub/image.bin", "-l", str(out),
                  "--option", "blksize 1468", "127.0.0.1", str(tftp)])  # fmt: skip
     assert done.returncode == 0 and out.read_bytes() == data, done
+
+
+def test_a_server_that_wants_the_tls_session_resumed_on_data_connections_gets_it(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    # vsftpd's default: data connections must resume the control connection's session.
+    with Vsftpd(tmp_path / "strict-vsftpd", ssl_reuse=True) as strict:
+        strict.start()
+        ftp, _, _, _ = _gateway(gateway_factory, strict, "    tls: require")
+        local = tmp_path / "r.bin"
+        for n in range(3):
+            local.write_bytes(f"resumed {n}\n".encode() * 5000)
+            assert _put(ftp, local, f"r{n}.bin") == "226"
+        for n in range(3):
+            path = strict.incoming / f"r{n}.bin"
+            wait_until(lambda p=path: p.exists() or None, f"r{n}.bin on vsftpd", timeout=8)
+            assert path.read_bytes() == f"resumed {n}\n".encode() * 5000

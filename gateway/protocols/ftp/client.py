@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
 from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.protocols.basic import LineOnlyReceiver
@@ -247,6 +247,27 @@ class _Factory(ClientFactory):
             self.built.made.errback(reason)
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _Resuming:
+    """TLS for a data connection that resumes the control connection's TLS session, as
+    servers that check it ask (vsftpd's require_ssl_reuse, on by default): proof that the
+    data connection comes from the client that logged in."""
+
+    def __init__(self, creator: Any, control: _Control) -> None:
+        self.creator = creator
+        self.control = control
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
+        connection = self.creator.clientConnectionForTLS(tls_protocol)
+        transport: Any = self.control.transport
+        tls: Any = getattr(transport, "protocol", None)  # the TLS layer under the control
+        handle = tls.getHandle() if tls is not None else None
+        session = handle.get_session() if handle is not None else None
+        if session is not None:
+            connection.set_session(session)
+        return connection
+
+
 class FtpSession:
     """One logged-in control connection to a server."""
 
@@ -304,7 +325,7 @@ class FtpSession:
                 transport.startTLS(creator)
                 await self.command("PBSZ 0", 200)
                 await self.command("PROT P", 200)
-                self.data_tls = data_creator
+                self.data_tls = _Resuming(data_creator, self.control)
             elif tls == "require":
                 raise FtpFailure("the server offers no TLS (tls: require)", reply)
         reply = await self.command(f"USER {user}", 230, 331, 332)

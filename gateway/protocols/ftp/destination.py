@@ -8,9 +8,9 @@ place (RNFR/RNTO) once the server has answered 226.  With TLS (AUTH TLS) the
 data connections are protected too (PROT P).
 
 FTP has no way to ask the server to flush a file to its disk: the 226 is the
-server's word that it has the file, and the gateway takes it.  Servers that
-insist on resuming the control connection's TLS session on data connections
-(vsftpd's ``require_ssl_reuse=YES``) are not supported yet.
+server's word that it has the file, and the gateway takes it.  Data
+connections resume the control connection's TLS session (servers such as
+vsftpd refuse them otherwise).
 """
 
 from __future__ import annotations
