@@ -916,6 +916,18 @@ class GatewayProcess:
     def term(self) -> None:
         self.send_signal(signal.SIGTERM)
 
+    def queue(self, *args: str) -> list[dict[str, object]]:
+        """``gateway queue --json ARGS`` on this gateway's configuration (list, dead ...)."""
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "queue", "-c", str(self.config_path), "--json",
+             *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"gateway queue {' '.join(args)} failed: {done.stderr}")
+        result: list[dict[str, object]] = json.loads(done.stdout)
+        return result
+
     def kill9(self) -> None:
         self.send_signal(signal.SIGKILL)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from gateway.users import hash_password
@@ -51,16 +50,6 @@ def _put(ftp: int, local: Path, name: str) -> str:
     return done.stdout
 
 
-def _queue(gw: GatewayProcess, which: str) -> list[dict[str, object]]:
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "queue", "-c", str(gw.config_path), "--json", which],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done
-    result: list[dict[str, object]] = json.loads(done.stdout)
-    return result
-
-
 def test_files_are_put_below_the_url(
     gateway_factory: GatewayFactory, nginx_factory: NginxFactory, tmp_path: Path
 ) -> None:
@@ -84,7 +73,7 @@ def test_files_are_put_below_the_url(
     gw.stop()
     ftp, gw = _gateway(gateway_factory, f"{nginx.url}/hook/", "PUT")
     assert _put(ftp, local, "x.pdf") == "226"
-    dead = wait_until(lambda: _queue(gw, "dead") or None, "the dead letter")
+    dead = wait_until(lambda: gw.queue("dead") or None, "the dead letter")
     assert "405" in json.dumps(dead), dead
 
 
@@ -98,7 +87,7 @@ def test_files_are_posted_as_form_data_and_wait_for_a_server_that_is_down(
     local.write_bytes(data)
     assert _put(ftp, local, "scans/a.pdf") == "226"
     waiting = wait_until(
-        lambda: [d for d in _queue(gw, "list") if "refused" in json.dumps(d)] or None,
+        lambda: [d for d in gw.queue("list") if "refused" in json.dumps(d)] or None,
         "the delivery to wait for the server",
     )
     assert len(waiting) == 1, waiting

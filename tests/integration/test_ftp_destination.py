@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from gateway.users import hash_password
@@ -58,14 +57,6 @@ routes:
     return ftp, tftp, admin, gw
 
 
-def _queue(gw: GatewayProcess, *args: str) -> list[dict[str, object]]:
-    done = _run([sys.executable, "-m", "gateway", "queue", "-c", str(gw.config_path),
-                 "--json", *args])  # fmt: skip
-    assert done.returncode == 0, done
-    result: list[dict[str, object]] = json.loads(done.stdout)
-    return result
-
-
 def _put(ftp: int, local: Path, name: str) -> str:
     done = _run([require_binary("curl"), "-sS", "-w", "%{response_code}", "-T", str(local),
                  f"ftp://scan:pw@127.0.0.1:{ftp}/{name}"])  # fmt: skip
@@ -100,7 +91,7 @@ def test_uploads_land_on_vsftpd_in_tls_and_in_the_clear(
     ftp, _, _, gw = _gateway(gateway_factory, vsftpd)
     local.write_bytes(b"another")
     assert _put(ftp, local, "none/cam1/image.bin") == "226"
-    dead = wait_until(lambda: _queue(gw, "dead") or None, "the dead letter")
+    dead = wait_until(lambda: gw.queue("dead") or None, "the dead letter")
     assert "exists already" in json.dumps(dead), dead
     image = vsftpd.incoming / "none" / "cam1" / "image.bin"
     assert hashlib.sha256(image.read_bytes()).digest() == hashlib.sha256(data).digest()
@@ -128,7 +119,7 @@ def test_a_server_that_is_down_or_refuses_the_login_gets_the_files_later(
         local.write_bytes(f"late {n}\n".encode() * 1000)
         assert _put(ftp, local, f"late{n}.bin") == "226"
     waiting = wait_until(
-        lambda: [d for d in _queue(gw, "list") if "cannot connect" in json.dumps(d)] or None,
+        lambda: [d for d in gw.queue("list") if "cannot connect" in json.dumps(d)] or None,
         "the deliveries to wait, saying why",
     )
     assert len(waiting) == 3, waiting
@@ -141,7 +132,7 @@ def test_a_server_that_is_down_or_refuses_the_login_gets_the_files_later(
     ftp, _, _, gw = _gateway(gateway_factory, vsftpd, password="wrong")
     assert _put(ftp, local, "refused.bin") == "226"
     waiting = wait_until(
-        lambda: [d for d in _queue(gw, "list") if "530" in json.dumps(d)] or None,
+        lambda: [d for d in gw.queue("list") if "530" in json.dumps(d)] or None,
         "the delivery to wait, saying the login was refused",
     )
     assert len(waiting) == 1 and not (vsftpd.incoming / "refused.bin").exists()

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from gateway.users import hash_password
@@ -56,14 +55,6 @@ routes:
     return ftp, tftp, admin, gw
 
 
-def _queue(gw: GatewayProcess, *args: str) -> list[dict[str, object]]:
-    done = _run([sys.executable, "-m", "gateway", "queue", "-c", str(gw.config_path),
-                 "--json", *args])  # fmt: skip
-    assert done.returncode == 0, done
-    result: list[dict[str, object]] = json.loads(done.stdout)
-    return result
-
-
 def test_uploads_by_ftp_and_tftp_land_on_the_sftp_server(
     gateway_factory: GatewayFactory, sshd: Sshd, tmp_path: Path
 ) -> None:
@@ -101,7 +92,7 @@ def test_uploads_by_ftp_and_tftp_land_on_the_sftp_server(
     done = _run([curl, "-sS", "-w", "%{response_code}", "-T", str(local),
                  f"ftp://scan:{PASSWORD}@127.0.0.1:{ftp}/site-a/cam1/image.bin"])  # fmt: skip
     assert done.stdout == "226", done
-    dead = wait_until(lambda: _queue(gw, "dead") or None, "the dead letter")
+    dead = wait_until(lambda: gw.queue("dead") or None, "the dead letter")
     assert "exists already" in json.dumps(dead), dead
     assert hashlib.sha256(image.read_bytes()).digest() == hashlib.sha256(data).digest()
 
@@ -134,7 +125,7 @@ def test_a_server_that_is_down_gets_the_files_once_it_is_back(
                      f"ftp://scan:{PASSWORD}@127.0.0.1:{ftp}/late{n}.bin"])  # fmt: skip
         assert done.stdout == "226", done  # stored: the server being down is no matter
     waiting = wait_until(
-        lambda: [d for d in _queue(gw, "list") if "connect" in json.dumps(d)] or None,
+        lambda: [d for d in gw.queue("list") if "connect" in json.dumps(d)] or None,
         "the deliveries to wait, saying why",
     )
     assert len(waiting) == 5, waiting
@@ -163,7 +154,7 @@ def test_a_server_whose_key_is_not_the_pinned_one_gets_nothing(
                  f"ftp://scan:{PASSWORD}@127.0.0.1:{ftp}/x.bin"])  # fmt: skip
     assert done.stdout == "226", done
     waiting = wait_until(
-        lambda: [d for d in _queue(gw, "list") if "not the one in" in json.dumps(d)] or None,
+        lambda: [d for d in gw.queue("list") if "not the one in" in json.dumps(d)] or None,
         "the delivery to wait, saying why",
     )
     assert len(waiting) == 1, waiting

@@ -46,3 +46,17 @@ def test_listing_lines() -> None:
     )
     assert _list_entry("lrwxrwxrwx 1 0 0 4 Dec 08 00:44 l -> target") == FileInfo("l", 4)
     assert _list_entry("total 12") is None
+
+
+def test_a_reply_that_comes_after_its_wait_was_given_up_is_not_taken_for_the_next() -> None:
+    control = _Control()
+    control.makeConnection(StringTransport())
+    late = control.send("SIZE x")
+    late.cancel()  # timed out
+    late.addErrback(lambda _: None)
+    got: list[Reply] = []
+    control.send("NOOP").addCallback(got.append)
+    control.dataReceived(b"213 5\r\n200 ok\r\n")
+    # The SIZE reply belonged to the wait that was given up; NOOP gets its own.
+    assert got == [Reply(200, "ok")]
+    control.connectionLost()  # nobody waits: nothing to fail

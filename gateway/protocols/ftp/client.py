@@ -81,7 +81,9 @@ class _Control(LineOnlyReceiver):
         self._lines = []
         reply = Reply(code, text)
         if self._waiting:
-            self._waiting.popleft().callback(reply)
+            waiter = self._waiting.popleft()
+            if not waiter.called:  # else its command was given up (timed out): dropped
+                waiter.callback(reply)
         else:
             self._replies.append(reply)
 
@@ -108,7 +110,9 @@ class _Control(LineOnlyReceiver):
         if not self.made.called:
             self.made.errback(reason)
         while self._waiting:
-            self._waiting.popleft().errback(ConnectionLost(reason.getErrorMessage()))
+            waiter = self._waiting.popleft()
+            if not waiter.called:
+                waiter.errback(ConnectionLost(reason.getErrorMessage()))
 
 
 @implementer(IPushProducer)
