@@ -221,13 +221,14 @@ class ServerTls:
     connections made from then on without closing a socket.
     """
 
-    def __init__(self, config: TlsConfig) -> None:
+    def __init__(self, config: TlsConfig, *, tls13: bool = True) -> None:
         self.config = config
-        self._context = self._make(config)
+        self.tls13 = tls13  # False: TLS 1.2 at most (see up_to_tls12)
+        self._context = self._make(config, tls13)
         self._tls12: ServerTls | None = None
 
     @staticmethod
-    def _make(config: TlsConfig) -> Any:
+    def _make(config: TlsConfig, tls13: bool = True) -> Any:
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
         from OpenSSL import crypto
@@ -252,29 +253,27 @@ class ServerTls:
             min_version=config.min_version,
             client_ca=client_ca,
         )
-        return options.getContext()
+        context = options.getContext()
+        if not tls13:
+            from OpenSSL import SSL
+
+            context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        return context
 
     def update(self, config: TlsConfig) -> None:
         """New files or settings for new connections (they were checked when read)."""
         if config != self.config:
-            self._context = self._make(config)
+            self._context = self._make(config, self.tls13)
             self.config = config
             self._tls12 = None
 
     def up_to_tls12(self) -> ServerTls:
         """The same TLS without version 1.3, for connections whose clients break with it
         (FTP data connections: see gateway.protocols.ftp.data)."""
+        if not self.tls13 or self.config.min_version == "1.3":
+            return self  # already so; or the operator wants 1.3 only: so be it
         if self._tls12 is None:
-            from OpenSSL import SSL
-
-            if self.config.min_version == "1.3":
-                return self  # the operator wants 1.3 only: so be it
-            capped = ServerTls.__new__(ServerTls)
-            capped.config = self.config
-            capped._context = self._make(self.config)
-            capped._context.set_max_proto_version(SSL.TLS1_2_VERSION)
-            capped._tls12 = capped
-            self._tls12 = capped
+            self._tls12 = ServerTls(self.config, tls13=False)
         return self._tls12
 
     @property

@@ -156,6 +156,47 @@ def test_a_reload_with_new_files_changes_the_context_for_new_connections(tmp_pat
     assert tls.serverConnectionForTLS(None).get_context() is not before
 
 
+def _handshake(server: object, client_max: int) -> str:
+    """The version an in-memory handshake with ``server`` (a ServerTls) agrees on, from a
+    client that offers versions up to ``client_max``; "" if it fails."""
+    from OpenSSL import SSL
+
+    client_context = SSL.Context(SSL.TLS_METHOD)
+    client_context.set_max_proto_version(client_max)
+    client = SSL.Connection(client_context, None)
+    client.set_connect_state()
+    accepted = server.serverConnectionForTLS(None)  # type: ignore[attr-defined]
+    accepted.set_accept_state()
+    for _ in range(10):
+        for one, other in ((client, accepted), (accepted, client)):
+            try:
+                one.do_handshake()
+            except SSL.WantReadError:
+                pass
+            except SSL.Error:
+                return ""
+            try:
+                other.bio_write(one.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    return str(client.get_protocol_version_name())
+
+
+def test_ftp_data_connections_get_tls_12_at_most(tmp_path: Path) -> None:
+    from OpenSSL import SSL
+
+    cert, key = write_certificate(tmp_path)
+    config = TlsConfig(certificate=str(cert), key=str(key))  # type: ignore[arg-type]
+    tls = ServerTls(config)
+    assert _handshake(tls, SSL.TLS1_3_VERSION) == "TLSv1.3"
+    capped = tls.up_to_tls12()
+    assert capped is tls.up_to_tls12() and capped.up_to_tls12() is capped
+    assert _handshake(capped, SSL.TLS1_3_VERSION) == "TLSv1.2"
+    # An operator who allows 1.3 only keeps it there too.
+    only13 = TlsConfig(certificate=str(cert), key=str(key), min_version="1.3")  # type: ignore[arg-type]
+    assert ServerTls(only13).up_to_tls12().tls13
+
+
 # --- SMTP STARTTLS (RFC 3207) -------------------------------------------------------------
 
 
