@@ -161,3 +161,57 @@ def test_an_append_is_kept_in_the_spool_and_adds_to_the_folders_file(
     store_file(root, "log/new.log", loaded.path, overwrite=False, append=True)
     assert (root / "log" / "new.log").read_bytes() == b"second\n"
     assert sorted(p.name for p in (root / "log").iterdir()) == ["app.log", "new.log"]
+
+
+class _HeldPool:
+    """A thread pool that runs nothing until told: what a delivery hands it waits."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[object, object, tuple[object, ...]]] = []
+
+    def callInThreadWithCallback(self, done: object, work: object, *args: object) -> None:
+        self.waiting.append((done, work, args))
+
+    def run_one(self) -> None:
+        done, work, args = self.waiting.pop(0)
+        done(True, work(*args))  # type: ignore[operator]
+
+
+class _Reactor:
+    def __init__(self) -> None:
+        self.pool = _HeldPool()
+
+    def getThreadPool(self) -> _HeldPool:
+        return self.pool
+
+    def callFromThread(self, call: object, *args: object) -> None:
+        call(*args)  # type: ignore[operator]
+
+
+def test_appends_to_one_name_are_written_one_at_a_time(tmp_path: Path) -> None:
+    from twisted.internet.defer import ensureDeferred
+
+    from gateway.protocols.folder.config import FolderDestinationConfig
+    from gateway.protocols.folder.destination import FolderDestination
+
+    root = tmp_path / "inbox"
+    root.mkdir()
+    (root / "app.log").write_bytes(b"0\n")
+    reactor = _Reactor()
+    folder = FolderDestination(
+        FolderDestinationConfig(name="inbox", path=str(root), uploads=True),  # type: ignore[arg-type]
+        reactor,
+    )
+    outcomes = []
+    for n in (1, 2):
+        part = tmp_path / f"part{n}"
+        part.write_bytes(f"{n}\n".encode())
+        message = FileMessage(name="app.log", size=2, path=str(part), listener="drop", append=True)
+        ensureDeferred(folder.deliver(message)).addCallback(outcomes.append)
+    # Both appends start from the old file only if both run at once: the second waits.
+    assert len(reactor.pool.waiting) == 1
+    reactor.pool.run_one()
+    assert len(reactor.pool.waiting) == 1
+    reactor.pool.run_one()
+    assert [o.ok for o in outcomes] == [True, True]
+    assert (root / "app.log").read_bytes() == b"0\n1\n2\n"

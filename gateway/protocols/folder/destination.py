@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from twisted.internet import threads
+from twisted.internet.defer import DeferredLock
 
 from gateway.disk import fsync_folder
 from gateway.message import FileMessage, Kind, Message
@@ -114,6 +115,7 @@ class FolderDestination(FileSink, FileSource):
         self.reactor = reactor
         self.takes_uploads = config.uploads
         self.appends = True
+        self._locks: dict[str, DeferredLock] = {}  # by name, while a delivery writes it
 
     async def fetch(self, name: str) -> FileReader:
         path = inside(self.root, name)
@@ -168,6 +170,10 @@ class FolderDestination(FileSink, FileSource):
         if not self.takes_uploads:
             return Outcome.permanent(f"folder {self.root} is read-only (uploads: false)")
         overwrite = self.config.overwrite
+        # Writes of one name go one at a time: two appends at once would each start from
+        # the old file, and the second rename would lose the first one's part.
+        lock = self._locks.setdefault(message.name, DeferredLock())
+        await lock.acquire()
         try:
             target = await threads.deferToThreadPool(
                 self.reactor,
@@ -189,6 +195,10 @@ class FolderDestination(FileSink, FileSource):
             return Outcome.temporary(
                 f"cannot write into {self.root}: {exc.strerror or exc} ({reason})"
             )
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(message.name, None)
         return Outcome.delivered(f"saved as {target}")
 
     async def close(self) -> None:
