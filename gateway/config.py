@@ -532,6 +532,46 @@ class HostPort(str, Value):
         return obj
 
 
+class FolderUrl(str, Value):
+    """A folder on a file server: ``scheme://user@host[:port]/folder/`` (SFTP, FTP), with
+    no password in it; ``port`` is None when the URL names none."""
+
+    schema: typing.ClassVar[dict[str, Any]] = {"type": "string", "format": "uri"}
+    scheme: str
+    user: str
+    host: str
+    port: int | None
+    folder: str  # as the server names it, without the final "/" ("" for the login folder)
+
+    @classmethod
+    def parse(cls, text: str) -> FolderUrl:
+        from urllib.parse import unquote, urlsplit
+
+        value = str(text).strip()
+        example = "sftp://backup@host:22/incoming/ or ftp://archive@host/scans/"
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"invalid URL '{text}': {exc}") from None
+        if not parts.scheme or not parts.hostname or not parts.username:
+            raise ValueError(f"expected a URL such as {example}, got '{text}'")
+        if parts.password is not None:
+            raise ValueError(
+                f"the URL '{parts.scheme}://{parts.username}@{parts.hostname}...' holds a"
+                " password: give it in its own setting (a file), not in the URL"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"a file server's URL has no query or fragment, got '{text}'")
+        obj = cls(value)
+        obj.scheme = parts.scheme.lower()
+        obj.user = unquote(parts.username)
+        obj.host = parts.hostname
+        obj.port = port
+        obj.folder = unquote(parts.path).rstrip("/")
+        return obj
+
+
 class ConfigPath(str):
     """A file or folder; relative paths are taken from the configuration file's folder."""
 

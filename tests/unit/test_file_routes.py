@@ -156,8 +156,9 @@ def _sftp(tmp_path: Path, **settings: str) -> str:
     ("settings", "problem"),
     [
         ({"url": "ftp://backup@127.0.0.1/x/"}, "must be sftp://user@host"),
-        ({"url": "sftp://127.0.0.1/x/"}, "must be sftp://user@host"),
-        ({"url": "sftp://a:secret@127.0.0.1/x/"}, "holds no password"),
+        ({"url": "sftp://127.0.0.1/x/"}, "expected a URL such as sftp://backup@host"),
+        ({"url": "sftp://a:secret@127.0.0.1/x/"}, "holds a password: give it in its own"),
+        ({"url": "sftp://a@127.0.0.1/x/?q=1"}, "no query or fragment"),
         ({"url": "sftp://a@127.0.0.1:99999/x/"}, "'url'"),
         ({"key": "missing"}, "cannot read the key"),
         ({"key": "id.pub"}, "is a public key"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import types
 import typing
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -15,6 +14,7 @@ from gateway.config import (
     ConfigPath,
     DestinationConfig,
     Duration,
+    FolderUrl,
     ListenerConfig,
     Network,
     Rate,
@@ -172,7 +172,7 @@ class FtpDestinationConfig(DestinationConfig):
 
     kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.FILE})
     protocol: Literal["ftp"] = "ftp"
-    url: str = field(
+    url: FolderUrl = field(
         metadata=doc("ftp://user@host:port/folder/ : files go below the folder by their name")
     )
     password: str = field(
@@ -203,35 +203,13 @@ class FtpDestinationConfig(DestinationConfig):
         return True
 
     @property
-    def user(self) -> str:
-        return urllib.parse.unquote(urllib.parse.urlsplit(self.url).username or "")
-
-    @property
-    def host(self) -> str:
-        return urllib.parse.urlsplit(self.url).hostname or ""
-
-    @property
     def port(self) -> int:
-        return urllib.parse.urlsplit(self.url).port or 21
-
-    @property
-    def folder(self) -> str:
-        """The folder files go below, as the server names it ("" for the login folder)."""
-        return urllib.parse.unquote(urllib.parse.urlsplit(self.url).path).rstrip("/")
+        return self.url.port or 21
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        try:
-            parts = urllib.parse.urlsplit(self.url)
-            parts.port  # noqa: B018 (raises ValueError for a bad port)
-        except ValueError as exc:
-            raise ValueError(f"'url' {self.url!r}: {exc}") from None
-        if parts.scheme != "ftp" or not parts.hostname or not parts.username:
+        if self.url.scheme != "ftp":
             raise ValueError(f"'url' must be ftp://user@host[:port]/folder/, not {self.url!r}")
-        if parts.password is not None:
-            raise ValueError("'url' holds no password: give it in 'password' or 'password_file'")
-        if parts.query or parts.fragment:
-            raise ValueError(f"'url' has no query or fragment: {self.url!r}")
         if self.tls_verify and self.tls == "none":
             raise ValueError("'tls_verify' needs TLS: set tls to may or require")
         if self.ca is not None and not self.tls_verify:

@@ -61,10 +61,10 @@ class FtpDestination(FileSink, FileSource):
         if config.tls == "none":
             return None
         if not config.tls_verify:
-            return UnverifiedTls(config.host)
+            return UnverifiedTls(config.url.host)
         platform: Any = ssl.platformTrust  # untyped in Twisted
         trust: Any = load_trust_root(str(config.ca)) if config.ca is not None else platform()
-        return ssl.optionsForClientTLS(config.host, trustRoot=trust)
+        return ssl.optionsForClientTLS(config.url.host, trustRoot=trust)
 
     async def _session(self) -> FtpSession:
         while self._idle:
@@ -74,10 +74,10 @@ class FtpDestination(FileSink, FileSource):
             if session.alive:
                 return session
         config = self.config
-        session = FtpSession(self.reactor, config.host, config.port, float(config.timeout))
+        session = FtpSession(self.reactor, config.url.host, config.port, float(config.timeout))
         session.timeout = float(config.connect_timeout)
         try:
-            await session.open(config.user, config.password, config.tls, self._tls, self._tls)
+            await session.open(config.url.user, config.password, config.tls, self._tls, self._tls)
         except BaseException:
             session.close()
             raise
@@ -109,7 +109,7 @@ class FtpDestination(FileSink, FileSource):
         except _Exists as exc:
             return Outcome.permanent(f"{exc} exists already (set overwrite: true to replace it)")
         except FtpFailure as exc:
-            return Outcome.temporary(f"{self.config.host}:{self.config.port}: {exc}")
+            return Outcome.temporary(f"{self.config.url.host}:{self.config.port}: {exc}")
         except OSError as exc:
             return Outcome.temporary(f"cannot read the spooled file: {exc.strerror or exc}")
         finally:
@@ -118,7 +118,7 @@ class FtpDestination(FileSink, FileSource):
 
     async def _put(self, message: FileMessage) -> str:
         name = tidy_name(message.name)
-        folder = self.config.folder
+        folder = self.config.url.folder
         target = posixpath.join(folder, name) if folder else name
         parent, leaf = posixpath.split(target)
         temporary = posixpath.join(parent, f".{leaf}.{message.id}.part")
@@ -150,7 +150,7 @@ class FtpDestination(FileSink, FileSource):
     # --- reads: downloads, listings and look-ups (FTP and TFTP listeners) ---
 
     def _path(self, name: str) -> str:
-        folder = self.config.folder
+        folder = self.config.url.folder
         relative = tidy_name(name) if name.strip("/\\") else ""
         if not relative:
             return folder or "/"
@@ -162,7 +162,7 @@ class FtpDestination(FileSink, FileSource):
             return await self._session()
         except FtpFailure as exc:
             self._slots.release()
-            raise FileProblem("unavailable", f"{self.config.host}: {exc}") from None
+            raise FileProblem("unavailable", f"{self.config.url.host}: {exc}") from None
         except BaseException:
             self._slots.release()
             raise

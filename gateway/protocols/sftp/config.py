@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import typing
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.config import ConfigPath, DestinationConfig, Duration, doc
+from gateway.config import ConfigPath, DestinationConfig, Duration, FolderUrl, doc
 from gateway.message import Kind
 
 
@@ -18,7 +17,7 @@ class SftpDestinationConfig(DestinationConfig):
 
     kinds: typing.ClassVar[frozenset[Kind]] = frozenset({Kind.FILE})
     protocol: Literal["sftp"] = "sftp"
-    url: str = field(
+    url: FolderUrl = field(
         metadata=doc("sftp://user@host:port/folder/ : files go below the folder by their name")
     )
     key: ConfigPath = field(
@@ -44,36 +43,13 @@ class SftpDestinationConfig(DestinationConfig):
         return True
 
     @property
-    def user(self) -> str:
-        return urllib.parse.unquote(urllib.parse.urlsplit(self.url).username or "")
-
-    @property
-    def host(self) -> str:
-        return urllib.parse.urlsplit(self.url).hostname or ""
-
-    @property
     def port(self) -> int:
-        return urllib.parse.urlsplit(self.url).port or 22
-
-    @property
-    def folder(self) -> str:
-        """The folder files go below, as the server names it ("" for the login folder)."""
-        path = urllib.parse.unquote(urllib.parse.urlsplit(self.url).path)
-        return path.rstrip("/")
+        return self.url.port or 22
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        try:
-            parts = urllib.parse.urlsplit(self.url)
-            parts.port  # noqa: B018 (raises ValueError for a bad port)
-        except ValueError as exc:
-            raise ValueError(f"'url' {self.url!r}: {exc}") from None
-        if parts.scheme != "sftp" or not parts.hostname or not parts.username:
+        if self.url.scheme != "sftp":
             raise ValueError(f"'url' must be sftp://user@host[:port]/folder/, not {self.url!r}")
-        if parts.password is not None:
-            raise ValueError("'url' holds no password: the gateway logs in with 'key'")
-        if parts.query or parts.fragment:
-            raise ValueError(f"'url' has no query or fragment: {self.url!r}")
         _check_key(str(self.key))
         try:
             with open(str(self.known_hosts), encoding="utf-8") as known:

@@ -82,7 +82,7 @@ class _Transport(transport.SSHClientTransport):
             # As OpenSSH shows it: SHA256:<base64 without padding>.
             shown = "SHA256:" + key.fingerprint(_SHA256).rstrip("=")
             known = KnownHostsFile.fromPath(FilePath(str(config.known_hosts)))
-            names = [f"[{config.host}]:{config.port}".encode(), config.host.encode()]
+            names = [f"[{config.url.host}]:{config.port}".encode(), config.url.host.encode()]
             if config.port == 22:
                 names.reverse()
             for name in names:
@@ -106,7 +106,7 @@ class _Transport(transport.SSHClientTransport):
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         text = description.decode("utf-8", "replace")
         if reasonCode == transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
-            text = f"the server refused the key for {self.session.config.user}"
+            text = f"the server refused the key for {self.session.config.url.user}"
         self.session.problem = self.session.problem or text
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -119,7 +119,7 @@ class _Auth(userauth.SSHUserAuthClient):
     preferredOrder = [b"publickey"]
 
     def __init__(self, session: _Session, instance: Any) -> None:
-        _UserAuthClient.__init__(self, session.config.user.encode(), instance)
+        _UserAuthClient.__init__(self, session.config.url.user.encode(), instance)
         self.session = session
         self._tried = False
 
@@ -222,7 +222,7 @@ class _Session:
         self.closed = False
         self._waiters: list[defer.Deferred[_Client]] = []
         self._connector: Any = reactor.connectTCP(
-            config.host, config.port, _Factory(self), timeout=float(config.connect_timeout)
+            config.url.host, config.port, _Factory(self), timeout=float(config.connect_timeout)
         )
 
     def wait(self) -> defer.Deferred[_Client]:
@@ -329,7 +329,7 @@ class SftpDestination(FileSink):
         except _Exists as exc:
             return Outcome.permanent(f"{exc} exists already (set overwrite: true to replace it)")
         except SftpFailure as exc:
-            return Outcome.temporary(f"{self.config.host}:{self.config.port}: {exc}")
+            return Outcome.temporary(f"{self.config.url.host}:{self.config.port}: {exc}")
         except _Refused as exc:
             return Outcome.temporary(str(exc))
         except filetransfer.SFTPError as exc:
@@ -347,7 +347,7 @@ class SftpDestination(FileSink):
 
     async def _put(self, message: FileMessage) -> str:
         name = tidy_name(message.name)
-        folder = self.config.folder
+        folder = self.config.url.folder
         target = posixpath.join(folder, name) if folder else name
         parent, leaf = posixpath.split(target)
         temporary = posixpath.join(parent, f".{leaf}.{message.id}.part")
