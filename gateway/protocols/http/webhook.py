@@ -51,7 +51,7 @@ import mimetypes
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -467,21 +467,29 @@ class WebhookDestination(FileSink):
         self.requests = 0  # for tests and metrics
 
     def request_headers(self, message: Message, body: bytes) -> Headers:
+        headers = self._headers(message, "application/json; charset=utf-8")
+        if self.config.secret:
+            self._sign(headers, sign(self.config.secret, body))
+        return headers
+
+    def _headers(self, message: Message, content_type: str) -> Headers:
+        """What every request carries: its type, who sends it, the message's id (a receiver
+        recognises a retry by it) and the destination's own header fields."""
         headers = Headers(
             {
-                b"content-type": [b"application/json; charset=utf-8"],
+                b"content-type": [content_type.encode("ascii")],
                 b"user-agent": [_USER_AGENT],
                 b"idempotency-key": [message.id.encode("ascii", "replace")],
             }
         )
         for name, value in self._extra:
             headers.addRawHeader(name.encode("latin-1"), value.encode("utf-8"))
-        if self.config.secret:
-            headers.setRawHeaders(
-                self.config.signature_header.encode("latin-1"),
-                [sign(self.config.secret, body).encode("ascii")],
-            )
         return headers
+
+    def _sign(self, headers: Headers, signature: str) -> None:
+        headers.setRawHeaders(
+            self.config.signature_header.encode("latin-1"), [signature.encode("ascii")]
+        )
 
     async def deliver(self, message: Message) -> Outcome:
         if isinstance(message, FileMessage) and message.append:
@@ -500,27 +508,7 @@ class WebhookDestination(FileSink):
             log.failure("converting message {id} to JSON failed", id=message.id)
             return Outcome.permanent(f"the message cannot be turned into JSON: {exc}")
         headers = self.request_headers(message, body)
-        self.requests += 1
-        attempt = Deferred.fromCoroutine(self._post(body, headers))
-        expired: list[bool] = []
-
-        def expire() -> None:
-            expired.append(True)
-            attempt.cancel()
-
-        timer = self.reactor.callLater(float(self.config.timeout), expire)
-        try:
-            status, phrase, retry_after, snippet = await attempt
-        except Exception as exc:
-            if expired:
-                return Outcome.temporary(
-                    f"no answer from {self.shown_url} within {float(self.config.timeout):g}s"
-                )
-            return Outcome.temporary(_describe(exc, self._origin))
-        finally:
-            if timer.active():
-                timer.cancel()
-        return outcome_for_status(self.shown_url, status, phrase, snippet, retry_after)
+        return await self._send(b"POST", self.url, body, headers, stall=False)
 
     async def _deliver_file(self, message: FileMessage) -> Outcome:
         """An uploaded file, streamed from the spool: PUT at the URL plus its name, or POSTed
@@ -531,18 +519,13 @@ class WebhookDestination(FileSink):
             return Outcome.permanent(exc.detail)
         leaf = name.rpartition("/")[2]
         kind = mimetypes.guess_type(leaf)[0] or "application/octet-stream"
-        headers = Headers(
-            {b"user-agent": [_USER_AGENT], b"idempotency-key": [message.id.encode("ascii")]}
-        )
-        for header, value in self._extra:
-            headers.addRawHeader(header.encode("latin-1"), value.encode("utf-8"))
         url: str = self.url
         prefix, suffix = b"", b""
         if self.config.method == "PUT":
             parts = urlsplit(self.url)
             path = parts.path.rstrip("/") + "/" + quote(name)
             url = urlunsplit(parts._replace(path=path))
-            headers.setRawHeaders(b"content-type", [kind.encode("ascii")])
+            headers = self._headers(message, kind)
         else:
             boundary = f"gateway-{message.id}-{os.urandom(8).hex()}"
             quoted = leaf.replace("\\", "\\\\").replace('"', '\\"')
@@ -551,9 +534,7 @@ class WebhookDestination(FileSink):
                 f' filename="{quoted}"\r\nContent-Type: {kind}\r\n\r\n'
             ).encode("utf-8", "replace")
             suffix = f"\r\n--{boundary}--\r\n".encode("ascii")
-            headers.setRawHeaders(
-                b"content-type", [f"multipart/form-data; boundary={boundary}".encode("ascii")]
-            )
+            headers = self._headers(message, f"multipart/form-data; boundary={boundary}")
         if self.config.secret:
             signature = await deferToThreadPool(
                 self.reactor,
@@ -564,36 +545,53 @@ class WebhookDestination(FileSink):
                 message.path,
                 suffix,
             )
-            headers.setRawHeaders(
-                self.config.signature_header.encode("latin-1"), [signature.encode("ascii")]
-            )
-        timeout = float(self.config.timeout)
-        timer: Any = None
-        attempt: Deferred[tuple[int, str, float | None, bytes]]
+            self._sign(headers, signature)
 
-        def expire() -> None:
-            attempt.cancel()
-
-        def progress() -> None:
-            # A large file takes its time: the timeout is for a stall, not for the whole.
-            if timer is not None and timer.active():
-                timer.reset(timeout)
-
-        def body() -> Any:
+        def body(progress: Callable[[], None]) -> FileProducer:
             return FileProducer(self.reactor, message.path, prefix, suffix, progress)
 
-        self.requests += 1
         method = self.config.method.encode("ascii")
-        attempt = Deferred.fromCoroutine(self._post(body, headers, method, url))
+        return await self._send(method, url, body, headers, stall=True)
+
+    async def _send(
+        self,
+        method: bytes,
+        url: str,
+        body: bytes | Callable[[Callable[[], None]], FileProducer],
+        headers: Headers,
+        *,
+        stall: bool,
+    ) -> Outcome:
+        """One request, answered within ``timeout``: the whole of it, or with ``stall`` (a
+        file streamed from the spool, ``body`` making its producer) between two blocks of
+        the body and then for the answer, so that a large file may take its time."""
+        timeout = float(self.config.timeout)
+        timer: Any = None
+
+        def progress() -> None:
+            if stall and timer is not None and timer.active():
+                timer.reset(timeout)
+
+        sent: Any = body if isinstance(body, bytes) else (lambda: body(progress))
+        self.requests += 1
+        attempt = Deferred.fromCoroutine(self._post(sent, headers, method, url))
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            attempt.cancel()  # what it raises then may be wrapped (ResponseNeverReceived)
+
         timer = self.reactor.callLater(timeout, expire)
         shown = urlunsplit(urlsplit(url)._replace(query="", fragment=""))
         try:
             status, phrase, retry_after, snippet = await attempt
-        except OSError as exc:
-            return Outcome.temporary(f"cannot read the spooled file: {exc.strerror or exc}")
-        except CancelledError:
-            return Outcome.temporary(f"{shown} stalled for {timeout:g}s")
         except Exception as exc:
+            if expired and stall:
+                return Outcome.temporary(f"{shown} stalled for {timeout:g}s")
+            if expired:
+                return Outcome.temporary(f"no answer from {shown} within {timeout:g}s")
+            if stall and isinstance(exc, OSError):  # the spooled file could not be read
+                return Outcome.temporary(f"cannot read the spooled file: {exc.strerror or exc}")
             return Outcome.temporary(_describe(exc, self._origin))
         finally:
             if timer.active():
