@@ -27,7 +27,7 @@ from gateway.config import (
     doc,
 )
 from gateway.message import FileMessage, Kind, Message
-from gateway.ports import DryRun, Explained, Sample
+from gateway.ports import DryRun, Explained, FileSink, FileSource, RouteTable, Sample
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +70,28 @@ def select_route(
             continue
         return route
     return None
+
+
+def file_source(table: RouteTable, route: Route) -> FileSource | None:
+    """The first destination of ``route`` that serves files: reads come from it."""
+    for destination in map(table.destination, route.to):
+        if isinstance(destination, FileSource):
+            return destination
+    return None
+
+
+def takes_uploads(table: RouteTable, route: Route, *, appending: bool = False) -> bool:
+    """Whether an upload by ``route`` can be stored: its transforms make something else of
+    it (file_to_mail), or every destination takes uploads; ``appending`` (FTP APPE): no
+    transforms, and every destination adds to a file at once."""
+    takers = [table.destination(name) for name in route.to]
+    if appending:
+        return not route.transforms and all(
+            isinstance(d, FileSink) and d.takes_uploads and d.appends for d in takers
+        )
+    return bool(route.transforms) or all(
+        isinstance(d, FileSink) and d.takes_uploads for d in takers
+    )
 
 
 def match_file(

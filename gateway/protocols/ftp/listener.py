@@ -34,7 +34,7 @@ from gateway.ports import (
     Status,
     Verdict,
 )
-from gateway.protocols._files import select_route
+from gateway.protocols._files import file_source, select_route, takes_uploads
 from gateway.protocols._line_server import drain_sessions
 from gateway.protocols.ftp import codec
 from gateway.protocols.ftp.codec import FileRequest, Reply
@@ -273,16 +273,10 @@ class FtpListener(StreamListener[FtpListenerConfig]):
         if route is None:
             self._count(request.verb, "refused")
             return Reply(553, f"No route takes uploads named {name}")
-        takers = [table.destination(n) for n in route.to]
-        if not route.transforms and not all(
-            isinstance(d, FileSink) and d.takes_uploads for d in takers
-        ):
+        if not takes_uploads(table, route):
             self._count(request.verb, "refused")
             return Reply(553, f"{name} is for downloads only")
-        append = request.verb == "APPE"
-        if append and (
-            route.transforms or not all(isinstance(d, FileSink) and d.appends for d in takers)
-        ):
+        if request.verb == "APPE" and not takes_uploads(table, route, appending=True):
             self._count(request.verb, "refused")
             return Reply(550, f"{name} cannot be added to here (APPE): store it whole with STOR")
         try:
@@ -387,12 +381,7 @@ class FtpListener(StreamListener[FtpListenerConfig]):
         route = select_route(
             table.routes_for(self.name), name, session.peer_host, session.user, reading=True
         )
-        if route is None:
-            return None
-        for destination in map(table.destination, route.to):
-            if isinstance(destination, FileSource):
-                return destination
-        return None
+        return None if route is None else file_source(table, route)
 
     def _takes_uploads(self, session: FtpServerProtocol) -> bool:
         """Some route of the listener takes uploads from this client and user."""

@@ -27,13 +27,12 @@ from gateway.listening import Listener, ListeningPort
 from gateway.message import FileMessage
 from gateway.ports import (
     FileProblem,
-    FileSink,
     FileSource,
     GatewayPort,
     Metric,
     Reason,
 )
-from gateway.protocols._files import file_dry_run, select_route
+from gateway.protocols._files import file_dry_run, file_source, select_route, takes_uploads
 from gateway.protocols.tftp import codec
 from gateway.protocols.tftp.codec import TftpError
 from gateway.protocols.tftp.config import TftpListenerConfig
@@ -116,11 +115,10 @@ class TftpSockets(Listener[TftpListenerConfig]):
         if not packet.is_read:
             self._upload(server, packet, route, client)
             return
-        sources = [d for d in map(table.destination, route.to) if isinstance(d, FileSource)]
-        if not sources:
+        source = file_source(table, route)
+        if source is None:
             self._refuse(server, client, codec.ACCESS_VIOLATION, "this name is for uploads only")
             return
-        source = sources[0]
         self.requests += 1
         self.opening += 1
         Deferred.fromCoroutine(self._start(server, packet, route, source, client)).addErrback(
@@ -173,10 +171,7 @@ class TftpSockets(Listener[TftpListenerConfig]):
     ) -> None:
         """A write request: received into the spool, stored as a file message for the
         route's destinations, and only then given its final ACK."""
-        table = self.gateway.current()
-        takers = [table.destination(n) for n in route.to]
-        taken = route.transforms or all(isinstance(d, FileSink) and d.takes_uploads for d in takers)
-        if not takers or not taken:
+        if not takes_uploads(self.gateway.current(), route):
             self._refuse(server, client, codec.ACCESS_VIOLATION, "this name is for reads only")
             return
         terms = codec.negotiate(
