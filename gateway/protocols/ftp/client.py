@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.protocols.basic import LineOnlyReceiver
@@ -25,6 +25,7 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 from gateway.ports import FileProblem
 from gateway.protocols._streamed import StreamedFile
 from gateway.protocols.ftp.codec import Reply
+from gateway.protocols.ftp.data import Paced
 
 BLOCK = 256 * 1024
 _EPSV = re.compile(r"\((.)\1\1(\d+)\1\)")
@@ -115,17 +116,15 @@ class _Control(LineOnlyReceiver):
                 waiter.errback(ConnectionLost(reason.getErrorMessage()))
 
 
-@implementer(IPushProducer)
-class _Data(TwistedProtocol):
+class _Data(Paced):
     """A data connection that sends a file and closes."""
 
     def __init__(self, tls: Any) -> None:
+        super().__init__()
         self.tls = tls
         self.made: defer.Deferred[_Data] = defer.Deferred()
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.reason: Failure | None = None
-        self._writable: defer.Deferred[None] | None = None
-        self._paused = False
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -137,21 +136,9 @@ class _Data(TwistedProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.made.called:
             self.made.errback(reason)
-        self.resumeProducing()
+        self.gone()
         self.reason = reason
         self.lost.callback(None)  # (a Failure given to callback would count as an error)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if self._writable is not None:
-            waiting, self._writable = self._writable, None
-            waiting.callback(None)
-
-    def stopProducing(self) -> None:
-        """The connection is going; connectionLost follows."""
 
     async def send_file(self, path: str) -> int:
         """Write the file at ``path``, close cleanly; the bytes sent."""
@@ -164,9 +151,7 @@ class _Data(TwistedProtocol):
                     break
                 transport.write(block)
                 sent += len(block)
-                if self._paused:
-                    self._writable = defer.Deferred()
-                    await self._writable
+                await self.drained()
         if self.lost.called:
             raise FtpFailure("the server closed the data connection")
         transport.unregisterProducer()

@@ -101,10 +101,50 @@ class PassivePorts:
 
 
 @implementer(IPushProducer)
-class DataConnection(TwistedProtocol):
+class Paced(TwistedProtocol):
+    """A connection that writes no faster than its peer reads (the producer of its own
+    transport): ``drained`` waits while the transport's buffer is full. Both ends of FTP
+    data connections (the listener's and the ftp destination's) send this way."""
+
+    def __init__(self) -> None:
+        self._paused = False
+        self._writable: Deferred[None] | None = None
+        self._gone = False
+
+    async def drained(self) -> None:
+        """Wait until the transport takes more (at once, once the connection is gone)."""
+        while self._paused and not self._gone:
+            self._writable = Deferred()
+            await self._writable
+
+    def gone(self) -> None:
+        """The connection is lost: nothing waits for room any more."""
+        self._gone = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._writable is not None:
+            waiting, self._writable = self._writable, None
+            waiting.callback(None)
+
+    # --- IPushProducer ---
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    def stopProducing(self) -> None:
+        """The connection is going: connectionLost follows and ends the transfer."""
+
+
+class DataConnection(Paced):
     """One data connection; ``receive`` or ``send`` runs the transfer over it."""
 
     def __init__(self, channel: DataChannel) -> None:
+        super().__init__()
         self.channel = channel
         self.made: Deferred[DataConnection] = Deferred()
         self.lost: Deferred[None] = Deferred()
@@ -112,8 +152,6 @@ class DataConnection(TwistedProtocol):
         self._sink: Callable[[bytes], None] | None = None
         self._problem: BaseException | None = None
         self._reason: Failure | None = None
-        self._writable: Deferred[None] | None = None
-        self._paused = False
         self._idle = IdleTimer(channel.reactor, self._stalled)
         self.moved = 0  # bytes received or sent
         self.awaited = False  # a transfer waits for ``made``
@@ -153,26 +191,10 @@ class DataConnection(TwistedProtocol):
             # in answer reaching a socket the client had closed already).
             reason = connectionDone
         self._reason = reason
-        if self._writable is not None:
-            waiting, self._writable = self._writable, None
-            waiting.callback(None)
+        self.gone()
         if self.awaited and not self.made.called:
             self.made.errback(TransferFailed("the data connection closed at once"))
         self.lost.callback(None)
-
-    # --- IPushProducer (sending) ---
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if self._writable is not None:
-            waiting, self._writable = self._writable, None
-            waiting.callback(None)
-
-    def stopProducing(self) -> None:
-        """The connection is going: connectionLost follows and ends the transfer."""
 
     # --- transfers ---
 
@@ -221,9 +243,7 @@ class DataConnection(TwistedProtocol):
         self._transport().write(data)
         self.moved += len(data)
         self._idle.restart(self.channel.timeout)
-        while self._paused and self._reason is None:
-            self._writable = Deferred()
-            await self._writable
+        await self.drained()
         if self._problem is not None:
             raise self._problem
 
@@ -269,6 +289,7 @@ class _PassiveFactory(Factory):
     noisy = False
 
     def __init__(self, channel: DataChannel) -> None:
+        super().__init__()
         self.channel = channel
 
     def buildProtocol(self, addr: Any) -> DataConnection | None:
@@ -405,6 +426,7 @@ __all__ = [
     "DataChannel",
     "DataConnection",
     "NoPassivePort",
+    "Paced",
     "PassivePorts",
     "TransferFailed",
     "same_host",
