@@ -92,7 +92,9 @@ def test_files_are_posted_as_form_data_and_wait_for_a_server_that_is_down(
     )
     assert len(waiting) == 1, waiting
     nginx = nginx_factory(port=port)
-    posted = wait_until(lambda: list(nginx.posted.rglob("*")) or None, "the POST", timeout=30)
+    # nginx writes the body file as it arrives: read it once the delivery is done.
+    wait_until(lambda: not gw.queue("list") or None, "the POST delivered", timeout=30)
+    posted = list(nginx.posted.rglob("*"))
     files = [p for p in posted if p.is_file()]
     assert len(files) == 1, posted
     body = files[0].read_bytes()
